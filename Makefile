@@ -1,0 +1,24 @@
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+# Offline-safe defaults for everything the Makefile runs (no hub, no wandb network).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on its embedded default: the whole pipeline, tiny preset, shipped sample (data/sample).
+demo: $(STAMP)
+	$(VENV)/bin/semhitok pipeline --config tiny
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests

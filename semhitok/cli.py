@@ -1,0 +1,192 @@
+"""The `semhitok` command: a thin layer over the library, one subcommand per job.
+
+    semhitok pipeline --config tiny                     # the whole path on the shipped sample
+    semhitok tokenizer train --config tiny --stage 1 [key.sub=value ...]
+    semhitok tokenizer encode|decode|reconstruct|eval ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("semhitok")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="preset name under configs/ (tiny, 256, 384) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="config overrides such as tokenizer_train.max_steps=100")
+
+
+def _load(args):
+    from semhitok.config import load_project_config
+
+    return load_project_config(args.config, args.overrides)
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> None:
+    from semhitok.tokenizer.train import train_tokenizer
+
+    cfg = _load(args)
+    cfg.tokenizer_train.stage = args.stage
+    init_from = Path(cfg.tokenizer_train.init_from) if cfg.tokenizer_train.init_from else cfg.tokenizer_stage_dir(1) / "final"
+    train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(args.stage), init_from)
+    log.info("stage %d done: %s", args.stage, cfg.tokenizer_stage_dir(args.stage) / "final")
+
+
+def cmd_tokenizer_encode(args) -> None:
+    import numpy as np
+
+    from semhitok.tokenizer import encode_paths, list_images, load_tokenizer
+
+    model = load_tokenizer(args.model, args.device)
+    kept, ids = encode_paths(model, list_images(args.inputs), args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, ids=ids.numpy().astype(np.int32), paths=np.array([str(p) for p in kept]))
+    print(f"{len(kept)} images -> ids {list(ids.shape)} in [0, {model.vocab_size}) -> {out}")
+
+
+def cmd_tokenizer_decode(args) -> None:
+    import numpy as np
+    import torch
+
+    from semhitok.tokenizer import load_tokenizer, to_pil
+
+    model = load_tokenizer(args.model, args.device)
+    data = np.load(args.ids)
+    if "ids" not in data:
+        raise ValueError(f"{args.ids}: no 'ids' array (write it with `semhitok tokenizer encode`)")
+    ids = torch.from_numpy(data["ids"].astype(np.int64))
+    names = [Path(p).stem for p in data["paths"]] if "paths" in data else [f"{i:05d}" for i in range(len(ids))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(ids), args.batch_size):
+        images = model.decode(ids[start : start + args.batch_size].to(model.device))
+        for name, image in zip(names[start:], images):
+            to_pil(image).save(out / f"{name}.png")
+    print(f"{len(ids)} images -> {out}")
+
+
+def cmd_tokenizer_reconstruct(args) -> None:
+    import torch
+
+    from semhitok.tokenizer import image_grid, iter_image_batches, list_images, load_tokenizer
+
+    model = load_tokenizer(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    originals, recons = [], []
+    for paths, images in iter_image_batches(list_images(args.inputs), model.image_size, args.batch_size, "reconstruct"):
+        images = images.to(model.device)
+        recon = model.decode(model.encode(images))
+        for path, x, y in zip(paths, images, recon):
+            image_grid([x[None].cpu(), y[None].cpu()]).save(out / f"{path.stem}_recon.png")
+        originals.append(images.cpu())
+        recons.append(recon.cpu())
+    if not originals:
+        raise ValueError(f"no readable images in {args.inputs}")
+    first = torch.cat(originals)[: args.grid]
+    image_grid([first, torch.cat(recons)[: args.grid]]).save(out / "grid.png")
+    print(f"side-by-side PNGs (input above reconstruction) -> {out}; overview: {out / 'grid.png'}")
+
+
+def cmd_tokenizer_eval(args) -> None:
+    from semhitok.common.io import write_json
+    from semhitok.eval.recon import evaluate_reconstruction
+    from semhitok.tokenizer import load_tokenizer
+
+    model = load_tokenizer(args.model, args.device)
+    result = evaluate_reconstruction(model, args.images, args.batch_size, fid=not args.no_fid)
+    if args.json:
+        write_json(args.json, result)
+    print(json.dumps(result))
+
+
+# -- pipeline ----------------------------------------------------------------------------------------
+def cmd_pipeline(args) -> None:
+    """Every stage in order on the configured data; each stage resumes if it was interrupted."""
+    from semhitok.common.io import write_json
+    from semhitok.eval.recon import evaluate_reconstruction
+    from semhitok.tokenizer import load_tokenizer
+    from semhitok.tokenizer.train import train_tokenizer
+
+    cfg = _load(args)
+    for stage in (1, 2):
+        cfg.tokenizer_train.stage = stage
+        log.info("== tokenizer stage %d -> %s", stage, cfg.tokenizer_stage_dir(stage))
+        train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
+    model = load_tokenizer(cfg.tokenizer_dir)
+    log.info("== tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
+    result = evaluate_reconstruction(model, cfg.tokenizer_train.holdout_data, fid=False)
+    write_json(Path(cfg.run_dir) / "tokenizer_eval.json", result)
+    print(json.dumps(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semhitok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="run the whole path end to end (default: tiny preset on the shipped sample)")
+    _config_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train (or resume) stage 1 or 2")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    _config_args(p)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output)")
+        p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        p.add_argument("--batch-size", type=int, default=32)
+
+    p = tok.add_parser("encode", help="image files/folders -> ids .npz")
+    model_args(p)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True, help="output .npz (arrays: ids [N, h, w] int32, paths)")
+    p.set_defaults(func=cmd_tokenizer_encode)
+
+    p = tok.add_parser("decode", help="ids .npz -> PNG images")
+    model_args(p)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_tokenizer_decode)
+
+    p = tok.add_parser("reconstruct", help="encode+decode images, write input-vs-reconstruction PNGs")
+    model_args(p)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--grid", type=int, default=8, help="images in the overview grid.png")
+    p.set_defaults(func=cmd_tokenizer_reconstruct)
+
+    p = tok.add_parser("eval", help="PSNR, SSIM, codebook usage, rFID on images")
+    model_args(p)
+    p.add_argument("--images", nargs="+", required=True, help="folders, jsonl files or images")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.set_defaults(func=cmd_tokenizer_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from semhitok.common.config_io import ConfigError
+    from semhitok.tokenizer.model import WeightsUnavailable
+
+    try:
+        args.func(args)
+    except (ConfigError, WeightsUnavailable, FileNotFoundError, ValueError) as err:
+        print(f"semhitok: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

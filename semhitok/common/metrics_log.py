@@ -1,0 +1,63 @@
+"""Metric logging: always a metrics.jsonl, plus tensorboard and/or wandb when asked and installed.
+
+wandb defaults to offline mode so a run on a machine without network or API key never fails on logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("semhitok")
+
+
+class MetricLogger:
+    def __init__(self, out_dir: str | Path, backends: list[str], run_config: dict, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(out_dir / "metrics.jsonl", "a")
+        for backend in backends:
+            if backend == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    log.warning("tensorboard logging asked for but not installed (pip install tensorboard); skipping it")
+                    continue
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            elif backend == "wandb":
+                try:
+                    import wandb
+                except ImportError:
+                    log.warning("wandb logging asked for but not installed (pip install wandb); skipping it")
+                    continue
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self._wandb = wandb.init(project="semhitok", dir=str(out_dir), config=run_config)
+            elif backend != "jsonl":
+                raise ValueError(f"unknown log backend {backend!r}; use jsonl, tensorboard or wandb")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

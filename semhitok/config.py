@@ -1,0 +1,28 @@
+"""The project's job configuration: one section per subsystem, loaded from configs/<preset>.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from semhitok.common.config_io import load_config
+from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
+
+
+@dataclass
+class ProjectConfig:
+    run_dir: str = "runs/default"  # every job writes under here
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+    def tokenizer_stage_dir(self, stage: int) -> Path:
+        return Path(self.run_dir) / "tokenizer" / f"stage{stage}"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The finished (stage-2) tokenizer, as later jobs consume it."""
+        return self.tokenizer_stage_dir(2) / "final"
+
+
+def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:
+    return load_config(ProjectConfig, preset, overrides)

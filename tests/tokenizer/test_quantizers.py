@@ -1,0 +1,63 @@
+import torch
+
+from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm, spherical_kmeans
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = l2norm(torch.randn(4, 8, generator=g))
+    x = l2norm(centers.repeat_interleave(50, 0) + 0.01 * torch.randn(200, 8, generator=g))
+    found = spherical_kmeans(x, 4, iters=10, generator=g)
+    # every true centre has a found centroid within cosine 0.99
+    assert ((centers @ found.t()).max(dim=1).values > 0.99).all()
+
+
+def test_ema_codebook_initialises_updates_and_restarts_dead_codes():
+    torch.manual_seed(0)
+    cb = EMACodebook(num_codes=16, dim=8, decay=0.9, dead_threshold=0.5, kmeans_iters=5).train()
+    z = l2norm(torch.randn(64, 8))
+    q, idx, commit = cb(z)
+    assert bool(cb.initialized)
+    assert q.shape == z.shape and idx.shape == (64,) and idx.max() < 16
+    assert torch.allclose(cb.embed.norm(dim=1), torch.ones(16), atol=1e-5)
+    # straight-through: values are the codes, gradient reaches z
+    zz = z.clone().requires_grad_(True)
+    q, idx, commit = cb(zz)
+    (q.sum() + commit).backward()
+    assert zz.grad is not None and zz.grad.abs().sum() > 0
+    # a code nobody picks decays below the threshold and is restarted from current features
+    cb.cluster_size[3] = 0.0
+    before = cb.embed[3].clone()
+    cb(l2norm(torch.randn(64, 8)))
+    assert not torch.equal(cb.embed[3], before) and cb.cluster_size[3] >= 0.5
+
+
+def test_eval_mode_leaves_codebook_untouched():
+    cb = EMACodebook(16, 8, 0.9, 0.01, 3).train()
+    cb(l2norm(torch.randn(32, 8)))
+    cb.eval()
+    state = {k: v.clone() for k, v in cb.state_dict().items()}
+    cb(l2norm(torch.randn(32, 8)))
+    assert all(torch.equal(state[k], v) for k, v in cb.state_dict().items())
+
+
+def test_hierarchical_quantization_stays_inside_the_semantic_group():
+    torch.manual_seed(0)
+    hc = HierarchicalCodebook(num_groups=5, codes_per_group=3, dim=4)
+    z = torch.randn(40, 4)
+    sem = torch.randint(5, (40,))
+    q, pix, loss = hc(z, sem, beta=0.25)
+    assert pix.min() >= 0 and pix.max() < 3
+    # brute force over the whole group of each patch agrees, and q is that group's code
+    codes = l2norm(hc.codes)
+    for n in range(40):
+        sims = codes[sem[n]] @ l2norm(z[n])
+        assert pix[n] == sims.argmax()
+        assert torch.allclose(q[n], codes[sem[n], pix[n]], atol=1e-5)
+    # a code of another group is never chosen even when it is closer
+    hc.codes.data[0] = l2norm(z[0]).repeat(3, 1) * -1  # group 0: the worst possible codes
+    hc.codes.data[1, 0] = l2norm(z[0])  # group 1: a perfect code
+    q, pix, _ = hc(z[:1], torch.tensor([0]), beta=0.25)
+    assert torch.allclose(q[0], l2norm(hc.codes[0, pix[0]]), atol=1e-5)
+    loss.backward()
+    assert hc.codes.grad is not None

@@ -1,0 +1,48 @@
+"""File-level helpers over SemHiTok.encode/decode, shared by the CLI, the pre-tokenizer and eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from semhitok.tokenizer.data import load_rgb, preprocess
+from semhitok.tokenizer.model import SemHiTok
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(path: str | Path, device: str | None = None) -> SemHiTok:
+    """A trained tokenizer directory (save_pretrained output) on `device` (GPU when present), eval mode."""
+    return SemHiTok.from_pretrained(path, device=pick_device(device))
+
+
+def iter_image_batches(
+    paths: list[Path], size: int, batch_size: int, progress: str | None = None
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Readable images in batches -> (their paths, [B, 3, size, size] in [-1, 1]); unreadable ones are
+    skipped with a warning naming them."""
+    bar = tqdm(total=len(paths), desc=progress, disable=progress is None, unit="img")
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        loaded = [(p, img) for p in chunk if (img := load_rgb(p)) is not None]
+        bar.update(len(chunk))
+        if loaded:
+            yield [p for p, _ in loaded], preprocess([img for _, img in loaded], size)
+    bar.close()
+
+
+@torch.no_grad()
+def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:
+    """Image files -> (the readable ones, ids [B, h, w] int64 on CPU)."""
+    kept, ids = [], []
+    for batch_paths, images in iter_image_batches(paths, model.image_size, batch_size, progress="encode"):
+        kept += batch_paths
+        ids.append(model.encode(images.to(model.device)).cpu())
+    if not ids:
+        return [], torch.empty(0, model.grid, model.grid, dtype=torch.long)
+    return kept, torch.cat(ids)

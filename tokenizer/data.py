@@ -1,0 +1,134 @@
+"""Images for the tokenizer: listing sources, decoding robustly, and the [-1, 1] tensor convention.
+
+A source is an image folder (searched recursively) or a jsonl whose rows have an "image" path relative to
+the jsonl's folder. Files that are not images, or do not decode, are skipped with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger("semhitok")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError)
+
+
+def list_images(sources: list[str | Path]) -> list[Path]:
+    """Folders (recursive), jsonl files with an "image" field, or single image files -> image paths."""
+    paths: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            paths += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.suffix == ".jsonl":
+            with open(source) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        paths.append(source.parent / json.loads(line)["image"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        log.warning("%s:%d: skipped, no usable \"image\" field (%s)", source, lineno, err)
+        elif source.is_file():
+            paths.append(source)
+        else:
+            raise FileNotFoundError(f"image source not found: {source}")
+    return paths
+
+
+def load_rgb(path: str | Path) -> Image.Image | None:
+    """Decode an image fully to RGB; None (with a warning naming the file) when it cannot be decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
+        log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
+        return None
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic) and crop the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] float in [-1, 1]"""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> PIL RGB"""
+    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def preprocess(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> [B, 3, size, size] in [-1, 1]"""
+    return torch.stack([to_tensor(center_crop_resize(img, size)) for img in images])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are (image [3, S, S], index) or None for an unreadable file (dropped by `collate_images`).
+    Random flips are drawn from a generator seeded by (seed, epoch, index): the same on any resume."""
+
+    def __init__(self, sources: list[str | Path], size: int, random_flip: bool = False, seed: int = 0):
+        self.paths = list_images(sources)
+        if not self.paths:
+            raise ValueError(f"no images found in {list(map(str, sources))}")
+        self.size, self.random_flip, self.seed, self.epoch = size, random_flip, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        img = load_rgb(self.paths[index])
+        if img is None:
+            return None
+        x = to_tensor(center_crop_resize(img, self.size))
+        if self.random_flip:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+            if torch.rand((), generator=g) < 0.5:
+                x = x.flip(-1)
+        return x, index
+
+
+def collate_images(items):
+    """Drop unreadable items -> (images [B, 3, S, S], indices [B]); None if the whole batch was unreadable."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items])
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
+    """rows: tensors [B, 3, H, W] in [-1, 1] of equal shape -> one picture, a row per tensor."""
+    b, _, h, w = rows[0].shape
+    canvas = Image.new("RGB", (b * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c in range(b):
+            canvas.paste(to_pil(row[c]), (pad + c * (w + pad), pad + r * (h + pad)))
+    return canvas
+
+
+def id_map_image(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """semantic ids [B, h, w] -> [B, 3, size, size] in [-1, 1], one fixed pseudo-colour per id."""
+    palette_r = (ids * 2654435761) % 255
+    palette_g = (ids * 40503) % 255
+    palette_b = (ids * 2246822519) % 255
+    rgb = torch.stack([palette_r, palette_g, palette_b], dim=1).float() / 127.5 - 1.0  # [B, 3, h, w]
+    return torch.nn.functional.interpolate(rgb, size=(size, size), mode="nearest")

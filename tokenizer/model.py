@@ -1,0 +1,222 @@
+"""SemHiTok: a semantic branch (SigLIP student + semantic-priority codebook) and a pixel branch
+(ViT encoder + semantic-guided hierarchical codebook + ViT decoder).
+
+Images enter as [B, 3, H, W] in [-1, 1] (SigLIP's normalisation: mean 0.5, std 0.5). Each patch gets a
+semantic id i in [0, K) and a pixel id j in [0, m); the flattened visual id is h = i * m + j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from semhitok.common.config_io import from_dict
+from semhitok.common.io import atomic_dir
+from semhitok.tokenizer.config import TokenizerConfig
+from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
+from semhitok.tokenizer.vit import Transformer, patchify, unpatchify
+
+RANDOM_TEACHER = "random"
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (typically: offline and not in the local cache)."""
+
+
+def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
+    """The frozen SigLIP vision tower, by HF name or local path; or a random one of `cfg.siglip_config`."""
+    if cfg.teacher == RANDOM_TEACHER:
+        if cfg.siglip_config is None:
+            raise ValueError("tokenizer.teacher=random needs tokenizer.siglip_config (SiglipVisionConfig fields)")
+        teacher = SiglipVisionModel(SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False}))
+    else:
+        try:
+            teacher = SiglipVisionModel.from_pretrained(cfg.teacher, vision_use_head=False)
+        except OSError as err:
+            raise WeightsUnavailable(
+                f"cannot load SigLIP teacher {cfg.teacher!r} ({type(err).__name__}): on a machine with network run "
+                f"`huggingface-cli download {cfg.teacher} --local-dir /path/siglip` and pass tokenizer.teacher=/path/siglip"
+            ) from None
+    return teacher.eval().requires_grad_(False)
+
+
+class SemanticBranch(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, siglip: SiglipVisionConfig, num_tokens: int):
+        super().__init__()
+        width = siglip.hidden_size
+        self.encoder = SiglipVisionModel(siglip)  # the student; its weights come from the teacher
+        self.to_code = nn.Linear(width, cfg.sem_code_dim)
+        self.codebook = EMACodebook(
+            cfg.sem_codebook_size, cfg.sem_code_dim, cfg.sem_ema_decay, cfg.sem_dead_code_threshold, cfg.sem_kmeans_iters
+        )
+        self.decoder_in = nn.Linear(cfg.sem_code_dim, width)
+        self.decoder = Transformer(width, cfg.sem_decoder_layers, siglip.num_attention_heads, num_tokens)
+        self.decoder_out = nn.Linear(width, width)
+
+    def code_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> unit code features [B, N, c]"""
+        return l2norm(self.to_code(self.encoder(pixel_values=images).last_hidden_state))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (teacher-feature prediction [B, N, D], semantic ids [B, N], commitment loss [])"""
+        z = self.code_features(images)
+        b, n, c = z.shape
+        q, idx, commit = self.codebook(z.reshape(b * n, c))
+        pred = self.decoder_out(self.decoder(self.decoder_in(q.view(b, n, c))))
+        return pred, idx.view(b, n), commit
+
+
+class PixelBranch(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, patch: int, grid: int):
+        super().__init__()
+        self.fusion, self.patch, self.grid = cfg.fusion, patch, grid
+        width, n = cfg.pix_width, grid * grid
+        self.patch_embed = nn.Linear(patch * patch * 3, width)
+        self.encoder = Transformer(width, cfg.pix_encoder_layers, cfg.pix_heads, n)
+        self.to_code = nn.Linear(width, cfg.pix_code_dim)
+        self.codebook = HierarchicalCodebook(cfg.sem_codebook_size, cfg.pix_codes_per_group, cfg.pix_code_dim)
+        if cfg.fusion == "concat":
+            self.fuse = nn.Linear(cfg.sem_code_dim + cfg.pix_code_dim, width)
+        elif cfg.fusion == "pixel_only":
+            self.fuse = nn.Linear(cfg.pix_code_dim, width)
+        else:  # length: two token sets, each with its own projection, one sequence of 2N
+            self.sem_in = nn.Linear(cfg.sem_code_dim, width)
+            self.fuse = nn.Linear(cfg.pix_code_dim, width)
+        self.decoder = Transformer(width, cfg.pix_decoder_layers, cfg.pix_heads, 2 * n if cfg.fusion == "length" else n)
+        self.to_pixels = nn.Linear(width, patch * patch * 3)
+
+    def quantize(
+        self, images: torch.Tensor, sem_ids: torch.Tensor, beta: float = 0.25
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W], semantic ids [B, N] -> (pixel codes [B, N, d] straight-through,
+        pixel ids [B, N] in [0, m), vq loss [])"""
+        z = self.to_code(self.encoder(self.patch_embed(patchify(images, self.patch))))
+        b, n, d = z.shape
+        q, pix_ids, vq_loss = self.codebook(z.reshape(b * n, d), sem_ids.reshape(-1), beta)
+        return q.view(b, n, d), pix_ids.view(b, n), vq_loss
+
+    def forward(self, images: torch.Tensor, sem_ids: torch.Tensor, q_sem: torch.Tensor, beta: float):
+        """Training path. images [B, 3, H, W], semantic ids [B, N], semantic codes [B, N, c] ->
+        (reconstruction [B, 3, H, W], pixel ids [B, N], vq loss [])"""
+        q_pix, pix_ids, vq_loss = self.quantize(images, sem_ids, beta)
+        return self.decode(q_sem, q_pix), pix_ids, vq_loss
+
+    def decode(self, q_sem: torch.Tensor, q_pix: torch.Tensor) -> torch.Tensor:
+        """semantic codes [B, N, c], pixel codes [B, N, d] -> images [B, 3, H, W]"""
+        if self.fusion == "concat":
+            x = self.fuse(torch.cat([q_sem, q_pix], dim=-1))
+        elif self.fusion == "pixel_only":
+            x = self.fuse(q_pix)
+        else:
+            x = torch.cat([self.sem_in(q_sem), self.fuse(q_pix)], dim=1)
+        x = self.decoder(x)[:, -self.grid * self.grid :]
+        return unpatchify(self.to_pixels(x), self.patch, self.grid)
+
+
+class SemHiTok(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        if cfg.siglip_config is None:
+            raise ValueError("TokenizerConfig.siglip_config is unset: build with SemHiTok.from_teacher or from_pretrained")
+        self.config = cfg
+        siglip = SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False})
+        self.image_size, self.patch_size = siglip.image_size, siglip.patch_size
+        self.grid = siglip.image_size // siglip.patch_size
+        self.codes_per_group = cfg.pix_codes_per_group
+        self.semantic = SemanticBranch(cfg, siglip, self.grid * self.grid)
+        self.pixel = PixelBranch(cfg, self.patch_size, self.grid)
+        self.trained_stages: list[int] = []
+
+    @classmethod
+    def from_teacher(cls, cfg: TokenizerConfig, teacher: SiglipVisionModel) -> "SemHiTok":
+        """A new tokenizer whose student encoder starts as a copy of the teacher."""
+        cfg = dataclasses.replace(cfg, siglip_config=teacher.config.to_dict())
+        model = cls(cfg)
+        model.semantic.encoder.load_state_dict(teacher.state_dict())
+        return model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel.to_pixels.weight.device
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- ids ---------------------------------------------------------------------------------------
+    def split_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flattened ids [...] -> (semantic ids [...], pixel ids [...])"""
+        return ids // self.codes_per_group, ids % self.codes_per_group
+
+    def join_ids(self, sem: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
+        return sem * self.codes_per_group + pix
+
+    # -- encode / decode ---------------------------------------------------------------------------
+    def semantic_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> semantic ids [B, N]"""
+        with self._autocast():
+            z = self.semantic.code_features(images)
+        b, n, c = z.shape
+        return self.semantic.codebook.nearest(z.reshape(b * n, c)).view(b, n)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> visual ids [B, h, w] (int64) in [0, K*m)"""
+        self._require_stage(2)
+        sem = self.semantic_ids(images)
+        with self._autocast():
+            _, pix, _ = self.pixel.quantize(images, sem)
+        return self.join_ids(sem, pix).view(-1, self.grid, self.grid)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """visual ids [B, h, w] -> images [B, 3, H, W] in [-1, 1]"""
+        self._require_stage(2)
+        if ids.shape[1:] != (self.grid, self.grid):
+            raise ValueError(f"ids must be [B, {self.grid}, {self.grid}], got {list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"visual ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        sem, pix = self.split_ids(ids.flatten(1).to(self.device))
+        with self._autocast():
+            images = self.pixel.decode(self.semantic.codebook.lookup(sem), self.pixel.codebook.lookup(sem, pix))
+        return images.float().clamp(-1, 1)
+
+    def _require_stage(self, stage: int) -> None:
+        if stage not in self.trained_stages:
+            raise RuntimeError(f"this tokenizer has trained stages {self.trained_stages}; stage {stage} is needed")
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json + model.safetensors into `path` atomically."""
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            meta = {"model_type": "semhitok", "trained_stages": self.trained_stages, **dataclasses.asdict(self.config)}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: pass a directory written by SemHiTok.save_pretrained")
+        meta = json.loads(config_file.read_text())
+        if meta.pop("model_type", None) != "semhitok":
+            raise ValueError(f"{config_file}: model_type is not 'semhitok'")
+        stages = meta.pop("trained_stages")
+        model = cls(from_dict(TokenizerConfig, meta, where=str(config_file)))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        model.trained_stages = list(stages)
+        return model.to(device).eval()

@@ -1,0 +1,120 @@
+"""The two quantizers of SemHiTok.
+
+EMACodebook: stage 1's semantic-priority codebook. l2-normalised codes updated by EMA (VQKD), k-means
+initialised on the first batch gathered across ranks, dead codes restarted from current features.
+
+HierarchicalCodebook: stage 2's pixel codebook. K sub-codebooks of m codes; a patch whose semantic code
+is i is quantized only inside sub-codebook i, so the flattened id is i * m + j.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from semhitok.common import dist as D
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x [n, d] unit vectors -> k unit centroids [k, d]. With n < k, centroids start from samples drawn
+    with replacement and are kept apart by the re-seeding of empty clusters."""
+    n = x.shape[0]
+    pick = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+    centroids = x[pick.to(x.device)].clone()
+    for _ in range(iters):
+        assign = (x @ centroids.t()).argmax(dim=1)  # [n]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, l2norm(sums))
+    return l2norm(centroids)
+
+
+class EMACodebook(nn.Module):
+    def __init__(self, num_codes: int, dim: int, decay: float, dead_threshold: float, kmeans_iters: int):
+        super().__init__()
+        self.num_codes, self.dim, self.decay = num_codes, dim, decay
+        self.dead_threshold, self.kmeans_iters = dead_threshold, kmeans_iters
+        self.register_buffer("embed", l2norm(torch.randn(num_codes, dim)))
+        self.register_buffer("cluster_size", torch.zeros(num_codes))
+        self.register_buffer("embed_sum", self.embed.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _init_kmeans(self, z: torch.Tensor) -> None:
+        gathered = D.all_gather_cat(z)
+        centroids = spherical_kmeans(gathered, self.num_codes, self.kmeans_iters)
+        D.broadcast(centroids)  # every rank takes rank 0's result
+        self.embed.copy_(centroids)
+        self.embed_sum.copy_(centroids)
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        counts = torch.bincount(idx, minlength=self.num_codes).to(z.dtype)  # [K]
+        sums = torch.zeros_like(self.embed).index_add_(0, idx, z)  # [K, d]
+        D.all_reduce_sum(counts)
+        D.all_reduce_sum(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.embed.copy_(l2norm(self.embed_sum))
+        # Dead-code restart: codes whose EMA usage fell below the threshold take random current features.
+        dead = self.cluster_size < self.dead_threshold
+        n_dead = int(dead.sum())
+        if n_dead:
+            pool = D.all_gather_cat(z)
+            fresh = pool[torch.randint(pool.shape[0], (n_dead,)).to(pool.device)]
+            D.broadcast(fresh)
+            self.embed[dead] = fresh
+            self.embed_sum[dead] = fresh
+            self.cluster_size[dead] = 1.0
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [...] -> codes [..., d]"""
+        return self.embed[idx]
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z [n, d] unit vectors -> idx [n] of the most similar code."""
+        return (z.float() @ self.embed.t()).argmax(dim=1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [n, d] unit vectors -> (q [n, d] straight-through, idx [n], commitment loss [])."""
+        z = z.float()
+        if self.training and not bool(self.initialized):
+            self._init_kmeans(z.detach())
+        idx = self.nearest(z)
+        q = self.lookup(idx)
+        if self.training:
+            self._ema_update(z.detach(), idx)
+        commit = F.mse_loss(z, q.detach())
+        return z + (q - z).detach(), idx, commit
+
+
+class HierarchicalCodebook(nn.Module):
+    """K groups of m learned, l2-normalised codes; quantization restricted to the group of the semantic id."""
+
+    def __init__(self, num_groups: int, codes_per_group: int, dim: int):
+        super().__init__()
+        self.num_groups, self.codes_per_group, self.dim = num_groups, codes_per_group, dim
+        self.codes = nn.Parameter(torch.randn(num_groups, codes_per_group, dim))  # [K, m, d]
+
+    def lookup(self, sem_idx: torch.Tensor, pix_idx: torch.Tensor) -> torch.Tensor:
+        """sem_idx, pix_idx [...] -> codes [..., d]"""
+        return l2norm(self.codes[sem_idx, pix_idx])
+
+    def forward(
+        self, z: torch.Tensor, sem_idx: torch.Tensor, beta: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [n, d], sem_idx [n] -> (q [n, d] straight-through, pix_idx [n] in [0, m), vq loss [])."""
+        z = l2norm(z.float())
+        group = l2norm(self.codes[sem_idx])  # [n, m, d]: only the patch's own sub-codebook
+        pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
+        q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
+        loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+        return z + (q - z).detach(), pix_idx, loss

@@ -1,0 +1,372 @@
+"""SemHiTok training: one loop (Trainer) over two stage tasks that differ only in model and loss.
+
+Stage 1 distils a frozen SigLIP teacher into the semantic branch. Stage 2 trains the pixel branch with the
+semantic branch frozen. The loop owns data order, checkpoints (exact resume), logging, evaluation and
+pictures; a task owns its modules, optimizers and the loss of one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from semhitok.common import dist as D
+from semhitok.common.io import atomic_dir, write_json
+from semhitok.common.metrics_log import MetricLogger
+from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
+from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, image_grid
+from semhitok.tokenizer.losses import (
+    PatchDiscriminator,
+    build_perceptual,
+    distill_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+from semhitok.tokenizer.metrics import psnr
+from semhitok.tokenizer.model import SemHiTok, load_teacher
+
+log = logging.getLogger("semhitok")
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DDP) else module
+
+
+class _Task:
+    """What differs between stages. Subclasses set model, optimizers, schedulers, extra_modules."""
+
+    model: SemHiTok
+    optimizers: dict[str, torch.optim.Optimizer]
+    extra_modules: dict[str, nn.Module]  # trained modules saved beside the tokenizer (the discriminator)
+
+    def __init__(self, train: TokenizerTrainConfig, device: torch.device):
+        self.train_cfg, self.device = train, device
+        bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in params if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=self.train_cfg.weight_decay)
+
+    def _schedulers(self, total_steps: dict[str, int]) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+        """Warmup + cosine per optimizer over the steps it actually takes."""
+        t = self.train_cfg
+        return {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.warmup_steps, total_steps[name], t.min_lr_ratio))
+            for name, opt in self.optimizers.items()
+        }
+
+    def _step(self, name: str, loss: torch.Tensor, module: nn.Module) -> float:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.train_cfg.grad_clip)
+        opt.step()
+        self.schedulers[name].step()
+        return float(norm)
+
+
+class Stage1Task(_Task):
+    """Distil the frozen teacher's patch features through the semantic codebook (cosine + L1 + commitment)."""
+
+    stage = 1
+
+    def __init__(self, model: SemHiTok, teacher: nn.Module, train: TokenizerTrainConfig, device, world: int):
+        super().__init__(train, device)
+        self.model, self.teacher = model.to(device), teacher.to(device)
+        model.pixel.requires_grad_(False)
+        branch = model.semantic
+        self.branch = DDP(branch, broadcast_buffers=False) if world > 1 else branch
+        self.optimizers = {"semantic": self._optimizer(branch.parameters(), train.lr)}
+        self.schedulers = self._schedulers({"semantic": train.max_steps})
+        self.extra_modules = {}
+
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
+        self.branch.train()
+        with torch.no_grad(), self.autocast:
+            target = self.teacher(pixel_values=images).last_hidden_state
+        with self.autocast:
+            pred, ids, commit = self.branch(images)
+        cosine, l1 = distill_loss(pred, target)
+        loss = cosine + l1 + self.train_cfg.commit_weight * commit
+        norm = self._step("semantic", loss, self.branch)
+        usage = torch.zeros(self.model.config.sem_codebook_size, device=ids.device)
+        usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=ids.device))
+        D.all_reduce_sum(usage)
+        p = usage / usage.sum()
+        return {
+            "loss": loss.item(),
+            "cosine_loss": cosine.item(),
+            "l1_loss": l1.item(),
+            "commit_loss": commit.item(),
+            "grad_norm": norm,
+            "sem_codes_used": float((usage > 0).sum()),
+            "sem_perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+        self.model.eval()
+        target = self.teacher(pixel_values=images).last_hidden_state
+        pred, _, _ = self.model.semantic(images)  # eval mode: no codebook update
+        cosine, _ = distill_loss(pred, target)
+        return {"holdout_teacher_cosine": 1 - float(cosine)}
+
+    @torch.no_grad()
+    def picture(self, images: torch.Tensor):
+        """inputs over their semantic-id maps"""
+        self.model.eval()
+        ids = self.model.semantic_ids(images).view(-1, self.model.grid, self.model.grid)
+        return image_grid([images.cpu(), id_map_image(ids.cpu(), images.shape[-1])])
+
+
+class Stage2Task(_Task):
+    """Pixel branch with L1 + vq + perceptual + hinge GAN; the semantic branch frozen."""
+
+    stage = 2
+
+    def __init__(self, model: SemHiTok, train: TokenizerTrainConfig, device, world: int):
+        super().__init__(train, device)
+        self.model = model.to(device)
+        model.semantic.requires_grad_(False).eval()
+        self.perceptual = build_perceptual(train.perceptual, model.semantic.encoder)
+        disc = PatchDiscriminator().to(device)
+        wrap = (lambda m: DDP(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
+        self.pixel, self.disc = wrap(model.pixel), wrap(disc)
+        self.optimizers = {
+            "pixel": self._optimizer(model.pixel.parameters(), train.lr),
+            "disc": self._optimizer(disc.parameters(), train.disc_lr),
+        }
+        self.schedulers = self._schedulers({"pixel": train.max_steps, "disc": max(1, train.max_steps - train.disc_start)})
+        self.extra_modules = {"discriminator": disc}
+
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
+        t = self.train_cfg
+        self.pixel.train()
+        gan_on = step >= t.disc_start
+        with torch.no_grad():
+            sem = self.model.semantic_ids(images)
+            q_sem = self.model.semantic.codebook.lookup(sem)
+        with self.autocast:
+            recon, pix, vq = self.pixel(images, sem, q_sem, t.commit_weight)
+            l1 = (recon.float() - images).abs().mean()
+            perc = self.perceptual(recon, images) if self.perceptual is not None else torch.zeros((), device=self.device)
+            g_adv = hinge_g_loss(self.disc(recon)) if gan_on else torch.zeros((), device=self.device)
+        loss = t.l1_weight * l1 + t.codebook_weight * vq + t.perceptual_weight * perc + t.gan_weight * g_adv
+        norm = self._step("pixel", loss, self.pixel)
+        metrics = {
+            "loss": loss.item(),
+            "l1_loss": l1.item(),
+            "vq_loss": vq.item(),
+            "perceptual_loss": perc.item(),
+            "g_adv_loss": g_adv.item(),
+            "grad_norm": norm,
+            "train_psnr": float(psnr(recon.detach().float(), images)),
+            "pix_codes_used": float(torch.unique(self.model.join_ids(sem, pix)).numel()),
+        }
+        if gan_on:
+            with self.autocast:
+                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
+            metrics["d_loss"] = d_loss.item()
+            self._step("disc", d_loss, self.disc)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+        self.model.eval()
+        recon = self._reconstruct(images)
+        return {"holdout_psnr": float(psnr(recon, images))}
+
+    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        sem = self.model.semantic_ids(images)
+        q_pix, _, _ = self.model.pixel.quantize(images, sem)
+        return self.model.pixel.decode(self.model.semantic.codebook.lookup(sem), q_pix).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def picture(self, images: torch.Tensor):
+        """inputs over their reconstructions"""
+        self.model.eval()
+        return image_grid([images.cpu(), self._reconstruct(images).cpu()])
+
+
+def rank_batches(dataset: ImageDataset, batch_size: int, seed: int, rank: int, world: int, start_step: int):
+    """Deterministic batches for this rank from `start_step` on: epoch e is permutation(seed + e) split into
+    disjoint per-rank slices, so resuming at step s reproduces exactly what an uninterrupted run would see."""
+    per_step = batch_size * world
+    steps_per_epoch = len(dataset) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images is less than one global batch ({batch_size} x {world} ranks)")
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        mine = perm[: steps_per_epoch * per_step][rank::world].view(steps_per_epoch, batch_size).tolist()
+        dataset.epoch = epoch
+        yield from mine[offset:]
+        epoch, offset = epoch + 1, 0
+
+
+class Trainer:
+    def __init__(self, task: _Task, train: TokenizerTrainConfig, out_dir: Path, dist_info: D.DistInfo):
+        self.task, self.cfg, self.out, self.dist = task, train, Path(out_dir), dist_info
+        self.ckpt_dir = self.out / "checkpoints"
+        size = task.model.image_size
+        self.dataset = ImageDataset(train.train_data, size, random_flip=train.random_flip, seed=train.seed)
+        holdout = ImageDataset(train.holdout_data, size)
+        items = [holdout[i] for i in range(min(train.holdout_images, len(holdout)))]
+        batch = collate_images(items)
+        if batch is None:
+            raise ValueError(f"no readable holdout images in {train.holdout_data}")
+        self.holdout = batch[0].to(task.device)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.dist.is_main:
+            with atomic_dir(self.ckpt_dir / f"step_{step:08d}") as tmp:
+                state = {k: v.detach().contiguous().cpu() for k, v in self.task.model.state_dict().items()}
+                save_file(state, str(tmp / "model.safetensors"))
+                for name, module in self.task.extra_modules.items():
+                    save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+                torch.save(
+                    {
+                        "optimizers": {k: o.state_dict() for k, o in self.task.optimizers.items()},
+                        "schedulers": {k: s.state_dict() for k, s in self.task.schedulers.items()},
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    },
+                    tmp / "train_state.pt",
+                )
+                write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config)})
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        D.barrier()
+
+    def maybe_resume(self) -> int:
+        """Load the newest checkpoint, if any; return the number of steps already done."""
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return 0
+        path = ckpts[-1]
+        self.task.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        for name, module in self.task.extra_modules.items():
+            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        state = torch.load(path / "train_state.pt", weights_only=True)
+        for k, opt in self.task.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sched in self.task.schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step = int(path.name.split("_")[1])
+        log.info("resumed from %s (step %d)", path, step)
+        return step
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> SemHiTok:
+        cfg, task, main = self.cfg, self.task, self.dist.is_main
+        start = self.maybe_resume()
+        logger = MetricLogger(self.out, cfg.log_backends, {"train": dataclasses.asdict(cfg)}, enabled=main)
+        batches = rank_batches(self.dataset, cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size, start)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_Resumable(batches), collate_fn=collate_images,
+            num_workers=cfg.num_workers, persistent_workers=False,
+        )
+        bar = tqdm(total=cfg.max_steps, initial=start, disable=not main, desc=f"tokenizer stage {task.stage}",
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        if main and start == 0:
+            logger.log(0, task.evaluate(self.holdout))  # the baseline the holdout metrics improve on
+        step = start
+        for batch in loader:
+            if step >= cfg.max_steps:
+                break
+            if batch is None:
+                log.warning("step %d: every image of the batch was unreadable; step skipped", step)
+                step += 1
+                continue
+            metrics = task.train_step(batch[0].to(task.device, non_blocking=True), step)
+            step += 1
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics["lr"] = next(iter(task.optimizers.values())).param_groups[0]["lr"]
+                logger.log(step, metrics)
+            if main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                evals = task.evaluate(self.holdout)
+                logger.log(step, evals)
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+            if main and (step % cfg.image_every == 0 or step == cfg.max_steps):
+                (self.out / "images").mkdir(parents=True, exist_ok=True)
+                task.picture(self.holdout).save(self.out / "images" / f"step_{step:08d}.png")
+            if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                self.save_checkpoint(step)
+        bar.close()
+        logger.close()
+        task.model.trained_stages = sorted(set(task.model.trained_stages) | {task.stage})
+        if main:
+            task.model.save_pretrained(self.out / "final")
+        D.barrier()
+        return task.model
+
+
+class _Resumable(torch.utils.data.Sampler):
+    """Wraps the (infinite) batch generator so DataLoader can take it as a batch_sampler."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self.batches
+
+
+def build_task(stage: int, tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, init_from: Path | None,
+               device: torch.device, world: int) -> _Task:
+    torch.manual_seed(train.seed)  # identical initial weights on every rank
+    if stage == 1:
+        teacher = load_teacher(tok_cfg)
+        return Stage1Task(SemHiTok.from_teacher(tok_cfg, teacher), teacher, train, device, world)
+    if stage == 2:
+        if init_from is None or not (init_from / "config.json").is_file():
+            raise FileNotFoundError(f"stage 2 starts from a stage-1 tokenizer; none at {init_from} (run stage 1 first)")
+        stage1 = SemHiTok.from_pretrained(init_from)
+        if 1 not in stage1.trained_stages:
+            raise ValueError(f"{init_from} has trained stages {stage1.trained_stages}; stage 1 is needed")
+        model = SemHiTok(dataclasses.replace(tok_cfg, siglip_config=stage1.config.siglip_config))
+        model.semantic.load_state_dict(stage1.semantic.state_dict())
+        model.trained_stages = [1]
+        return Stage2Task(model, train, device, world)
+    raise ValueError(f"tokenizer stage must be 1 or 2, got {stage}")
+
+
+def train_tokenizer(tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, out_dir: Path,
+                    init_from: Path | None = None) -> SemHiTok:
+    """Run (or resume) one stage; return the trained tokenizer, also saved to out_dir/final."""
+    info = D.init_distributed()
+    device = D.default_device(info.local_rank)
+    task = build_task(train.stage, tok_cfg, train, init_from, device, info.world_size)
+    return Trainer(task, train, out_dir, info).fit()
