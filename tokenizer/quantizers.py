@@ -20,19 +20,35 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x [n, d] unit vectors -> k unit centroids [k, d]. With n < k, centroids start from samples drawn
-    with replacement and are kept apart by the re-seeding of empty clusters."""
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k-means++ seeding on unit vectors: x [n, d] (n >= k) -> k rows of x, spread out."""
     n = x.shape[0]
-    pick = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
-    centroids = x[pick.to(x.device)].clone()
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    best = x @ x[chosen[0]]  # [n] similarity to the nearest chosen centre
+    for _ in range(1, k):
+        weights = (2 - 2 * best).clamp_min(0).cpu()  # squared distance between unit vectors
+        i = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else int(torch.randint(n, (1,), generator=generator))
+        chosen.append(i)
+        best = torch.maximum(best, x @ x[i])
+    return x[torch.tensor(chosen, device=x.device)]
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x [n, d] unit vectors -> k unit centroids [k, d]: k-means++ seeding, then Lloyd steps on the sphere
+    with empty clusters re-seeded from random points. With n < k, centroids are samples drawn with
+    replacement and jittered apart."""
+    n = x.shape[0]
+    if n < k:
+        pick = torch.randint(n, (k,), generator=generator).to(x.device)
+        return l2norm(x[pick] + 1e-3 * torch.randn(k, x.shape[1], generator=generator).to(x.device))
+    centroids = _kmeans_plus_plus(x, k, generator)
     for _ in range(iters):
         assign = (x @ centroids.t()).argmax(dim=1)  # [n]
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)
-        empty = counts == 0
-        centroids = torch.where(empty[:, None], centroids, l2norm(sums))
-    return l2norm(centroids)
+        empty = torch.bincount(assign, minlength=k) == 0
+        reseed = x[torch.randint(n, (k,), generator=generator).to(x.device)]
+        centroids = torch.where(empty[:, None], reseed, l2norm(sums))
+    return centroids
 
 
 class EMACodebook(nn.Module):
@@ -113,7 +129,9 @@ class HierarchicalCodebook(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [n, d], sem_idx [n] -> (q [n, d] straight-through, pix_idx [n] in [0, m), vq loss [])."""
         z = l2norm(z.float())
-        group = l2norm(self.codes[sem_idx])  # [n, m, d]: only the patch's own sub-codebook
+        # [n, m, d]: only the patch's own sub-codebook. index_select, not codes[sem_idx]: its backward
+        # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
+        group = l2norm(torch.index_select(self.codes, 0, sem_idx))
         pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
         q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
         loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
