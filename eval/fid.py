@@ -45,7 +45,7 @@ class GaussianStats:
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))"""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         offset = np.eye(cov1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))

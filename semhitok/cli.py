@@ -73,26 +73,11 @@ def cmd_tokenizer_decode(args) -> None:
 
 
 def cmd_tokenizer_reconstruct(args) -> None:
-    import torch
-
-    from semhitok.tokenizer import image_grid, iter_image_batches, list_images, load_tokenizer
+    from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
 
     model = load_tokenizer(args.model, args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    originals, recons = [], []
-    for paths, images in iter_image_batches(list_images(args.inputs), model.image_size, args.batch_size, "reconstruct"):
-        images = images.to(model.device)
-        recon = model.decode(model.encode(images))
-        for path, x, y in zip(paths, images, recon):
-            image_grid([x[None].cpu(), y[None].cpu()]).save(out / f"{path.stem}_recon.png")
-        originals.append(images.cpu())
-        recons.append(recon.cpu())
-    if not originals:
-        raise ValueError(f"no readable images in {args.inputs}")
-    first = torch.cat(originals)[: args.grid]
-    image_grid([first, torch.cat(recons)[: args.grid]]).save(out / "grid.png")
-    print(f"side-by-side PNGs (input above reconstruction) -> {out}; overview: {out / 'grid.png'}")
+    grid = reconstruct_to_dir(model, list_images(args.inputs), Path(args.out), args.batch_size, args.grid)
+    print(f"side-by-side PNGs (input above reconstruction) -> {args.out}; overview: {grid}")
 
 
 def cmd_tokenizer_eval(args) -> None:
@@ -112,7 +97,7 @@ def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
     from semhitok.common.io import write_json
     from semhitok.eval.recon import evaluate_reconstruction
-    from semhitok.tokenizer import load_tokenizer
+    from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
     from semhitok.tokenizer.train import train_tokenizer
 
     cfg = _load(args)
@@ -124,7 +109,9 @@ def cmd_pipeline(args) -> None:
     log.info("== tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
     result = evaluate_reconstruction(model, cfg.tokenizer_train.holdout_data, fid=False)
     write_json(Path(cfg.run_dir) / "tokenizer_eval.json", result)
+    grid = reconstruct_to_dir(model, list_images(cfg.tokenizer_train.holdout_data), Path(cfg.run_dir) / "reconstructions")
     print(json.dumps(result))
+    print(f"held-out reconstructions (input above reconstruction): {grid}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@
     sem, pix = tok.split_ids(ids)
 """
 
-from semhitok.tokenizer.api import encode_paths, iter_image_batches, load_tokenizer
+from semhitok.tokenizer.api import encode_paths, iter_image_batches, load_tokenizer, reconstruct_to_dir
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import image_grid, list_images, load_rgb, preprocess, to_pil
 from semhitok.tokenizer.model import SemHiTok, WeightsUnavailable
@@ -23,5 +23,6 @@ __all__ = [
     "load_rgb",
     "load_tokenizer",
     "preprocess",
+    "reconstruct_to_dir",
     "to_pil",
 ]

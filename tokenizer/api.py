@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from semhitok.tokenizer.data import load_rgb, preprocess
+from semhitok.tokenizer.data import image_grid, load_rgb, preprocess
 from semhitok.tokenizer.model import SemHiTok
 
 
@@ -46,3 +46,23 @@ def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tu
     if not ids:
         return [], torch.empty(0, model.grid, model.grid, dtype=torch.long)
     return kept, torch.cat(ids)
+
+
+@torch.no_grad()
+def reconstruct_to_dir(model: SemHiTok, paths: list[Path], out: Path, batch_size: int = 32, grid: int = 8) -> Path:
+    """Encode + decode each image; write <stem>_recon.png (input above reconstruction) per image and an
+    overview grid.png of the first `grid` images. Returns the grid's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    firsts: list[torch.Tensor] = []
+    recons: list[torch.Tensor] = []
+    for batch_paths, images in iter_image_batches(paths, model.image_size, batch_size, progress="reconstruct"):
+        images = images.to(model.device)
+        recon = model.decode(model.encode(images)).cpu()
+        for path, x, y in zip(batch_paths, images.cpu(), recon):
+            image_grid([x[None], y[None]]).save(out / f"{path.stem}_recon.png")
+        firsts.append(images.cpu())
+        recons.append(recon)
+    if not firsts:
+        raise ValueError(f"no readable images among {len(paths)} paths")
+    image_grid([torch.cat(firsts)[:grid], torch.cat(recons)[:grid]]).save(out / "grid.png")
+    return out / "grid.png"

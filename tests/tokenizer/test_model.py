@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import SAMPLE, tiny_config
+from tests.conftest import SAMPLE, tiny_config
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable, list_images, load_rgb, preprocess
 from semhitok.tokenizer.model import load_teacher
 

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SAMPLE, tiny_config
+from tests.conftest import SAMPLE, tiny_config
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import build_task, train_tokenizer
 
