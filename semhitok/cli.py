@@ -92,10 +92,21 @@ def cmd_tokenizer_eval(args) -> None:
     print(json.dumps(result))
 
 
+# -- data ------------------------------------------------------------------------------------------
+def cmd_pretokenize(args) -> None:
+    from semhitok.data_pipelines.pretokenize import run_pretokenize
+
+    cfg = _load(args)
+    summary = run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir,
+                              args.num_shards, args.shard_index, args.device)
+    print(json.dumps(summary))
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
     from semhitok.common.io import write_json
+    from semhitok.data_pipelines.pretokenize import run_pretokenize
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
     from semhitok.tokenizer.train import train_tokenizer
@@ -112,6 +123,8 @@ def cmd_pipeline(args) -> None:
     grid = reconstruct_to_dir(model, list_images(cfg.tokenizer_train.holdout_data), Path(cfg.run_dir) / "reconstructions")
     print(json.dumps(result))
     print(f"held-out reconstructions (input above reconstruction): {grid}")
+    log.info("== pretokenize %s -> %s", [src.name for src in cfg.pretokenize.sources], cfg.pretokenized_dir)
+    print(json.dumps(run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the whole path end to end (default: tiny preset on the shipped sample)")
     _config_args(p)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("pretokenize", help="encode image-text corpora into sharded id files (resumable)")
+    _config_args(p)
+    p.add_argument("--num-shards", type=int, default=None, help="jobs splitting the work (default: from SLURM, else 1)")
+    p.add_argument("--shard-index", type=int, default=None, help="this job's index in [0, num-shards)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_pretokenize)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train (or resume) stage 1 or 2")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import load_config
+from semhitok.data_pipelines.config import PretokenizeConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 
 
@@ -14,6 +15,7 @@ class ProjectConfig:
     run_dir: str = "runs/default"  # every job writes under here
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"
@@ -22,6 +24,14 @@ class ProjectConfig:
     def tokenizer_dir(self) -> Path:
         """The finished (stage-2) tokenizer, as later jobs consume it."""
         return self.tokenizer_stage_dir(2) / "final"
+
+    @property
+    def pretokenize_tokenizer(self) -> Path:
+        return Path(self.pretokenize.tokenizer) if self.pretokenize.tokenizer else self.tokenizer_dir
+
+    @property
+    def pretokenized_dir(self) -> Path:
+        return Path(self.pretokenize.output_dir) if self.pretokenize.output_dir else Path(self.run_dir) / "pretokenized"
 
 
 def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:
