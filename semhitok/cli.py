@@ -114,6 +114,9 @@ def cmd_pipeline(args) -> None:
     cfg = _load(args)
     for stage in (1, 2):
         cfg.tokenizer_train.stage = stage
+        if (cfg.tokenizer_stage_dir(stage) / "final" / "config.json").is_file():
+            log.info("== tokenizer stage %d already finished at %s; skipping", stage, cfg.tokenizer_stage_dir(stage) / "final")
+            continue
         log.info("== tokenizer stage %d -> %s", stage, cfg.tokenizer_stage_dir(stage))
         train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
     model = load_tokenizer(cfg.tokenizer_dir)
