@@ -89,11 +89,12 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
 def process_unit(model: SemHiTok, unit: WorkUnit, shard_dir: Path, batch_size: int, num_workers: int) -> dict:
     errors: Counter = Counter()
     records = read_unit(unit, errors)
-    with_image = [r for r in records if r.has_image]
+    image_pos = [pos for pos, r in enumerate(records) if r.has_image]  # positions in `records`
+    with_image = [records[pos] for pos in image_pos]
     loader = torch.utils.data.DataLoader(
         _DecodeImages(with_image, model.image_size), batch_size=batch_size, num_workers=num_workers, collate_fn=list
     )
-    ids_of: dict[int, np.ndarray] = {}
+    ids_of: dict[int, np.ndarray] = {}  # position in `records` -> ids [h*w]
     for batch in loader:
         good = []
         for i, item in batch:
@@ -105,16 +106,16 @@ def process_unit(model: SemHiTok, unit: WorkUnit, shard_dir: Path, batch_size: i
         if good:
             ids = model.encode(torch.stack([x for _, x in good]).to(model.device)).flatten(1)
             for (i, _), row in zip(good, ids.cpu().numpy().astype(np.int32)):
-                ids_of[id(with_image[i])] = row
+                ids_of[image_pos[i]] = row
     meta, rows = [], []
-    for r in records:
-        if r.has_image and id(r) not in ids_of:
+    for pos, r in enumerate(records):
+        if r.has_image and pos not in ids_of:
             continue  # its image failed to decode: counted above
         entry = {"key": r.key, "origin": r.origin, "kind": r.kind, "ids_row": -1}
         entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
         if r.has_image:
             entry["ids_row"] = len(rows)
-            rows.append(ids_of[id(r)])
+            rows.append(ids_of[pos])
         meta.append(entry)
     ids = np.stack(rows) if rows else np.zeros((0, model.grid * model.grid), np.int32)
     shard = shard_dir / f"{unit.name}.npz"

@@ -1,8 +1,6 @@
 import json
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import SAMPLE
