@@ -54,6 +54,9 @@ def main() -> None:
     for split in ("train", "holdout"):
         with open(args.out / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps({"image": s["image"], "caption": s["caption"]}) + "\n" for s in samples if s["split"] == split)
+    # Text-only corpus: the remaining COCO captions of each training photo as one paragraph (no image).
+    with open(args.out / "text.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": " ".join(c.strip() for c in s["captions"][2:])}) + "\n" for s in samples if s["split"] == "train")
     conversations = [
         {"id": f"coco_{s['coco_id']}", "image": s["image"], "conversations": [
             {"from": "human", "value": f"<image>\n{INSTRUCTIONS[i % len(INSTRUCTIONS)]}"},
@@ -70,7 +73,7 @@ def main() -> None:
         "licence allows redistribution with modification: CC BY 2.0, CC BY-SA 2.0, or no known copyright\n"
         "restrictions. Each was resized (bicubic) and re-encoded as JPEG quality 90; nothing else changed.\n"
         "CC BY-SA photos keep their licence in this modified form.\n\n"
-        "Captions (`caption`, `captions`, and the answers in `llava.json`): COCO annotations, CC BY 4.0\n"
+        "Captions (`caption`, `captions`, the answers in `llava.json`, the paragraphs in `text.jsonl`): COCO annotations, CC BY 4.0\n"
         "(cocodataset.org, Lin et al. 2014). The instruction sentences in `llava.json` were written for this project.\n\n"
         "Built by `data/make_sample.py`.\n\n| file | source | original | licence | change |\n|---|---|---|---|---|\n"
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 SourceKind = Literal["wds", "caption_jsonl", "llava_json", "text_jsonl"]
+Task = Literal["understanding", "generation", "text"]
 
 
 @dataclass
@@ -24,9 +25,40 @@ class PretokenizeConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [
         SourceConfig("coco_captions", "caption_jsonl", "data/sample/train.jsonl"),
         SourceConfig("coco_llava", "llava_json", "data/sample/llava.json"),
+        SourceConfig("coco_text", "text_jsonl", "data/sample/text.jsonl"),
     ])
     tokenizer: str = ""  # tokenizer directory; empty: <run_dir>/tokenizer/stage2/final
     output_dir: str = ""  # empty: <run_dir>/pretokenized
     records_per_shard: int = 1000  # jsonl/json sources are cut into units of this many records; a tar is one unit
     batch_size: int = 64
     num_workers: int = 4
+
+
+@dataclass
+class MixtureComponent:
+    source: str  # a pre-tokenized source name
+    # understanding: chat with the image where <image> stands (caption rows become "describe" turns);
+    # generation: caption -> image ids; text: plain text
+    task: Task
+    weight: float = 1.0  # relative share of documents drawn
+
+
+@dataclass
+class SequenceConfig:
+    pretokenized: str = ""  # pre-tokenized output directory; empty: <run_dir>/pretokenized
+    mixture: list[MixtureComponent] = field(default_factory=lambda: [
+        MixtureComponent("coco_captions", "generation", 1.0),
+        MixtureComponent("coco_llava", "understanding", 1.0),
+        MixtureComponent("coco_captions", "understanding", 0.5),
+        MixtureComponent("coco_text", "text", 0.5),
+    ])
+    max_length: int = 4096  # tokens per packed row
+    micro_batch_size: int = 1  # packed rows per step per rank
+    cfg_dropout: float = 0.1  # share of generation captions replaced by uncond_prompt
+    uncond_prompt: str = ""  # the unconditional prompt (also what CFG sampling uses)
+    system_prompt: str = "You are a helpful assistant."  # empty: no system turn
+    caption_prompt: str = "Describe this image briefly."  # the user turn of captions used for understanding
+    seed: int = 0
+    shuffle_shards: int = 4  # each epoch shuffles shard order, then samples within windows of this many shards
+    pack_lookahead: int = 64  # documents considered when filling a row (first fit)
+    shard_cache: int = 16  # decoded shards kept in memory

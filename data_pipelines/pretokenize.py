@@ -122,7 +122,7 @@ def process_unit(model: SemHiTok, unit: WorkUnit, shard_dir: Path, batch_size: i
     with atomic_path(shard) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
-    done = {"unit": unit.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(meta),
+    done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(meta),
             "images": len(rows), "errors": dict(errors), "input": unit.file, "records": [unit.start, unit.stop]}
     write_json(shard_dir / f"{unit.name}.done.json", done)
     return done

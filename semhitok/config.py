@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import load_config
-from semhitok.data_pipelines.config import PretokenizeConfig
+from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 
 
@@ -16,6 +16,7 @@ class ProjectConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
+    data: SequenceConfig = field(default_factory=SequenceConfig)
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"
@@ -32,6 +33,11 @@ class ProjectConfig:
     @property
     def pretokenized_dir(self) -> Path:
         return Path(self.pretokenize.output_dir) if self.pretokenize.output_dir else Path(self.run_dir) / "pretokenized"
+
+    @property
+    def training_data_dir(self) -> Path:
+        """The pre-tokenized corpus the LLM trains on."""
+        return Path(self.data.pretokenized) if self.data.pretokenized else self.pretokenized_dir
 
 
 def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:

@@ -47,3 +47,26 @@ def trained_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_semhitok_logs(caplog):
     caplog.set_level(logging.INFO, logger="semhitok")
+
+
+@pytest.fixture(scope="session")
+def pretokenized_sample(trained_tokenizer, tmp_path_factory) -> Path:
+    """The shipped sample's caption, LLaVA and text sources pre-tokenized with the tiny tokenizer."""
+    from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
+    from semhitok.data_pipelines.pretokenize import run_pretokenize
+
+    cfg = PretokenizeConfig(sources=[SourceConfig("coco_captions", "caption_jsonl", str(SAMPLE / "train.jsonl")),
+                                     SourceConfig("coco_llava", "llava_json", str(SAMPLE / "llava.json")),
+                                     SourceConfig("coco_text", "text_jsonl", str(SAMPLE / "text.jsonl"))],
+                            records_per_shard=16, batch_size=16, num_workers=0)
+    out = tmp_path_factory.mktemp("pretok")
+    run_pretokenize(cfg, trained_tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(tmp_path_factory):
+    """The tiny byte-level BPE (Qwen2.5 specials and chat template) trained on the shipped sample's text."""
+    from semhitok.data_pipelines.text_tokenizer import resolve_text_tokenizer
+
+    return resolve_text_tokenizer("tiny", tmp_path_factory.mktemp("text_tok") / "tok", SAMPLE)

@@ -11,3 +11,12 @@ def test_tokenizer_encode_benchmark_prints_one_json_line():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "tokenizer_encode" and result["ids_per_image"] == 64
     assert result["tokenizer_encode_img_per_s"] > 0 and result["ratio"] > 0
+
+
+def test_data_pipeline_benchmark_prints_one_json_line():
+    proc = subprocess.run([sys.executable, "benchmarks/data_pipeline.py", "--preset", "tiny", "--workers", "0",
+                           "--repeat", "1", "--rows", "5", "--max-length", "1024"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "data_pipeline" and result["pretokenize_images"] == 142  # 71 captions + 71 llava
+    assert result["loader_samples_per_s"] > 0 and result["packing_efficiency"] >= 0.95

@@ -1,0 +1,248 @@
+"""Training-time loader: a deterministic mixture of pre-tokenized sources, packed into fixed-length rows.
+
+Order. Draw n of the global stream picks a mixture component with the configured weights (seeded by
+n // 4096) and takes that component's next sample. A component walks its source epoch by epoch; each epoch
+shuffles the shard order, then the samples inside windows of `shuffle_shards` shards (reads stay local).
+Everything is a pure function of (seed, n, cursors), so:
+  - ranks: rank r builds the documents of draws n = r (mod world) and skips the rest (the cursors still
+    advance), so ranks never share a sample within a source epoch and together cover each one;
+  - resume: `state_dict()` holds the next draw, the cursors and the identities of the documents waiting
+    to be packed; `load_state_dict` continues with exactly the batches the uninterrupted run would give.
+  - CFG dropout of draw n is seeded by (seed, n).
+
+Packing: rows of `max_length` tokens filled first-fit from a lookahead of `pack_lookahead` documents, the
+rest padded. A batch is a dict of tensors:
+    input_ids    int64 [B, L]    pad = <|endoftext|>
+    labels       int64 [B, L]    -100 without loss; the first token of every document is -100, so the
+                                 shifted loss never crosses a document boundary
+    position_ids int64 [B, L]    restart at 0 in every document (and in the padding tail)
+    task_ids     int64 [B, L]    index into TASKS, -1 on padding
+    cu_seqlens   int32 [D + 1]   document boundaries over the flattened B*L tokens (padding tails count as
+                                 documents), for varlen attention; max_seqlen: int
+    origins      list[str]       where each document came from (error reports)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semhitok.data_pipelines.config import SequenceConfig
+from semhitok.data_pipelines.pretokenize import load_shard
+from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
+from semhitok.data_pipelines.text_tokenizer import TokenLayout
+
+log = logging.getLogger("semhitok")
+CHOICE_BLOCK = 4096  # draws whose component choices share one RNG call
+MAX_UNSUITABLE_IN_A_ROW = 10_000
+
+
+class SourceShards:
+    """One pre-tokenized source: its shards, the per-epoch sample order, cached shard reads."""
+
+    def __init__(self, name: str, files: list[Path], counts: list[int], seed: int, shuffle_shards: int):
+        self.name, self.files, self.counts, self.seed, self.window = name, files, np.array(counts), seed, shuffle_shards
+        self.size = int(self.counts.sum())
+        self._epoch, self._order = -1, None
+
+    def _layout(self, epoch: int) -> np.ndarray:
+        """epoch -> [size, 2] (shard index, row in shard) in the epoch's order."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch, *self.name.encode()])
+            shard_order = rng.permutation(len(self.files))
+            parts = []
+            for start in range(0, len(shard_order), self.window):
+                window = [np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1) for s in shard_order[start : start + self.window]]
+                block = np.concatenate(window)
+                parts.append(block[rng.permutation(len(block))])
+            self._epoch, self._order = epoch, np.concatenate(parts)
+        return self._order
+
+    def locate(self, cursor: int) -> tuple[int, int, int]:
+        """component cursor -> (epoch, shard index, row)"""
+        epoch, pos = divmod(cursor, self.size)
+        shard, row = self._layout(epoch)[pos]
+        return epoch, int(shard), int(row)
+
+
+@dataclass
+class Draw:
+    n: int  # index in the global stream
+    component: int
+    cursor: int  # the component's cursor when drawn
+
+
+class PackedLoader:
+    def __init__(self, cfg: SequenceConfig, tokenizer, layout: TokenLayout, pretokenized_dir: str | Path,
+                 rank: int = 0, world_size: int = 1):
+        self.cfg, self.layout, self.rank, self.world = cfg, layout, rank, world_size
+        self.builder = SequenceBuilder(tokenizer, layout, cfg)
+        self.sources = self._open_sources(Path(pretokenized_dir))
+        weights = np.array([c.weight for c in cfg.mixture], np.float64)
+        if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"data.mixture: weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        self.weights = weights / weights.sum()
+        self.next_draw, self.cursors = 0, [0] * len(cfg.mixture)
+        self.pending: list[tuple[Draw, Document]] = []
+        self.stats: Counter = Counter()
+        self._shards: OrderedDict = OrderedDict()
+        self._choices: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    def _open_sources(self, root: Path) -> dict[str, SourceShards]:
+        manifest = root / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: run `semhitok pretokenize` (to completion) first")
+        info = json.loads(manifest.read_text())
+        if info["visual_vocab_size"] != self.layout.visual_vocab_size:
+            raise ValueError(f"{manifest}: visual_vocab_size {info['visual_vocab_size']} does not match the model's "
+                             f"{self.layout.visual_vocab_size} (pre-tokenized with another tokenizer?)")
+        by_source: dict[str, list] = {}
+        for entry in info["shards"]:
+            by_source.setdefault(entry.get("source", entry["unit"].rsplit("-", 1)[0]), []).append(entry)
+        sources = {}
+        for comp in self.cfg.mixture:
+            if comp.source not in by_source:
+                raise ValueError(f"data.mixture: source {comp.source!r} is not in {manifest} (has {sorted(by_source)})")
+            entries = [e for e in sorted(by_source[comp.source], key=lambda e: e["unit"]) if e["samples"] > 0]
+            sources[comp.source] = SourceShards(comp.source, [root / "shards" / e["file"] for e in entries],
+                                                [e["samples"] for e in entries], self.cfg.seed, self.cfg.shuffle_shards)
+        return sources
+
+    # -- the stream ----------------------------------------------------------------------------------
+    def _component_of(self, n: int) -> int:
+        block = n // CHOICE_BLOCK
+        if self._choices[0] != block:
+            rng = np.random.default_rng([self.cfg.seed, 0xC0, block])
+            self._choices = (block, rng.choice(len(self.weights), CHOICE_BLOCK, p=self.weights))
+        return int(self._choices[1][n % CHOICE_BLOCK])
+
+    def _shard(self, path: Path) -> tuple[np.ndarray, list[dict]]:
+        if path not in self._shards:
+            self._shards[path] = load_shard(path)
+            if len(self._shards) > self.cfg.shard_cache:
+                self._shards.popitem(last=False)
+        self._shards.move_to_end(path)
+        return self._shards[path]
+
+    def _document(self, draw: Draw) -> Document:
+        comp = self.cfg.mixture[draw.component]
+        source = self.sources[comp.source]
+        _, shard, row = source.locate(draw.cursor)
+        ids, meta = self._shard(source.files[shard])
+        entry = meta[row]
+        image = ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
+        uncond = comp.task == "generation" and np.random.default_rng([self.cfg.seed, 0xCF, draw.n]).random() < self.cfg.cfg_dropout
+        return self.builder.build(comp.task, entry, image, uncond)
+
+    def next_document(self) -> tuple[Draw, Document]:
+        """The next document of this rank's share of the stream (unpacked)."""
+        unsuitable = 0
+        while True:
+            n = self.next_draw
+            comp = self._component_of(n)
+            draw = Draw(n, comp, self.cursors[comp])
+            self.next_draw, self.cursors[comp] = n + 1, self.cursors[comp] + 1
+            if n % self.world != self.rank:
+                continue
+            try:
+                doc = self._document(draw)
+            except UnsuitableSample as err:
+                unsuitable += 1
+                self.stats["skipped_unsuitable"] += 1
+                if unsuitable >= MAX_UNSUITABLE_IN_A_ROW:
+                    raise ValueError(f"data.mixture[{comp}] ({self.cfg.mixture[comp].source}, "
+                                     f"{self.cfg.mixture[comp].task}): {unsuitable} unusable samples in a row ({err})") from None
+                continue
+            doc = self._fit(doc)
+            if doc is not None:
+                return draw, doc
+
+    def _fit(self, doc: Document) -> Document | None:
+        """Text longer than max_length is cut; longer image documents are skipped (never cut an image)."""
+        if len(doc) <= self.cfg.max_length:
+            return doc
+        if doc.task == "text":
+            return Document(doc.tokens[: self.cfg.max_length], doc.labels[: self.cfg.max_length], doc.task, doc.origin)
+        self.stats["skipped_too_long"] += 1
+        log.warning("%s: %d tokens > max_length %d, skipped", doc.origin, len(doc), self.cfg.max_length)
+        return None
+
+    # -- packing -------------------------------------------------------------------------------------
+    def _next_row(self) -> list[Document]:
+        room, row = self.cfg.max_length, []
+        while room > 0:
+            while len(self.pending) < self.cfg.pack_lookahead:
+                self.pending.append(self.next_document())
+            fit = next((i for i, (_, doc) in enumerate(self.pending) if len(doc) <= room), None)
+            if fit is None:
+                break
+            _, doc = self.pending.pop(fit)
+            row.append(doc)
+            room -= len(doc)
+        return row
+
+    def next_batch(self) -> dict:
+        L, B = self.cfg.max_length, self.cfg.micro_batch_size
+        input_ids = np.full((B, L), self.layout.eos, np.int64)
+        labels = np.full((B, L), IGNORE, np.int64)
+        position_ids = np.zeros((B, L), np.int64)
+        task_ids = np.full((B, L), -1, np.int64)
+        cu_seqlens, origins = [0], []
+        for b in range(B):
+            start = 0
+            for doc in self._next_row():
+                end = start + len(doc)
+                input_ids[b, start:end], labels[b, start:end] = doc.tokens, doc.labels
+                labels[b, start] = IGNORE
+                position_ids[b, start:end] = np.arange(len(doc))
+                task_ids[b, start:end] = TASKS.index(doc.task)
+                cu_seqlens.append(b * L + end)
+                origins.append(doc.origin)
+                self.stats[f"docs_{doc.task}"] += 1
+                self.stats["uncond"] += doc.uncond
+                start = end
+            if start < L:
+                position_ids[b, start:] = np.arange(L - start)
+                cu_seqlens.append((b + 1) * L)
+            self.stats["tokens"] += start
+            self.stats["padding"] += L - start
+        lengths = np.diff(cu_seqlens)
+        return {
+            "input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids), "task_ids": torch.from_numpy(task_ids),
+            "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32), "max_seqlen": int(lengths.max()),
+            "origins": origins,
+        }
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Share of non-padding tokens in the rows produced so far."""
+        total = self.stats["tokens"] + self.stats["padding"]
+        return self.stats["tokens"] / total if total else 0.0
+
+    # -- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"next_draw": self.next_draw, "cursors": list(self.cursors), "rank": self.rank, "world_size": self.world,
+                "pending": [[d.n, d.component, d.cursor] for d, _ in self.pending], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world_size"]) != (self.rank, self.world) or len(state["cursors"]) != len(self.cfg.mixture):
+            raise ValueError(f"loader state is for rank {state['rank']}/{state['world_size']} with "
+                             f"{len(state['cursors'])} mixture components; this loader is rank {self.rank}/{self.world} "
+                             f"with {len(self.cfg.mixture)}")
+        self.next_draw, self.cursors = state["next_draw"], list(state["cursors"])
+        self.pending = []
+        for n, comp, cursor in state["pending"]:
+            draw = Draw(n, comp, cursor)
+            self.pending.append((draw, self._fit(self._document(draw))))
+        self.stats = Counter(state["stats"])
