@@ -102,6 +102,14 @@ def cmd_pretokenize(args) -> None:
     print(json.dumps(summary))
 
 
+# -- mllm ------------------------------------------------------------------------------------------
+def cmd_train(args) -> None:
+    from semhitok.mllm.train import train_mllm
+
+    cfg = _load(args)
+    print(f"exported: {train_mllm(cfg)}")
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
@@ -144,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=None, help="this job's index in [0, num-shards)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_pretokenize)
+
+    p = sub.add_parser("train", help="train the unified LLM with DeepSpeed (run under torchrun for several ranks)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train (or resume) stage 1 or 2")
@@ -188,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     from semhitok.common.config_io import ConfigError
+    from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable
+    from semhitok.mllm.train import NonFiniteLoss
     from semhitok.tokenizer.model import WeightsUnavailable
 
     try:
         args.func(args)
-    except (ConfigError, WeightsUnavailable, FileNotFoundError, ValueError) as err:
+    except (ConfigError, WeightsUnavailable, TextTokenizerUnavailable, NonFiniteLoss, FileNotFoundError, ValueError) as err:
         print(f"semhitok: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from semhitok.common.config_io import load_config
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
+from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 
 
@@ -17,6 +18,8 @@ class ProjectConfig:
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
     data: SequenceConfig = field(default_factory=SequenceConfig)
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    mllm_train: MLLMTrainConfig = field(default_factory=MLLMTrainConfig)
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"
@@ -38,6 +41,11 @@ class ProjectConfig:
     def training_data_dir(self) -> Path:
         """The pre-tokenized corpus the LLM trains on."""
         return Path(self.data.pretokenized) if self.data.pretokenized else self.pretokenized_dir
+
+
+    @property
+    def mllm_dir(self) -> Path:
+        return Path(self.run_dir) / "mllm"
 
 
 def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:

@@ -163,6 +163,13 @@ class SemHiTok(nn.Module):
     def join_ids(self, sem: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
         return sem * self.codes_per_group + pix
 
+    @torch.no_grad()
+    def code_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized features behind the ids: (semantic codes [K, sem_dim], pixel codes [K*m, pix_dim]).
+
+        Visual id h stands for semantic code sem[h // m] and pixel code pix[h]."""
+        return self.semantic.codebook.embed.detach().clone(), l2norm(self.pixel.codebook.codes.detach()).flatten(0, 1)
+
     # -- encode / decode ---------------------------------------------------------------------------
     def semantic_ids(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> semantic ids [B, N]"""

@@ -1,0 +1,45 @@
+"""Configuration of the unified LLM (architecture, saved with the model) and of its training job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class MLLMConfig:
+    # Qwen2.5 by HF name or local path, or "random": a Qwen2ForCausalLM built from qwen2_config (tiny preset).
+    base_model: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    qwen2_config: dict | None = None
+    # Text tokenizer by HF name or local path; empty: base_model's; "tiny": a BPE trained on data/sample.
+    text_tokenizer: str = ""
+    # Attention kernel: sdpa everywhere; flash_attention_2 when flash-attn is installed (varlen from position_ids).
+    attn_implementation: str = "sdpa"
+    adapter_hidden: int = 0  # width of the dual-MLP adapter's hidden layer; 0: the LLM's hidden size
+
+
+@dataclass
+class MLLMTrainConfig:
+    # Start from this directory (a previous stage's export); empty: build from base_model + the tokenizer.
+    init_from: str = ""
+    tokenizer: str = ""  # SemHiTok directory; empty: <run_dir>/tokenizer/stage2/final
+    # adapter: only the dual-MLP adapter and the new visual head rows train (alignment pretraining);
+    # full: everything.
+    trainable: Literal["adapter", "full"] = "full"
+    deepspeed_config: str = "configs/deepspeed/zero3.json"  # "none": plain PyTorch (single process)
+    max_steps: int = 10_000
+    lr: float = 2e-5
+    adapter_lr: float = 1e-4  # the adapter and the visual head rows
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    loss_chunk: int = 4096  # tokens per chunk of the chunked cross-entropy
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_backends: list[str] | None = None  # default: jsonl + tensorboard

@@ -1,0 +1,51 @@
+"""Cross-entropy over a large vocabulary without materialising [tokens, vocab] logits.
+
+`chunked_cross_entropy(hidden [N, d], weight [V, d], targets [N]) -> per-token loss [N] (fp32)`
+(fp64 in, fp64 out) computes logits for `chunk` rows at a time in forward, keeps only their log-sum-exp, and recomputes them
+in backward (grad = softmax - onehot). Peak extra memory is chunk * V fp32 values instead of N * V. Only
+supervised positions are passed in, so prompts and padding cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 accumulation for bf16/fp16 inputs
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        target_logit = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            logits = (h @ weight.t()).to(acc)  # [c, V]
+            lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
+            target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(start, start + ctx.chunk)
+            h = hidden[sl]
+            probs = ((h @ weight.t()).to(acc) - lse[sl, None]).exp_()  # softmax [c, V]
+            probs[torch.arange(len(h), device=h.device), targets[sl]] -= 1.0
+            probs *= grad_loss[sl, None].to(acc)
+            g = probs.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[sl] = g @ weight
+            if grad_weight is not None:
+                grad_weight += (g.t() @ h).to(acc)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """hidden [N, d], head weight [V, d], targets [N] in [0, V) -> per-token loss [N] (fp32, or fp64 for fp64 in)"""
+    return _ChunkedCE.apply(hidden, weight, targets, chunk)

@@ -1,0 +1,202 @@
+"""The unified LLM: Qwen2.5 whose vocabulary is extended by SemHiTok's visual ids.
+
+Vocabulary (see data_pipelines/text_tokenizer.py): text rows [0, T), then visual id h at row T + h.
+
+How visual ids enter and leave the model:
+  - input: a visual token's embedding is NOT an embedding row. The dual-MLP adapter maps the quantized
+    features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
+    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space.
+  - output: the head (Qwen2ForCausalLM.lm_head, resized to T + K*m rows) scores all text and visual rows;
+    generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
+    the same code features, rescaled to the norm of the text rows, so codes that are close in the
+    tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
+    <= 3B) the embedding table's visual rows are these head rows and are never read as inputs.
+
+Loss: only supervised positions reach the head, through a chunked cross-entropy (mllm/loss.py), so no
+[tokens, 348K] fp32 logits exist. Packed rows: position_ids restart per document and transformers'
+attention (sdpa / flex / flash_attention_2) turns that into per-document causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from semhitok.common.config_io import from_dict
+from semhitok.common.io import atomic_dir
+from semhitok.data_pipelines.sequences import IGNORE, TASKS
+from semhitok.data_pipelines.text_tokenizer import TokenLayout
+from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.tokenizer import SemHiTok, WeightsUnavailable
+
+log = logging.getLogger("semhitok")
+MLLM_CONFIG = "semhitok_mllm.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+VISUAL_TOKENIZER = "visual_tokenizer"
+
+
+class VisualAdapter(nn.Module):
+    """Dual MLP: visual ids [N] -> input embeddings [N, d] from the tokenizer's code features."""
+
+    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int):
+        super().__init__()
+        self.codes_per_group = codes_per_group
+        self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim], frozen
+        self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim], frozen
+        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d - d // 2))
+        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """visual ids [...] in [0, K*m) -> [..., d]"""
+        sem = self.sem_codes[ids // self.codes_per_group]
+        pix = self.pix_codes[ids]
+        dtype = self.sem_mlp[0].weight.dtype
+        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(pix.to(dtype))], dim=-1)
+
+
+class ChunkedLMHead(nn.Linear):
+    """The LM head; given targets it returns per-token losses through the chunked cross-entropy.
+
+    Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
+
+    chunk = 4096
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk)
+
+
+class SemHiTokLM(nn.Module):
+    def __init__(self, lm: Qwen2ForCausalLM, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int):
+        super().__init__()
+        self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
+        if not isinstance(lm.lm_head, ChunkedLMHead):
+            head = ChunkedLMHead(lm.lm_head.in_features, lm.lm_head.out_features, bias=False)
+            head.weight = lm.lm_head.weight  # the same Parameter: a tied head stays tied
+            lm.lm_head = head
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.model.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (text and visual tokens) -> input embeddings [B, T, d]"""
+        visual = input_ids >= self.layout.visual_offset
+        embeds = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
+        if visual.any():
+            embeds = embeds.masked_scatter(visual[..., None], self.adapter(input_ids[visual] - self.layout.visual_offset).to(embeds.dtype))
+        return embeds
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False, **kw):
+        """input_ids [B, T] -> transformers' model output (last_hidden_state [B, T, d], past_key_values).
+
+        Without a cache, restarting position_ids mark packed documents (per-document causal attention);
+        transformers ignores them when a cache exists, so training must keep use_cache=False."""
+        return self.lm.model(inputs_embeds=self.embed(input_ids), position_ids=position_ids, use_cache=use_cache, **kw)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d] -> logits [..., V] (for sampling a few positions, never for training)"""
+        return self.lm.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                task_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Packed rows [B, T] -> {"loss": mean next-token loss over supervised positions,
+        "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, for logging)."""
+        hidden = self.hidden_states(input_ids, position_ids).last_hidden_state
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        losses = self.lm.lm_head(hidden[:, :-1][mask], targets[mask])  # [N]
+        loss = losses.sum() / mask.sum().clamp(min=1)
+        out = {"loss": loss}
+        if task_ids is not None:
+            tasks = task_ids[:, 1:][mask]
+            out["task_loss_sum"] = torch.zeros(len(TASKS), device=loss.device).index_add_(0, tasks, losses.detach())
+            out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
+        return out
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer) -> SemHiTokLM:
+        """A new model: the base LLM (by name/path, or random from qwen2_config), vocabulary extended."""
+        lm = load_base_lm(cfg)
+        text_vocab = lm.config.vocab_size
+        if len(text_tokenizer) > text_vocab:
+            raise ValueError(f"the text tokenizer has {len(text_tokenizer)} tokens, more than {cfg.base_model}'s {text_vocab} rows")
+        layout = TokenLayout.from_tokenizer(text_tokenizer, tokenizer.vocab_size, text_vocab)
+        lm.resize_token_embeddings(layout.vocab_size, mean_resizing=False)
+        d = lm.config.hidden_size
+        sem, pix = tokenizer.code_features()
+        adapter = VisualAdapter(sem, pix, tokenizer.codes_per_group, cfg.adapter_hidden or d, d)
+        model = cls(lm, adapter, layout, cfg, tokenizer.grid)
+        model._init_visual_head_rows()
+        return model
+
+    @torch.no_grad()
+    def _init_visual_head_rows(self) -> None:
+        weight = self.lm.lm_head.weight  # [T + K*m, d]
+        text_norm = weight[: self.layout.text_vocab_size].norm(dim=1).mean()
+        for start in range(0, self.layout.visual_vocab_size, 65536):
+            ids = torch.arange(start, min(start + 65536, self.layout.visual_vocab_size), device=weight.device)
+            rows = self.adapter(ids).float()
+            weight[self.layout.visual_offset + ids] = (rows / rows.norm(dim=1, keepdim=True) * text_norm).to(weight.dtype)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """A plain HF directory (Qwen2ForCausalLM.from_pretrained loads it) plus the adapter, the layout,
+        the text tokenizer and a copy of the visual tokenizer. `state_dict`: this model's full weights,
+        when they live elsewhere (gathered from ZeRO-3)."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        with atomic_dir(path) as tmp:
+            lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+            self.lm.save_pretrained(tmp, state_dict=lm_state)
+            save_file({k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")},
+                      str(tmp / ADAPTER_WEIGHTS))
+            text_tokenizer.save_pretrained(tmp)
+            shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
+            meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
+                    "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.sem_mlp[0].out_features,
+                    "config": dataclasses.asdict(self.config)}
+            (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SemHiTokLM:
+        path = Path(path)
+        meta_file = path / MLLM_CONFIG
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
+        meta = json.loads(meta_file.read_text())
+        cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
+        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=cfg.attn_implementation)
+        adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
+        d = lm.config.hidden_size
+        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
+        adapter.load_state_dict(adapter_state)
+        model = cls(lm, adapter.to(dtype or torch.float32), TokenLayout(**meta["layout"]), cfg, meta["image_grid"])
+        return model.to(device).eval()
+
+
+def load_base_lm(cfg: MLLMConfig) -> Qwen2ForCausalLM:
+    if cfg.base_model == "random":
+        if cfg.qwen2_config is None:
+            raise ValueError("mllm.base_model=random needs mllm.qwen2_config (a Qwen2Config as a dict)")
+        return Qwen2ForCausalLM(Qwen2Config(**cfg.qwen2_config, attn_implementation=cfg.attn_implementation))
+    try:
+        return Qwen2ForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    except OSError as err:
+        raise WeightsUnavailable(
+            f"LLM {cfg.base_model!r} is not available offline: run `huggingface-cli download {cfg.base_model}` on a "
+            f"connected machine and pass its local directory as mllm.base_model ({type(err).__name__})"
+        ) from None
+

@@ -1,0 +1,231 @@
+"""Train the unified LLM with DeepSpeed (ZeRO-3 by default) on packed understanding/generation/text rows.
+
+    semhitok train --config tiny                                     # 1 process (CPU or one GPU)
+    torchrun --nproc_per_node 8 -m semhitok.cli train --config 256   # one node; SLURM: launch_scripts/
+
+Layout of <run_dir>/mllm/:
+    checkpoints/<tag>/     DeepSpeed states + loader_rank<r>.json + rng_rank<r>.pt; `latest` names the newest
+    final/                 SemHiTokLM.save_pretrained: a plain HF Qwen2 directory + adapter + tokenizers
+    metrics.jsonl (+ tensorboard/, wandb/)
+A restarted job resumes from `latest`: weights, optimizer, scheduler, data position and RNG, so the next
+losses equal those of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from semhitok.common import dist as D
+from semhitok.common.metrics_log import MetricLogger
+from semhitok.data_pipelines.loader import PackedLoader
+from semhitok.data_pipelines.sequences import TASKS
+from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
+from semhitok.mllm.model import SemHiTokLM
+from semhitok.tokenizer import SemHiTok
+from semhitok.tokenizer.train import warmup_cosine
+
+log = logging.getLogger("semhitok")
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def setup_distributed() -> D.DistInfo:
+    """torchrun/srun env when present; a one-process group otherwise (DeepSpeed always wants one)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # DeepSpeed 0.19 calls collectives torch marks deprecated, once per step
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return D.DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+
+def flops_per_token(model: SemHiTokLM, seq_len: int) -> float:
+    """6N + 12 L d T: N counts the transformer body, the adapter and the LM head (not the input table)."""
+    c = model.lm.config
+    body = sum(p.numel() for p in model.lm.model.layers.parameters()) + sum(p.numel() for p in model.lm.model.norm.parameters())
+    n = body + sum(p.numel() for p in model.adapter.parameters()) + model.lm.lm_head.weight.numel()
+    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def set_trainable(model: SemHiTokLM, trainable: str) -> None:
+    """adapter: the dual-MLP adapter and the head (tied: the embedding table) train, the rest is frozen."""
+    for p in model.lm.parameters():
+        p.requires_grad = trainable == "full"
+    model.lm.lm_head.weight.requires_grad = True
+    for p in model.adapter.parameters():
+        p.requires_grad = True
+
+
+def build_model(cfg, out: Path, main: bool):
+    """(model, text tokenizer, visual tokenizer directory) for a new run or from mllm_train.init_from."""
+    t = cfg.mllm_train
+    if t.init_from:
+        model = SemHiTokLM.from_pretrained(t.init_from)
+        return model, load_text_tokenizer(t.init_from), Path(t.init_from) / "visual_tokenizer"
+    tokenizer_dir = Path(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
+    if main:  # "tiny" trains a tokenizer once; the other ranks wait for it
+        resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
+    D.barrier()
+    text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
+    return SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer), text_tokenizer, tokenizer_dir
+
+
+def deepspeed_config(cfg, bf16: bool) -> dict:
+    t = cfg.mllm_train
+    path = Path(t.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"mllm_train.deepspeed_config: {path} not found (shipped: configs/deepspeed/zero3.json, zero2.json)")
+    ds = json.loads(path.read_text())
+    ds.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+              gradient_clipping=t.grad_clip, bf16={"enabled": bf16})
+    return ds
+
+
+def save_checkpoint(engine, loader: PackedLoader, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
+    """Per-rank data position and RNG first, then DeepSpeed's states; `latest` is written last."""
+    tag = f"step{step:08d}"
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    from semhitok.common.io import atomic_path, write_json
+
+    write_json(root / tag / f"loader_rank{dist.rank}.json", loader.state_dict())
+    with atomic_path(root / tag / f"rng_rank{dist.rank}.pt") as tmp:
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}, tmp)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    D.barrier()
+    if dist.is_main:
+        for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
+    """Load the newest checkpoint if there is one; the step to continue from."""
+    if not (root / "latest").is_file():
+        return 0
+    tag = (root / "latest").read_text().strip()
+    _, client = engine.load_checkpoint(str(root), tag=tag)
+    loader_state = root / tag / f"loader_rank{dist.rank}.json"
+    if not loader_state.is_file():
+        raise FileNotFoundError(f"{loader_state} missing: checkpoint {tag} was written by another world size?")
+    loader.load_state_dict(json.loads(loader_state.read_text()))
+    rng = torch.load(root / tag / f"rng_rank{dist.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng["cuda"].numel():
+        torch.cuda.set_rng_state(rng["cuda"])
+    log.info("resumed from %s (step %d)", root / tag, client["step"])
+    return int(client["step"])
+
+
+def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenizer_dir: Path, dist: D.DistInfo) -> None:
+    """Gather ZeRO-3 partitions and write a from_pretrained directory on rank 0."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if dist.is_main:
+            state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+            model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict=state)
+    D.barrier()
+
+
+def train_mllm(cfg) -> Path:
+    import deepspeed
+
+    t = cfg.mllm_train
+    out = cfg.mllm_dir
+    dist = setup_distributed()
+    torch.manual_seed(t.seed)
+    device = D.default_device(dist.local_rank)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
+    model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main)
+    model.lm.lm_head.chunk = t.loss_chunk
+    set_trainable(model, t.trainable)
+    if t.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fpt = flops_per_token(model, cfg.data.max_length)
+    loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
+
+    adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
+    optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr}, {"params": other_params, "lr": t.lr}],
+                                  betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16))
+
+    ckpt_root = out / "checkpoints"
+    start_step = resume(engine, loader, ckpt_root, dist)
+    logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
+                          {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
+                          enabled=dist.is_main)
+    peak = peak_flops()
+    log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
+             cfg.mllm.base_model, sum(p.numel() for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
+
+    task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
+    tokens, window_start = torch.zeros(1, device=device), time.perf_counter()
+    bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
+    for step in bar:
+        for _ in range(t.gradient_accumulation):
+            batch = loader.next_batch()
+            result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device))
+            bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
+            if bad.item() > 0:
+                where = f"this rank's batch: {batch['origins'][:4]}" if not torch.isfinite(result["loss"]) else "another rank's batch"
+                raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({where}); last checkpoint: {ckpt_root}")
+            engine.backward(result["loss"])
+            engine.step()
+            task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
+            tokens += (batch["task_ids"] >= 0).sum()
+        done = step + 1
+        if done % t.log_every == 0 or done == t.max_steps:
+            D.all_reduce_sum(task_sums)
+            D.all_reduce_sum(tokens)
+            elapsed = time.perf_counter() - window_start
+            per_task = {f"loss_{task}": (task_sums[0, i] / task_sums[1, i]).item() for i, task in enumerate(TASKS) if task_sums[1, i] > 0}
+            tokens_per_s = tokens.item() / elapsed
+            metrics = {"loss": (task_sums[0].sum() / task_sums[1].sum().clamp(min=1)).item(), **per_task,
+                       "lr": scheduler.get_last_lr()[-1], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
+            if peak:
+                metrics["mfu"] = tokens_per_s * fpt / (peak * dist.world_size)
+            logger.log(done, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            task_sums.zero_()
+            tokens.zero_()
+            window_start = time.perf_counter()
+        if done % t.ckpt_every == 0 or done == t.max_steps:
+            save_checkpoint(engine, loader, ckpt_root, done, t.keep_checkpoints, dist)
+    bar.close()
+    logger.close()
+    export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
+    if dist.is_main:
+        log.info("model exported: %s (packing efficiency %.3f)", out / "final", loader.packing_efficiency)
+    return out / "final"

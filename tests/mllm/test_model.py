@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2ForCausalLM
+
+from semhitok.data_pipelines.sequences import IGNORE
+from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.mllm.model import SemHiTokLM
+from semhitok.tokenizer import SemHiTok
+
+TINY_QWEN = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def model(trained_tokenizer, text_tokenizer) -> SemHiTokLM:
+    torch.manual_seed(0)
+    return SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer), text_tokenizer)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_chunked_cross_entropy_matches_the_full_logit_loss_and_gradients(dtype, tol):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(301, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 301, (37,))
+    upstream = torch.rand(37, dtype=dtype)  # a weighted sum exercises per-token gradients
+    ref = F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    (ref * upstream).sum().backward()
+    ref_gh, ref_gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ours = chunked_cross_entropy(hidden, weight, targets, chunk=8)  # 5 chunks, the last one partial
+    (ours * upstream).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad, ref_gh, rtol=tol, atol=tol)
+    torch.testing.assert_close(weight.grad, ref_gw, rtol=tol, atol=tol)
+
+
+def test_vocabulary_is_extended_by_every_visual_id(model, trained_tokenizer):
+    tok = SemHiTok.from_pretrained(trained_tokenizer)
+    assert model.layout.vocab_size == TINY_QWEN["vocab_size"] + tok.vocab_size
+    assert model.lm.lm_head.weight.shape == (model.layout.vocab_size, 64)
+    assert model.lm.get_input_embeddings().weight.shape[0] == model.layout.vocab_size
+    rows = model.lm.lm_head.weight[model.layout.visual_offset :]
+    text_norm = model.lm.lm_head.weight[: model.layout.text_vocab_size].norm(dim=1).mean()
+    torch.testing.assert_close(rows.norm(dim=1), text_norm.expand(len(rows)), rtol=1e-4, atol=1e-4)  # not zeros
+    # ids sharing a semantic code start closer in the head than ids from different codes
+    m = tok.codes_per_group
+    unit = F.normalize(rows.detach(), dim=1).view(-1, m, rows.shape[1])
+    same = (unit[:, 0] * unit[:, 1]).sum(1).mean()
+    other = (unit[:, 0] * unit.roll(1, dims=0)[:, 1]).sum(1).mean()
+    assert same > other
+
+
+def test_visual_tokens_enter_through_the_adapter(model):
+    ids = torch.tensor([[5, 6, model.layout.visual_offset + 7, model.layout.visual_offset + 100]])
+    emb = model.embed(ids)
+    torch.testing.assert_close(emb[0, :2], model.lm.model.embed_tokens.weight[[5, 6]])
+    torch.testing.assert_close(emb[0, 2:], model.adapter(torch.tensor([7, 100])))
+    sem, pix = model.adapter.sem_codes, model.adapter.pix_codes
+    torch.testing.assert_close(model.adapter(torch.tensor([100]))[0, : 32], model.adapter.sem_mlp(sem[100 // 12])[:32])
+    assert pix.shape[0] == model.layout.visual_vocab_size
+
+
+def test_loss_equals_the_plain_transformers_loss(model):
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.layout.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[:, :10] = IGNORE
+    pos = torch.arange(40).repeat(2, 1)
+    ours = model(ids, pos, labels)["loss"]
+    plain = model.lm(inputs_embeds=model.embed(ids), position_ids=pos, labels=labels).loss
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_attend_within_documents_only(model):
+    torch.manual_seed(2)
+    docs = [torch.randint(0, model.layout.vocab_size, (n,)) for n in (7, 12, 5)]
+    packed = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        hidden = model.hidden_states(packed, pos).last_hidden_state[0]
+        start = 0
+        for d in docs:
+            alone = model.hidden_states(d[None], torch.arange(len(d))[None]).last_hidden_state[0]
+            torch.testing.assert_close(hidden[start : start + len(d)], alone, rtol=1e-5, atol=1e-5)
+            start += len(d)
+        # the same row read as one document differs: the boundaries are what made the match
+        whole = model.hidden_states(packed, torch.arange(packed.shape[1])[None]).last_hidden_state[0]
+        assert not torch.allclose(whole[7:19], hidden[7:19], atol=1e-3)
+
+
+def test_save_and_load_round_trip_as_a_plain_hf_directory(model, text_tokenizer, trained_tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "m", text_tokenizer, trained_tokenizer)
+    plain = Qwen2ForCausalLM.from_pretrained(tmp_path / "m")
+    assert plain.config.vocab_size == model.layout.vocab_size
+    torch.testing.assert_close(plain.lm_head.weight, model.lm.lm_head.weight)
+    loaded = SemHiTokLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, model.layout.vocab_size, (1, 30))
+    pos = torch.arange(30)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pos, ids)["loss"], model(ids, pos, ids)["loss"])
+    assert loaded.layout == model.layout and loaded.image_grid == model.image_grid
+    assert SemHiTok.from_pretrained(tmp_path / "m" / "visual_tokenizer").vocab_size == model.layout.visual_vocab_size
+    assert np.array_equal(text_tokenizer.encode("a cat"), __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "m").encode("a cat"))
