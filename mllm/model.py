@@ -90,6 +90,11 @@ class SemHiTokLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm.model.embed_tokens.weight.device
 
+    def enable_activation_checkpointing(self, every_n_layers: int) -> None:
+        """Recompute every n-th decoder layer's activations in backward (0: off)."""
+        if every_n_layers > 0:
+            self.lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] (text and visual tokens) -> input embeddings [B, T, d]"""
         visual = input_ids >= self.layout.visual_offset

@@ -167,8 +167,7 @@ def train_mllm(cfg) -> Path:
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main)
     model.lm.lm_head.chunk = t.loss_chunk
     set_trainable(model, t.trainable)
-    if t.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_activation_checkpointing(t.activation_checkpointing)
     fpt = flops_per_token(model, cfg.data.max_length)
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
 

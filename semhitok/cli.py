@@ -116,6 +116,7 @@ def cmd_pipeline(args) -> None:
     from semhitok.common.io import write_json
     from semhitok.data_pipelines.pretokenize import run_pretokenize
     from semhitok.eval.recon import evaluate_reconstruction
+    from semhitok.mllm.train import train_mllm
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
     from semhitok.tokenizer.train import train_tokenizer
 
@@ -136,6 +137,11 @@ def cmd_pipeline(args) -> None:
     print(f"held-out reconstructions (input above reconstruction): {grid}")
     log.info("== pretokenize %s -> %s", [src.name for src in cfg.pretokenize.sources], cfg.pretokenized_dir)
     print(json.dumps(run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)))
+    if (cfg.mllm_dir / "final" / "semhitok_mllm.json").is_file():
+        log.info("== mllm already trained at %s; skipping", cfg.mllm_dir / "final")
+    else:
+        log.info("== mllm training -> %s", cfg.mllm_dir)
+        train_mllm(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

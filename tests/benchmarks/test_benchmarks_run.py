@@ -20,3 +20,11 @@ def test_data_pipeline_benchmark_prints_one_json_line():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "data_pipeline" and result["pretokenize_images"] == 142  # 71 captions + 71 llava
     assert result["loader_samples_per_s"] > 0 and result["packing_efficiency"] >= 0.95
+
+
+def test_mllm_train_benchmark_prints_one_json_line():
+    proc = subprocess.run([sys.executable, "benchmarks/mllm_train.py", "--shape", "tiny", "--steps", "1", "--warmup", "1",
+                           "--seq", "256", "--base-seq", "128", "--base-batch", "2", "--doc-len", "64"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "mllm_train" and result["ours"]["tokens_per_s"] > 0 and result["baseline"]["tokens_per_s"] > 0
