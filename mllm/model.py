@@ -32,6 +32,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
+from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
@@ -78,9 +79,12 @@ class ChunkedLMHead(nn.Linear):
 
 
 class SemHiTokLM(nn.Module):
-    def __init__(self, lm: Qwen2ForCausalLM, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int):
+    def __init__(self, lm: Qwen2ForCausalLM, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int,
+                 sequence_config: SequenceConfig | None = None):
         super().__init__()
         self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
+        # The document format trained on (system, unconditional and caption prompts): sampling reuses it.
+        self.sequence_config = sequence_config or SequenceConfig()
         if not isinstance(lm.lm_head, ChunkedLMHead):
             head = ChunkedLMHead(lm.lm_head.in_features, lm.lm_head.out_features, bias=False)
             head.weight = lm.lm_head.weight  # the same Parameter: a tied head stays tied
@@ -132,7 +136,7 @@ class SemHiTokLM(nn.Module):
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer) -> SemHiTokLM:
+    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
         """A new model: the base LLM (by name/path, or random from qwen2_config), vocabulary extended."""
         lm = load_base_lm(cfg)
         text_vocab = lm.config.vocab_size
@@ -143,7 +147,7 @@ class SemHiTokLM(nn.Module):
         d = lm.config.hidden_size
         sem, pix = tokenizer.code_features()
         adapter = VisualAdapter(sem, pix, tokenizer.codes_per_group, cfg.adapter_hidden or d, d)
-        model = cls(lm, adapter, layout, cfg, tokenizer.grid)
+        model = cls(lm, adapter, layout, cfg, tokenizer.grid, sequence_config)
         model._init_visual_head_rows()
         return model
 
@@ -172,7 +176,7 @@ class SemHiTokLM(nn.Module):
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
                     "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.sem_mlp[0].out_features,
-                    "config": dataclasses.asdict(self.config)}
+                    "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -188,7 +192,8 @@ class SemHiTokLM(nn.Module):
         d = lm.config.hidden_size
         adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
         adapter.load_state_dict(adapter_state)
-        model = cls(lm, adapter.to(dtype or torch.float32), TokenLayout(**meta["layout"]), cfg, meta["image_grid"])
+        seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
+        model = cls(lm, adapter.to(dtype or torch.float32), TokenLayout(**meta["layout"]), cfg, meta["image_grid"], seq_cfg)
         return model.to(device).eval()
 
 

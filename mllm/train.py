@@ -89,13 +89,15 @@ def build_model(cfg, out: Path, main: bool):
     t = cfg.mllm_train
     if t.init_from:
         model = SemHiTokLM.from_pretrained(t.init_from)
+        model.sequence_config = cfg.data
         return model, load_text_tokenizer(t.init_from), Path(t.init_from) / "visual_tokenizer"
     tokenizer_dir = Path(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
     if main:  # "tiny" trains a tokenizer once; the other ranks wait for it
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
     text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
-    return SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer), text_tokenizer, tokenizer_dir
+    model = SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer, cfg.data)
+    return model, text_tokenizer, tokenizer_dir
 
 
 def deepspeed_config(cfg, bf16: bool) -> dict:

@@ -110,6 +110,16 @@ def cmd_train(args) -> None:
     print(f"exported: {train_mllm(cfg)}")
 
 
+def cmd_sample(args) -> None:
+    from semhitok.mllm.sample import SamplingConfig, load_sampler, read_prompts, sample_images
+
+    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    decoder, visual = load_sampler(args.model, args.device)
+    sampling = SamplingConfig(args.cfg_scale, args.temperature, args.top_k, args.top_p, args.seed)
+    grid = sample_images(decoder, visual, prompts, args.out, sampling, args.batch_size, args.samples_per_prompt)
+    print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
@@ -162,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the unified LLM with DeepSpeed (run under torchrun for several ranks)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="text-to-image with classifier-free guidance")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="one prompt")
+    group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train (or resume) stage 1 or 2")

@@ -70,3 +70,26 @@ def text_tokenizer(tmp_path_factory):
     from semhitok.data_pipelines.text_tokenizer import resolve_text_tokenizer
 
     return resolve_text_tokenizer("tiny", tmp_path_factory.mktemp("text_tok") / "tok", SAMPLE)
+
+
+TINY_QWEN = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm(trained_tokenizer, text_tokenizer):
+    """A randomly initialised tiny Qwen2 extended with the tiny tokenizer's visual vocabulary."""
+    from semhitok.mllm.config import MLLMConfig
+    from semhitok.mllm.model import SemHiTokLM
+    from semhitok.tokenizer import SemHiTok
+
+    torch.manual_seed(0)
+    return SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer),
+                            text_tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_dir(tiny_mllm, text_tokenizer, trained_tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mllm") / "model"
+    tiny_mllm.save_pretrained(out, text_tokenizer, trained_tokenizer)
+    return out

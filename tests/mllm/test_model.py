@@ -5,19 +5,14 @@ import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 
 from semhitok.data_pipelines.sequences import IGNORE
-from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.loss import chunked_cross_entropy
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.tokenizer import SemHiTok
-
-TINY_QWEN = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-
+from tests.conftest import TINY_QWEN
 
 @pytest.fixture(scope="module")
-def model(trained_tokenizer, text_tokenizer) -> SemHiTokLM:
-    torch.manual_seed(0)
-    return SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer), text_tokenizer)
+def model(tiny_mllm) -> SemHiTokLM:
+    return tiny_mllm
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])

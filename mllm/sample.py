@@ -1,0 +1,201 @@
+"""Decoding with the unified LLM: CFG text-to-image sampling and image-grounded chat answers.
+
+Both run one KV-cached loop (`Decoder.decode`): the prompt is encoded once, then one token per step.
+  - images: conditional and unconditional rows (the unconditional prompt used in training, see
+    SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
+    span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
+    top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
+  - text: logits over the text tokenizer's ids only, until <|im_end|> or max_new_tokens.
+Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
+count real tokens only. With a fixed seed, results are deterministic, cached or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from semhitok.data_pipelines.sequences import SequenceBuilder
+from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
+from semhitok.tokenizer import SemHiTok, image_grid, to_pil
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 4.0  # 1: no guidance
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [B, V] -> log-probabilities [B, V] after temperature, top-k and top-p (-inf outside)."""
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits.log_softmax(-1)
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """token lists -> (ids [B, T] left-padded, attention mask [B, T])"""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Decoder:
+    def __init__(self, model: SemHiTokLM, text_tokenizer):
+        self.model, self.layout = model, model.layout
+        self.seq_cfg = model.sequence_config  # the prompt format the model was trained with
+        self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg)
+        self.tokenizer = text_tokenizer
+
+    def _forward(self, ids, mask, cache, use_cache: bool):
+        """ids [B, t] (new tokens), mask [B, past + t] -> (last hidden [B, d], cache)"""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
+        return out.last_hidden_state[:, -1], out.past_key_values
+
+    def _logits(self, hidden: torch.Tensor, vocab: tuple[int, int], cfg_scale: float | None) -> torch.Tensor:
+        """last hidden [B, d] -> logits [B or B/2, hi - lo] of vocabulary rows [lo, hi) only (CFG-mixed when
+        cfg_scale is given)"""
+        lo, hi = vocab
+        logits = (hidden @ self.model.lm.lm_head.weight[lo:hi].t()).float()
+        return logits if cfg_scale is None else cfg_mix(*logits.chunk(2), cfg_scale)
+
+    @torch.no_grad()
+    def first_logits(self, prompts: list[list[int]], vocab: tuple[int, int], cfg_scale: float | None = None) -> torch.Tensor:
+        """The logits of the first new token (CFG-mixed when cfg_scale is given, as `decode` samples them)."""
+        ids, mask = left_pad(prompts, self.layout.eos, self.model.device)
+        hidden, _ = self._forward(ids, mask, None, False)
+        return self._logits(hidden, vocab, cfg_scale)
+
+    @torch.no_grad()
+    def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
+               guided: bool = False, stop: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
+        new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi)."""
+        device = self.model.device
+        ids, mask = left_pad(prompts, self.layout.eos, device)
+        gen = torch.Generator(device=device).manual_seed(sampling.seed)
+        lo, hi = vocab
+        n = len(prompts) // 2 if guided else len(prompts)
+        out = torch.empty((n, 0), dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        hidden, cache = self._forward(ids, mask, None, use_cache)
+        for _ in range(steps):
+            logits = self._logits(hidden, vocab, sampling.cfg_scale if guided else None)
+            if sampling.temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+                token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+            token = token + lo
+            if stop is not None:
+                token = token.masked_fill(finished, stop)
+                finished |= token == stop
+            out = torch.cat([out, token[:, None]], dim=1)
+            if stop is not None and finished.all():
+                break
+            step_ids = token.repeat(2)[:, None] if guided else token[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if use_cache:
+                hidden, cache = self._forward(step_ids, mask, cache, True)
+            else:  # the whole sequence again: the reference the cache must reproduce
+                ids = torch.cat([ids, step_ids], dim=1)
+                hidden, _ = self._forward(ids, mask, None, False)
+        return out
+
+    # -- the two uses ------------------------------------------------------------------------------------
+    def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True) -> torch.Tensor:
+        """captions -> visual ids [B, h, w] in [0, K*m)"""
+        cond = [self.builder.generation_prompt(c) for c in captions]
+        rows = cond + [self.builder.generation_prompt(self.seq_cfg.uncond_prompt)] * len(captions) if sampling.cfg_scale != 1 else cond
+        lo = self.layout.visual_offset
+        grid = self.model.image_grid
+        tokens = self.decode(rows, grid * grid, (lo, lo + self.layout.visual_vocab_size), sampling,
+                             guided=sampling.cfg_scale != 1, use_cache=use_cache)
+        return (tokens - lo).view(len(captions), grid, grid)
+
+    def answer(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
+               max_new_tokens: int = 128) -> str:
+        """[(role, text), ...] ending in a user turn (its <image> is replaced by the image) -> the reply"""
+        ids = None if image_ids is None else image_ids.flatten().cpu().numpy()
+        prompt = self.builder.chat_prompt(turns, ids)
+        tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end)
+        return self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+
+# -- files -----------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """A .txt (one prompt per line) or .jsonl file (rows with "prompt", "caption" or "text") -> prompts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(next(row[k] for k in ("prompt", "caption", "text") if k in row))
+        except (json.JSONDecodeError, StopIteration, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt', 'caption' or 'text' field") from None
+    return prompts
+
+
+def load_sampler(model_dir: str | Path, device: str | None = None) -> tuple[Decoder, SemHiTok]:
+    """A model directory (SemHiTokLM.save_pretrained) -> (decoder, its visual tokenizer)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = SemHiTokLM.from_pretrained(model_dir, device, dtype)
+    decoder = Decoder(model, load_text_tokenizer(str(model_dir)))
+    return decoder, SemHiTok.from_pretrained(Path(model_dir) / VISUAL_TOKENIZER, device)
+
+
+def sample_images(decoder: Decoder, visual: SemHiTok, prompts: list[str], out: str | Path, sampling: SamplingConfig,
+                  batch_size: int = 8, per_prompt: int = 1) -> Path:
+    """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl,
+    out/grid.png (the first image of up to 16 prompts). Batch b uses seed sampling.seed + b."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
+    firsts = []
+    with open(out / "prompts.jsonl", "w") as index:
+        for b, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", dynamic_ncols=True)):
+            batch = jobs[start : start + batch_size]
+            ids = decoder.image_ids([prompts[i] for i, _ in batch], dataclasses.replace(sampling, seed=sampling.seed + b))
+            for (i, j), image in zip(batch, visual.decode(ids.to(visual.device))):
+                name = f"images/{i:05d}_{j}.png"
+                to_pil(image).save(out / name)
+                index.write(json.dumps({"prompt": prompts[i], "sample": j, "file": name}) + "\n")
+                if j == 0 and len(firsts) < 16:
+                    firsts.append(image.cpu())
+    firsts += [torch.ones_like(firsts[0])] * (-len(firsts) % 4)  # white cells complete the last row
+    image_grid([torch.stack(firsts[k : k + 4]) for k in range(0, len(firsts), 4)]).save(out / "grid.png")
+    return out / "grid.png"

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semhitok.cli import main
+from semhitok.mllm.sample import Decoder, SamplingConfig, cfg_mix, filter_logits, read_prompts
+from tests.conftest import SAMPLE
+
+CAPTIONS = ["a red bus on a street", "two dogs playing in the snow", "a bowl of fruit"]
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_mllm, text_tokenizer) -> Decoder:
+    return Decoder(tiny_mllm, text_tokenizer)
+
+
+def test_cfg_mixes_conditional_and_unconditional_logits_like_a_direct_computation(decoder):
+    lo, hi = decoder.layout.visual_offset, decoder.layout.vocab_size
+    cond = [decoder.builder.generation_prompt(c) for c in CAPTIONS]
+    uncond = [decoder.builder.generation_prompt(decoder.seq_cfg.uncond_prompt)] * len(CAPTIONS)
+    batched = decoder.first_logits(cond + uncond, (lo, hi), cfg_scale=3.0)  # padded, masked, one batch
+    model = decoder.model
+    for i, prompt in enumerate(cond):
+        with torch.no_grad():  # each prompt alone, no padding, full-vocabulary head
+            c = model.logits(model.hidden_states(torch.tensor([prompt])).last_hidden_state[0, -1])[lo:hi]
+            u = model.logits(model.hidden_states(torch.tensor([uncond[0]])).last_hidden_state[0, -1])[lo:hi]
+        torch.testing.assert_close(batched[i], u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cfg_mix(torch.ones(2), torch.zeros(2), 1.0), torch.ones(2))  # scale 1: conditional
+
+
+def test_cached_and_uncached_decoding_give_identical_ids(decoder):
+    sampling = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=200, top_p=0.95, seed=3)
+    cached = decoder.image_ids(CAPTIONS, sampling, use_cache=True)
+    uncached = decoder.image_ids(CAPTIONS, sampling, use_cache=False)
+    grid = decoder.model.image_grid
+    assert cached.shape == (3, grid, grid)  # exactly h*w ids per image
+    assert cached.min() >= 0 and cached.max() < decoder.layout.visual_vocab_size  # visual ids only
+    assert torch.equal(cached, uncached)
+    assert torch.equal(decoder.image_ids(CAPTIONS, sampling), cached)  # deterministic for a seed
+    assert not torch.equal(decoder.image_ids(CAPTIONS, SamplingConfig(cfg_scale=2.5, seed=4)), cached)
+
+
+def test_chat_answers_are_text_and_stop(decoder):
+    image = torch.randint(0, decoder.layout.visual_vocab_size, (decoder.model.image_grid,) * 2)
+    sampling = SamplingConfig(temperature=0.0)
+    reply = decoder.answer([("user", "<image>\nWhat is in the picture?")], image, sampling, max_new_tokens=12)
+    assert isinstance(reply, str)
+    prompt = decoder.builder.chat_prompt([("user", "<image>\nWhat is in the picture?")], image.flatten().numpy())
+    tokens = decoder.decode([prompt], 12, (0, len(decoder.tokenizer)), sampling, stop=decoder.layout.im_end)
+    assert tokens.max() < len(decoder.tokenizer) and reply == decoder.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+
+def test_filtering_keeps_top_k_and_the_top_p_prefix():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, 1.0, 2, 1.0)).sum() == 2
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.7))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    torch.testing.assert_close(filter_logits(logits, 1.0, 0, 1.0).exp(), logits.exp())
+
+
+def test_sample_cli_writes_pngs_a_grid_and_an_index(tiny_mllm_dir, tmp_path):
+    args = ["sample", "--model", str(tiny_mllm_dir), "--prompts", str(SAMPLE / "holdout.jsonl"), "--batch-size", "5",
+            "--samples-per-prompt", "2", "--cfg-scale", "3", "--top-k", "100"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "prompts.jsonl")]
+    assert len(rows) == 24 and {r["prompt"] for r in rows} == set(read_prompts(SAMPLE / "holdout.jsonl"))
+    first = np.asarray(Image.open(tmp_path / "a" / rows[0]["file"]))
+    assert first.shape == (64, 64, 3) and (tmp_path / "a" / "grid.png").is_file()
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0  # same seed, same pictures
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "b" / rows[0]["file"])))
+
+
+def test_bad_prompts_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    assert main(["sample", "--model", "x", "--prompts", str(bad), "--out", str(tmp_path)]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
