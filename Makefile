@@ -20,5 +20,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(VENV)/bin/semhitok pipeline --config tiny
 
-test: $(STAMP)
+# The chat demo's browser test drives Debian's Chromium through chromedriver.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+/usr/bin/chromium /usr/bin/chromedriver:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
+
+test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver
 	$(VENV)/bin/python -m pytest -q tests

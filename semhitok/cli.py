@@ -120,6 +120,20 @@ def cmd_sample(args) -> None:
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 
+def cmd_chat(args) -> None:
+    from semhitok.mllm.chat import ChatEngine, make_server
+    from semhitok.mllm.sample import load_sampler
+
+    decoder, visual = load_sampler(args.model, args.device)
+    engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels)
+    server = make_server(engine, args.host, args.port)
+    print(f"chat on http://{server.server_address[0]}:{server.server_address[1]}  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
@@ -188,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="web chat demo: ask about an uploaded image, or ask for one")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_chat)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train (or resume) stage 1 or 2")

@@ -28,3 +28,11 @@ def test_mllm_train_benchmark_prints_one_json_line():
                           cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "mllm_train" and result["ours"]["tokens_per_s"] > 0 and result["baseline"]["tokens_per_s"] > 0
+
+
+def test_sample_benchmark_prints_one_json_line():
+    proc = subprocess.run([sys.executable, "benchmarks/sample.py", "--shape", "tiny", "--batches", "1"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "sample" and result["ids_per_image"] == 256
+    assert result["results"][0]["ours_img_per_s"] > 0 and result["results"][0]["baseline_img_per_s"] > 0
