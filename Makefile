@@ -13,7 +13,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev,eval]"
+	# lmms-eval pulls a torchvision that cannot import beside CPU torch 2.13.0 and breaks transformers' imports
+	$(VENV)/bin/pip uninstall -y -q torchvision
 	touch $(STAMP)
 
 # The main job on its embedded default: the whole pipeline, tiny preset, shipped sample (data/sample).

@@ -110,14 +110,33 @@ def cmd_train(args) -> None:
     print(f"exported: {train_mllm(cfg)}")
 
 
+def _sampling(args):
+    """SamplingConfig defaults, with the flags given on the command line."""
+    import dataclasses
+
+    from semhitok.mllm.sample import SamplingConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if getattr(args, f.name) is not None}
+    return SamplingConfig(**given)
+
+
 def cmd_sample(args) -> None:
-    from semhitok.mllm.sample import SamplingConfig, load_sampler, read_prompts, sample_images
+    from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
     decoder, visual = load_sampler(args.model, args.device)
-    sampling = SamplingConfig(args.cfg_scale, args.temperature, args.top_k, args.top_p, args.seed)
-    grid = sample_images(decoder, visual, prompts, args.out, sampling, args.batch_size, args.samples_per_prompt)
+    grid = sample_images(decoder, visual, prompts, args.out, _sampling(args), args.batch_size, args.samples_per_prompt)
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
+
+
+def cmd_eval(args) -> None:
+    from semhitok.eval.summary import evaluate_model
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    evaluate_model(args.model, cfg.eval, out, args.device)
+    print((out / "summary.md").read_text())
+    print(f"summary: {out / 'summary.json'}")
 
 
 def cmd_chat(args) -> None:
@@ -193,15 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: SamplingConfig's)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="every score of a model: POPE, GenEval, gFID, tokenizer reconstruction")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--out", default=None, help="output folder (default: <model>/../eval)")
+    p.add_argument("--device", default=None)
+    _config_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="web chat demo: ask about an uploaded image, or ask for one")
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")

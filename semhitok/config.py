@@ -7,6 +7,7 @@ from pathlib import Path
 
 from semhitok.common.config_io import load_config
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
+from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 
@@ -20,6 +21,7 @@ class ProjectConfig:
     data: SequenceConfig = field(default_factory=SequenceConfig)
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     mllm_train: MLLMTrainConfig = field(default_factory=MLLMTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"

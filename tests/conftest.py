@@ -93,3 +93,29 @@ def tiny_mllm_dir(tiny_mllm, text_tokenizer, trained_tokenizer, tmp_path_factory
     out = tmp_path_factory.mktemp("mllm") / "model"
     tiny_mllm.save_pretrained(out, text_tokenizer, trained_tokenizer)
     return out
+
+
+def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path, *overrides: str, nproc: int = 1,
+              check: bool = True):
+    """`semhitok train` on the tiny preset in a subprocess (DeepSpeed on CPU, gloo), like a user runs it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    args = ["--config", "tiny", f"run_dir={run_dir}", f"mllm_train.tokenizer={trained_tokenizer}",
+            f"data.pretokenized={pretokenized_sample}", "mllm_train.log_every=1", *overrides]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"]
+    cmd = [sys.executable, *launcher, "-m", "semhitok.cli", "train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_mllm_run(trained_tokenizer, pretokenized_sample, tmp_path_factory) -> Path:
+    """The tiny MLLM trained 40 steps on the shipped sequences (checkpoints at 20 and 40); its run_dir."""
+    run_dir = tmp_path_factory.mktemp("mllm_run")
+    run_train(run_dir, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20")
+    return run_dir

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Evaluate a SemHiTok model with lmms-eval.
+#
+#   bash eval/run_lmms.sh MODEL_DIR TASKS [OUTPUT_DIR]
+#   bash eval/run_lmms.sh runs/256/mllm/final pope,mme,gqa,seedbench,mmbench_en_dev,mmvet
+#   bash eval/run_lmms.sh runs/tiny/mllm/final semhitok_pope_local      # offline: POPE on local COCO images
+#
+# Needs `pip install -e ".[eval]"`. Standard tasks download their data from the Hugging Face Hub at run
+# time; MM-Vet also needs an OpenAI key for its judge. semhitok_pope_local reads POPE_QUESTIONS and
+# POPE_IMAGE_ROOT (default: ../shared/data beside the repository). Extra lmms-eval flags: LMMS_ARGS.
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+    echo "usage: bash eval/run_lmms.sh MODEL_DIR TASKS [OUTPUT_DIR]" >&2
+    exit 2
+fi
+model_dir=$1
+tasks=$2
+out=${3:-runs/lmms_eval/$(basename "$(dirname "$model_dir")")}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python}
+
+if [ ! -f "$model_dir/semhitok_mllm.json" ]; then
+    echo "run_lmms.sh: $model_dir is not a SemHiTok model directory (no semhitok_mllm.json)" >&2
+    exit 2
+fi
+mkdir -p "$out"
+include=()
+if [[ ",$tasks," == *",semhitok_pope_local,"* ]]; then
+    "$python" -m semhitok.eval.lmms_tasks --out "$out/tasks" \
+        --questions "${POPE_QUESTIONS:-$repo/../shared/data/llava_instruct/pope_on_shipped_images.jsonl}" \
+        --image-root "${POPE_IMAGE_ROOT:-$repo/../shared/data/images_captions}" >/dev/null
+    include=(--include_path "$out/tasks")
+fi
+
+stamp=$(mktemp)
+# shellcheck disable=SC2086  # LMMS_ARGS is a list of flags
+"$python" -m lmms_eval eval --model semhitok --model_args "pretrained=$model_dir" --tasks "$tasks" \
+    "${include[@]}" --batch_size 1 --output_path "$out" --log_samples ${LMMS_ARGS:-}
+
+# lmms-eval exits 0 even when a task fails: a fresh results file is the proof of success.
+results=$(find "$out" -name '*results*.json' -newer "$stamp" | head -n 1)
+rm -f "$stamp"
+if [ -z "$results" ]; then
+    echo "run_lmms.sh: no results JSON written under $out: the evaluation failed (see the log above)" >&2
+    exit 1
+fi
+echo "results: $results"

@@ -1,0 +1,84 @@
+"""`semhitok eval`: every score of one model into <out>/summary.json and a markdown table <out>/summary.md.
+
+A benchmark whose data or scorer is missing is listed with the reason instead of a number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from semhitok.common.io import atomic_path, write_json
+from semhitok.eval.config import EvalConfig
+from semhitok.eval.fid import FIDUnavailable
+from semhitok.eval.generation import GenEvalUnavailable, generate_geneval, generation_fid, read_metadata, score_geneval
+from semhitok.eval.pope import load_pope, run_pope
+from semhitok.eval.recon import evaluate_reconstruction
+from semhitok.mllm.sample import load_sampler
+
+log = logging.getLogger("semhitok")
+
+
+def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, device: str | None = None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    decoder, visual = load_sampler(model_dir, device)
+    summary: dict = {"model": str(model_dir)}
+
+    if Path(cfg.pope_questions).is_file():
+        log.info("== POPE: %s", cfg.pope_questions)
+        pope = run_pope(decoder, visual, load_pope(cfg.pope_questions, cfg.pope_image_root))
+        write_json(out / "pope_answers.json", pope.pop("answers"))
+        summary["pope"] = pope
+    else:
+        summary["pope"] = {"skipped": f"{cfg.pope_questions} not found"}
+
+    if Path(cfg.geneval_metadata).is_file():
+        metadata = read_metadata(cfg.geneval_metadata)[: cfg.geneval_limit or None]
+        log.info("== GenEval: %d prompts x %d samples", len(metadata), cfg.geneval_samples)
+        generate_geneval(decoder, visual, metadata, out / "geneval", cfg.sampling, cfg.geneval_samples)
+        summary["geneval"] = {"prompts": len(metadata), "images": str(out / "geneval")}
+        try:
+            summary["geneval"].update(score_geneval(out / "geneval", out))
+        except GenEvalUnavailable as err:
+            summary["geneval"]["not_scored"] = str(err)
+    else:
+        summary["geneval"] = {"skipped": f"{cfg.geneval_metadata} not found"}
+
+    log.info("== gFID: %s", cfg.gfid_captions)
+    rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
+    summary["gfid"] = generation_fid(decoder, visual, [r["caption"] for r in rows], [cfg.gfid_captions],
+                                     out / "gfid_images", cfg.sampling, cfg.batch_size)
+
+    log.info("== tokenizer reconstruction: %s", cfg.recon_images)
+    try:
+        summary["tokenizer"] = evaluate_reconstruction(visual, cfg.recon_images, cfg.batch_size)
+    except FIDUnavailable as err:
+        summary["tokenizer"] = {"error": str(err)}
+
+    write_json(out / "summary.json", summary)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(markdown_table(summary))
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """summary -> a two-column markdown table: benchmark/metric | value (or why it is missing)."""
+    lines = [f"# Evaluation of `{summary['model']}`", "", "| benchmark | metric | value |", "|---|---|---|"]
+    for bench in ("pope", "geneval", "gfid", "tokenizer"):
+        for key, value in summary.get(bench, {}).items():
+            if isinstance(value, dict):  # per-category results
+                for sub, v in value.items():
+                    lines.append(f"| {bench} | {key}.{sub} | {_fmt(v)} |")
+            else:
+                lines.append(f"| {bench} | {key} | {_fmt(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|")
