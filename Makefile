@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(VENV)/bin/semhitok pipeline --config tiny
 
-# The chat demo's browser test drives Debian's Chromium through chromedriver.
+# System tools the tests use: Debian's Chromium + chromedriver (the chat demo's browser test) and
+# shellcheck (launch scripts).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-/usr/bin/chromium /usr/bin/chromedriver:
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/shellcheck
+$(SYSTEM_TOOLS):
 	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver shellcheck >/dev/null
 
-test: $(STAMP) /usr/bin/chromium /usr/bin/chromedriver
+test: $(STAMP) $(SYSTEM_TOOLS)
 	$(VENV)/bin/python -m pytest -q tests

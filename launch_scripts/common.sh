@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Shared by the sbatch scripts: environment, per-job log, requeue on time-out, one torchrun per node.
+#
+# DRY_RUN=1 prints the commands (with the SLURM_* variables of the environment, real or simulated)
+# instead of running them: `DRY_RUN=1 SLURM_JOB_NUM_NODES=2 SLURM_GPUS_ON_NODE=8 bash launch_scripts/mllm_train.sbatch ...`
+
+set -euo pipefail
+
+REPO=${SEMHITOK_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$REPO"
+if [ -f "${VENV:-.venv}/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "${VENV:-.venv}/bin/activate"
+fi
+export HF_HUB_ENABLE_HF_TRANSFER=${HF_HUB_ENABLE_HF_TRANSFER:-0}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export WANDB_MODE=${WANDB_MODE:-offline}
+
+JOB_ID=${SLURM_JOB_ID:-local}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+
+# first_host "gpu[01-04,07],cpu3" -> gpu01 (what `scontrol show hostnames` would list first)
+first_host() {
+    local list=$1 first
+    if command -v scontrol >/dev/null 2>&1 && [ -z "${DRY_RUN:-}" ]; then
+        scontrol show hostnames "$list" | head -n 1
+        return
+    fi
+    first=${list%%,*}
+    if [[ $list =~ ^([^,\[]+)\[([0-9]+) ]]; then
+        first="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
+    fi
+    echo "$first"
+}
+
+MASTER_ADDR=${MASTER_ADDR:-$(first_host "${SLURM_JOB_NODELIST:-localhost}")}
+MASTER_PORT=${MASTER_PORT:-$((20000 + $(cksum <<<"$JOB_ID" | cut -d' ' -f1) % 20000))}
+export MASTER_ADDR MASTER_PORT
+
+# Everything the job prints also goes to <run_dir>/logs/<job name>-<job id>.log.
+start_log() {
+    local run_dir=$1 name=${SLURM_JOB_NAME:-$2}
+    mkdir -p "$run_dir/logs"
+    if [ -z "${DRY_RUN:-}" ]; then
+        exec > >(tee -a "$run_dir/logs/$name-$JOB_ID.log") 2>&1
+    fi
+    echo "[$(date -Is)] job $JOB_ID ($name) on ${SLURM_JOB_NODELIST:-$(hostname)}: $NNODES node(s) x $GPUS_PER_NODE GPU(s)"
+}
+
+# Near the time limit SLURM sends USR1 (#SBATCH --signal=B:USR1@300); the job requeues itself and,
+# restarted, every stage resumes from its newest checkpoint.
+on_timeout() {
+    echo "[$(date -Is)] time limit near: requeueing job $JOB_ID"
+    scontrol requeue "$JOB_ID"
+}
+trap on_timeout USR1
+
+# run CMD...: run it (in the background, so the USR1 trap fires) or print it under DRY_RUN.
+run() {
+    if [ -n "${DRY_RUN:-}" ]; then
+        echo "+ $*"
+        return
+    fi
+    "$@" &
+    wait $!
+}
+
+# launch_distributed ARGS...: `python -m semhitok.cli ARGS` on every GPU of every node: one torchrun per
+# node (srun), static rendezvous on the first node, node rank from SLURM_NODEID.
+launch_distributed() {
+    local torchrun=(torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+    echo "world_size=$((NNODES * GPUS_PER_NODE)) nodes=$NNODES gpus_per_node=$GPUS_PER_NODE master=$MASTER_ADDR:$MASTER_PORT"
+    if [ -n "${DRY_RUN:-}" ]; then
+        local node
+        for ((node = 0; node < NNODES; node++)); do
+            echo "+ node $node (ranks $((node * GPUS_PER_NODE))-$(((node + 1) * GPUS_PER_NODE - 1))): ${torchrun[*]} --node_rank $node -m semhitok.cli $*"
+        done
+        return
+    fi
+    local per_node
+    per_node="$(printf '%q ' "${torchrun[@]}") --node_rank \$SLURM_NODEID -m semhitok.cli $(printf '%q ' "$@")"
+    run srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$per_node"
+}

@@ -1,0 +1,89 @@
+"""launch_scripts/ (shellcheck, SLURM wiring in dry runs, one real local run) and docker/ (lint, in step with pyproject)."""
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from semhitok.data_pipelines.pretokenize import job_split
+from tests.conftest import REPO, SAMPLE
+
+SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / "common.sh", REPO / "eval" / "run_lmms.sh"]
+
+
+def sbatch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env.update(SEMHITOK_REPO=str(REPO), **env)
+    return subprocess.run(["bash", f"launch_scripts/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def test_shell_scripts_are_shellcheck_clean():
+    proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_multi_node_training_wires_ranks_from_slurm():
+    proc = sbatch("mllm_train.sbatch", "256", "/tmp/run", "mllm_train.lr=1e-5", DRY_RUN="1", SLURM_JOB_ID="4242",
+                  SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", SLURM_JOB_NODELIST="gpu[07-09]")
+    assert proc.returncode == 0, proc.stderr
+    assert "world_size=24 nodes=3 gpus_per_node=8 master=gpu07:" in proc.stdout
+    nodes = re.findall(r"\+ node (\d) \(ranks (\d+)-(\d+)\): (.*)", proc.stdout)
+    assert [(int(n), int(a), int(b)) for n, a, b, _ in nodes] == [(0, 0, 7), (1, 8, 15), (2, 16, 23)]
+    port = re.search(r"master=gpu07:(\d+)", proc.stdout).group(1)
+    for node, _, _, cmd in nodes:
+        assert cmd == (f"torchrun --nnodes 3 --nproc_per_node 8 --master_addr gpu07 --master_port {port} --node_rank {node} "
+                       "-m semhitok.cli train --config 256 run_dir=/tmp/run mllm_train.lr=1e-5")
+
+
+def test_pretokenize_array_tasks_split_the_work(monkeypatch):
+    proc = sbatch("pretokenize.sbatch", "256", "/tmp/run", DRY_RUN="1", SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="2",
+                  SLURM_ARRAY_TASK_COUNT="8", SLURM_CPUS_PER_TASK="12")
+    assert proc.returncode == 0, proc.stderr
+    assert "+ python -m semhitok.cli pretokenize --config 256 run_dir=/tmp/run pretokenize.num_workers=12" in proc.stdout
+    for var, value in dict(SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="2", SLURM_ARRAY_TASK_COUNT="8").items():
+        monkeypatch.setenv(var, value)
+    assert job_split() == (8, 3)  # what the launched command computes from that environment
+
+
+def test_missing_arguments_print_usage():
+    proc = sbatch("tokenizer_train.sbatch", "1")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: sbatch launch_scripts/tokenizer_train.sbatch")
+
+
+@pytest.mark.slow
+def test_tokenizer_script_really_runs_through_srun_and_torchrun(tmp_path):
+    """Not a dry run: a stand-in srun (runs its command once as node 0) and the real torchrun, on CPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nSLURM_NODEID=0 exec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = dict(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NAME="tok",
+               GPUS_PER_NODE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = sbatch("tokenizer_train.sbatch", "1", "tiny", str(run_dir), "tokenizer_train.max_steps=3",
+                  f"tokenizer_train.train_data=[{SAMPLE / 'train.jsonl'}]", f"tokenizer_train.holdout_data=[{SAMPLE / 'holdout.jsonl'}]",
+                  **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run_dir / "tokenizer" / "stage1" / "final" / "config.json").is_file()
+    log = (run_dir / "logs" / "tok-77.log").read_text()
+    assert "job 77 (tok)" in log and "world_size=1" in log
+
+
+def test_dockerfile_is_lint_clean_and_in_step_with_pyproject():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    hadolint = Path(sys.executable).parent / "hadolint"
+    proc = subprocess.run([str(hadolint), str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', dockerfile).group(1).split(",")
+    assert set(extras) <= set(project["optional-dependencies"]) and "gpu" in extras
+    assert re.search(r'ENTRYPOINT \["(\w+)"\]', dockerfile).group(1) in project["scripts"]
+    base_torch = tuple(map(int, re.search(r"FROM pytorch/pytorch:(\d+)\.(\d+)", dockerfile).groups()))
+    floor = tuple(map(int, re.search(r'"torch>=(\d+)\.(\d+)"', (REPO / "pyproject.toml").read_text()).groups()))
+    assert base_torch >= floor  # pip keeps the image's CUDA torch
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "runs" in ignored
