@@ -159,6 +159,8 @@ def cmd_pipeline(args) -> None:
     from semhitok.common.io import write_json
     from semhitok.data_pipelines.pretokenize import run_pretokenize
     from semhitok.eval.recon import evaluate_reconstruction
+    from semhitok.eval.summary import evaluate_model
+    from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
     from semhitok.mllm.train import train_mllm
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
     from semhitok.tokenizer.train import train_tokenizer
@@ -185,6 +187,16 @@ def cmd_pipeline(args) -> None:
     else:
         log.info("== mllm training -> %s", cfg.mllm_dir)
         train_mllm(cfg)
+    model_dir = cfg.mllm_dir / "final"
+    log.info("== text-to-image samples for the held-out captions")
+    decoder, visual = load_sampler(model_dir)
+    captions = read_prompts(cfg.eval.gfid_captions)
+    grid = sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
+    log.info("== evaluation -> %s", Path(cfg.run_dir) / "eval")
+    evaluate_model(model_dir, cfg.eval, Path(cfg.run_dir) / "eval")
+    print((Path(cfg.run_dir) / "eval" / "summary.md").read_text())
+    print(f"generated from held-out captions: {grid}")
+    print(f"chat with the model: semhitok chat --model {model_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
