@@ -23,7 +23,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
-from semhitok.mllm.model import SemHiTokLM, VisualAdapter
+from semhitok.mllm.model import SemHiTokLM, VisualAdapter, attention_kernel
 from semhitok.mllm.train import flops_per_token, peak_flops
 
 SHAPES = {
@@ -85,14 +85,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    attn = args.attn
-    if attn is None:
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2"
-        except ImportError:
-            attn = "sdpa"
+    attn = attention_kernel(args.attn or "auto")
     torch.manual_seed(0)
     result = {"bench": "mllm_train", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "shape": args.shape, "attn": attn}

@@ -53,22 +53,33 @@ def job_split(num_shards: int | None = None, shard_index: int | None = None) -> 
     return num_shards, shard_index
 
 
-class _DecodeImages(torch.utils.data.Dataset):
-    """record -> (position, [3, S, S] in [-1, 1]) or (position, error text); runs in DataLoader workers."""
+class _UnitStream(torch.utils.data.IterableDataset):
+    """Reads and decodes whole units in DataLoader workers (worker w takes units w, w + W, ...).
 
-    def __init__(self, records: list[Record], size: int):
-        self.records, self.size = records, size
+    Yields, per record of a unit in order, (unit index, entry, image) where entry is the record's metadata
+    and image a [3, S, S] tensor in [-1, 1], an error text (did not decode), or None (no image); then
+    (unit index, None, errors) once the unit is read. The workers stay alive across units."""
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, units: list[WorkUnit], size: int):
+        self.units, self.size = units, size
 
-    def __getitem__(self, i: int):
-        r = self.records[i]
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for u in range(worker, len(self.units), workers):
+            errors: Counter = Counter()
+            for r in read_unit(self.units[u], errors):
+                entry = {"key": r.key, "origin": r.origin, "kind": r.kind}
+                entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
+                yield u, entry, self._decode(r) if r.has_image else None
+            yield u, None, dict(errors)
+
+    def _decode(self, r: Record) -> torch.Tensor | str:
         try:
             with Image.open(io.BytesIO(r.image_bytes) if r.image_bytes is not None else r.image_path) as img:
-                return i, preprocess([img.convert("RGB")], self.size)[0]
+                return preprocess([img.convert("RGB")], self.size)[0]
         except DECODE_ERRORS as err:
-            return i, f"{type(err).__name__}: {err}"
+            return f"{type(err).__name__}: {err}"
 
 
 def _sha256(path: Path) -> str:
@@ -85,47 +96,49 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
         return data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
 
 
-@torch.no_grad()
-def process_unit(model: SemHiTok, unit: WorkUnit, shard_dir: Path, batch_size: int, num_workers: int) -> dict:
-    errors: Counter = Counter()
-    records = read_unit(unit, errors)
-    image_pos = [pos for pos, r in enumerate(records) if r.has_image]  # positions in `records`
-    with_image = [records[pos] for pos in image_pos]
-    loader = torch.utils.data.DataLoader(
-        _DecodeImages(with_image, model.image_size), batch_size=batch_size, num_workers=num_workers, collate_fn=list
-    )
-    ids_of: dict[int, np.ndarray] = {}  # position in `records` -> ids [h*w]
-    for batch in loader:
-        good = []
-        for i, item in batch:
-            if isinstance(item, str):
-                errors["corrupt_image"] += 1
-                log.warning("%s: skipped, image does not decode (%s)", with_image[i].origin, item)
-            else:
-                good.append((i, item))
-        if good:
-            ids = model.encode(torch.stack([x for _, x in good]).to(model.device)).flatten(1)
-            for (i, _), row in zip(good, ids.cpu().numpy().astype(np.int32)):
-                ids_of[image_pos[i]] = row
-    meta, rows = [], []
-    for pos, r in enumerate(records):
-        if r.has_image and pos not in ids_of:
-            continue  # its image failed to decode: counted above
-        entry = {"key": r.key, "origin": r.origin, "kind": r.kind, "ids_row": -1}
-        entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
-        if r.has_image:
-            entry["ids_row"] = len(rows)
-            rows.append(ids_of[pos])
-        meta.append(entry)
-    ids = np.stack(rows) if rows else np.zeros((0, model.grid * model.grid), np.int32)
+def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], grid: int, errors: dict) -> dict:
+    """One unit's shard (atomically), then its .done.json (which marks the unit done)."""
+    ids = np.stack(rows) if rows else np.zeros((0, grid * grid), np.int32)
     shard = shard_dir / f"{unit.name}.npz"
     with atomic_path(shard) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
-    done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(meta),
-            "images": len(rows), "errors": dict(errors), "input": unit.file, "records": [unit.start, unit.stop]}
+            np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(entries).encode("utf-8"), dtype=np.uint8))
+    done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(entries),
+            "images": len(rows), "errors": errors, "input": unit.file, "records": [unit.start, unit.stop]}
     write_json(shard_dir / f"{unit.name}.done.json", done)
     return done
+
+
+@torch.no_grad()
+def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int):
+    """Encode every unit's images in batches and write each unit as soon as it is complete; yields .done dicts."""
+    loader = torch.utils.data.DataLoader(_UnitStream(units, model.image_size), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=list)
+    open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w] each), "corrupt"}
+    for batch in loader:  # a batch holds items of one worker, in its order
+        images = []
+        for u, entry, item in batch:
+            state = open_units.setdefault(u, {"entries": [], "rows": [], "corrupt": 0})
+            if entry is None:
+                continue
+            if isinstance(item, str):
+                state["corrupt"] += 1
+                log.warning("%s: skipped, image does not decode (%s)", entry["origin"], item)
+                continue
+            entry["ids_row"] = -1
+            state["entries"].append(entry)
+            if item is not None:
+                images.append((state, entry, item))
+        if images:
+            ids = model.encode(torch.stack([x for _, _, x in images]).to(model.device)).flatten(1)
+            for (state, entry, _), row in zip(images, ids.cpu().numpy().astype(np.int32)):
+                entry["ids_row"] = len(state["rows"])
+                state["rows"].append(row)
+        for u, entry, errors in batch:
+            if entry is None:  # the unit's last item: everything before it is encoded
+                state = open_units.pop(u)
+                errors = dict(errors, corrupt_image=state["corrupt"]) if state["corrupt"] else errors
+                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], model.grid, errors)
 
 
 def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: SemHiTok, tokenizer_dir: Path) -> bool:
@@ -160,11 +173,11 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
     model = load_tokenizer(tokenizer_dir, device)
     totals: Counter = Counter()
     start = time.perf_counter()
-    bar = tqdm(todo, desc="pretokenize", unit="shard", dynamic_ncols=True)
-    for unit in bar:
-        done = process_unit(model, unit, shard_dir, cfg.batch_size, cfg.num_workers)
+    bar = tqdm(total=len(todo), desc="pretokenize", unit="shard", dynamic_ncols=True)
+    for done in process_units(model, todo, shard_dir, cfg.batch_size, cfg.num_workers):
         totals.update({"samples": done["samples"], "images": done["images"]})
         totals.update({f"error:{k}": v for k, v in done["errors"].items()})
+        bar.update()
         bar.set_postfix(img_per_s=f"{totals['images'] / (time.perf_counter() - start):.1f}")
     bar.close()
     elapsed = time.perf_counter() - start

@@ -7,6 +7,7 @@ their origin (file:line, or tar:member); they never stop the job.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -119,13 +120,19 @@ def _from_row(unit: WorkUnit, row, origin: str, errors: Counter) -> Record | Non
     return record
 
 
+@functools.lru_cache(maxsize=1)
+def _json_list(path: str) -> list:
+    """A LLaVA json file, parsed once for all the units a process reads from it in a row."""
+    return json.loads(Path(path).read_text())
+
+
 def read_unit(unit: WorkUnit, errors: Counter) -> list[Record]:
     """The unit's usable records; problems go to `errors` (and the log) by kind."""
     kind = unit.source.kind
     if kind == "wds":
         return _read_tar(unit, errors)
     if kind == "llava_json":
-        rows = json.loads(Path(unit.file).read_text())[unit.start : unit.stop]
+        rows = _json_list(unit.file)[unit.start : unit.stop]
         return [r for i, row in enumerate(rows, unit.start) if (r := _from_row(unit, row, f"{unit.file}[{i}]", errors))]
     records = []
     with open(unit.file) as f:

@@ -13,8 +13,9 @@ class MLLMConfig:
     qwen2_config: dict | None = None
     # Text tokenizer by HF name or local path; empty: base_model's; "tiny": a BPE trained on data/sample.
     text_tokenizer: str = ""
-    # Attention kernel: sdpa everywhere; flash_attention_2 when flash-attn is installed (varlen from position_ids).
-    attn_implementation: str = "sdpa"
+    # Attention kernel: auto = flash_attention_2 (varlen over the packed documents) when flash-attn and CUDA
+    # are present, else sdpa; or any transformers attn_implementation (sdpa, flex_attention, eager).
+    attn_implementation: str = "auto"
     adapter_hidden: int = 0  # width of the dual-MLP adapter's hidden layer; 0: the LLM's hidden size
 
 
@@ -39,7 +40,7 @@ class MLLMTrainConfig:
     # speed with the memory the chunked loss frees.
     activation_checkpointing: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    loss_chunk: int = 4096  # tokens per chunk of the chunked cross-entropy
+    loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy (1024 x 348K fp32 logits = 1.4 GB)
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 2

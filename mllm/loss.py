@@ -1,9 +1,9 @@
 """Cross-entropy over a large vocabulary without materialising [tokens, vocab] logits.
 
-`chunked_cross_entropy(hidden [N, d], weight [V, d], targets [N]) -> per-token loss [N] (fp32)`
-(fp64 in, fp64 out) computes logits for `chunk` rows at a time in forward, keeps only their log-sum-exp, and recomputes them
-in backward (grad = softmax - onehot). Peak extra memory is chunk * V fp32 values instead of N * V. Only
-supervised positions are passed in, so prompts and padding cost nothing.
+`chunked_cross_entropy(hidden [N, d], weight [V, d], targets [N], chunk) -> per-token loss [N]` (fp32;
+fp64 for fp64 inputs) computes the logits of `chunk` rows at a time in forward, keeps only their
+log-sum-exp, and recomputes them in backward (grad = softmax - onehot). Peak extra memory is chunk * V
+fp32 values instead of N * V. Only supervised positions are passed in, so prompts and padding cost nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +46,6 @@ class _ChunkedCE(torch.autograd.Function):
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """hidden [N, d], head weight [V, d], targets [N] in [0, V) -> per-token loss [N] (fp32, or fp64 for fp64 in)"""
     return _ChunkedCE.apply(hidden, weight, targets, chunk)

@@ -20,6 +20,7 @@ attention (sdpa / flex / flash_attention_2) turns that into per-document causal 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
@@ -35,7 +36,7 @@ from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
-from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.mllm.loss import chunked_cross_entropy
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable
 
@@ -69,7 +70,7 @@ class ChunkedLMHead(nn.Linear):
 
     Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
 
-    chunk = 4096
+    chunk = MLLMTrainConfig.loss_chunk  # tokens per chunk; the trainer sets it from its config
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
@@ -187,7 +188,7 @@ class SemHiTokLM(nn.Module):
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta = json.loads(meta_file.read_text())
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=cfg.attn_implementation)
+        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
         d = lm.config.hidden_size
         adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
@@ -197,13 +198,20 @@ class SemHiTokLM(nn.Module):
         return model.to(device).eval()
 
 
+def attention_kernel(requested: str) -> str:
+    """auto -> flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_base_lm(cfg: MLLMConfig) -> Qwen2ForCausalLM:
     if cfg.base_model == "random":
         if cfg.qwen2_config is None:
             raise ValueError("mllm.base_model=random needs mllm.qwen2_config (a Qwen2Config as a dict)")
-        return Qwen2ForCausalLM(Qwen2Config(**cfg.qwen2_config, attn_implementation=cfg.attn_implementation))
+        return Qwen2ForCausalLM(Qwen2Config(**cfg.qwen2_config, attn_implementation=attention_kernel(cfg.attn_implementation)))
     try:
-        return Qwen2ForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        return Qwen2ForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
     except OSError as err:
         raise WeightsUnavailable(
             f"LLM {cfg.base_model!r} is not available offline: run `huggingface-cli download {cfg.base_model}` on a "
