@@ -3,6 +3,11 @@
     semhitok pipeline --config tiny                     # the whole path on the shipped sample
     semhitok tokenizer train --config tiny --stage 1 [key.sub=value ...]
     semhitok tokenizer encode|decode|reconstruct|eval ...
+    semhitok pretokenize --config tiny                  # corpora -> sharded visual ids (resumable)
+    semhitok train --config tiny                        # the unified LLM (DeepSpeed; torchrun for many ranks)
+    semhitok sample --model DIR --prompt "a red bus"    # CFG text-to-image
+    semhitok eval --model DIR --config tiny             # POPE, GenEval, gFID, tokenizer metrics
+    semhitok chat --model DIR                           # web demo
 """
 
 from __future__ import annotations
