@@ -24,8 +24,8 @@ class MLLMTrainConfig:
     # Start from this directory (a previous stage's export); empty: build from base_model + the tokenizer.
     init_from: str = ""
     tokenizer: str = ""  # SemHiTok directory; empty: <run_dir>/tokenizer/stage2/final
-    # adapter: only the dual-MLP adapter and the new visual head rows train (alignment pretraining);
-    # full: everything.
+    # adapter: only the dual-MLP adapter and the visual rows of the head train (alignment pretraining; the
+    # transformer and every text row stay fixed); full: everything.
     trainable: Literal["adapter", "full"] = "full"
     deepspeed_config: str = "configs/deepspeed/zero3.json"  # "none": plain PyTorch (single process)
     max_steps: int = 10_000

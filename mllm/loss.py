@@ -13,7 +13,7 @@ import torch
 
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, frozen_rows: int):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 accumulation for bf16/fp16 inputs
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         target_logit = torch.empty_like(lse)
@@ -23,7 +23,7 @@ class _ChunkedCE(torch.autograd.Function):
             lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
             target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.frozen_rows = chunk, frozen_rows
         return lse - target_logit
 
     @staticmethod
@@ -41,11 +41,15 @@ class _ChunkedCE(torch.autograd.Function):
             g = probs.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[sl] = g @ weight
-            if grad_weight is not None:
-                grad_weight += (g.t() @ h).to(acc)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+            if grad_weight is not None:  # rows below frozen_rows get no gradient
+                grad_weight[ctx.frozen_rows :] += (g[:, ctx.frozen_rows :].t() @ h).to(acc)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """hidden [N, d], head weight [V, d], targets [N] in [0, V) -> per-token loss [N] (fp32, or fp64 for fp64 in)"""
-    return _ChunkedCE.apply(hidden, weight, targets, chunk)
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          frozen_rows: int = 0) -> torch.Tensor:
+    """hidden [N, d], head weight [V, d], targets [N] in [0, V) -> per-token loss [N] (fp32, or fp64 for fp64 in).
+
+    frozen_rows: weight rows [0, frozen_rows) receive a zero gradient (adapter-only training keeps the text
+    rows of the head fixed while its visual rows learn)."""
+    return _ChunkedCE.apply(hidden, weight, targets, chunk, frozen_rows)

@@ -71,12 +71,13 @@ class ChunkedLMHead(nn.Linear):
     Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
 
     chunk = MLLMTrainConfig.loss_chunk  # tokens per chunk; the trainer sets it from its config
+    frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
         if targets is None:
             return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk)
+        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk, self.frozen_rows)
 
 
 class SemHiTokLM(nn.Module):
@@ -86,6 +87,7 @@ class SemHiTokLM(nn.Module):
         self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
         # The document format trained on (system, unconditional and caption prompts): sampling reuses it.
         self.sequence_config = sequence_config or SequenceConfig()
+        self.text_frozen = False
         if not isinstance(lm.lm_head, ChunkedLMHead):
             head = ChunkedLMHead(lm.lm_head.in_features, lm.lm_head.out_features, bias=False)
             head.weight = lm.lm_head.weight  # the same Parameter: a tied head stays tied
@@ -94,6 +96,16 @@ class SemHiTokLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm.model.embed_tokens.weight.device
+
+    def freeze_text(self) -> None:
+        """Adapter-only training: the transformer and the text rows of the embedding/head stay fixed; the
+        adapter and the head's visual rows learn. (The head is one matrix, so its text rows are held by a
+        zero gradient: keep weight decay at 0 for it.)"""
+        for p in self.lm.parameters():
+            p.requires_grad = False
+        self.lm.lm_head.weight.requires_grad = True
+        self.lm.lm_head.frozen_rows = self.layout.text_vocab_size
+        self.text_frozen = True
 
     def enable_activation_checkpointing(self, every_n_layers: int) -> None:
         """Recompute every n-th decoder layer's activations in backward (0: off)."""
@@ -104,6 +116,8 @@ class SemHiTokLM(nn.Module):
         """input_ids [B, T] (text and visual tokens) -> input embeddings [B, T, d]"""
         visual = input_ids >= self.layout.visual_offset
         embeds = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
+        if self.text_frozen:  # with tied weights the table is the head: no gradient into its text rows
+            embeds = embeds.detach()
         if visual.any():
             embeds = embeds.masked_scatter(visual[..., None], self.adapter(input_ids[visual] - self.layout.visual_offset).to(embeds.dtype))
         return embeds

@@ -75,15 +75,6 @@ def peak_flops() -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def set_trainable(model: SemHiTokLM, trainable: str) -> None:
-    """adapter: the dual-MLP adapter and the head (tied: the embedding table) train, the rest is frozen."""
-    for p in model.lm.parameters():
-        p.requires_grad = trainable == "full"
-    model.lm.lm_head.weight.requires_grad = True
-    for p in model.adapter.parameters():
-        p.requires_grad = True
-
-
 def build_model(cfg, out: Path, main: bool):
     """(model, text tokenizer, visual tokenizer directory) for a new run or from mllm_train.init_from."""
     t = cfg.mllm_train
@@ -168,14 +159,17 @@ def train_mllm(cfg) -> Path:
 
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main)
     model.lm.lm_head.chunk = t.loss_chunk
-    set_trainable(model, t.trainable)
+    if t.trainable == "adapter":
+        model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
     fpt = flops_per_token(model, cfg.data.max_length)
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
 
     adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
-    optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr}, {"params": other_params, "lr": t.lr}],
+    # Frozen text rows sit in the trainable head in adapter mode: no weight decay there, or they would shrink.
+    optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr},
+                                   {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],
                                   betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16))

@@ -100,3 +100,36 @@ def test_save_and_load_round_trip_as_a_plain_hf_directory(model, text_tokenizer,
     assert loaded.layout == model.layout and loaded.image_grid == model.image_grid
     assert SemHiTok.from_pretrained(tmp_path / "m" / "visual_tokenizer").vocab_size == model.layout.visual_vocab_size
     assert np.array_equal(text_tokenizer.encode("a cat"), __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "m").encode("a cat"))
+
+
+def test_adapter_only_training_moves_the_adapter_and_visual_rows_only(trained_tokenizer, text_tokenizer):
+    from semhitok.mllm.config import MLLMConfig
+
+    torch.manual_seed(0)
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer), text_tokenizer)
+    model.freeze_text()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    T = model.layout.text_vocab_size
+    for _ in range(3):  # sequences mixing text and visual targets, like the packed rows
+        ids = torch.cat([torch.randint(0, T, (2, 20)), torch.randint(T, model.layout.vocab_size, (2, 20))], 1)
+        model(ids, torch.arange(40).repeat(2, 1), ids)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    head = "lm.lm_head.weight"
+    assert torch.equal(after[head][:T], before[head][:T])  # text rows (tied: the embedding table too)
+    assert not torch.equal(after[head][T:], before[head][T:])  # visual rows learn
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("lm.model.layers"))
+    assert not torch.equal(after["adapter.sem_mlp.0.weight"], before["adapter.sem_mlp.0.weight"])
+
+
+def test_frozen_rows_get_zero_gradient_in_the_chunked_loss():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(9, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    targets = torch.randint(0, 10, (9,))
+    chunked_cross_entropy(hidden, weight, targets, 4).sum().backward()
+    full = weight.grad.clone()
+    weight.grad = None
+    chunked_cross_entropy(hidden, weight, targets, 4, frozen_rows=6).sum().backward()
+    assert torch.equal(weight.grad[:6], torch.zeros(6, 4)) and torch.allclose(weight.grad[6:], full[6:])

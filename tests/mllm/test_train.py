@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from semhitok.mllm.model import SemHiTokLM
 from tests.conftest import run_train
@@ -60,3 +61,16 @@ def test_non_finite_loss_is_reported_with_step_and_batch(trained_tokenizer, pret
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("semhitok: error: non-finite loss at step 2") and "data/sample" in line
+
+
+@pytest.mark.slow
+def test_adapter_stage_then_full_fine_tuning_from_its_export(trained_tokenizer, pretokenized_sample, tmp_path):
+    run_train(tmp_path / "align", trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=2", "mllm_train.trainable=adapter")
+    aligned = SemHiTokLM.from_pretrained(tmp_path / "align" / "mllm" / "final")
+    run_train(tmp_path / "sft", trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=2",
+              f"mllm_train.init_from={tmp_path / 'align' / 'mllm' / 'final'}")
+    tuned = SemHiTokLM.from_pretrained(tmp_path / "sft" / "mllm" / "final")
+    T = aligned.layout.text_vocab_size
+    layer = "lm.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(aligned.state_dict()[layer], tuned.state_dict()[layer])  # full stage trains the LLM
+    assert not torch.equal(aligned.lm.lm_head.weight[:T], tuned.lm.lm_head.weight[:T])  # text rows too
