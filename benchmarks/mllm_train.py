@@ -23,7 +23,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
-from semhitok.mllm.model import SemHiTokLM, VisualAdapter, attention_kernel
+from semhitok.mllm.model import SemHiTokLM, VisualAdapter, apply_fused_kernels, attention_kernel
 from semhitok.mllm.train import flops_per_token, peak_flops
 
 SHAPES = {
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="ours: leave Liger-Kernel out even when installed")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,6 +109,7 @@ def main() -> None:
 
     ours = make_model(args.shape, attn, device, dtype)
     ours.enable_activation_checkpointing(args.ckpt_every_n)
+    result["fused_kernels"] = apply_fused_kernels(ours) if not args.no_fused else False
     ours.train()
     V = ours.layout.vocab_size
     ids = torch.randint(0, V, (args.batch, args.seq), device=device)

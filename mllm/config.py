@@ -40,6 +40,7 @@ class MLLMTrainConfig:
     # speed with the memory the chunked loss frees.
     activation_checkpointing: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    fused_kernels: bool = True  # Liger-Kernel RMSNorm/RoPE/SwiGLU when installed and on CUDA
     loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy (1024 x 348K fp32 logits = 1.4 GB)
     log_every: int = 10
     ckpt_every: int = 500

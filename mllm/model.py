@@ -212,6 +212,18 @@ class SemHiTokLM(nn.Module):
         return model.to(device).eval()
 
 
+def apply_fused_kernels(model: SemHiTokLM) -> bool:
+    """Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 body, on CUDA when installed (the loss
+    stays ours: chunked, supervised positions only). True when applied."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model.lm)
+    return True
+
+
 def attention_kernel(requested: str) -> str:
     """auto -> flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
     if requested != "auto":

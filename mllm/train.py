@@ -31,7 +31,7 @@ from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.sequences import TASKS
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
-from semhitok.mllm.model import SemHiTokLM
+from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
 
@@ -162,6 +162,8 @@ def train_mllm(cfg) -> Path:
     if t.trainable == "adapter":
         model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
+    if t.fused_kernels:
+        log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
     fpt = flops_per_token(model, cfg.data.max_length)
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
 
