@@ -76,8 +76,8 @@ def main() -> None:
     decoder.image_ids([PROMPT], sampling)  # warm-up
     for b in args.batches:
         captions = [PROMPT] * b
-        ours = timed(lambda: decoder.image_ids(captions, sampling), device)
-        base = timed(lambda: baseline_image_ids(decoder, captions, sampling), device)
+        ours = timed(lambda c=captions: decoder.image_ids(c, sampling), device)
+        base = timed(lambda c=captions: baseline_image_ids(decoder, c, sampling), device)
         result["results"].append({"batch": b, "ours_latency_s": round(ours, 3), "ours_img_per_s": round(b / ours, 3),
                                   "baseline_latency_s": round(base, 3), "baseline_img_per_s": round(b / base, 3),
                                   "speedup": round(base / ours, 2)})
