@@ -1,6 +1,7 @@
 """`semhitok eval`: every score of one model into <out>/summary.json and a markdown table <out>/summary.md.
 
-A benchmark whose data or scorer is missing is listed with the reason instead of a number.
+A benchmark whose data or scorer is missing is listed with the reason instead of a number. lmms-eval
+results written under <out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table.
 """
 
 from __future__ import annotations
@@ -57,16 +58,28 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     except FIDUnavailable as err:
         summary["tokenizer"] = {"error": str(err)}
 
+    lmms = collect_lmms_results(out / "lmms_eval")
+    if lmms:
+        summary["lmms_eval"] = lmms
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown_table(summary))
     return summary
 
 
+def collect_lmms_results(root: Path) -> dict:
+    """Scores of earlier `eval/run_lmms.sh MODEL TASKS <out>/lmms_eval` runs: the newest result per task."""
+    scores: dict = {}
+    for results_file in sorted(root.rglob("*results*.json"), key=lambda p: p.stat().st_mtime):
+        for task, metrics in json.loads(results_file.read_text()).get("results", {}).items():
+            scores[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+    return scores
+
+
 def markdown_table(summary: dict) -> str:
     """summary -> a two-column markdown table: benchmark/metric | value (or why it is missing)."""
     lines = [f"# Evaluation of `{summary['model']}`", "", "| benchmark | metric | value |", "|---|---|---|"]
-    for bench in ("pope", "geneval", "gfid", "tokenizer"):
+    for bench in ("pope", "geneval", "gfid", "tokenizer", "lmms_eval"):
         for key, value in summary.get(bench, {}).items():
             if isinstance(value, dict):  # per-category results
                 for sub, v in value.items():

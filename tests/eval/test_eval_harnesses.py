@@ -99,6 +99,10 @@ def test_gfid_compares_generated_and_real_images_through_the_fid_code(sampler, t
 
 @pytest.mark.slow
 def test_semhitok_eval_writes_one_summary_table(model_dir, tmp_path, capsys):
+    earlier = tmp_path / "lmms_eval" / "model" / "20260101_results.json"  # what run_lmms.sh left there
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"results": {"mme": {"alias": "mme", "mme_cognition_score,none": 212.5,
+                                                        "mme_cognition_score_stderr,none": "N/A"}}}))
     assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path), "--config", "tiny", "eval.geneval_limit=2",
                  "eval.geneval_samples=1"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -107,3 +111,4 @@ def test_semhitok_eval_writes_one_summary_table(model_dir, tmp_path, capsys):
     assert summary["tokenizer"]["images"] == 12 and summary["tokenizer"]["psnr"] > 5
     table = (tmp_path / "summary.md").read_text()
     assert "| pope | f1 |" in table and "| tokenizer | psnr |" in table
+    assert summary["lmms_eval"] == {"mme": {"mme_cognition_score": 212.5}} and "| lmms_eval | mme.mme_cognition_score | 212.5000 |" in table
