@@ -133,3 +133,16 @@ def test_frozen_rows_get_zero_gradient_in_the_chunked_loss():
     weight.grad = None
     chunked_cross_entropy(hidden, weight, targets, 4, frozen_rows=6).sum().backward()
     assert torch.equal(weight.grad[:6], torch.zeros(6, 4)) and torch.allclose(weight.grad[6:], full[6:])
+
+
+def test_offline_base_model_and_text_tokenizer_fail_with_one_line_saying_what_to_download():
+    from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable, load_text_tokenizer
+    from semhitok.mllm.config import MLLMConfig
+    from semhitok.mllm.model import load_base_lm
+    from semhitok.tokenizer import WeightsUnavailable
+
+    with pytest.raises(WeightsUnavailable, match=r"huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct") as err:
+        load_base_lm(MLLMConfig())
+    assert "\n" not in str(err.value)
+    with pytest.raises(TextTokenizerUnavailable, match=r"huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct"):
+        load_text_tokenizer("Qwen/Qwen2.5-1.5B-Instruct")
