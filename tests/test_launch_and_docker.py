@@ -12,7 +12,8 @@ import pytest
 from semhitok.data_pipelines.pretokenize import job_split
 from tests.conftest import REPO, SAMPLE
 
-SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / "common.sh", REPO / "eval" / "run_lmms.sh"]
+SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / "common.sh", REPO / "eval" / "run_lmms.sh",
+                                                                  REPO / "benchmarks" / "run_gpu.sh"]
 
 
 def sbatch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark at the issues' GPU settings, one JSON line each, into ${1:-benchmarks_gpu.jsonl}.
+#   bash benchmarks/run_gpu.sh [OUT.jsonl]
+# Install first: pip install -e ".[gpu]" (plus flash-attn if wanted). Random weights: nothing to download.
+set -euo pipefail
+out=${1:-benchmarks_gpu.jsonl}
+python=${PYTHON:-python}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+: > "$out"
+"$python" benchmarks/tokenizer_encode.py --preset 256 --batch 64 | tail -n 1 | tee -a "$out"
+"$python" benchmarks/data_pipeline.py --preset 256 --batch 64 --workers 8 --repeat 8 | tail -n 1 | tee -a "$out"
+"$python" benchmarks/mllm_train.py --shape 1.5b | tail -n 1 | tee -a "$out"
+"$python" benchmarks/sample.py --shape 1.5b --batches 1 64 | tail -n 1 | tee -a "$out"
+echo "results: $out"
