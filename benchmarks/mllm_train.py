@@ -39,10 +39,12 @@ def make_model(shape: str, attn: str, device, dtype) -> SemHiTokLM:
     k, m = VISUAL[shape]
     text = SHAPES[shape]["vocab_size"]
     layout = TokenLayout(text, k * m, 151652 % text, 151653 % text, 151644 % text, 151645 % text, 151643 % text)
-    lm = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES[shape], "vocab_size": layout.vocab_size}, attn_implementation=attn))
-    d = lm.config.hidden_size
-    adapter = VisualAdapter(torch.randn(k, 32), torch.randn(k * m, 8), m, d, d)
-    return SemHiTokLM(lm, adapter, layout, MLLMConfig(base_model="random", attn_implementation=attn), 16).to(device, dtype)
+    with torch.device(device):  # initialise on the GPU: seconds instead of minutes at 1.5B
+        lm = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES[shape], "vocab_size": layout.vocab_size}, attn_implementation=attn))
+        d = lm.config.hidden_size
+        adapter = VisualAdapter(torch.randn(k, 32), torch.randn(k * m, 8), m, d, d)
+        model = SemHiTokLM(lm, adapter, layout, MLLMConfig(base_model="random", attn_implementation=attn), 16)
+    return model.to(device, dtype)
 
 
 def run_arm(step_fn, model, steps: int, warmup: int, tokens_per_step: int, device) -> dict:
