@@ -21,16 +21,20 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k-means++ seeding on unit vectors: x [n, d] (n >= k) -> k rows of x, spread out."""
+    """k-means++ seeding on unit vectors: x [n, d] (n >= k) -> k rows of x, spread out.
+
+    Each pick is an inverse-CDF draw on x's device from uniforms drawn up front, so the k steps never wait
+    for the host (one sync per code would cost seconds at K=16384 on a GPU)."""
     n = x.shape[0]
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    best = x @ x[chosen[0]]  # [n] similarity to the nearest chosen centre
-    for _ in range(1, k):
-        weights = (2 - 2 * best).clamp_min(0).cpu()  # squared distance between unit vectors
-        i = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else int(torch.randint(n, (1,), generator=generator))
-        chosen.append(i)
-        best = torch.maximum(best, x @ x[i])
-    return x[torch.tensor(chosen, device=x.device)]
+    u = torch.rand(k, generator=generator).to(x.device)
+    picks = [(u[:1] * n).long().clamp_(max=n - 1)]
+    best = (x @ x[picks[0]].t()).squeeze(1)  # [n] similarity to the nearest chosen centre
+    for j in range(1, k):
+        cdf = ((2 - 2 * best).clamp_min(0) + 1e-12).cumsum(0)  # squared distances between unit vectors
+        i = torch.searchsorted(cdf, u[j : j + 1] * cdf[-1]).clamp_(max=n - 1)
+        picks.append(i)
+        best = torch.maximum(best, (x @ x[i].t()).squeeze(1))
+    return x[torch.cat(picks)]
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
