@@ -62,3 +62,4 @@ class SequenceConfig:
     shuffle_shards: int = 4  # each epoch shuffles shard order, then samples within windows of this many shards
     pack_lookahead: int = 64  # documents considered when filling a row (first fit)
     shard_cache: int = 16  # decoded shards kept in memory
+    prefetch: int = 4  # batches built ahead in a background process during training (0: in the training process)

@@ -20,6 +20,7 @@ rest padded. A batch is a dict of tensors:
     cu_seqlens   int32 [D + 1]   document boundaries over the flattened B*L tokens (padding tails count as
                                  documents), for varlen attention; max_seqlen: int
     origins      list[str]       where each document came from (error reports)
+    loader_state dict            (from batches()/iteration) the state to resume after this batch
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ from semhitok.data_pipelines.text_tokenizer import TokenLayout
 log = logging.getLogger("semhitok")
 CHOICE_BLOCK = 4096  # draws whose component choices share one RNG call
 MAX_UNSUITABLE_IN_A_ROW = 10_000
+
+
+def packing_efficiency(stats: dict) -> float:
+    """Share of non-padding tokens in the rows counted by a loader's stats."""
+    total = stats.get("tokens", 0) + stats.get("padding", 0)
+    return stats.get("tokens", 0) / total if total else 0.0
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """A PackedLoader as an iterable dataset, for one background worker."""
+
+    def __init__(self, loader: PackedLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 class SourceShards:
@@ -221,14 +238,24 @@ class PackedLoader:
         }
 
     def __iter__(self):
+        """Batches forever, each carrying "loader_state": the state_dict() right after it was built."""
         while True:
-            yield self.next_batch()
+            batch = self.next_batch()
+            batch["loader_state"] = self.state_dict()
+            yield batch
+
+    def batches(self, prefetch: int = 0):
+        """Iterate over batches (with their "loader_state"); prefetch > 0 builds them in a background
+        process, that many ahead, so tokenizing and packing overlap the training step. Resume from the
+        "loader_state" of the last batch consumed, never from this object's own state."""
+        if prefetch <= 0:
+            return iter(self)
+        return iter(torch.utils.data.DataLoader(_Batches(self), batch_size=None, num_workers=1, prefetch_factor=prefetch,
+                                                persistent_workers=True))
 
     @property
     def packing_efficiency(self) -> float:
-        """Share of non-padding tokens in the rows produced so far."""
-        total = self.stats["tokens"] + self.stats["padding"]
-        return self.stats["tokens"] / total if total else 0.0
+        return packing_efficiency(self.stats)
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from semhitok.common import dist as D
 from semhitok.common.metrics_log import MetricLogger
-from semhitok.data_pipelines.loader import PackedLoader
+from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
@@ -102,13 +102,13 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
     return ds
 
 
-def save_checkpoint(engine, loader: PackedLoader, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
+def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
     """Per-rank data position and RNG first, then DeepSpeed's states; `latest` is written last."""
     tag = f"step{step:08d}"
     (root / tag).mkdir(parents=True, exist_ok=True)
     from semhitok.common.io import atomic_path, write_json
 
-    write_json(root / tag / f"loader_rank{dist.rank}.json", loader.state_dict())
+    write_json(root / tag / f"loader_rank{dist.rank}.json", loader_state)
     with atomic_path(root / tag / f"rng_rank{dist.rank}.pt") as tmp:
         torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}, tmp)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
@@ -187,10 +187,13 @@ def train_mllm(cfg) -> Path:
 
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
     tokens, window_start = torch.zeros(1, device=device), time.perf_counter()
+    batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
+    loader_state = loader.state_dict()
     bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
     for step in bar:
         for _ in range(t.gradient_accumulation):
-            batch = loader.next_batch()
+            batch = next(batches)
+            loader_state = batch.pop("loader_state")
             result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                             labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device))
             bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
@@ -219,10 +222,10 @@ def train_mllm(cfg) -> Path:
             tokens.zero_()
             window_start = time.perf_counter()
         if done % t.ckpt_every == 0 or done == t.max_steps:
-            save_checkpoint(engine, loader, ckpt_root, done, t.keep_checkpoints, dist)
+            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
     bar.close()
     logger.close()
     export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
-        log.info("model exported: %s (packing efficiency %.3f)", out / "final", loader.packing_efficiency)
+        log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))
     return out / "final"

@@ -1,7 +1,9 @@
+import itertools
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from semhitok.data_pipelines.config import MixtureComponent, SequenceConfig
 from semhitok.data_pipelines.loader import PackedLoader
@@ -162,3 +164,13 @@ def test_bad_mixture_and_missing_corpus_are_named(text_tokenizer, layout, pretok
         make_loader(text_tokenizer, layout, tmp_path)
     with pytest.raises(ValueError, match="unusable samples in a row"):  # text rows cannot make generation docs
         make_loader(text_tokenizer, layout, pretokenized_sample, mixture=[MixtureComponent("coco_text", "generation")]).next_batch()
+
+
+def test_prefetching_in_a_background_process_gives_the_same_batches_and_resume_points(text_tokenizer, layout, pretokenized_sample):
+    inline = list(itertools.islice(make_loader(text_tokenizer, layout, pretokenized_sample).batches(0), 5))
+    prefetched = list(itertools.islice(make_loader(text_tokenizer, layout, pretokenized_sample).batches(prefetch=2), 5))
+    for want, got in zip(inline, prefetched):
+        assert torch.equal(want["input_ids"], got["input_ids"]) and want["loader_state"] == got["loader_state"]
+    resumed = make_loader(text_tokenizer, layout, pretokenized_sample)
+    resumed.load_state_dict(prefetched[2]["loader_state"])  # the checkpoint after the 3rd consumed batch
+    assert torch.equal(resumed.next_batch()["input_ids"], inline[3]["input_ids"])
