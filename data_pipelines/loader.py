@@ -61,30 +61,53 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 class SourceShards:
-    """One pre-tokenized source: its shards, the per-epoch sample order, cached shard reads."""
+    """One pre-tokenized source: its shards and the per-epoch sample order, computed window by window.
+
+    Epoch e permutes the shard order, cuts it into windows of `shuffle_shards` shards and permutes the
+    samples inside each window. Only window sizes are kept per epoch and only recently used windows are
+    materialised, so memory stays small for any corpus size, and several mixture components reading the
+    same source at different epochs do not recompute anything large."""
+
+    CACHE = 8  # epochs' window tables and windows kept
 
     def __init__(self, name: str, files: list[Path], counts: list[int], seed: int, shuffle_shards: int):
         self.name, self.files, self.counts, self.seed, self.window = name, files, np.array(counts), seed, shuffle_shards
         self.size = int(self.counts.sum())
-        self._epoch, self._order = -1, None
+        self._epochs: OrderedDict = OrderedDict()  # epoch -> (shard order, window start positions)
+        self._windows: OrderedDict = OrderedDict()  # (epoch, window) -> [m, 2] (shard, row) in order
 
-    def _layout(self, epoch: int) -> np.ndarray:
-        """epoch -> [size, 2] (shard index, row in shard) in the epoch's order."""
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch, *self.name.encode()])
-            shard_order = rng.permutation(len(self.files))
-            parts = []
-            for start in range(0, len(shard_order), self.window):
-                window = [np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1) for s in shard_order[start : start + self.window]]
-                block = np.concatenate(window)
-                parts.append(block[rng.permutation(len(block))])
-            self._epoch, self._order = epoch, np.concatenate(parts)
-        return self._order
+    @staticmethod
+    def _cached(cache: OrderedDict, key, build):
+        if key not in cache:
+            cache[key] = build()
+            if len(cache) > SourceShards.CACHE:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        def build():
+            order = np.random.default_rng([self.seed, epoch, *self.name.encode()]).permutation(len(self.files))
+            sizes = [self.counts[order[i : i + self.window]].sum() for i in range(0, len(order), self.window)]
+            return order, np.concatenate([[0], np.cumsum(sizes)])
+
+        return self._cached(self._epochs, epoch, build)
+
+    def _window(self, epoch: int, w: int) -> np.ndarray:
+        def build():
+            order, _ = self._epoch(epoch)
+            block = np.concatenate([np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1)
+                                    for s in order[w * self.window : (w + 1) * self.window]])
+            return block[np.random.default_rng([self.seed, epoch, w, *self.name.encode()]).permutation(len(block))]
+
+        return self._cached(self._windows, (epoch, w), build)
 
     def locate(self, cursor: int) -> tuple[int, int, int]:
         """component cursor -> (epoch, shard index, row)"""
         epoch, pos = divmod(cursor, self.size)
-        shard, row = self._layout(epoch)[pos]
+        _, starts = self._epoch(epoch)
+        w = int(np.searchsorted(starts, pos, side="right")) - 1
+        shard, row = self._window(epoch, w)[pos - starts[w]]
         return epoch, int(shard), int(row)
 
 

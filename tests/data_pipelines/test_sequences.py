@@ -174,3 +174,16 @@ def test_prefetching_in_a_background_process_gives_the_same_batches_and_resume_p
     resumed = make_loader(text_tokenizer, layout, pretokenized_sample)
     resumed.load_state_dict(prefetched[2]["loader_state"])  # the checkpoint after the 3rd consumed batch
     assert torch.equal(resumed.next_batch()["input_ids"], inline[3]["input_ids"])
+
+
+def test_each_epoch_visits_every_sample_once_in_a_new_order():
+    from semhitok.data_pipelines.loader import SourceShards
+
+    counts = [5, 3, 8, 1, 6, 4, 2]
+    source = SourceShards("s", [f"shard{i}" for i in range(7)], counts, seed=0, shuffle_shards=3)
+    epochs = [[source.locate(e * source.size + p)[1:] for p in range(source.size)] for e in range(2)]
+    everything = {(s, r) for s, n in enumerate(counts) for r in range(n)}
+    assert all(len(e) == len(set(e)) and set(e) == everything for e in epochs)
+    assert epochs[0] != epochs[1]
+    smallest_window = sum(sorted(counts)[:3])  # the first window holds at least this many samples
+    assert len({s for s, _ in epochs[0][:smallest_window]}) <= 3  # reads stay within one window of shards
