@@ -15,7 +15,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from semhitok.mllm.sample import SamplingConfig, load_sampler
-from semhitok.tokenizer import preprocess
+from semhitok.tokenizer import encode_images
 
 
 class SemHiTokLMMS(lmms):
@@ -31,8 +31,7 @@ class SemHiTokLMMS(lmms):
         images = [v for v in visuals or [] if hasattr(v, "convert")]
         if not images:
             return None
-        with torch.no_grad():
-            return self.visual.encode(preprocess([images[0].convert("RGB")], self.visual.image_size).to(self.visual.device))[0]
+        return encode_images(self.visual, images[:1])[0]
 
     def _turn(self, context: str, ids: torch.Tensor | None) -> list[tuple[str, str]]:
         text = context.replace("<image>", "").strip()

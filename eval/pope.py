@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from semhitok.tokenizer import load_rgb, preprocess
+from semhitok.tokenizer import encode_images, load_rgb
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
 
@@ -78,8 +78,7 @@ def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = 16) -> dic
             img = load_rgb(row["image_path"])
             if img is None:
                 raise ValueError(f"question {row['question_id']}: {row['image_path']} is not a readable image")
-            image = preprocess([img], visual.image_size).to(visual.device)
-            ids_of[row["image_path"]] = visual.encode(image)[0]
+            ids_of[row["image_path"]] = encode_images(visual, [img])[0]
         turn = [("user", f"<image>\n{row['question']}{POST_PROMPT}")]
         answers.append(decoder.answer(turn, ids_of[row["image_path"]], SamplingConfig(temperature=0.0), max_new_tokens))
     result = pope_metrics(answers, [r["label"] for r in rows])

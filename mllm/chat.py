@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from semhitok.mllm.sample import Decoder, SamplingConfig
-from semhitok.tokenizer import SemHiTok, preprocess, to_pil
+from semhitok.tokenizer import SemHiTok, encode_images, to_pil
 from semhitok.tokenizer.data import DECODE_ERRORS
 
 log = logging.getLogger("semhitok")
@@ -74,8 +74,8 @@ class ChatEngine:
             raise
         except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
             raise UploadRejected(f"that file is not an image I can read ({type(err).__name__})") from None
-        with self.lock, torch.no_grad():
-            ids = self.visual.encode(preprocess([img], self.visual.image_size).to(self.visual.device))[0]
+        with self.lock:
+            ids = encode_images(self.visual, [img])[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True
         return f"got your {img.width}x{img.height} image; ask me about it"

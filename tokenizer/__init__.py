@@ -6,7 +6,7 @@
     sem, pix = tok.split_ids(ids)
 """
 
-from semhitok.tokenizer.api import encode_paths, iter_image_batches, load_tokenizer, reconstruct_to_dir
+from semhitok.tokenizer.api import encode_images, encode_paths, iter_image_batches, load_tokenizer, reconstruct_to_dir
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import image_grid, list_images, load_rgb, preprocess, to_pil
 from semhitok.tokenizer.model import SemHiTok, WeightsUnavailable
@@ -16,6 +16,7 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerTrainConfig",
     "WeightsUnavailable",
+    "encode_images",
     "encode_paths",
     "image_grid",
     "iter_image_batches",

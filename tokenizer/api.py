@@ -37,6 +37,12 @@ def iter_image_batches(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def encode_images(model: SemHiTok, images: list) -> torch.Tensor:
+    """PIL images (any size; centre-cropped and resized) -> visual ids [B, h, w] on the model's device."""
+    return model.encode(preprocess([img.convert("RGB") for img in images], model.image_size).to(model.device))
+
+
 def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:
     """Image files -> (the readable ones, ids [B, h, w] int64 on CPU)."""
     kept, ids = [], []
