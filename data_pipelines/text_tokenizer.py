@@ -16,7 +16,7 @@ special tokens and chat template), so tests and the tiny preset need nothing fro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_START, IMAGE_END = "<|vision_start|>", "<|vision_end|>"
@@ -64,15 +64,9 @@ class TokenLayout:
         text_vocab_size = text_vocab_size or -(-n // 64) * 64
         if text_vocab_size < n:
             raise ValueError(f"text_vocab_size {text_vocab_size} is smaller than the tokenizer ({n} tokens)")
-        ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-        return cls(text_vocab_size, visual_vocab_size, *ids[3:5], *ids[1:3], ids[0])
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> TokenLayout:
-        return cls(**json.loads(Path(path).read_text()))
+        token_id = tokenizer.convert_tokens_to_ids
+        return cls(text_vocab_size, visual_vocab_size, image_start=token_id(IMAGE_START), image_end=token_id(IMAGE_END),
+                   im_start=token_id(IM_START), im_end=token_id(IM_END), eos=token_id(EOS))
 
 
 def load_text_tokenizer(name_or_path: str):

@@ -121,17 +121,21 @@ def generation_fid(decoder, visual, captions: list[str], real_sources: list[str 
         except FIDUnavailable as err:
             result["gfid_error"] = str(err)
             return result
-    fake = torch.stack(generated)
-    real_stats, fake_stats = None, None
-    for _, images in iter_image_batches(list_images(real_sources), visual.image_size, batch_size):
-        feats = features(images.to(visual.device))
-        real_stats = real_stats or GaussianStats(feats.shape[1])
-        real_stats.update(feats)
-    for start in range(0, len(fake), batch_size):
-        feats = features(fake[start : start + batch_size].to(visual.device))
-        fake_stats = fake_stats or GaussianStats(feats.shape[1])
-        fake_stats.update(feats)
+    real_batches = (images for _, images in iter_image_batches(list_images(real_sources), visual.image_size, batch_size))
+    real_stats = _feature_stats(real_batches, features, visual.device)
     if real_stats is None:
         raise ValueError(f"no readable real images in {list(map(str, real_sources))}")
+    fake = torch.stack(generated)
+    fake_stats = _feature_stats((fake[i : i + batch_size] for i in range(0, len(fake), batch_size)), features, visual.device)
     result["gfid"] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
     return result
+
+
+def _feature_stats(batches, features, device) -> GaussianStats | None:
+    """image batches [B, 3, H, W] -> running statistics of their features (None when there are none)."""
+    stats = None
+    for images in batches:
+        feats = features(images.to(device))
+        stats = stats or GaussianStats(feats.shape[1])
+        stats.update(feats)
+    return stats
