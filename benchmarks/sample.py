@@ -7,7 +7,9 @@ Random weights at Qwen2.5-1.5B shape with the 348,544-row vocabulary and a 16x16
   baseline  what a straightforward loop does: every step re-runs the whole sequence (no KV cache), the
             conditional and unconditional prompts in two separate forward passes, logits over the full
             vocabulary, then CFG and sampling restricted to visual ids
-  ours      mllm/sample.py Decoder.image_ids: one batched cond+uncond pass, KV cache, visual-only logits
+  ours      mllm/sample.py Decoder.image_ids: one batched cond+uncond pass, static KV cache, visual-only logits
+  compiled  the same with Decoder(compile=True): the step is one torch.compile graph (CUDA graphs on a
+            GPU), compiled in an untimed warm-up call per batch size (--no-compile leaves it out)
 Reports images/s and the latency of one batch for each batch size. Prints one JSON line.
 """
 
@@ -61,15 +63,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1.5b", choices=("1.5b", "tiny"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = make_model(args.shape, args.attn, device, dtype).eval()
+    model = make_model(args.shape, "sdpa", device, dtype).eval()
     text_tok = train_tiny_text_tokenizer([PROMPT] * 4, vocab_size=300)  # prompt tokens only; the shape is what matters
     decoder = Decoder(model, text_tok)
+    compiled = None if args.no_compile else Decoder(model, text_tok, compile=True)
     sampling = SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
     result = {"bench": "sample", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "shape": args.shape, "ids_per_image": model.image_grid**2, "results": []}
@@ -78,9 +81,14 @@ def main() -> None:
         captions = [PROMPT] * b
         ours = timed(lambda c=captions: decoder.image_ids(c, sampling), device)
         base = timed(lambda c=captions: baseline_image_ids(decoder, c, sampling), device)
-        result["results"].append({"batch": b, "ours_latency_s": round(ours, 3), "ours_img_per_s": round(b / ours, 3),
-                                  "baseline_latency_s": round(base, 3), "baseline_img_per_s": round(b / base, 3),
-                                  "speedup": round(base / ours, 2)})
+        row = {"batch": b, "baseline_latency_s": round(base, 3), "baseline_img_per_s": round(b / base, 3),
+               "ours_latency_s": round(ours, 3), "ours_img_per_s": round(b / ours, 3), "speedup": round(base / ours, 2)}
+        if compiled is not None:
+            row["compile_s"] = round(timed(lambda c=captions: compiled.image_ids(c, sampling), device), 1)
+            fast = timed(lambda c=captions: compiled.image_ids(c, sampling), device)
+            row.update(compiled_latency_s=round(fast, 3), compiled_img_per_s=round(b / fast, 3),
+                       compiled_speedup=round(base / fast, 2))
+        result["results"].append(row)
     result["target_speedup"] = 4.0
     print(json.dumps(result))
 

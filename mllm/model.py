@@ -122,6 +122,14 @@ class SemHiTokLM(nn.Module):
             embeds = embeds.masked_scatter(visual[..., None], self.adapter(input_ids[visual] - self.layout.visual_offset).to(embeds.dtype))
         return embeds
 
+    def embed_static(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, t] -> [B, t, d], equal to `embed` but without data-dependent shapes, so torch.compile
+        and CUDA graphs can capture it. Runs the adapter at every position: meant for decoding steps."""
+        visual = input_ids >= self.layout.visual_offset
+        text = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
+        image = self.adapter((input_ids - self.layout.visual_offset).clamp(min=0)).to(text.dtype)
+        return torch.where(visual[..., None], image, text)
+
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False, **kw):
         """input_ids [B, T] -> transformers' model output (last_hidden_state [B, T, d], past_key_values).
 
@@ -195,14 +203,16 @@ class SemHiTokLM(nn.Module):
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SemHiTokLM:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        attn_implementation: str | None = None) -> SemHiTokLM:
+        """attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
         path = Path(path)
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta = json.loads(meta_file.read_text())
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
+        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
         d = lm.config.hidden_size
         adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)

@@ -1,6 +1,9 @@
 """Decoding with the unified LLM: CFG text-to-image sampling and image-grounded chat answers.
 
-Both run one KV-cached loop (`Decoder.decode`): the prompt is encoded once, then one token per step.
+Both run one KV-cached loop (`Decoder.decode`): the prompt is encoded once into a static cache
+(preallocated, updated in place), then one token per step. With `compile=True` the step (embedding,
+28 layers, visual-row head) is one torch.compile graph, replayed as a CUDA graph on GPUs: at batch 1 an
+eager step is bound by kernel launches, not by the GPU.
   - images: conditional and unconditional rows (the unconditional prompt used in training, see
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
     span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import StaticCache
 
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
@@ -66,31 +70,68 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
 
 
 class Decoder:
-    def __init__(self, model: SemHiTokLM, text_tokenizer):
+    """compile: capture the decoding step with torch.compile (CUDA graphs on GPUs); the first call per
+    batch size compiles (tens of seconds), later ones replay.
+
+    The static cache's unwritten slots are hidden by a causal mask built from the cache position, which
+    sdpa, eager and flex attention apply; flash_attention_2 aligns causality to the end of the cache
+    instead, so it is refused here (load_sampler loads models with sdpa)."""
+
+    CACHE_ROUNDING = 256  # static cache lengths are multiples of this: few shapes, few compilations
+
+    def __init__(self, model: SemHiTokLM, text_tokenizer, compile: bool = False):
         self.model, self.layout = model, model.layout
         self.seq_cfg = model.sequence_config  # the prompt format the model was trained with
         self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg)
         self.tokenizer = text_tokenizer
+        if model.lm.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise ValueError(f"decoding needs sdpa, eager or flex_attention, not {model.lm.config._attn_implementation} "
+                             "(SemHiTokLM.from_pretrained(..., attn_implementation='sdpa'))")
+        self.compile = compile
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        self._step = torch.compile(self._step_logits, mode=mode, fullgraph=True) if compile else self._step_logits
+        self._cache: tuple[tuple[int, int], StaticCache, torch.Tensor] | None = None  # reused: fixed addresses
 
-    def _forward(self, ids, mask, cache, use_cache: bool):
-        """ids [B, t] (new tokens), mask [B, past + t] -> (last hidden [B, d], cache)"""
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
-        return out.last_hidden_state[:, -1], out.past_key_values
+    def _static_cache(self, rows: int, length: int) -> tuple[StaticCache, torch.Tensor]:
+        """An empty static KV cache for `rows` sequences of up to `length` tokens (rounded up), and its padding
+        mask buffer [rows, L] set to ones. The last one is kept and reused, so compiled graphs see the same
+        tensors call after call."""
+        size = (rows, -(-length // self.CACHE_ROUNDING) * self.CACHE_ROUNDING)
+        if self._cache is None or self._cache[0] != size:
+            self._cache = None  # free the old one first
+            self._cache = (size, StaticCache(config=self.model.lm.config, max_cache_len=size[1]),
+                           torch.ones(size, dtype=torch.long, device=self.model.device))
+        _, cache, mask = self._cache
+        cache.reset()
+        mask.fill_(1)
+        return cache, mask
 
-    def _logits(self, hidden: torch.Tensor, vocab: tuple[int, int], cfg_scale: float | None) -> torch.Tensor:
-        """last hidden [B, d] -> logits [B or B/2, hi - lo] of vocabulary rows [lo, hi) only (CFG-mixed when
-        cfg_scale is given)"""
-        lo, hi = vocab
-        logits = (hidden @ self.model.lm.lm_head.weight[lo:hi].t()).float()
-        return logits if cfg_scale is None else cfg_mix(*logits.chunk(2), cfg_scale)
+    def _step_logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
+                     lo: int, hi: int) -> torch.Tensor:
+        """One new token per row: ids [B, 1], positions [B, 1], padding mask [B, L] -> logits [B, hi - lo]
+        fp32 over vocabulary rows [lo, hi); the token's keys/values are written into `cache` in place."""
+        out = self.model.lm.model(inputs_embeds=self.model.embed_static(ids), position_ids=pos, attention_mask=mask,
+                                  past_key_values=cache, use_cache=True)
+        return self._head_rows(out.last_hidden_state[:, -1], lo, hi)
+
+    def _head_rows(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """hidden [B, d] -> fp32 logits [B, hi - lo] of vocabulary rows [lo, hi) only"""
+        return (hidden @ self.model.lm.lm_head.weight[lo:hi].t()).float()
+
+    def _prompt_logits(self, ids: torch.Tensor, mask: torch.Tensor, vocab: tuple[int, int],
+                       cache: StaticCache | None = None) -> torch.Tensor:
+        """Whole left-padded rows ids [B, T] with their padding mask [B, >= T] -> logits [B, hi - lo] of the
+        last position (fp32, rows [lo, hi) only); with a cache, their keys/values fill it."""
+        pos = (mask[:, : ids.shape[1]].cumsum(-1) - 1).clamp(min=0)
+        out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+        return self._head_rows(out.last_hidden_state[:, -1], *vocab)
 
     @torch.no_grad()
     def first_logits(self, prompts: list[list[int]], vocab: tuple[int, int], cfg_scale: float | None = None) -> torch.Tensor:
         """The logits of the first new token (CFG-mixed when cfg_scale is given, as `decode` samples them)."""
         ids, mask = left_pad(prompts, self.layout.eos, self.model.device)
-        hidden, _ = self._forward(ids, mask, None, False)
-        return self._logits(hidden, vocab, cfg_scale)
+        logits = self._prompt_logits(ids, mask, vocab)
+        return logits if cfg_scale is None else cfg_mix(*logits.chunk(2), cfg_scale)
 
     @torch.no_grad()
     def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
@@ -104,9 +145,16 @@ class Decoder:
         n = len(prompts) // 2 if guided else len(prompts)
         out = torch.empty((n, 0), dtype=torch.long, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
-        hidden, cache = self._forward(ids, mask, None, use_cache)
-        for _ in range(steps):
-            logits = self._logits(hidden, vocab, sampling.cfg_scale if guided else None)
+        if use_cache:
+            cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
+            cache_mask[:, : ids.shape[1]] = mask  # later slots stay 1: causality hides those not yet written
+            logits = self._prompt_logits(ids, cache_mask, vocab, cache)
+            next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: the position of each row's first new token
+        else:
+            logits = self._prompt_logits(ids, mask, vocab)
+        for step in range(steps):
+            if guided:
+                logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
             if sampling.temperature == 0:
                 token = logits.argmax(-1)
             else:
@@ -120,12 +168,14 @@ class Decoder:
             if stop is not None and finished.all():
                 break
             step_ids = token.repeat(2)[:, None] if guided else token[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if use_cache:
-                hidden, cache = self._forward(step_ids, mask, cache, True)
+                if self.compile and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                logits = self._step(step_ids, next_pos + step, cache_mask, cache, lo, hi)
             else:  # the whole sequence again: the reference the cache must reproduce
                 ids = torch.cat([ids, step_ids], dim=1)
-                hidden, _ = self._forward(ids, mask, None, False)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self._prompt_logits(ids, mask, vocab)
         return out
 
     # -- the two uses ------------------------------------------------------------------------------------
@@ -169,12 +219,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_sampler(model_dir: str | Path, device: str | None = None) -> tuple[Decoder, SemHiTok]:
+def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool = False) -> tuple[Decoder, SemHiTok]:
     """A model directory (SemHiTokLM.save_pretrained) -> (decoder, its visual tokenizer)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = SemHiTokLM.from_pretrained(model_dir, device, dtype)
-    decoder = Decoder(model, load_text_tokenizer(str(model_dir)))
+    model = SemHiTokLM.from_pretrained(model_dir, device, dtype, attn_implementation="sdpa")
+    decoder = Decoder(model, load_text_tokenizer(str(model_dir)), compile)
     return decoder, SemHiTok.from_pretrained(Path(model_dir) / VISUAL_TOKENIZER, device)
 
 

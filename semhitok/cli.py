@@ -125,11 +125,14 @@ def _sampling(args):
     return SamplingConfig(**given)
 
 
+COMPILE_HELP = "compile the decoding step (CUDA graphs on GPUs): a one-off compilation per batch size, then fast steps"
+
+
 def cmd_sample(args) -> None:
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
-    decoder, visual = load_sampler(args.model, args.device)
+    decoder, visual = load_sampler(args.model, args.device, args.compile)
     grid = sample_images(decoder, visual, prompts, args.out, _sampling(args), args.batch_size, args.samples_per_prompt)
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
@@ -148,7 +151,7 @@ def cmd_chat(args) -> None:
     from semhitok.mllm.chat import ChatEngine, make_server
     from semhitok.mllm.sample import load_sampler
 
-    decoder, visual = load_sampler(args.model, args.device)
+    decoder, visual = load_sampler(args.model, args.device, args.compile)
     engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels)
     server = make_server(engine, args.host, args.port)
     print(f"chat on http://{server.server_address[0]}:{server.server_address[1]}  (Ctrl-C stops it)", flush=True)
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="every score of a model: POPE, GenEval, gFID, tokenizer reconstruction")
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--max-pixels", type=int, default=40_000_000)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_chat)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)

@@ -43,6 +43,31 @@ def test_cached_and_uncached_decoding_give_identical_ids(decoder):
     assert not torch.equal(decoder.image_ids(CAPTIONS, SamplingConfig(cfg_scale=2.5, seed=4)), cached)
 
 
+def test_compiled_decoding_is_one_graph_per_vocabulary_and_gives_the_same_ids(tiny_mllm, text_tokenizer, decoder):
+    """torch.compile(fullgraph=True) of the decoding step (inductor here; CUDA graphs on GPUs): no graph
+    breaks, no recompilation from step to step or call to call, the same ids as eager decoding."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Decoder(tiny_mllm, text_tokenizer, compile=True)
+    sampling = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=200, seed=5)
+    for captions in (CAPTIONS, ["a cat", "a very long caption about a small boat on a lake", "snow"]):
+        assert torch.equal(compiled.image_ids(captions, sampling), decoder.image_ids(captions, sampling))
+    assert counters["stats"]["unique_graphs"] == 1
+    image = torch.randint(0, decoder.layout.visual_vocab_size, (decoder.model.image_grid,) * 2)
+    turns = [("user", "<image>\nWhat is in the picture?")]
+    greedy = SamplingConfig(temperature=0.0)
+    assert compiled.answer(turns, image, greedy, 12) == decoder.answer(turns, image, greedy, 12)
+    assert counters["stats"]["unique_graphs"] == 2  # text rows: a second graph, compiled once
+
+
+def test_static_embedding_equals_the_training_embedding(tiny_mllm):
+    ids = torch.tensor([[5, tiny_mllm.layout.visual_offset + 7, 9, tiny_mllm.layout.vocab_size - 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_mllm.embed_static(ids), tiny_mllm.embed(ids))
+
+
 def test_chat_answers_are_text_and_stop(decoder):
     image = torch.randint(0, decoder.layout.visual_vocab_size, (decoder.model.image_grid,) * 2)
     sampling = SamplingConfig(temperature=0.0)
