@@ -89,7 +89,9 @@ class Decoder:
                              "(SemHiTokLM.from_pretrained(..., attn_implementation='sdpa'))")
         self.compile = compile
         mode = "reduce-overhead" if model.device.type == "cuda" else None
-        self._step = torch.compile(self._step_logits, mode=mode, fullgraph=True) if compile else self._step_logits
+        # not fullgraph: a graph break on some other stack slows decoding instead of stopping it (the tests
+        # check that here the step is a single graph)
+        self._step = torch.compile(self._step_logits, mode=mode) if compile else self._step_logits
         self._cache: tuple[tuple[int, int], StaticCache, torch.Tensor] | None = None  # reused: fixed addresses
 
     def _static_cache(self, rows: int, length: int) -> tuple[StaticCache, torch.Tensor]:

@@ -44,8 +44,8 @@ def test_cached_and_uncached_decoding_give_identical_ids(decoder):
 
 
 def test_compiled_decoding_is_one_graph_per_vocabulary_and_gives_the_same_ids(tiny_mllm, text_tokenizer, decoder):
-    """torch.compile(fullgraph=True) of the decoding step (inductor here; CUDA graphs on GPUs): no graph
-    breaks, no recompilation from step to step or call to call, the same ids as eager decoding."""
+    """torch.compile of the decoding step (inductor here; CUDA graphs on GPUs): a single graph (no breaks),
+    no recompilation from step to step or call to call, the same ids as eager decoding."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
