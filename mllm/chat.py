@@ -18,8 +18,8 @@ import io
 import json
 import logging
 import re
-import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,7 +55,9 @@ class ChatEngine:
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
         self.sampling = sampling or SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0)
         self.sessions: dict[str, Session] = {}
-        self.lock = threading.Lock()
+        # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
+        # compiled CUDA graphs are recorded per thread (the HTTP server makes a thread per request).
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semhitok-model")
 
     def session(self, sid: str) -> Session:
         return self.sessions.setdefault(sid, Session())
@@ -74,8 +76,7 @@ class ChatEngine:
             raise
         except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
             raise UploadRejected(f"that file is not an image I can read ({type(err).__name__})") from None
-        with self.lock:
-            ids = encode_images(self.visual, [img])[0]
+        ids = self.model_thread.submit(encode_images, self.visual, [img]).result()[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True
         return f"got your {img.width}x{img.height} image; ask me about it"
@@ -84,22 +85,24 @@ class ChatEngine:
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
-        state = self.session(sid)
-        request = IMAGE_REQUEST.match(text)
-        with self.lock, torch.no_grad():
-            if request:
-                ids = self.decoder.image_ids([request["caption"].strip()], self.sampling)
-                image = self.visual.decode(ids.to(self.visual.device))[0]
-                state.image_ids, state.image_is_new = ids[0].cpu(), True
-                buf = io.BytesIO()
-                to_pil(image).save(buf, format="PNG")
-                return {"kind": "image", "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
-            text = text.replace("<image>", "")  # only an upload or a generated picture places the image
-            if state.image_ids is not None and state.image_is_new:
-                text, state.image_is_new = "<image>\n" + text, False
-            state.turns.append(("user", text))
-            image = state.image_ids if any("<image>" in t for _, t in state.turns) else None
-            reply = self.decoder.answer(self._visible_turns(state), image, SamplingConfig(temperature=0.0), self.max_new_tokens)
+        return self.model_thread.submit(self._reply, self.session(sid), text).result()
+
+    @torch.no_grad()
+    def _reply(self, state: Session, text: str) -> dict:
+        """On the model thread: a generated image for an image request, else the model's answer."""
+        if request := IMAGE_REQUEST.match(text):
+            ids = self.decoder.image_ids([request["caption"].strip()], self.sampling)
+            image = self.visual.decode(ids.to(self.visual.device))[0]
+            state.image_ids, state.image_is_new = ids[0].cpu(), True
+            buf = io.BytesIO()
+            to_pil(image).save(buf, format="PNG")
+            return {"kind": "image", "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+        text = text.replace("<image>", "")  # only an upload or a generated picture places the image
+        if state.image_ids is not None and state.image_is_new:
+            text, state.image_is_new = "<image>\n" + text, False
+        state.turns.append(("user", text))
+        image = state.image_ids if any("<image>" in t for _, t in state.turns) else None
+        reply = self.decoder.answer(self._visible_turns(state), image, SamplingConfig(temperature=0.0), self.max_new_tokens)
         state.turns.append(("assistant", reply))
         return {"kind": "text", "text": reply}
 

@@ -96,3 +96,20 @@ def test_uploads_over_the_size_or_pixel_limit_are_refused(chat_url):
     assert status == 400 and "1,000,000 pixels" in body["error"]
     status, body = post(f"{chat_url}/api/message", b"{not json", {"Content-Type": "application/json"})
     assert status == 400
+
+
+def test_concurrent_requests_run_the_model_on_one_thread(tiny_mllm_dir):
+    """The HTTP server answers each request on a new thread; the model must still see one thread (a shared
+    static cache, CUDA graphs recorded per thread)."""
+    decoder, visual = load_sampler(tiny_mllm_dir, "cpu")
+    engine = ChatEngine(decoder, visual, max_upload_bytes=200_000, max_pixels=1_000_000, max_new_tokens=4)
+    seen, decode = set(), decoder.decode
+    decoder.decode = lambda *a, **k: seen.add(threading.get_ident()) or decode(*a, **k)
+    replies = {}
+    clients = [threading.Thread(target=lambda i=i: replies.update({i: engine.message(f"s{i}", "hello?")})) for i in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    assert sorted(replies) == [0, 1, 2, 3] and all(r["kind"] == "text" for r in replies.values())
+    assert len(seen) == 1 and threading.get_ident() not in seen
