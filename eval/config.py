@@ -22,3 +22,4 @@ class EvalConfig:
     recon_images: list[str] = field(default_factory=lambda: ["data/sample/holdout.jsonl"])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 16
+    compile: bool = False  # compile the decoding step (CUDA graphs on GPUs); see mllm/sample.py Decoder

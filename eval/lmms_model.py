@@ -1,6 +1,7 @@
 """The lmms-eval model: a SemHiTok unified LLM answering benchmark questions about one image.
 
     lmms-eval eval --model semhitok --model_args pretrained=runs/256/mllm/final,max_new_tokens=64 --tasks pope
+    (add compile=true on a GPU: CUDA-graph decoding, see mllm/sample.py Decoder)
 
 Each request's first image is tokenized by the model's own visual tokenizer and placed before the question
 (the LLaVA convention the model was trained on); answers are greedy and cut at the task's `until` strings.
@@ -19,9 +20,10 @@ from semhitok.tokenizer import encode_images
 
 
 class SemHiTokLMMS(lmms):
-    def __init__(self, pretrained: str, device: str | None = None, max_new_tokens: int = 64, batch_size: int = 1, **kwargs):
+    def __init__(self, pretrained: str, device: str | None = None, max_new_tokens: int = 64, batch_size: int = 1,
+                 compile: bool | str = False, **kwargs):
         super().__init__()
-        self.decoder, self.visual = load_sampler(pretrained, device)
+        self.decoder, self.visual = load_sampler(pretrained, device, str(compile).lower() in ("1", "true", "yes"))
         self.max_new_tokens = int(max_new_tokens)
 
     def _image_ids(self, request: Instance) -> torch.Tensor | None:

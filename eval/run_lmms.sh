@@ -7,7 +7,8 @@
 #
 # Needs `pip install -e ".[eval]"`. Standard tasks download their data from the Hugging Face Hub at run
 # time; MM-Vet also needs an OpenAI key for its judge. semhitok_pope_local reads POPE_QUESTIONS and
-# POPE_IMAGE_ROOT (default: ../shared/data beside the repository). Extra lmms-eval flags: LMMS_ARGS.
+# POPE_IMAGE_ROOT (default: ../shared/data beside the repository). Extra lmms-eval flags: LMMS_ARGS; extra
+# model arguments: MODEL_ARGS (e.g. MODEL_ARGS=compile=true on a GPU: CUDA-graph decoding).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -35,7 +36,7 @@ fi
 
 stamp=$(mktemp)
 # shellcheck disable=SC2086  # LMMS_ARGS is a list of flags
-"$python" -m lmms_eval eval --model semhitok --model_args "pretrained=$model_dir" --tasks "$tasks" \
+"$python" -m lmms_eval eval --model semhitok --model_args "pretrained=$model_dir${MODEL_ARGS:+,$MODEL_ARGS}" --tasks "$tasks" \
     "${include[@]}" --batch_size 1 --output_path "$out" --log_samples ${LMMS_ARGS:-}
 
 # lmms-eval exits 0 even when a task fails: a fresh results file is the proof of success.

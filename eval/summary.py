@@ -24,7 +24,7 @@ log = logging.getLogger("semhitok")
 def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, device: str | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    decoder, visual = load_sampler(model_dir, device)
+    decoder, visual = load_sampler(model_dir, device, cfg.compile)
     summary: dict = {"model": str(model_dir)}
 
     if Path(cfg.pope_questions).is_file():

@@ -57,6 +57,13 @@ def test_lmms_eval_finds_the_plugin_by_entry_point():
     assert get_model("semhitok").__name__ == "SemHiTokLMMS"
 
 
+def test_lmms_model_args_turn_compiled_decoding_on(model_dir):
+    from semhitok.eval.lmms_model import SemHiTokLMMS
+
+    assert SemHiTokLMMS(str(model_dir), "cpu", compile="true").decoder.compile  # lmms-eval passes strings
+    assert not SemHiTokLMMS(str(model_dir), "cpu").decoder.compile
+
+
 def test_geneval_folders_follow_the_scorer_layout_and_resume(sampler, tmp_path):
     metadata = read_metadata(GENEVAL)[:3]
     sampling = SamplingConfig(cfg_scale=3.0, seed=1)
