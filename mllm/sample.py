@@ -2,7 +2,7 @@
 
 Both run one KV-cached loop (`Decoder.decode`): the prompt is encoded once into a static cache
 (preallocated, updated in place), then one token per step. With `compile=True` the step (embedding,
-28 layers, visual-row head) is one torch.compile graph, replayed as a CUDA graph on GPUs: at batch 1 an
+every layer, the head's rows) is one torch.compile graph, replayed as a CUDA graph on GPUs: at batch 1 an
 eager step is bound by kernel launches, not by the GPU.
   - images: conditional and unconditional rows (the unconditional prompt used in training, see
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
@@ -99,8 +99,7 @@ class Decoder:
         mask buffer [rows, L] set to ones. The last one is kept and reused, so compiled graphs see the same
         tensors call after call."""
         size = (rows, -(-length // self.CACHE_ROUNDING) * self.CACHE_ROUNDING)
-        if self._cache is None or self._cache[0] != size:
-            self._cache = None  # free the old one first
+        if self._cache is None or self._cache[0] != size:  # (its tensors are allocated by the first prefill)
             self._cache = (size, StaticCache(config=self.model.lm.config, max_cache_len=size[1]),
                            torch.ones(size, dtype=torch.long, device=self.model.device))
         _, cache, mask = self._cache
