@@ -35,4 +35,5 @@ def test_sample_benchmark_prints_one_json_line():
                           cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "sample" and result["ids_per_image"] == 256
-    assert result["results"][0]["ours_img_per_s"] > 0 and result["results"][0]["baseline_img_per_s"] > 0
+    row = result["results"][0]
+    assert row["ours_img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["compiled_img_per_s"] > 0
