@@ -31,7 +31,9 @@ class _ChunkedCE(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        # accumulated in the weight's dtype, as Liger-Kernel does: an fp32 [V, d] buffer plus a converted copy
+        # per chunk would cost ~5 GB at 348K x 1536 (each chunk's GEMM still accumulates in fp32)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl]
@@ -42,8 +44,8 @@ class _ChunkedCE(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = g @ weight
             if grad_weight is not None:  # rows below frozen_rows get no gradient
-                grad_weight[ctx.frozen_rows :] += (g[:, ctx.frozen_rows :].t() @ h).to(acc)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+                grad_weight[ctx.frozen_rows :].addmm_(g[:, ctx.frozen_rows :].t(), h)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
