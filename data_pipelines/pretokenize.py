@@ -173,11 +173,12 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
     model = load_tokenizer(tokenizer_dir, device)
     totals: Counter = Counter()
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="pretokenize", unit="shard", dynamic_ncols=True)
+    records = [u.stop - u.start for u in todo]  # samples per unit (0: a tar, counted once read)
+    bar = tqdm(total=sum(records) if all(records) else None, desc="pretokenize", unit="sample", dynamic_ncols=True)
     for done in process_units(model, todo, shard_dir, cfg.batch_size, cfg.num_workers):
         totals.update({"samples": done["samples"], "images": done["images"]})
         totals.update({f"error:{k}": v for k, v in done["errors"].items()})
-        bar.update()
+        bar.update(done["records"][1] - done["records"][0] or done["samples"])
         bar.set_postfix(img_per_s=f"{totals['images'] / (time.perf_counter() - start):.1f}")
     bar.close()
     elapsed = time.perf_counter() - start

@@ -77,7 +77,7 @@ def load_text_tokenizer(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
         raise TextTokenizerUnavailable(
-            f"text tokenizer {name_or_path!r} is not available offline: run `huggingface-cli download "
+            f"text tokenizer {name_or_path!r} is not available offline: run `hf download "
             f"{name_or_path}` on a connected machine and pass its local directory ({type(err).__name__})"
         ) from None
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
@@ -105,7 +105,9 @@ def train_tiny_text_tokenizer(texts: list[str], vocab_size: int = 1024):
 
 def sample_texts(sample_dir: str | Path) -> list[str]:
     """Every piece of text in the shipped sample (captions, conversations, paragraphs, instructions)."""
-    sample_dir = Path(sample_dir)
+    from semhitok.common.resources import shipped
+
+    sample_dir = Path(shipped(sample_dir))
     texts = [json.loads(line)["caption"] for line in open(sample_dir / "captions.jsonl")]
     texts += [json.loads(line)["text"] for line in open(sample_dir / "text.jsonl")]
     for conv in json.loads((sample_dir / "llava.json").read_text()):

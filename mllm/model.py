@@ -250,7 +250,7 @@ def load_base_lm(cfg: MLLMConfig) -> Qwen2ForCausalLM:
         return Qwen2ForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
     except OSError as err:
         raise WeightsUnavailable(
-            f"LLM {cfg.base_model!r} is not available offline: run `huggingface-cli download {cfg.base_model}` on a "
+            f"LLM {cfg.base_model!r} is not available offline: run `hf download {cfg.base_model}` on a "
             f"connected machine and pass its local directory as mllm.base_model ({type(err).__name__})"
         ) from None
 

@@ -11,11 +11,16 @@ eager step is bound by kernel launches, not by the GPU.
   - text: logits over the text tokenizer's ids only, until <|im_end|> or max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
 count real tokens only. With a fixed seed, results are deterministic, cached or not.
+
+Randomness is per row and stateless: row r draws token t by Gumbel-max, argmax(log p + g), with the
+noise g a hash (splitmix64) of the row's key, the step and the vocabulary index. An image's key is made
+of (seed, sample index, caption), so the same prompt, seed and sample index give the same image whatever
+the batch size, the batch's other rows or the prompt's position in a file.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +61,42 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits.log_softmax(-1)
+
+
+def _i64(c: int) -> int:
+    """an unsigned 64-bit constant as the signed int64 torch stores"""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """logical right shift of int64 (torch's >> is arithmetic)"""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def row_key(seed: int, sample: int = 0, text: str = "") -> int:
+    """A row's 64-bit noise key (signed) from the seed, the sample index and the prompt."""
+    digest = hashlib.blake2b(f"{seed}\x00{sample}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, n: int) -> torch.Tensor:
+    """keys [B] int64 -> Gumbel(0, 1) noise [B, n] float64: splitmix64 outputs of each row's own stream
+    at counters step * n + [0, n), so a row's noise depends on its key and the step only."""
+    counter = torch.arange(n, device=keys.device, dtype=torch.int64) + step * n + 1
+    x = keys[:, None] + counter[None] * _GOLDEN  # int64 arithmetic wraps around: splitmix64's state
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    u = (_shr(x, 11).double() + 0.5) / float(1 << 53)  # uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def sample_rows(logp: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """log-probabilities [B, V] (-inf: excluded) -> one index per row [B], drawn with each row's noise."""
+    return (logp.double() + gumbel_noise(keys, step, logp.shape[-1])).argmax(-1)
 
 
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,14 +177,19 @@ class Decoder:
 
     @torch.no_grad()
     def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
-               guided: bool = False, stop: int | None = None, use_cache: bool = True) -> torch.Tensor:
+               guided: bool = False, stop: int | None = None, use_cache: bool = True,
+               keys: list[int] | None = None) -> torch.Tensor:
         """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
-        new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi)."""
+        new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
+        keys: each output row's noise key (row_key); default row_key(sampling.seed, row index)."""
         device = self.model.device
         ids, mask = left_pad(prompts, self.layout.eos, device)
-        gen = torch.Generator(device=device).manual_seed(sampling.seed)
         lo, hi = vocab
         n = len(prompts) // 2 if guided else len(prompts)
+        keys = keys if keys is not None else [row_key(sampling.seed, r) for r in range(n)]
+        if len(keys) != n:
+            raise ValueError(f"decode: {len(keys)} noise keys for {n} rows")
+        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
         out = torch.empty((n, 0), dtype=torch.long, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         if use_cache:
@@ -160,7 +206,7 @@ class Decoder:
                 token = logits.argmax(-1)
             else:
                 logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-                token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+                token = sample_rows(logp, row_keys, step)
             token = token + lo
             if stop is not None:
                 token = token.masked_fill(finished, stop)
@@ -180,14 +226,20 @@ class Decoder:
         return out
 
     # -- the two uses ------------------------------------------------------------------------------------
-    def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True) -> torch.Tensor:
-        """captions -> visual ids [B, h, w] in [0, K*m)"""
+    def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True,
+                  samples: list[int] | None = None) -> torch.Tensor:
+        """captions -> visual ids [B, h, w] in [0, K*m). Image r is keyed by (sampling.seed, samples[r],
+        captions[r]); samples defaults to each caption's occurrence count in `captions` (0, 1, ...), so a
+        repeated caption gives distinct images and a batch gives the images its rows give alone."""
+        if samples is None:
+            samples = [captions[:r].count(c) for r, c in enumerate(captions)]
         cond = [self.builder.generation_prompt(c) for c in captions]
         rows = cond + [self.builder.generation_prompt(self.seq_cfg.uncond_prompt)] * len(captions) if sampling.cfg_scale != 1 else cond
         lo = self.layout.visual_offset
         grid = self.model.image_grid
+        keys = [row_key(sampling.seed, j, c) for j, c in zip(samples, captions)]
         tokens = self.decode(rows, grid * grid, (lo, lo + self.layout.visual_vocab_size), sampling,
-                             guided=sampling.cfg_scale != 1, use_cache=use_cache)
+                             guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
         return (tokens - lo).view(len(captions), grid, grid)
 
     def answer(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
@@ -230,23 +282,27 @@ def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool
 
 
 def sample_images(decoder: Decoder, visual: SemHiTok, prompts: list[str], out: str | Path, sampling: SamplingConfig,
-                  batch_size: int = 8, per_prompt: int = 1) -> Path:
-    """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl,
-    out/grid.png (the first image of up to 16 prompts). Batch b uses seed sampling.seed + b."""
+                  batch_size: int = 8, per_prompt: int = 1, grid_limit: int = 64) -> Path:
+    """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl
+    (prompt, sample, file and the sampling settings), out/grid.png (every image, a row per prompt, up to
+    grid_limit images). Image (prompt, j) is keyed by (seed, j, prompt): the same whatever batch_size."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
-    firsts = []
+    settings = {"seed": sampling.seed, "cfg_scale": sampling.cfg_scale, "temperature": sampling.temperature,
+                "top_k": sampling.top_k, "top_p": sampling.top_p}
+    shown: list[torch.Tensor] = []
     with open(out / "prompts.jsonl", "w") as index:
-        for b, start in enumerate(tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", dynamic_ncols=True)):
+        for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", dynamic_ncols=True):
             batch = jobs[start : start + batch_size]
-            ids = decoder.image_ids([prompts[i] for i, _ in batch], dataclasses.replace(sampling, seed=sampling.seed + b))
+            ids = decoder.image_ids([prompts[i] for i, _ in batch], sampling, samples=[j for _, j in batch])
             for (i, j), image in zip(batch, visual.decode(ids.to(visual.device))):
                 name = f"images/{i:05d}_{j}.png"
                 to_pil(image).save(out / name)
-                index.write(json.dumps({"prompt": prompts[i], "sample": j, "file": name}) + "\n")
-                if j == 0 and len(firsts) < 16:
-                    firsts.append(image.cpu())
-    firsts += [torch.ones_like(firsts[0])] * (-len(firsts) % 4)  # white cells complete the last row
-    image_grid([torch.stack(firsts[k : k + 4]) for k in range(0, len(firsts), 4)]).save(out / "grid.png")
+                index.write(json.dumps({"prompt": prompts[i], "sample": j, "file": name, **settings}) + "\n")
+                if len(shown) < grid_limit:
+                    shown.append(image.cpu())
+    cols = min(per_prompt, grid_limit) if per_prompt > 1 else min(len(shown), 8)  # a row per prompt
+    shown += [torch.ones_like(shown[0])] * (-len(shown) % cols)  # white cells complete the last row
+    image_grid([torch.stack(shown[k : k + cols]) for k in range(0, len(shown), cols)]).save(out / "grid.png")
     return out / "grid.png"

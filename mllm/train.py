@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 from semhitok.common import dist as D
 from semhitok.common.metrics_log import MetricLogger
+from semhitok.common.resources import shipped
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
+from semhitok.mllm.ds_config import load_deepspeed_config
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
@@ -91,15 +93,11 @@ def build_model(cfg, out: Path, main: bool):
     return model, text_tokenizer, tokenizer_dir
 
 
-def deepspeed_config(cfg, bf16: bool) -> dict:
-    t = cfg.mllm_train
-    path = Path(t.deepspeed_config)
+def deepspeed_config(cfg, bf16: bool, world_size: int = 1, hidden_size: int | None = None) -> dict:
+    path = Path(shipped(cfg.mllm_train.deepspeed_config))
     if not path.is_file():
         raise FileNotFoundError(f"mllm_train.deepspeed_config: {path} not found (shipped: configs/deepspeed/zero3.json, zero2.json)")
-    ds = json.loads(path.read_text())
-    ds.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation,
-              gradient_clipping=t.grad_clip, bf16={"enabled": bf16})
-    return ds
+    return load_deepspeed_config(path, cfg, bf16, world_size, hidden_size)
 
 
 def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
@@ -174,7 +172,7 @@ def train_mllm(cfg) -> Path:
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],
                                   betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16, dist.world_size, model.lm.config.hidden_size))
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)

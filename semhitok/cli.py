@@ -6,8 +6,13 @@
     semhitok pretokenize --config tiny                  # corpora -> sharded visual ids (resumable)
     semhitok train --config tiny                        # the unified LLM (DeepSpeed; torchrun for many ranks)
     semhitok sample --model DIR --prompt "a red bus"    # CFG text-to-image
-    semhitok eval --model DIR --config tiny             # POPE, GenEval, gFID, tokenizer metrics
+    semhitok eval --model DIR                           # POPE, GenEval, gFID, tokenizer metrics
     semhitok chat --model DIR                           # web demo
+    semhitok config --config 256 [key.sub=value ...]    # print the resolved config
+
+Presets are bare names (`tiny`, `256`, `384`, `recipes/...`) read from the package's configs folder
+(semhitok.CONFIG_DIR); anything with a suffix or a slash is a YAML path. Every job writes config.yaml,
+run.json and runs.jsonl into its run directory (semhitok.common.run_dir).
 """
 
 from __future__ import annotations
@@ -19,11 +24,26 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("semhitok")
+DEFAULT_PRESET = "tiny"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="preset name under configs/ (tiny, 256, 384) or a YAML path")
-    p.add_argument("overrides", nargs="*", help="config overrides such as tokenizer_train.max_steps=100")
+class TqdmLogHandler(logging.Handler):
+    """Log records through tqdm.write, so they print above progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+def _config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
+    p.add_argument("--config", default=default,
+                   help="preset name (tiny, 256, 384; `semhitok config --list`) or a YAML path (suffix or slash)"
+                   + ("" if default else "; default: the config recorded in the model's run directory, else tiny"))
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides such as tokenizer_train.max_steps=100")
 
 
 def _load(args):
@@ -32,12 +52,34 @@ def _load(args):
     return load_project_config(args.config, args.overrides)
 
 
+def _record(job_dir, cfg, job: str, args) -> None:
+    """config.yaml, run.json and runs.jsonl in job_dir (semhitok.common.run_dir)."""
+    from semhitok.common.run_dir import record_run
+
+    record_run(job_dir, cfg, job, getattr(args, "config", None), getattr(args, "overrides", None))
+
+
+def cmd_config(args) -> None:
+    import yaml
+
+    from semhitok import CONFIG_DIR
+    from semhitok.common.config_io import list_presets, resolve_preset
+    from semhitok.common.run_dir import plain
+
+    if args.list:
+        print(f"presets in {CONFIG_DIR}: {', '.join(list_presets())}")
+        return
+    print(f"# {resolve_preset(args.config)}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+    print(yaml.safe_dump(plain(_load(args)), sort_keys=False), end="")
+
+
 # -- tokenizer ---------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
     from semhitok.tokenizer.train import train_tokenizer
 
     cfg = _load(args)
     cfg.tokenizer_train.stage = args.stage
+    _record(cfg.tokenizer_stage_dir(args.stage), cfg, f"tokenizer-stage{args.stage}", args)
     init_from = Path(cfg.tokenizer_train.init_from) if cfg.tokenizer_train.init_from else cfg.tokenizer_stage_dir(1) / "final"
     train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(args.stage), init_from)
     log.info("stage %d done: %s", args.stage, cfg.tokenizer_stage_dir(args.stage) / "final")
@@ -90,8 +132,11 @@ def cmd_tokenizer_eval(args) -> None:
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.tokenizer import load_tokenizer
 
+    inputs = list(args.inputs) + list(args.images or [])
+    if not inputs:
+        raise ValueError("tokenizer eval: give images, folders or jsonl files (as for `semhitok tokenizer encode`)")
     model = load_tokenizer(args.model, args.device)
-    result = evaluate_reconstruction(model, args.images, args.batch_size, fid=not args.no_fid)
+    result = evaluate_reconstruction(model, inputs, args.batch_size, fid=not args.no_fid)
     if args.json:
         write_json(args.json, result)
     print(json.dumps(result))
@@ -102,6 +147,7 @@ def cmd_pretokenize(args) -> None:
     from semhitok.data_pipelines.pretokenize import run_pretokenize
 
     cfg = _load(args)
+    _record(cfg.pretokenized_dir, cfg, "pretokenize", args)
     summary = run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir,
                               args.num_shards, args.shard_index, args.device)
     print(json.dumps(summary))
@@ -112,7 +158,21 @@ def cmd_train(args) -> None:
     from semhitok.mllm.train import train_mllm
 
     cfg = _load(args)
+    _record(cfg.mllm_dir, cfg, "mllm-train", args)
     print(f"exported: {train_mllm(cfg)}")
+
+
+class SamplingDefault:
+    """A flag's default that is SamplingConfig's field of that name, looked up only when help is printed
+    (importing the sampler pulls in torch and transformers)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:
+        from semhitok.mllm.sample import SamplingConfig
+
+        return f"{getattr(SamplingConfig(), self.name)!r} (SamplingConfig.{self.name})"
 
 
 def _sampling(args):
@@ -121,7 +181,8 @@ def _sampling(args):
 
     from semhitok.mllm.sample import SamplingConfig
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
+             if not isinstance(getattr(args, f.name), SamplingDefault)}
     return SamplingConfig(**given)
 
 
@@ -131,17 +192,35 @@ COMPILE_HELP = "compile the decoding step (CUDA graphs on GPUs): a one-off compi
 def cmd_sample(args) -> None:
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
+    import dataclasses
+
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    sampling = _sampling(args)
+    from semhitok.common.run_dir import record_run
+
+    record_run(args.out, {"model": str(Path(args.model).resolve()), "prompt": args.prompt, "prompts": args.prompts,
+                          "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
+                          "samples_per_prompt": args.samples_per_prompt}, "sample")
     decoder, visual = load_sampler(args.model, args.device, args.compile)
-    grid = sample_images(decoder, visual, prompts, args.out, _sampling(args), args.batch_size, args.samples_per_prompt)
+    grid = sample_images(decoder, visual, prompts, args.out, sampling, args.batch_size, args.samples_per_prompt)
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 
 def cmd_eval(args) -> None:
+    from semhitok.common.run_dir import find_run_config
     from semhitok.eval.summary import evaluate_model
 
+    if args.config is None:
+        recorded = find_run_config(args.model)
+        if recorded is None:
+            log.warning("no config.yaml recorded beside %s: using the %s preset's eval settings (pass --config)",
+                        args.model, DEFAULT_PRESET)
+        else:
+            log.info("config: %s (recorded by the run that trained %s)", recorded, args.model)
+        args.config = str(recorded or DEFAULT_PRESET)
     cfg = _load(args)
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    _record(out, cfg, "eval", args)
     evaluate_model(args.model, cfg.eval, out, args.device)
     print((out / "summary.md").read_text())
     print(f"summary: {out / 'summary.json'}")
@@ -174,12 +253,14 @@ def cmd_pipeline(args) -> None:
     from semhitok.tokenizer.train import train_tokenizer
 
     cfg = _load(args)
+    _record(cfg.run_dir, cfg, "pipeline", args)
     for stage in (1, 2):
         cfg.tokenizer_train.stage = stage
         if (cfg.tokenizer_stage_dir(stage) / "final" / "config.json").is_file():
             log.info("== tokenizer stage %d already finished at %s; skipping", stage, cfg.tokenizer_stage_dir(stage) / "final")
             continue
         log.info("== tokenizer stage %d -> %s", stage, cfg.tokenizer_stage_dir(stage))
+        _record(cfg.tokenizer_stage_dir(stage), cfg, f"tokenizer-stage{stage}", args)
         train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
     model = load_tokenizer(cfg.tokenizer_dir)
     log.info("== tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
@@ -189,118 +270,134 @@ def cmd_pipeline(args) -> None:
     print(json.dumps(result))
     print(f"held-out reconstructions (input above reconstruction): {grid}")
     log.info("== pretokenize %s -> %s", [src.name for src in cfg.pretokenize.sources], cfg.pretokenized_dir)
+    _record(cfg.pretokenized_dir, cfg, "pretokenize", args)
     print(json.dumps(run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)))
     if (cfg.mllm_dir / "final" / "semhitok_mllm.json").is_file():
         log.info("== mllm already trained at %s; skipping", cfg.mllm_dir / "final")
     else:
         log.info("== mllm training -> %s", cfg.mllm_dir)
+        _record(cfg.mllm_dir, cfg, "mllm-train", args)
         train_mllm(cfg)
     model_dir = cfg.mllm_dir / "final"
     log.info("== text-to-image samples for the held-out captions")
     decoder, visual = load_sampler(model_dir)
     captions = read_prompts(cfg.eval.gfid_captions)
+    _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
     grid = sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
     log.info("== evaluation -> %s", Path(cfg.run_dir) / "eval")
+    _record(Path(cfg.run_dir) / "eval", cfg, "eval", args)
     evaluate_model(model_dir, cfg.eval, Path(cfg.run_dir) / "eval")
     print((Path(cfg.run_dir) / "eval" / "summary.md").read_text())
     print(f"generated from held-out captions: {grid}")
     print(f"chat with the model: semhitok chat --model {model_dir}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default; descriptions keep their line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semhitok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from semhitok import __version__
 
-    p = sub.add_parser("pipeline", help="run the whole path end to end (default: tiny preset on the shipped sample)")
+    parser = argparse.ArgumentParser(prog="semhitok", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, help: str, func) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(sub, "pipeline", "run the whole path end to end (default: tiny preset on the shipped sample)", cmd_pipeline)
     _config_args(p)
-    p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("pretokenize", help="encode image-text corpora into sharded id files (resumable)")
+    p = command(sub, "config", "print the resolved config of a preset plus overrides (YAML, loadable with --config)", cmd_config)
     _config_args(p)
-    p.add_argument("--num-shards", type=int, default=None, help="jobs splitting the work (default: from SLURM, else 1)")
-    p.add_argument("--shard-index", type=int, default=None, help="this job's index in [0, num-shards)")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_pretokenize)
+    p.add_argument("--list", action="store_true", help="list the shipped presets instead")
 
-    p = sub.add_parser("train", help="train the unified LLM with DeepSpeed (run under torchrun for several ranks)")
+    p = command(sub, "pretokenize", "encode image-text corpora into sharded id files (resumable)", cmd_pretokenize)
     _config_args(p)
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--num-shards", type=int, default=None, help="jobs splitting the work (None: from SLURM, else 1)")
+    p.add_argument("--shard-index", type=int, default=None, help="this job's index in [0, num-shards) (None: from SLURM, else 0)")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
 
-    p = sub.add_parser("sample", help="text-to-image with classifier-free guidance")
+    p = command(sub, "train", "train the unified LLM with DeepSpeed (run under torchrun for several ranks)", cmd_train)
+    _config_args(p)
+
+    p = command(sub, "sample", "text-to-image with classifier-free guidance", cmd_sample)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: SamplingConfig's)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--samples-per-prompt", type=int, default=1)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="output folder (images/, prompts.jsonl, grid.png, config.yaml, run.json)")
+    p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"), help="classifier-free guidance scale (1: off)")
+    p.add_argument("--temperature", type=float, default=SamplingDefault("temperature"), help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=SamplingDefault("top_k"), help="keep the k most likely ids (0: off)")
+    p.add_argument("--top-p", type=float, default=SamplingDefault("top_p"), help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=SamplingDefault("seed"),
+                   help="an image depends on (seed, prompt, sample index) only, not on the batch")
+    p.add_argument("--batch-size", type=int, default=8, help="images decoded together (does not change them)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="every score of a model: POPE, GenEval, gFID, tokenizer reconstruction")
+    p = command(sub, "eval", "every score of a model: POPE, GenEval, gFID, tokenizer reconstruction", cmd_eval)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
-    p.add_argument("--out", default=None, help="output folder (default: <model>/../eval)")
-    p.add_argument("--device", default=None)
-    _config_args(p)
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--out", default=None, help="output folder (None: <model>/../eval)")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _config_args(p, default=None)
 
-    p = sub.add_parser("chat", help="web chat demo: ask about an uploaded image, or ask for one")
+    p = command(sub, "chat", "web chat demo: ask about an uploaded image, or ask for one", cmd_chat)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
-    p.add_argument("--device", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.set_defaults(func=cmd_chat)
 
-    tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
-    p = tok.add_parser("train", help="train (or resume) stage 1 or 2")
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval",
+                         description="SemHiTok: train, encode, decode, reconstruct, eval", formatter_class=HelpFormatter)
+    tok = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = command(tok, "train", "train (or resume) stage 1 or 2", cmd_tokenizer_train)
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: semantic codebook; 2: pixel sub-codebooks")
     _config_args(p)
-    p.set_defaults(func=cmd_tokenizer_train)
 
     def model_args(p):
         p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output)")
-        p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+        p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
 
-    p = tok.add_parser("encode", help="image files/folders -> ids .npz")
+    inputs_help = "image files, folders of images, or .jsonl files with an `image` field"
+    p = command(tok, "encode", "image files/folders -> ids .npz", cmd_tokenizer_encode)
     model_args(p)
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--out", required=True, help="output .npz (arrays: ids [N, h, w] int32, paths)")
-    p.set_defaults(func=cmd_tokenizer_encode)
 
-    p = tok.add_parser("decode", help="ids .npz -> PNG images")
+    p = command(tok, "decode", "ids .npz -> PNG images", cmd_tokenizer_decode)
     model_args(p)
-    p.add_argument("--ids", required=True)
+    p.add_argument("--ids", required=True, help="an .npz written by `semhitok tokenizer encode`")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_tokenizer_decode)
 
-    p = tok.add_parser("reconstruct", help="encode+decode images, write input-vs-reconstruction PNGs")
+    p = command(tok, "reconstruct", "encode+decode images, write input-vs-reconstruction PNGs", cmd_tokenizer_reconstruct)
     model_args(p)
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", type=int, default=8, help="images in the overview grid.png")
-    p.set_defaults(func=cmd_tokenizer_reconstruct)
 
-    p = tok.add_parser("eval", help="PSNR, SSIM, codebook usage, rFID on images")
+    p = command(tok, "eval", "PSNR, SSIM, codebook usage, rFID on images", cmd_tokenizer_eval)
     model_args(p)
-    p.add_argument("--images", nargs="+", required=True, help="folders, jsonl files or images")
+    p.add_argument("inputs", nargs="*", default=[], help=inputs_help)
+    p.add_argument("--images", nargs="+", default=None, help=argparse.SUPPRESS)  # the former spelling, still read
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
-    p.set_defaults(func=cmd_tokenizer_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    handler = TqdmLogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = build_parser().parse_args(argv)
     from semhitok.common.config_io import ConfigError
     from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable

@@ -1,4 +1,5 @@
-"""The project's job configuration: one section per subsystem, loaded from configs/<preset>.yaml."""
+"""The project's job configuration: one section per subsystem, loaded from <CONFIG_DIR>/<preset>.yaml
+(configs/ in a checkout, semhitok/configs in an installed wheel)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import load_config
+from semhitok.common.resources import resolve_shipped
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
@@ -51,4 +53,7 @@ class ProjectConfig:
 
 
 def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:
-    return load_config(ProjectConfig, preset, overrides)
+    """Preset (or YAML path) + overrides -> the config, with relative paths into the shipped files
+    (`data/...`, `configs/...`) resolved to the repository's or the installed package's copy when the
+    current directory has none (semhitok.common.resources)."""
+    return resolve_shipped(load_config(ProjectConfig, preset, overrides))

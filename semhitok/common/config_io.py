@@ -1,6 +1,7 @@
 """Typed dataclass configs from YAML plus `a.b=value` command-line overrides.
 
-Defaults live only in the dataclasses; YAML presets under configs/ and overrides change fields by name,
+Defaults live only in the dataclasses; YAML presets under CONFIG_DIR (configs/ in a checkout,
+semhitok/configs in a wheel) and overrides change fields by name,
 and an unknown name is an error that names it.
 """
 
@@ -93,18 +94,29 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def list_presets() -> list[str]:
+    """Preset names: YAML files under CONFIG_DIR, subfolders included (`recipes/sft`)."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.y*ml"))
+
+
 def resolve_preset(name_or_path: str | Path) -> Path:
-    """`tiny` -> configs/tiny.yaml; anything with a suffix or a slash is a path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown config preset {name_or_path!r}; presets: {known}, or pass a YAML path")
-    return preset
+    """A bare name is a preset: `tiny` -> CONFIG_DIR/tiny.yaml (a folder `tiny/` in the cwd does not hide it).
+    A path needs a suffix (`my.yaml`) or a slash (`./my`, `runs/256/mllm/config.yaml`); a relative one not
+    found from the cwd is looked up under CONFIG_DIR (`recipes/sft`, `recipes/sft.yaml`)."""
+    text = str(name_or_path)
+    path = Path(text)
+    is_path = path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text
+    if is_path:
+        for candidate in (path, path.with_suffix(".yaml")) if not path.suffix else (path,):
+            if candidate.is_file():
+                return candidate
+    if not path.is_absolute() and not text.startswith(("./", "../")):
+        preset = CONFIG_DIR / (text if path.suffix in (".yaml", ".yml") else f"{text}.yaml")
+        if preset.is_file():
+            return preset
+    if is_path:
+        raise ConfigError(f"config file not found: {path}")
+    raise ConfigError(f"unknown config preset {text!r}; presets: {list_presets()} (in {CONFIG_DIR}), or pass a YAML path")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -1,6 +1,8 @@
 """Metric logging: always a metrics.jsonl, plus tensorboard and/or wandb when asked and installed.
 
 wandb defaults to offline mode so a run on a machine without network or API key never fails on logging.
+A wandb run is named after its directory (the last three path parts, or $WANDB_NAME) and its id is kept
+in <out_dir>/wandb_run_id, so a restarted or requeued job resumes the same wandb run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("semhitok")
+
+
+def wandb_identity(out_dir: Path, new_id) -> dict[str, str]:
+    """{"name", "id"} for wandb.init: the id is created once (new_id()) and stored in out_dir/wandb_run_id."""
+    from semhitok.common.io import atomic_path
+
+    id_file = out_dir / "wandb_run_id"
+    if not id_file.is_file():
+        with atomic_path(id_file) as tmp:
+            tmp.write_text(new_id() + "\n")
+    name = os.environ.get("WANDB_NAME") or "/".join(out_dir.resolve().parts[-3:])
+    return {"name": name, "id": id_file.read_text().strip()}
 
 
 class MetricLogger:
@@ -38,7 +52,8 @@ class MetricLogger:
                     log.warning("wandb logging asked for but not installed (pip install wandb); skipping it")
                     continue
                 os.environ.setdefault("WANDB_MODE", "offline")
-                self._wandb = wandb.init(project="semhitok", dir=str(out_dir), config=run_config)
+                self._wandb = wandb.init(project="semhitok", dir=str(out_dir), config=run_config, resume="allow",
+                                         **wandb_identity(out_dir, wandb.util.generate_id))
             elif backend != "jsonl":
                 raise ValueError(f"unknown log backend {backend!r}; use jsonl, tensorboard or wandb")
 

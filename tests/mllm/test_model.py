@@ -161,8 +161,8 @@ def test_offline_base_model_and_text_tokenizer_fail_with_one_line_saying_what_to
     from semhitok.mllm.model import load_base_lm
     from semhitok.tokenizer import WeightsUnavailable
 
-    with pytest.raises(WeightsUnavailable, match=r"huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct") as err:
+    with pytest.raises(WeightsUnavailable, match=r"hf download Qwen/Qwen2.5-1.5B-Instruct") as err:
         load_base_lm(MLLMConfig())
     assert "\n" not in str(err.value)
-    with pytest.raises(TextTokenizerUnavailable, match=r"huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct"):
+    with pytest.raises(TextTokenizerUnavailable, match=r"hf download Qwen/Qwen2.5-1.5B-Instruct"):
         load_text_tokenizer("Qwen/Qwen2.5-1.5B-Instruct")
