@@ -115,7 +115,7 @@ def resolve_preset(name_or_path: str | Path) -> Path:
         if preset.is_file():
             return preset
     if is_path:
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {text}")
     raise ConfigError(f"unknown config preset {text!r}; presets: {list_presets()} (in {CONFIG_DIR}), or pass a YAML path")
 
 

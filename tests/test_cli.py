@@ -1,0 +1,131 @@
+"""The CLI surface: help text and defaults on every flag, --version, `semhitok config`, preset names vs
+paths, shipped paths from any directory, run-directory records and the eval config found from them."""
+
+import argparse
+import json
+import logging
+
+import pytest
+import yaml
+
+import semhitok
+from semhitok.cli import build_parser, main
+from semhitok.common import config_io
+from semhitok.common.config_io import ConfigError, resolve_preset
+from semhitok.common.run_dir import find_run_config, record_run
+from semhitok.config import load_project_config
+from tests.conftest import REPO
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "semhitok"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    parsers = dict(_parsers(build_parser()))
+    assert {"semhitok config", "semhitok tokenizer eval", "semhitok sample", "semhitok eval"} <= set(parsers)
+    for name, parser in parsers.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            if action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.dest}: no help text"
+            if action.option_strings:
+                assert "(default:" in text, name
+    sample = parsers["semhitok sample"].format_help()
+    assert "--batch-size BATCH_SIZE" in sample and "(default: 8)" in sample and "SamplingConfig.cfg_scale" in sample
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"semhitok {semhitok.__version__}"
+
+
+def test_config_prints_the_resolved_preset_plus_overrides(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like the preset does not hide it
+    assert main(["config", "--config", "tiny", "mllm_train.lr=0.25", "run_dir=/x"]) == 0
+    header, body = capsys.readouterr().out.split("\n", 1)
+    assert header == f"# {semhitok.CONFIG_DIR / 'tiny.yaml'} + mllm_train.lr=0.25 run_dir=/x"
+    printed = yaml.safe_load(body)
+    assert printed["mllm_train"]["lr"] == 0.25 and printed["run_dir"] == "/x"
+    assert printed["tokenizer"]["teacher"] == "random"  # tiny's own values
+    (tmp_path / "printed.yaml").write_text(body)  # what it prints loads back as the same config
+    assert yaml.safe_load(body) == yaml.safe_load(yaml.safe_dump(
+        json.loads(json.dumps(__import__("dataclasses").asdict(load_project_config("printed.yaml"))))))
+    assert main(["config", "--list"]) == 0 and "256, 384, tiny" in capsys.readouterr().out
+
+
+def test_bare_names_are_presets_and_paths_need_a_suffix_or_a_slash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert resolve_preset("tiny") == semhitok.CONFIG_DIR / "tiny.yaml"
+    with pytest.raises(ConfigError, match="config file not found: ./tiny"):
+        resolve_preset("./tiny")
+    with pytest.raises(ConfigError, match=r"unknown config preset 'tinyy'.*'tiny'"):
+        resolve_preset("tinyy")
+    (tmp_path / "mine.yaml").write_text("run_dir: here\n")
+    assert resolve_preset("mine.yaml").resolve() == tmp_path / "mine.yaml"
+    recipes = tmp_path / "configs"
+    (recipes / "recipes").mkdir(parents=True)
+    (recipes / "recipes" / "sft.yaml").write_text("run_dir: runs/sft\n")
+    monkeypatch.setattr(config_io, "CONFIG_DIR", recipes)
+    assert resolve_preset("recipes/sft") == recipes / "recipes" / "sft.yaml"  # presets in subfolders
+    assert config_io.list_presets() == ["recipes/sft"]
+
+
+def test_shipped_paths_resolve_from_any_directory_and_the_cwd_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_project_config("tiny")
+    assert cfg.tokenizer_train.train_data == [str(REPO / "data/sample/train.jsonl")]
+    assert cfg.mllm_train.deepspeed_config == str(REPO / "configs/deepspeed/zero3.json")
+    assert [s.path for s in cfg.pretokenize.sources][0] == str(REPO / "data/sample/train.jsonl")
+    assert cfg.run_dir == "runs/tiny"  # outputs stay relative to the cwd
+    (tmp_path / "data" / "sample").mkdir(parents=True)
+    (tmp_path / "data" / "sample" / "train.jsonl").write_text("")
+    assert load_project_config("tiny").tokenizer_train.train_data == ["data/sample/train.jsonl"]
+
+
+def test_run_dirs_record_config_overrides_revision_and_warn_on_a_changed_resume(tmp_path, caplog):
+    cfg = load_project_config("tiny", [f"run_dir={tmp_path}"])
+    job = tmp_path / "mllm"
+    record_run(job, cfg, "mllm-train", "tiny", [f"run_dir={tmp_path}"])
+    info = json.loads((job / "run.json").read_text())
+    assert info["job"] == "mllm-train" and info["preset"] == "tiny" and info["overrides"] == [f"run_dir={tmp_path}"]
+    assert info["revision"] and info["version"] == semhitok.__version__
+    assert load_project_config(job / "config.yaml") == cfg  # the record loads back as the same config
+    cfg.mllm_train.max_steps += 5
+    with caplog.at_level(logging.WARNING, logger="semhitok"):
+        record_run(job, cfg, "mllm-train", "tiny", [])
+    assert "changed: mllm_train.max_steps" in caplog.text
+    starts = [json.loads(line) for line in (job / "runs.jsonl").read_text().splitlines()]
+    assert [s["changed"] for s in starts] == [[], ["mllm_train.max_steps"]]
+    assert yaml.safe_load((job / "config.previous.yaml").read_text())["mllm_train"]["max_steps"] == cfg.mllm_train.max_steps - 5
+    (job / "final").mkdir()
+    assert find_run_config(job / "final") == (job / "config.yaml").resolve()
+    assert find_run_config(tmp_path / "elsewhere") is None
+
+
+def test_eval_reads_the_config_recorded_beside_the_model(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_evaluate(model_dir, eval_cfg, out, device=None):  # the scores are tested elsewhere; here: which config
+        seen["cfg"] = eval_cfg
+        (out / "summary.md").write_text("| bench |\n")
+
+    monkeypatch.setattr("semhitok.eval.summary.evaluate_model", fake_evaluate)
+    cfg = load_project_config("tiny", [f"run_dir={tmp_path}", "eval.geneval_limit=3"])
+    record_run(tmp_path / "mllm", cfg, "mllm-train", "tiny", ["eval.geneval_limit=3"])
+    (tmp_path / "mllm" / "final").mkdir()
+    assert main(["eval", "--model", str(tmp_path / "mllm" / "final")]) == 0
+    assert seen["cfg"].geneval_limit == 3  # not tiny's 8
+    assert json.loads((tmp_path / "mllm" / "eval" / "run.json").read_text())["preset"] == str((tmp_path / "mllm" / "config.yaml").resolve())
+    assert main(["eval", "--model", str(tmp_path / "mllm" / "final"), "eval.geneval_limit=5"]) == 0
+    assert seen["cfg"].geneval_limit == 5  # overrides apply over the recorded config
