@@ -2,6 +2,9 @@
 # Evaluate a SemHiTok model with lmms-eval.
 #
 #   bash eval/run_lmms.sh MODEL_DIR TASKS [OUTPUT_DIR]
+#
+# OUTPUT_DIR defaults to the model's own eval folder, where `semhitok eval --model MODEL_DIR` reads the
+# scores back: <run>/mllm/final -> <run>/mllm/eval/lmms_eval; any other DIR -> DIR-eval/lmms_eval.
 #   bash eval/run_lmms.sh runs/256/mllm/final pope,mme,gqa,seedbench,mmbench_en_dev,mmvet
 #   bash eval/run_lmms.sh runs/tiny/mllm/final semhitok_pope_local      # offline: POPE on local COCO images
 #
@@ -15,9 +18,14 @@ if [ $# -lt 2 ]; then
     echo "usage: bash eval/run_lmms.sh MODEL_DIR TASKS [OUTPUT_DIR]" >&2
     exit 2
 fi
-model_dir=$1
+model_dir=${1%/}
 tasks=$2
-out=${3:-runs/lmms_eval/$(basename "$(dirname "$model_dir")")}
+if [ "$(basename "$model_dir")" = final ]; then
+    default_out=$(dirname "$model_dir")/eval/lmms_eval
+else
+    default_out=$model_dir-eval/lmms_eval
+fi
+out=${3:-$default_out}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
 

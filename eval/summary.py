@@ -58,7 +58,7 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     except FIDUnavailable as err:
         summary["tokenizer"] = {"error": str(err)}
 
-    lmms = collect_lmms_results(out / "lmms_eval")
+    lmms = collect_lmms_results(out / "lmms_eval", model_dir)
     if lmms:
         summary["lmms_eval"] = lmms
     write_json(out / "summary.json", summary)
@@ -67,11 +67,27 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     return summary
 
 
-def collect_lmms_results(root: Path) -> dict:
-    """Scores of earlier `eval/run_lmms.sh MODEL TASKS <out>/lmms_eval` runs: the newest result per task."""
+def _evaluated_model(results: dict) -> Path | None:
+    """The `pretrained=` directory an lmms-eval results JSON was written for, when it says."""
+    args = (results.get("config") or {}).get("model_args") or ""
+    args = ",".join(f"{k}={v}" for k, v in args.items()) if isinstance(args, dict) else str(args)
+    for part in args.split(","):
+        if part.startswith("pretrained="):
+            return Path(part.removeprefix("pretrained=")).resolve()
+    return None
+
+
+def collect_lmms_results(root: Path, model_dir: str | Path | None = None) -> dict:
+    """Scores of earlier `eval/run_lmms.sh MODEL TASKS <out>/lmms_eval` runs: the newest result per task.
+    With model_dir, results that name another model (lmms-eval's model_args pretrained=) are left out."""
     scores: dict = {}
     for results_file in sorted(root.rglob("*results*.json"), key=lambda p: p.stat().st_mtime):
-        for task, metrics in json.loads(results_file.read_text()).get("results", {}).items():
+        results = json.loads(results_file.read_text())
+        other = _evaluated_model(results)
+        if model_dir is not None and other is not None and other != Path(model_dir).resolve():
+            log.warning("%s: results of %s, not of %s; left out", results_file, other, model_dir)
+            continue
+        for task, metrics in results.get("results", {}).items():
             scores[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
     return scores
 

@@ -206,6 +206,12 @@ def cmd_sample(args) -> None:
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 
+def default_eval_dir(model: str | Path) -> Path:
+    """<run>/mllm/final -> <run>/mllm/eval; any other DIR -> DIR-eval (eval/run_lmms.sh writes to <that>/lmms_eval)."""
+    model = Path(model)
+    return model.parent / "eval" if model.name == "final" else model.parent / f"{model.name}-eval"
+
+
 def cmd_eval(args) -> None:
     from semhitok.common.run_dir import find_run_config
     from semhitok.eval.summary import evaluate_model
@@ -219,7 +225,7 @@ def cmd_eval(args) -> None:
             log.info("config: %s (recorded by the run that trained %s)", recorded, args.model)
         args.config = str(recorded or DEFAULT_PRESET)
     cfg = _load(args)
-    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    out = Path(args.out) if args.out else default_eval_dir(args.model)
     _record(out, cfg, "eval", args)
     evaluate_model(args.model, cfg.eval, out, args.device)
     print((out / "summary.md").read_text())
@@ -343,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "eval", "every score of a model: POPE, GenEval, gFID, tokenizer reconstruction", cmd_eval)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
-    p.add_argument("--out", default=None, help="output folder (None: <model>/../eval)")
+    p.add_argument("--out", default=None, help="output folder; lmms-eval scores under <out>/lmms_eval join the table "
+                   "(None: <run>/mllm/eval for <run>/mllm/final, else <model>-eval; where eval/run_lmms.sh writes)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     _config_args(p, default=None)
 

@@ -129,3 +129,35 @@ def test_eval_reads_the_config_recorded_beside_the_model(tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "mllm" / "eval" / "run.json").read_text())["preset"] == str((tmp_path / "mllm" / "config.yaml").resolve())
     assert main(["eval", "--model", str(tmp_path / "mllm" / "final"), "eval.geneval_limit=5"]) == 0
     assert seen["cfg"].geneval_limit == 5  # overrides apply over the recorded config
+
+
+def test_run_lmms_writes_each_model_to_its_own_folder_where_eval_reads_it(tmp_path):
+    import os
+    import subprocess
+
+    from semhitok.cli import default_eval_dir
+    from semhitok.eval.summary import collect_lmms_results
+
+    # a stand-in for `python -m lmms_eval`: writes a results JSON the way lmms-eval does, naming its model
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/usr/bin/env bash\nout=""; args=""\nwhile [ $# -gt 0 ]; do case $1 in --output_path) out=$2;; '
+                    '--model_args) args=$2;; esac; shift; done\nmkdir -p "$out/m"\n'
+                    'printf \'{"config": {"model_args": "%s"}, "results": {"mme": {"score,none": 1.5}}}\' "$args" '
+                    '> "$out/m/20260101_results.json"\n')
+    fake.chmod(0o755)
+    models = [tmp_path / "a" / "mllm" / "final", tmp_path / "b" / "mllm" / "final", tmp_path / "zoo" / "c"]
+    for model in models:
+        model.mkdir(parents=True)
+        (model / "semhitok_mllm.json").write_text("{}")
+        subprocess.run(["bash", str(REPO / "eval" / "run_lmms.sh"), str(model), "mme"], cwd=tmp_path, check=True,
+                       env=dict(os.environ, PYTHON=str(fake)), capture_output=True)
+    assert default_eval_dir(models[0]) == tmp_path / "a" / "mllm" / "eval"
+    assert default_eval_dir(models[2]) == tmp_path / "zoo" / "c-eval"
+    for model in models:
+        found = list((default_eval_dir(model) / "lmms_eval").rglob("*results*.json"))
+        assert len(found) == 1 and str(model) in found[0].read_text()
+        assert collect_lmms_results(default_eval_dir(model) / "lmms_eval", model) == {"mme": {"score": 1.5}}
+    # results of another model in the same folder are not counted as this one's
+    stray = default_eval_dir(models[0]) / "lmms_eval" / "m" / "20270101_results.json"
+    stray.write_text(json.dumps({"config": {"model_args": f"pretrained={models[1]}"}, "results": {"gqa": {"acc,none": 0.5}}}))
+    assert collect_lmms_results(default_eval_dir(models[0]) / "lmms_eval", models[0]) == {"mme": {"score": 1.5}}
