@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,9 @@ def wheel_venv(tmp_path_factory) -> Path:
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(src)], root, env)
     (wheel,) = (root / "dist").glob("semhitok-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"semhitok/configs/tiny.yaml", "semhitok/configs/deepspeed/zero3.json", "semhitok/data/sample/train.jsonl"} <= set(names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
     site = next((venv / "lib").glob("python3*/site-packages"))
