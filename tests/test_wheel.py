@@ -1,9 +1,10 @@
 """The built wheel in a fresh virtual environment, run from an empty directory elsewhere: presets, DeepSpeed
 JSONs and the shipped sample come from the package; a `tiny/` folder in the cwd does not hide the preset;
-every run directory records its config."""
+every run directory records its config; the README's tested block runs as written (short schedules)."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,24 @@ from tests.conftest import REPO
 SHORT = ["tokenizer_train.max_steps=2", "tokenizer_train.disc_start=1", "tokenizer_train.holdout_images=2",
          "tokenizer_train.batch_size=4", "mllm_train.max_steps=2", "mllm_train.ckpt_every=1000", "mllm_train.warmup_steps=1",
          "eval.geneval_limit=1", "eval.geneval_samples=1", "eval.batch_size=4"]
+
+
+def readme_commands(venv: Path) -> list[list[str]]:
+    """The README's tested block (after `<!-- readme-test: ... -->`), one command per line, run with the
+    venv's `semhitok`; training jobs get the short schedules appended."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("<!-- readme-test:"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if not argv:
+            continue
+        assert argv[0] == "semhitok", line
+        argv[0] = str(venv / "bin" / "semhitok")
+        if argv[1] in ("pipeline", "train", "pretokenize") or argv[1:3] == ["tokenizer", "train"]:
+            argv += SHORT
+        commands.append(argv)
+    return commands
 
 
 def run(cmd, cwd, env, timeout=600) -> str:
@@ -68,17 +87,21 @@ def test_wheel_runs_the_tiny_pipeline_from_an_empty_directory(wheel_venv, tmp_pa
     python = str(wheel_venv / "bin" / "python")
     where = run([python, "-c", "import semhitok; print(semhitok.__file__); print(semhitok.CONFIG_DIR)"], cwd, env).split()
     assert where[0].startswith(str(wheel_venv)) and where[1].startswith(str(wheel_venv))  # the wheel, not the checkout
-    assert "256, 384, tiny" in run([python, "-m", "semhitok.cli", "config", "--list"], cwd, env)
-    resolved = yaml.safe_load(run([python, "-m", "semhitok.cli", "config", "--config", "tiny", "mllm_train.lr=0.5"], cwd, env).split("\n", 1)[1])
-    assert resolved["mllm_train"]["lr"] == 0.5
+
+    outputs = [run(cmd, cwd, env, timeout=900) for cmd in readme_commands(wheel_venv)]
+    assert outputs[0].startswith("semhitok ")
+    resolved = yaml.safe_load(outputs[1].split("\n", 1)[1])
+    assert resolved["mllm_train"]["max_steps"] == 3
     assert Path(resolved["mllm_train"]["deepspeed_config"]).is_file()
     assert all(Path(p).is_file() and str(p).startswith(str(wheel_venv)) for p in resolved["tokenizer_train"]["train_data"])
-
-    out = run([str(wheel_venv / "bin" / "semhitok"), "pipeline", "--config", "tiny", *SHORT], cwd, env, timeout=900)
+    out = outputs[2]
     runs = cwd / "runs" / "tiny"
     assert (runs / "mllm" / "final" / "semhitok_mllm.json").is_file() and (runs / "samples" / "grid.png").is_file()
     assert (runs / "eval" / "summary.json").is_file() and "chat with the model: semhitok chat --model runs/tiny/mllm/final" in out
-    for job in ("", "tokenizer/stage1", "tokenizer/stage2", "pretokenized", "mllm", "samples", "eval"):
+    for job in ("", "tokenizer/stage1", "tokenizer/stage2", "pretokenized", "mllm", "samples", "eval"):  # by the pipeline
         info = json.loads((runs / job / "run.json").read_text())
         assert info["overrides"] == SHORT and info["preset"] == "tiny" and info["revision"].startswith("semhitok ")
         assert yaml.safe_load((runs / job / "config.yaml").read_text())["mllm_train"]["max_steps"] == 2
+    assert len(list((cwd / "samples" / "images").glob("*.png"))) == 2 and (cwd / "samples" / "run.json").is_file()
+    recorded = json.loads((runs / "mllm" / "eval" / "run.json").read_text())
+    assert recorded["preset"] == str((runs / "mllm" / "config.yaml").resolve())  # eval used the run's config
