@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test
+.PHONY: install demo test wheel
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 # The main job on its embedded default: the whole pipeline, tiny preset, shipped sample (data/sample).
 demo: $(STAMP)
 	$(VENV)/bin/semhitok pipeline --config tiny
+
+# A wheel carrying the presets, the DeepSpeed JSONs and the shipped sample (semhitok/configs, semhitok/data).
+wheel:
+	python3 -m pip wheel --no-deps -w dist .
 
 # System tools the tests use: Debian's Chromium + chromedriver (the chat demo's browser test) and
 # shellcheck (launch scripts).
