@@ -161,3 +161,20 @@ def test_run_lmms_writes_each_model_to_its_own_folder_where_eval_reads_it(tmp_pa
     stray = default_eval_dir(models[0]) / "lmms_eval" / "m" / "20270101_results.json"
     stray.write_text(json.dumps({"config": {"model_args": f"pretrained={models[1]}"}, "results": {"gqa": {"acc,none": 0.5}}}))
     assert collect_lmms_results(default_eval_dir(models[0]) / "lmms_eval", models[0]) == {"mme": {"score": 1.5}}
+
+
+def test_wandb_runs_are_named_and_resume_the_stored_id(tmp_path, monkeypatch):
+    from semhitok.common.metrics_log import MetricLogger, wandb_identity
+
+    monkeypatch.delenv("WANDB_NAME", raising=False)
+    ids = iter(["first", "second"])
+    run_dir = tmp_path / "runs" / "256" / "mllm"
+    run_dir.mkdir(parents=True)
+    assert wandb_identity(run_dir, lambda: next(ids)) == {"name": "runs/256/mllm", "id": "first"}
+    assert wandb_identity(run_dir, lambda: next(ids))["id"] == "first"  # a requeued job: the same run
+    assert (run_dir / "wandb_run_id").read_text().strip() == "first"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the real wandb.init with these arguments, without a server
+    logger = MetricLogger(run_dir, ["jsonl", "wandb"], {"a": 1})
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert json.loads((run_dir / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
