@@ -1,7 +1,7 @@
 """Relative paths into the shipped files (`configs/...`, `data/...`) work from any directory.
 
 Rule: a relative path is read from the current directory when it exists there; otherwise, when it starts
-with `configs/` or `data/` and exists under semhitok.RESOURCE_ROOT (the repository in a checkout, the
+with `configs/`, `data/` or `eval/` and exists under semhitok.RESOURCE_ROOT (the repository in a checkout, the
 installed package in a wheel), that copy is used. Anything else is left as given, so errors name it.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from semhitok import RESOURCE_ROOT
 
-SHIPPED_PREFIXES = ("configs/", "data/")
+SHIPPED_PREFIXES = ("configs/", "data/", "eval/")  # eval/: data files shipped beside the eval package
 
 
 def shipped(path: str | Path) -> str:
