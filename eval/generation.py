@@ -110,8 +110,9 @@ def generation_fid(decoder, visual, captions: list[str], real_sources: list[str 
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"gfid": None, "images": len(captions)}
     generated = []
-    for b, start in enumerate(tqdm(range(0, len(captions), batch_size), desc="gfid", unit="batch", dynamic_ncols=True)):
-        ids = decoder.image_ids(captions[start : start + batch_size], dataclasses.replace(sampling, seed=sampling.seed + b))
+    for start in tqdm(range(0, len(captions), batch_size), desc="gfid", unit="batch", dynamic_ncols=True):
+        batch = captions[start : start + batch_size]  # image i keyed by (seed, i, caption): independent of batch_size
+        ids = decoder.image_ids(batch, sampling, samples=list(range(start, start + len(batch))))
         for k, image in enumerate(visual.decode(ids.to(visual.device)).cpu()):
             to_pil(image).save(out / f"{start + k:05d}.png")
             generated.append(image)
