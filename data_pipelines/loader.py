@@ -36,6 +36,7 @@ import torch
 
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.pretokenize import load_shard
+from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 
@@ -176,9 +177,17 @@ class PackedLoader:
         _, shard, row = source.locate(draw.cursor)
         ids, meta = self._shard(source.files[shard])
         entry = meta[row]
-        image = ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
         uncond = comp.task == "generation" and np.random.default_rng([self.cfg.seed, 0xCF, draw.n]).random() < self.cfg.cfg_dropout
-        return self.builder.build(comp.task, entry, image, uncond)
+        try:  # an old corpus may hold samples today's pre-tokenization would skip: name the one that fails
+            rows = entry.get("ids_rows")
+            image = [ids[r] for r in rows] if rows else ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
+            return self.builder.build(comp.task, entry, image, uncond)
+        except UnsuitableSample:
+            raise
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as err:
+            origin = entry.get("origin", "?") if isinstance(entry, dict) else "?"
+            raise DataError(f"{source.files[shard]} row {row} ({origin}), source {comp.source!r}: cannot build a "
+                            f"{comp.task} document ({type(err).__name__}: {str(err)[:200]})") from None
 
     def next_document(self) -> tuple[Draw, Document]:
         """The next document of this rank's share of the stream (unpacked)."""

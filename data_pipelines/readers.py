@@ -182,9 +182,11 @@ def _turns_problem(conv) -> tuple[str, str] | None:
 
 
 def _tags_match(conv: list, n_images: int) -> bool:
-    """One image per <image> tag in the user/system turns (a lone image may have no tag: it goes first)."""
-    tags = sum(t.get("value", t.get("content")).count(IMAGE_TAG) for t in conv if ROLES[t.get("from", t.get("role"))] != "assistant")
-    return tags == n_images or (n_images == 1 and tags == 0)
+    """One image per <image> tag in the user/system turns (a lone image may have no tag: it goes before
+    the first user turn, so there must be one)."""
+    roles = [ROLES[t.get("from", t.get("role"))] for t in conv]
+    tags = sum(t.get("value", t.get("content")).count(IMAGE_TAG) for t, role in zip(conv, roles) if role != "assistant")
+    return tags == n_images or (n_images == 1 and tags == 0 and "user" in roles)
 
 
 def _from_row(unit: WorkUnit, row, origin: str, errors: Counter) -> Record | None:

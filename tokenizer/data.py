@@ -77,7 +77,7 @@ def to_rgb(img: Image.Image, limits: ImageLimits = ImageLimits(), size: int | No
         img.draft("RGB", (size, size))
         w, h = img.size
     if w * h > limits.max_pixels:
-        raise ImageRejected("image_too_large", f"{w}x{h} is above max_pixels {limits.max_pixels:,}")
+        raise ImageRejected("image_too_large", f"{w}x{h} is above the limit of {limits.max_pixels:,} pixels")
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
