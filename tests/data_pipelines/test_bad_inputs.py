@@ -255,3 +255,18 @@ def test_each_image_span_stands_where_its_tag_is(text_tokenizer):
     for start, ids in zip(starts, (first, second)):
         np.testing.assert_array_equal(doc.tokens[start + 1 : start + 17] - layout.visual_offset, ids)
         assert doc.tokens[start + 17] == layout.image_end
+
+
+def test_the_loader_gives_a_multi_image_row_all_its_images(text_tokenizer, tmp_path):
+    layout = TokenLayout.from_tokenizer(text_tokenizer, 256 * 12)
+    conv = [{"from": "human", "value": "<image> vs <image>?"}, {"from": "gpt", "value": "same"}]
+    entries = [{"key": "m/0", "origin": "m.json[0]", "kind": "conversation", "conversations": conv, "ids_row": 0, "ids_rows": [0, 1]}]
+    rows = [np.full(16, 7, np.int32), np.full(16, 9, np.int32)]
+    unit = WorkUnit(SourceConfig("m", "llava_json", "m.json"), 0, "m.json", 0, 1, 1)
+    done = write_unit(unit, tmp_path / "shards", entries, rows, 4, {}, {})
+    (tmp_path / "manifest.json").write_text(json.dumps({"visual_vocab_size": 256 * 12, "shards": [done]}))
+    cfg = SequenceConfig(mixture=[MixtureComponent("m", "understanding")], max_length=128, micro_batch_size=1, pack_lookahead=1)
+    tokens = PackedLoader(cfg, text_tokenizer, layout, tmp_path).next_batch()["input_ids"][0].numpy()
+    start = int(np.flatnonzero(tokens == layout.image_start)[0])
+    spans = tokens[tokens >= layout.visual_offset] - layout.visual_offset
+    assert spans[:32].tolist() == [7] * 16 + [9] * 16 and tokens[start + 17] == layout.image_end

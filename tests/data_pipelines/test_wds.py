@@ -52,6 +52,8 @@ def test_globs_braces_lists_and_pipes_name_the_same_tars(tars):
     assert errors == {} and [u.file for u in units] == [f"pipe:cat {tars / 'part-00001.tar'}", str(tars / "part-00002.tar")]
     assert [r.text for r in piped] == [r.text for r in by_glob[2:]]
     assert piped[0].images[0] == (SAMPLE / PHOTOS[0]).read_bytes()
+    remote = plan_units([SourceConfig("web", "wds", "https://example.org/part-{000..001}.tar")], 10)  # planned, not read
+    assert [u.file for u in remote] == ["https://example.org/part-000.tar", "https://example.org/part-001.tar"]
     with pytest.raises(FileNotFoundError, match="no tar matches"):
         read_source(str(tars / "part-{00003..00004}.tar"))
 
