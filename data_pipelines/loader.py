@@ -51,6 +51,14 @@ def packing_efficiency(stats: dict) -> float:
     return stats.get("tokens", 0) / total if total else 0.0
 
 
+def _one_line_errors(batches):
+    """A DataError from the background worker arrives wrapped in its traceback: keep its own line."""
+    try:
+        yield from batches
+    except DataError as err:
+        raise DataError(str(err).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """A PackedLoader as an iterable dataset, for one background worker."""
 
@@ -282,8 +290,8 @@ class PackedLoader:
         "loader_state" of the last batch consumed, never from this object's own state."""
         if prefetch <= 0:
             return iter(self)
-        return iter(torch.utils.data.DataLoader(_Batches(self), batch_size=None, num_workers=1, prefetch_factor=prefetch,
-                                                persistent_workers=True))
+        return _one_line_errors(iter(torch.utils.data.DataLoader(_Batches(self), batch_size=None, num_workers=1,
+                                                                 prefetch_factor=prefetch, persistent_workers=True)))
 
     @property
     def packing_efficiency(self) -> float:
