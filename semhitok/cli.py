@@ -34,13 +34,13 @@ def _load(args):
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
-    from semhitok.tokenizer.train import train_tokenizer
+    from semhitok.tokenizer.train import stage_dirs, train_tokenizer
 
     cfg = _load(args)
     cfg.tokenizer_train.stage = args.stage
-    init_from = Path(cfg.tokenizer_train.init_from) if cfg.tokenizer_train.init_from else cfg.tokenizer_stage_dir(1) / "final"
-    train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(args.stage), init_from)
-    log.info("stage %d done: %s", args.stage, cfg.tokenizer_stage_dir(args.stage) / "final")
+    out, init_from = stage_dirs(cfg.run_dir, args.stage, cfg.tokenizer_train)
+    train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, out, init_from)
+    log.info("stage %d done: %s", args.stage, out / "final")
 
 
 def cmd_tokenizer_encode(args) -> None:
