@@ -102,9 +102,9 @@ def _apply(tok: TokenizerConfig, train: TokenizerTrainConfig, overrides: list[st
 
 
 @torch.no_grad()
-def measure(model: SemHiTok, train: TokenizerTrainConfig, fid: bool = True) -> dict:
+def measure(model: SemHiTok, tok: TokenizerConfig, train: TokenizerTrainConfig, fid: bool = True) -> dict:
     """Held-out reconstruction metrics, codebook usage over every sample image (train + held-out) and the
-    held-out teacher cosine of the semantic branch."""
+    held-out teacher cosine of the semantic branch (teacher: as stage 1 built it from `tok`)."""
     model.eval()
     result = evaluate_reconstruction(model, train.holdout_data, fid=fid)
     # Usage over all sample images: the held-out set alone is too small to fill K * m ids. Sub-code usage
@@ -118,8 +118,8 @@ def measure(model: SemHiTok, train: TokenizerTrainConfig, fid: bool = True) -> d
     m = model.codes_per_group
     result["semantic_usage"] = len(sem_used) / model.config.sem_codebook_size
     result["subcode_usage"] = None if m == 1 else len(ids_used) / (m * len(sem_used))
-    torch.manual_seed(train.seed)  # a random (tiny) teacher comes out as stage 1 built it
-    teacher = load_teacher(model.config).to(model.device)
+    torch.manual_seed(train.seed)  # then built from the run's config, as stage 1 did: a random teacher comes out the same
+    teacher = load_teacher(tok).to(model.device)
     holdout = ImageDataset(train.holdout_data, model.image_size)
     images = collate_images([holdout[i] for i in range(len(holdout))])[0].to(model.device)
     cosine, _ = distill_loss(model.semantic(images)[0], teacher(pixel_values=images).last_hidden_state)
@@ -185,7 +185,7 @@ def run_table(number: int, tok: TokenizerConfig, train: TokenizerTrainConfig, ou
         tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides)
         log.info("ablation %s: stage 2 %s", v.name, v.overrides)
         model = train_tokenizer(tok2, dataclasses.replace(train2, stage=2, max_steps=steps), out / v.name, stage1 / "final")
-        result = {**measure(model, train2, fid), "variant": v.name, "overrides": v.overrides,
+        result = {**measure(model, tok2, train2, fid), "variant": v.name, "overrides": v.overrides,
                   "stage1_steps": stage1_steps, "steps": steps, "batch_size": train.batch_size, "lr": train.lr,
                   "seconds": round(time.time() - start, 1)}
         write_json(done, result)

@@ -436,11 +436,12 @@ def build_task(stage: int, tok_cfg: TokenizerConfig, train: TokenizerTrainConfig
     if stage == 2:
         if init_from is None or not (init_from / "config.json").is_file():
             raise FileNotFoundError(f"stage 2 starts from a stage-1 or stage-2 tokenizer; none at {init_from} (run stage 1 first)")
+        # The teacher first, right after seeding and from this run's config, as stage 1 did: a random (tiny)
+        # teacher comes out the same.
+        teacher = load_teacher(tok_cfg) if train.trains == "joint" else None
         parent = SemHiTok.from_pretrained(init_from)
         if 1 not in parent.trained_stages:
             raise ValueError(f"{init_from} has trained stages {parent.trained_stages}; stage 1 is needed")
-        # The teacher first, right after seeding as stage 1 does: a random teacher comes out the same.
-        teacher = load_teacher(dataclasses.replace(tok_cfg, siglip_config=parent.config.siglip_config)) if train.trains == "joint" else None
         torch.manual_seed(train.seed)
         if 2 in parent.trained_stages:
             model = continue_stage2(parent, tok_cfg, init_from)
