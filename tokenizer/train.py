@@ -2,7 +2,8 @@
 
 Stage 1 distils a frozen SigLIP teacher into the semantic branch. Stage 2 trains the pixel branch with the
 semantic branch frozen, in phases (the paper: ImageNet, then COYO continuing every weight, then a larger
-pixel decoder; `trains` picks the trained parts, `init_from` the parent). The loop owns data order, checkpoints (exact resume), logging, evaluation and
+pixel decoder; `trains` picks the trained parts, `init_from` the parent). The loop owns data order,
+checkpoints (exact resume), logging, evaluation and
 pictures; a task owns its modules, optimizers and the loss of one step.
 """
 
