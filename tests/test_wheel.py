@@ -62,6 +62,8 @@ def wheel_venv(tmp_path_factory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert {"semhitok/configs/tiny.yaml", "semhitok/configs/deepspeed/zero3.json", "semhitok/data/sample/train.jsonl"} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    shipped = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".json")}
+    assert {f"semhitok/configs/{p}" for p in shipped} <= set(names)  # every preset, subfolders included
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
     site = next((venv / "lib").glob("python3*/site-packages"))
