@@ -261,7 +261,7 @@ def cmd_ablate(args) -> None:
 
 def _ablate_parser(sub) -> None:
     p = sub.add_parser("ablate", help="the paper's tokenizer ablations (Tables 4, 5): train each variant, write the table")
-    p.add_argument("--table", type=int, choices=(4, 5), required=True)
+    p.add_argument("--table", type=int, choices=(4, 5), required=True, help="the paper's table to reproduce (4 or 5)")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/ablate/table<N>); reruns skip finished variants")
     p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default: tokenizer_train.max_steps)")
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: tokenizer_train.max_steps)")
