@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from semhitok.common.config_io import check_min, check_range
+
 SourceKind = Literal["wds", "caption_jsonl", "llava_json", "text_jsonl"]
 Task = Literal["understanding", "generation", "text"]
 
@@ -33,6 +35,10 @@ class PretokenizeConfig:
     batch_size: int = 64
     num_workers: int = 4
 
+    def __post_init__(self) -> None:
+        check_min(self, 1, "records_per_shard", "batch_size")
+        check_min(self, 0, "num_workers")
+
 
 @dataclass
 class MixtureComponent:
@@ -41,6 +47,9 @@ class MixtureComponent:
     # generation: caption -> image ids; text: plain text
     task: Task
     weight: float = 1.0  # relative share of documents drawn
+
+    def __post_init__(self) -> None:
+        check_min(self, 0, "weight")
 
 
 @dataclass
@@ -63,3 +72,9 @@ class SequenceConfig:
     pack_lookahead: int = 64  # documents considered when filling a row (first fit)
     shard_cache: int = 16  # decoded shards kept in memory
     prefetch: int = 4  # batches built ahead in a background process during training (0: in the training process)
+
+    def __post_init__(self) -> None:
+        # (that max_length holds a document of every task is checked by the loader, which sees the documents)
+        check_min(self, 1, "max_length", "micro_batch_size", "shuffle_shards", "pack_lookahead", "shard_cache")
+        check_min(self, 0, "prefetch", "seed")
+        check_range(self, 0, 1, "cfg_dropout")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from semhitok.common.config_io import check_min, check_positive, check_range
+
 
 @dataclass
 class MLLMConfig:
@@ -17,6 +19,9 @@ class MLLMConfig:
     # are present, else sdpa; or any transformers attn_implementation (sdpa, flex_attention, eager).
     attn_implementation: str = "auto"
     adapter_hidden: int = 0  # width of the dual-MLP adapter's hidden layer; 0: the LLM's hidden size
+
+    def __post_init__(self) -> None:
+        check_min(self, 0, "adapter_hidden")
 
 
 @dataclass
@@ -47,3 +52,9 @@ class MLLMTrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     log_backends: list[str] | None = None  # default: jsonl + tensorboard
+
+    def __post_init__(self) -> None:
+        check_min(self, 1, "max_steps", "gradient_accumulation", "loss_chunk", "log_every", "ckpt_every", "keep_checkpoints")
+        check_positive(self, "lr", "adapter_lr")
+        check_range(self, 0, 1, "min_lr_ratio")
+        check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off

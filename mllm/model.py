@@ -210,7 +210,8 @@ class SemHiTokLM(nn.Module):
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
-        meta = json.loads(meta_file.read_text())
+        meta, layout = _read_meta(meta_file)
+        check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
         lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
@@ -218,8 +219,47 @@ class SemHiTokLM(nn.Module):
         adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
         adapter.load_state_dict(adapter_state)
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
-        model = cls(lm, adapter.to(dtype or torch.float32), TokenLayout(**meta["layout"]), cfg, meta["image_grid"], seq_cfg)
+        if lm.get_input_embeddings().num_embeddings < layout.vocab_size:
+            raise ValueError(f"{path}: the LLM has {lm.get_input_embeddings().num_embeddings} embedding rows, the saved layout "
+                             f"needs {layout.vocab_size}")
+        model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg)
         return model.to(device).eval()
+
+
+MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")
+
+
+def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
+    """semhitok_mllm.json -> (its contents, the token layout), or one line naming what is wrong."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or (missing := [k for k in MLLM_KEYS if k not in meta]):
+        raise ValueError(f"{meta_file}: missing field(s) {missing if isinstance(meta, dict) else list(MLLM_KEYS)}")
+    try:
+        layout = TokenLayout(**meta["layout"])
+    except TypeError as err:
+        raise ValueError(f"{meta_file}: bad layout ({err})") from None
+    return meta, layout
+
+
+def check_text_tokenizer(path: Path, layout: TokenLayout) -> None:
+    """The directory's text tokenizer must exist and give the saved layout (else every id is off, or a
+    tokenizer of a few special tokens turns every prompt into the same ids)."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}: no text tokenizer (tokenizer.json) in the model directory; copy the run's "
+                                "text tokenizer files into it")
+    from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(str(path))
+    try:
+        found = TokenLayout.from_tokenizer(tokenizer, layout.visual_vocab_size, layout.text_vocab_size)
+    except ValueError as err:
+        raise ValueError(f"{path}: its text tokenizer does not fit the saved layout ({err})") from None
+    if found != layout:
+        diff = [f"{k} {getattr(found, k)} != {getattr(layout, k)}" for k in dataclasses.asdict(layout) if getattr(found, k) != getattr(layout, k)]
+        raise ValueError(f"{path}: its text tokenizer does not match the saved layout ({', '.join(diff)})")
 
 
 def apply_fused_kernels(model: SemHiTokLM) -> bool:
