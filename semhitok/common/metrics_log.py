@@ -73,15 +73,15 @@ class MetricLogger:
 
 
 def drop_rows_after(path: Path, step: int) -> int:
-    """Keep the rows of `path` with 0 < step <= `step` (a fresh start, step 0, keeps none: its step-0 rows
-    are logged again); unreadable lines (a write cut by a kill) go too. Returns the rows dropped."""
+    """Keep the rows of `path` with step <= `step` (a fresh start, step 0, keeps none: its step-0 rows are
+    logged again); unreadable lines (a write cut by a kill) go too. Returns the rows dropped."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-            keep = 0 < int(row["step"]) <= step
+            keep = step > 0 and int(row["step"]) <= step
         except (ValueError, KeyError, TypeError):
             keep = False
         if keep:
