@@ -115,7 +115,8 @@ class ChatEngine:
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
-        # cheap bound first (no token is shorter than a character... nor, here, longer than 32), then the count
+        # a character bound first (32 per allowed token, far above any tokenizer's average: huge texts are never
+        # tokenized), then the token count
         if len(text) > 32 * self.max_prompt_tokens or len(self.decoder.tokenizer.encode(text)) > self.max_prompt_tokens:
             raise UploadRejected(f"the message is too long: the limit is {self.max_prompt_tokens} tokens")
         return self.model_thread.submit(self._reply, self.session(sid), text).result()

@@ -35,6 +35,7 @@ from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
+from semhitok.mllm.plain_engine import PlainEngine
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
 
@@ -181,11 +182,14 @@ def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenize
 
 
 def train_mllm(cfg) -> Path:
-    import deepspeed
+    import deepspeed  # (also for export: gathering is a no-op on plain parameters)
 
     t = cfg.mllm_train
     out = cfg.mllm_dir
-    dist = setup_distributed()
+    plain = t.deepspeed_config.strip().lower() == "none"  # plain PyTorch, one process (mllm/plain_engine.py)
+    if plain and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("mllm_train.deepspeed_config=none trains in one process; give a DeepSpeed config to run several")
+    dist = D.DistInfo(0, 1, 0) if plain else setup_distributed()
     torch.manual_seed(t.seed)
     device = D.default_device(dist.local_rank)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -207,7 +211,10 @@ def train_mllm(cfg) -> Path:
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],
                                   betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16))
+    if plain:
+        engine = PlainEngine(model, optimizer, scheduler, t.gradient_accumulation, t.grad_clip, bf16, device)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16))
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)

@@ -148,8 +148,11 @@ def cmd_sample(args) -> None:
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
+    sampling = _sampling(args)  # checked before the model loads
+    if args.samples_per_prompt < 1 or args.batch_size < 1:
+        raise ValueError(f"samples per prompt and batch size must be >= 1, got {args.samples_per_prompt} and {args.batch_size}")
     decoder, visual = load_sampler(args.model, args.device, args.compile)
-    grid = sample_images(decoder, visual, prompts, args.out, _sampling(args), args.batch_size, args.samples_per_prompt)
+    grid = sample_images(decoder, visual, prompts, args.out, sampling, args.batch_size, args.samples_per_prompt)
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 

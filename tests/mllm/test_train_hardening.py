@@ -11,6 +11,7 @@ from semhitok.common.io import MANIFEST, write_manifest
 from semhitok.data_pipelines.config import MixtureComponent, SequenceConfig
 from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
+from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.train import newest_intact_checkpoint
 from tests.conftest import run_train
 
@@ -65,3 +66,23 @@ def test_a_max_length_no_image_document_fits_is_refused(text_tokenizer, pretoken
     with pytest.raises(ValueError, match=r"data.max_length=50 holds no (generation|understanding) document of .*set data.max_length >= \d+"):
         for _ in range(2000):
             loader.next_batch()
+
+
+@pytest.mark.slow
+def test_plain_pytorch_training_without_deepspeed_resumes_exactly(trained_tokenizer, pretokenized_sample, tmp_path):
+    """mllm_train.deepspeed_config=none: the same loop on plain PyTorch; a restart from its step-2 checkpoint
+    gives the uninterrupted run's losses at steps 3 and 4, and the export loads."""
+    common = ("mllm_train.deepspeed_config=none", "mllm_train.max_steps=4", "mllm_train.ckpt_every=2")
+    run_train(tmp_path / "straight", trained_tokenizer, pretokenized_sample, *common)
+    straight, resumed = tmp_path / "straight" / "mllm", tmp_path / "resumed" / "mllm"
+    assert (straight / "checkpoints" / "step00000004" / "plain_state.pt").is_file()
+    assert not list((straight / "checkpoints").rglob("*zero_pp*"))
+    shutil.copytree(straight / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
+    shutil.copytree(straight / "text_tokenizer", resumed / "text_tokenizer")
+    run_train(tmp_path / "resumed", trained_tokenizer, pretokenized_sample, *common)
+    want = {r["step"]: r["loss"] for r in map(json.loads, open(straight / "metrics.jsonl"))}
+    got = {r["step"]: r["loss"] for r in map(json.loads, open(resumed / "metrics.jsonl"))}
+    assert sorted(want) == [1, 2, 3, 4] and sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    SemHiTokLM.from_pretrained(straight / "final")
