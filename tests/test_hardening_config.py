@@ -18,6 +18,8 @@ from semhitok.mllm.sample import SamplingConfig
     ("tokenizer_train.lr=.nan", "tokenizer_train.lr"),
     ("mllm_train.lr=.inf", "mllm_train.lr"),
     ("tokenizer_train.lr=1e999", "tokenizer_train.lr"),
+    ("tokenizer_train.lr=1" + "0" * 400, "tokenizer_train.lr"),
+    ("tokenizer_train.max_steps=-1" + "0" * 400, "tokenizer_train.max_steps"),
     ("tokenizer_train.max_steps=0", "tokenizer_train.max_steps"),
     ("mllm_train.max_steps=1.5", "mllm_train.max_steps"),
     ("tokenizer_train.log_every=0", "tokenizer_train.log_every"),

@@ -29,7 +29,7 @@ def _number(obj: Any, name: str) -> float:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is finite, and may exceed any float)
         raise ConfigError(f"{name}: must be finite, got {value!r}")
     return value
 
