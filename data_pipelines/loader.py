@@ -244,7 +244,7 @@ class PackedLoader:
         self._too_long[comp] = (count, shortest)
         if count >= MAX_TOO_LONG_IN_A_ROW:
             c = self.cfg.mixture[comp]
-            raise ValueError(f"data.max_length={self.cfg.max_length} holds no {c.task} document of {c.source!r}: {count} in a "
+            raise DataError(f"data.max_length={self.cfg.max_length} holds no {c.task} document of {c.source!r}: {count} in a "
                              f"row were longer (the shortest {shortest} tokens); set data.max_length >= {shortest} or drop "
                              f"the component from data.mixture")
 
