@@ -32,7 +32,7 @@ def edited_tokenizer(src, dst, **changes):
     (dict(trained_stages=["two"]), "trained_stages"),
     (dict(sem_codebook_size=128), "does not match"),
     (dict(sem_codebook_size=10**9), "does not match"),  # would allocate 64 GB for the codebook alone: checked first
-    (dict(pix_width=-1), "pix_width"),
+    (dict(pix_encoder_width=-1), "pix_encoder_width"),
 ])
 def test_tokenizer_directory_is_checked_before_allocating(trained_tokenizer, tmp_path, changes, message):
     path = edited_tokenizer(trained_tokenizer, tmp_path / "tok", **changes)
