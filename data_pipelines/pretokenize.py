@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from semhitok.common.io import atomic_path, write_json
-from semhitok.data_pipelines.config import PretokenizeConfig
+from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import Record, WorkUnit, plan_units, read_unit
 from semhitok.tokenizer import SemHiTok, load_tokenizer, preprocess
 from semhitok.tokenizer.data import DECODE_ERRORS
@@ -71,15 +71,20 @@ class _UnitStream(torch.utils.data.IterableDataset):
             for r in read_unit(self.units[u], errors):
                 entry = {"key": r.key, "origin": r.origin, "kind": r.kind}
                 entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
-                yield u, entry, self._decode(r) if r.has_image else None
+                yield u, entry, self._decode(r, image_mode(self.units[u].source)) if r.has_image else None
             yield u, None, dict(errors)
 
-    def _decode(self, r: Record) -> torch.Tensor | str:
+    def _decode(self, r: Record, mode: str) -> torch.Tensor | str:
         try:
             with Image.open(io.BytesIO(r.image_bytes) if r.image_bytes is not None else r.image_path) as img:
-                return preprocess([img.convert("RGB")], self.size)[0]
+                return preprocess([img.convert("RGB")], self.size, mode)[0]
         except DECODE_ERRORS as err:
             return f"{type(err).__name__}: {err}"
+
+
+def image_mode(source: SourceConfig) -> str:
+    """auto: pad to square for LLaVA conversations (understanding), centre crop for captions (generation)."""
+    return source.image_mode if source.image_mode != "auto" else "pad" if source.kind == "llava_json" else "crop"
 
 
 def _sha256(path: Path) -> str:

@@ -53,7 +53,7 @@ class ChatEngine:
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128):
         self.decoder, self.visual = decoder, visual
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
-        self.sampling = sampling or SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0)
+        self.sampling = sampling or SamplingConfig(temperature=1.0, top_k=0)  # CFG scale 2, the paper's
         self.sessions: dict[str, Session] = {}
         # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
         # compiled CUDA graphs are recorded per thread (the HTTP server makes a thread per request).
@@ -76,7 +76,7 @@ class ChatEngine:
             raise
         except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
             raise UploadRejected(f"that file is not an image I can read ({type(err).__name__})") from None
-        ids = self.model_thread.submit(encode_images, self.visual, [img]).result()[0]
+        ids = self.model_thread.submit(encode_images, self.visual, [img], self.decoder.seq_cfg.understanding_image).result()[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True
         return f"got your {img.width}x{img.height} image; ask me about it"

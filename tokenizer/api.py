@@ -38,9 +38,10 @@ def iter_image_batches(
 
 @torch.no_grad()
 @torch.no_grad()
-def encode_images(model: SemHiTok, images: list) -> torch.Tensor:
-    """PIL images (any size; centre-cropped and resized) -> visual ids [B, h, w] on the model's device."""
-    return model.encode(preprocess([img.convert("RGB") for img in images], model.image_size).to(model.device))
+def encode_images(model: SemHiTok, images: list, mode: str = "crop") -> torch.Tensor:
+    """PIL images (any size; centre-cropped, or padded to square with mode="pad", and resized) -> visual ids
+    [B, h, w] on the model's device."""
+    return model.encode(preprocess([img.convert("RGB") for img in images], model.image_size, mode).to(model.device))
 
 
 def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:
