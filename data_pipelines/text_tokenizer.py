@@ -49,9 +49,10 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# LLaVA-1.5's conv_vicuna_v1 (sep " ", sep2 eos) as a chat template, for tokenizers that ship none.
+# LLaVA-1.5's conv_vicuna_v1 (sep " ", sep2 eos) as a chat template, for tokenizers that ship none. Without
+# bos_token in the text: LLaVA tokenizes the prompt with the bos added by the tokenizer (tokenizer(prompt)),
+# and a "<s>" written in the text would change the first word's sentencepiece ("A", not "▁A").
 VICUNA_TEMPLATE = (
-    "{{- bos_token }}"
     "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system = '" + DEFAULT_SYSTEM["vicuna_v1"].replace("'", "\\'") + "' %}{%- endif %}"
     "{%- if system %}{{- system + ' ' }}{%- endif %}"
