@@ -7,7 +7,7 @@ How visual ids enter and leave the model:
     features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
     stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space
     (adapter_inputs=semantic: MLP_sem(sem) [d] alone).
-  - output: the head (Qwen2ForCausalLM.lm_head, resized to T + K*m rows) scores all text and visual rows;
+  - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
@@ -236,8 +236,7 @@ def apply_fused_kernels(model: SemHiTokLM) -> bool:
     apply = getattr(liger, f"apply_liger_kernel_to_{model.lm.config.model_type}", None)
     if apply is None:
         return False
-    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model.lm)
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model.lm)
     return True
 
 
