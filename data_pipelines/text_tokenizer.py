@@ -131,6 +131,13 @@ def load_text_tokenizer(name_or_path: str):
             f"text tokenizer {name_or_path!r} is not available offline: run `huggingface-cli download "
             f"{name_or_path}` on a connected machine and pass its local directory ({type(err).__name__})"
         ) from None
+    except ValueError as err:  # e.g. sentencepiece >= 0.2.3's model proto with protobuf < 7: transformers then
+        if not (Path(name_or_path) / "tokenizer.model").is_file():  # misreads tokenizer.model as tiktoken ranks
+            raise
+        raise TextTokenizerUnavailable(
+            f"{name_or_path}/tokenizer.model could not be read as a sentencepiece model ({err}); sentencepiece's "
+            "model proto needs a protobuf at least as new as the one it was generated with: install "
+            "'sentencepiece<0.2.3' (or protobuf>=7)") from None
     if not getattr(tokenizer, "is_fast", False):
         raise TextTokenizerUnavailable(f"text tokenizer {name_or_path!r} has no fast (tokenizers) backend: documents "
                                        "are aligned to the chat format through its character offsets")
