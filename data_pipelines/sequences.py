@@ -122,9 +122,8 @@ class SequenceBuilder:
             return turns[0][1], turns[1:]
         return self.system, turns
 
-    def _user_text(self, text: str) -> str:
-        if text.count("<image>") > 1:
-            raise UnsuitableSample("more than one <image> in a conversation (one image per sample)")
+    @staticmethod
+    def _user_text(text: str) -> str:
         return text.replace("<image>", IMAGE)
 
     def generation_prompt(self, caption: str) -> list[int]:
@@ -136,13 +135,14 @@ class SequenceBuilder:
         """[(role, text), ...] ending in a user turn -> tokens up to the assistant's answer (for chat)."""
         system, turns = self._turns(turns)
         turns = [(r, self._user_text(t) if r == "user" else t) for r, t in turns]
-        images = [ids] * sum(IMAGE in t for r, t in turns if r == "user")
+        images = [ids] * sum(t.count(IMAGE) for r, t in turns if r == "user")  # the one image, wherever placed
         if images and ids is None:
             raise UnsuitableSample("the conversation has an <image> but no image was given")
         return self.tokenize(render(self.format, system, turns, self.tokenizer.eos_token, open_answer=True), images)[0]
 
     # -- documents -------------------------------------------------------------------------------------
-    def understanding(self, meta: dict, ids: np.ndarray | None) -> Document:
+    def understanding(self, meta: dict, ids: np.ndarray | list[np.ndarray] | None) -> Document:
+        """ids: one image's ids [h*w], or a list of them (one per <image>, in order)."""
         if ids is None:
             raise UnsuitableSample("understanding needs an image")
         if "conversations" in meta:
@@ -156,8 +156,11 @@ class SequenceBuilder:
             turns = [("user", f"<image>\n{self.cfg.caption_prompt}"), ("assistant", meta["text"])]
         system, turns = self._turns(turns)
         turns = [(r, self._user_text(t) if r == "user" else t) for r, t in turns]
-        pieces = render(self.format, system, turns, self.tokenizer.eos_token)
-        tokens, labels = self.tokenize(pieces, [ids] * sum(IMAGE in t for r, t in turns if r == "user"))
+        images = [ids] if isinstance(ids, np.ndarray) else list(ids)
+        tags = sum(t.count(IMAGE) for r, t in turns if r == "user")
+        if tags != len(images):
+            raise UnsuitableSample(f"more {'<image> tags than images' if tags > len(images) else 'images than <image> tags'}")
+        tokens, labels = self.tokenize(render(self.format, system, turns, self.tokenizer.eos_token), images)
         return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "understanding", meta.get("origin", ""))
 
     def _generation_tokens(self, caption: str, ids: np.ndarray) -> tuple[list[int], list[int]]:
@@ -167,7 +170,7 @@ class SequenceBuilder:
         return tokens, [IGNORE] * (start + 1) + labels[start + 1 :]  # loss only after <|vision_start|>
 
     def generation(self, meta: dict, ids: np.ndarray | None, uncond: bool) -> Document:
-        if ids is None or "text" not in meta:
+        if ids is None or not isinstance(ids, np.ndarray) or "text" not in meta:
             raise UnsuitableSample("generation needs a caption and an image")
         if IMAGE_START in meta["text"] or IMAGE_END in meta["text"]:
             raise UnsuitableSample("the caption contains an image delimiter token")
