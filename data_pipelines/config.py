@@ -22,6 +22,10 @@ class SourceConfig:
     kind: SourceKind
     path: str
     image_root: str = ""  # images are relative to this folder; empty: the folder of `path`
+    # How images become the tokenizer's square input: pad (to a square of the image's mean colour, as LLaVA-1.5
+    # does for understanding) or crop (centre crop, for generation targets); auto: pad for llava_json
+    # (understanding data), crop for caption and wds sources (generation data).
+    image_mode: Literal["auto", "pad", "crop"] = "auto"
 
 
 @dataclass
@@ -69,7 +73,13 @@ class SequenceConfig:
     micro_batch_size: int = 1  # packed rows per step per rank
     cfg_dropout: float = 0.1  # share of generation captions replaced by uncond_prompt
     uncond_prompt: str = ""  # the unconditional prompt (also what CFG sampling uses)
-    system_prompt: str = "You are a helpful assistant."  # empty: no system turn
+    # Chat format: auto = the text tokenizer's family (ChatML tokenizers: qwen2.5, or qwen2 when their template
+    # says so; others: vicuna_v1, LLaVA-1.5's); or one of qwen2.5, qwen2, vicuna_v1.
+    chat_format: str = "auto"
+    system_prompt: str | None = None  # None: the format's default (Qwen2.5-Instruct's, Vicuna's); "": no system turn
+    # Understanding images at eval, chat and lmms-eval: pad to square (LLaVA-1.5) or centre crop (see
+    # SourceConfig.image_mode for pre-tokenization); generation always uses the centre crop.
+    understanding_image: Literal["pad", "crop"] = "pad"
     caption_prompt: str = "Describe this image briefly."  # the user turn of captions used for understanding
     seed: int = 0
     shuffle_shards: int = 4  # each epoch shuffles shard order, then samples within windows of this many shards

@@ -66,7 +66,7 @@ class ChatEngine:
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
         self.max_prompt_tokens, self.max_sessions, self.session_ttl_s = max_prompt_tokens, max_sessions, session_ttl_s
         self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
-        self.sampling = sampling or SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0)
+        self.sampling = sampling or SamplingConfig(temperature=1.0, top_k=0)  # CFG scale 2, the paper's
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._sessions_lock = threading.Lock()
         # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
@@ -98,7 +98,7 @@ class ChatEngine:
             if err.kind == "corrupt_image":
                 raise UploadRejected(f"that file is not an image I can read ({err})") from None
             raise UploadRejected(f"the image cannot be used: {err}") from None
-        ids = self.model_thread.submit(encode_images, self.visual, [img]).result()[0]
+        ids = self.model_thread.submit(encode_images, self.visual, [img], self.decoder.seq_cfg.understanding_image).result()[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True
         return f"got your {img.width}x{img.height} image; ask me about it"

@@ -8,7 +8,8 @@ eager step is bound by kernel launches, not by the GPU.
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
     span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
     top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
-  - text: logits over the text tokenizer's ids only, until <|im_end|> or max_new_tokens.
+  - text: logits over the text tokenizer's ids only, until the turn's end (<|im_end|>; Vicuna: </s>) or
+    max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
 count real tokens only. With a fixed seed, results are deterministic, cached or not.
 """
@@ -33,7 +34,7 @@ from semhitok.tokenizer import SemHiTok, image_grid, to_pil
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 4.0  # 1: no guidance
+    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
