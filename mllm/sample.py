@@ -8,7 +8,8 @@ eager step is bound by kernel launches, not by the GPU.
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
     span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
     top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
-  - text: logits over the text tokenizer's ids only, until <|im_end|> or max_new_tokens.
+  - text: logits over the text tokenizer's ids only, until the turn's end (<|im_end|>; Vicuna: </s>) or
+    max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
 count real tokens only. With a fixed seed, results are deterministic, cached or not.
 
@@ -20,6 +21,7 @@ the batch size, the batch's other rows or the prompt's position in a file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import StaticCache
 
+from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
@@ -37,11 +40,18 @@ from semhitok.tokenizer import SemHiTok, image_grid, to_pil
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 4.0  # 1: no guidance
+    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+
+    def __post_init__(self) -> None:  # at config load, at the CLI and at every API call that builds one
+        check_finite(self, "cfg_scale")
+        check_min(self, 0, "temperature", "top_k")
+        check_range(self, 0, 1, "top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"top_k and seed must be integers, got {self.top_k!r} and {self.seed!r}")
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -182,7 +192,14 @@ class Decoder:
         """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
         new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
         keys: each output row's noise key (row_key); default row_key(sampling.seed, row index)."""
+        sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
         device = self.model.device
+        context = self.model.lm.config.max_position_embeddings
+        if steps < 1 or not prompts:
+            raise ValueError(f"nothing to decode: {len(prompts)} prompt(s), {steps} new token(s)")
+        if max(map(len, prompts)) + steps > context:
+            raise ValueError(f"the prompt is {max(map(len, prompts))} tokens; with {steps} new tokens that exceeds the "
+                             f"model's context of {context} tokens")
         ids, mask = left_pad(prompts, self.layout.eos, device)
         lo, hi = vocab
         n = len(prompts) // 2 if guided else len(prompts)
@@ -231,6 +248,9 @@ class Decoder:
         """captions -> visual ids [B, h, w] in [0, K*m). Image r is keyed by (sampling.seed, samples[r],
         captions[r]); samples defaults to each caption's occurrence count in `captions` (0, 1, ...), so a
         repeated caption gives distinct images and a batch gives the images its rows give alone."""
+        if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}")
+        captions = [c if c.strip() else self.seq_cfg.uncond_prompt for c in captions]  # "": the unconditional prompt
         if samples is None:
             samples = [captions[:r].count(c) for r, c in enumerate(captions)]
         cond = [self.builder.generation_prompt(c) for c in captions]
@@ -286,6 +306,10 @@ def sample_images(decoder: Decoder, visual: SemHiTok, prompts: list[str], out: s
     """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl
     (prompt, sample, file and the sampling settings), out/grid.png (every image, a row per prompt, up to
     grid_limit images). Image (prompt, j) is keyed by (seed, j, prompt): the same whatever batch_size."""
+    if per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"samples per prompt and batch size must be >= 1, got {per_prompt} and {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts to sample")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
