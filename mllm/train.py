@@ -6,7 +6,7 @@
 Layout of <run_dir>/mllm/:
     checkpoints/<tag>/     DeepSpeed states + loader_rank<r>.json + rng_rank<r>.pt; `latest` names the newest
     final/                 SemHiTokLM.save_pretrained: a plain HF Qwen2 directory + adapter + tokenizers
-    metrics.jsonl (+ tensorboard/, wandb/)
+    metrics.jsonl (+ tensorboard/, wandb/); loss_curves.png, gaps.png (conditioning gaps, mllm/gaps.py)
 A restarted job resumes from `latest`: weights, optimizer, scheduler, data position and RNG, so the next
 losses equal those of the uninterrupted run.
 """
@@ -29,8 +29,9 @@ from tqdm import tqdm
 from semhitok.common import dist as D
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
-from semhitok.data_pipelines.sequences import TASKS
+from semhitok.data_pipelines.sequences import TASKS, SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
+from semhitok.mllm.gaps import conditioning_gaps, flat_metrics, load_pairs, plot_training
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
@@ -147,6 +148,17 @@ def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenize
     D.barrier()
 
 
+def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: Path, device):
+    """A function returning the conditioning gaps on mllm_train.eval_data as flat metrics (None: eval_every=0).
+    The held-out images are encoded once, here, with the run's visual tokenizer."""
+    t = cfg.mllm_train
+    if t.eval_every <= 0:
+        return None
+    pairs = load_pairs(t.eval_data, SemHiTok.from_pretrained(visual_tokenizer_dir, device), t.eval_limit)
+    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data)
+    return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
+
+
 def train_mllm(cfg) -> Path:
     import deepspeed
 
@@ -182,6 +194,9 @@ def train_mllm(cfg) -> Path:
                           {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
                           enabled=dist.is_main)
     peak = peak_flops()
+    gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
+    if gap_eval and start_step == 0:
+        logger.log(0, gap_eval())
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(p.numel() for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
@@ -221,10 +236,14 @@ def train_mllm(cfg) -> Path:
             task_sums.zero_()
             tokens.zero_()
             window_start = time.perf_counter()
+        if gap_eval and (done % t.eval_every == 0 or done == t.max_steps):
+            logger.log(done, gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
         if done % t.ckpt_every == 0 or done == t.max_steps:
             save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
     bar.close()
     logger.close()
+    if dist.is_main:
+        plot_training(out / "metrics.jsonl", out)
     export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))
