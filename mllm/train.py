@@ -195,8 +195,6 @@ def train_mllm(cfg) -> Path:
                           enabled=dist.is_main)
     peak = peak_flops()
     gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
-    if gap_eval and start_step == 0:
-        logger.log(0, gap_eval())
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(p.numel() for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
@@ -220,6 +218,7 @@ def train_mllm(cfg) -> Path:
             task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
             tokens += (batch["task_ids"] >= 0).sum()
         done = step + 1
+        metrics = {}
         if done % t.log_every == 0 or done == t.max_steps:
             D.all_reduce_sum(task_sums)
             D.all_reduce_sum(tokens)
@@ -231,13 +230,16 @@ def train_mllm(cfg) -> Path:
                        "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
             if peak:
                 metrics["mfu"] = tokens_per_s * fpt / (peak * dist.world_size)
-            logger.log(done, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             task_sums.zero_()
             tokens.zero_()
             window_start = time.perf_counter()
         if gap_eval and (done % t.eval_every == 0 or done == t.max_steps):
-            logger.log(done, gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
+            began = time.perf_counter()
+            metrics.update(gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
+            window_start += time.perf_counter() - began  # throughput leaves the evaluation out
+        if metrics:  # one row per step: the training metrics and/or the gaps
+            logger.log(done, metrics)
         if done % t.ckpt_every == 0 or done == t.max_steps:
             save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
     bar.close()

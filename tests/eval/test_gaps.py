@@ -114,3 +114,15 @@ def test_training_plots_are_drawn_from_metrics_jsonl(tmp_path):
         pixels = np.asarray(Image.open(p).convert("RGB"))
         coloured = (pixels.max(-1).astype(int) - pixels.min(-1)) > 60  # the series' lines, not black/grey/white
         assert coloured.sum() > 200, p
+
+
+def test_training_logs_the_gaps_at_its_eval_interval_and_plots_them(trained_mllm_run):
+    """The tiny preset (eval_every 25) trained 40 steps under DeepSpeed: gaps at steps 25 and the last."""
+    out = trained_mllm_run / "mllm"
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    gap_rows = [r for r in rows if "generation_gap_uncond" in r]
+    assert [r["step"] for r in gap_rows] == [25, 40] and all("loss" in r for r in gap_rows)  # in the training rows
+    for r in gap_rows:
+        assert r["understanding_gap_shuffled_lo"] <= r["understanding_gap_shuffled"] <= r["understanding_gap_shuffled_hi"]
+        assert 0 <= r["generation_acc_true"] <= 1
+    assert (out / "loss_curves.png").is_file() and (out / "gaps.png").is_file()
