@@ -40,6 +40,7 @@ def test_the_shipped_pope_dataset_loads_by_its_hub_name_offline(tmp_path):
     assert min(got["size"]) == 384  # the shipped photo itself
 
 
+@pytest.mark.slow
 def test_run_lmms_sh_scores_lmms_evals_own_pope_task_offline(tiny_mllm_dir, tmp_path):
     out = tmp_path / "lmms"
     proc = subprocess.run(["bash", "eval/run_lmms.sh", str(tiny_mllm_dir), "pope", str(out)], cwd=REPO, env=offline_env(tmp_path),

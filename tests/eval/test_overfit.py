@@ -13,6 +13,7 @@ sampler used another prompt format than training, the gaps would sit at zero or 
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from semhitok.data_pipelines.config import MixtureComponent, PretokenizeConfig, SequenceConfig, SourceConfig
@@ -58,6 +59,7 @@ def token_accuracy(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
 
 
+@pytest.mark.slow
 def test_a_tiny_model_overfits_four_pairs_in_both_directions(trained_tokenizer, text_tokenizer, tmp_path):
     pairs_file, model_dir = overfit(trained_tokenizer, text_tokenizer, tmp_path)
     decoder, visual = load_sampler(model_dir, "cpu")
