@@ -62,6 +62,7 @@ class _Task:
 
     def __init__(self, train: TokenizerTrainConfig, device: torch.device):
         self.train_cfg, self.device = train, device
+        self.run_info: dict[str, str] = {}  # what actually ran, recorded in run_config.json and checkpoints
         bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -151,6 +152,7 @@ class Stage2Task(_Task):
         self.model = model.to(device)
         model.semantic.requires_grad_(False).eval()
         self.perceptual = build_perceptual(train.perceptual, model.semantic.encoder)
+        self.run_info["perceptual"] = "none" if self.perceptual is None else self.perceptual.kind
         disc = PatchDiscriminator().to(device)
         wrap = (lambda m: DDP(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
         self.pixel, self.disc = wrap(model.pixel), wrap(disc)
@@ -259,7 +261,7 @@ class Trainer:
                     },
                     tmp / "train_state.pt",
                 )
-                write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config)})
+                write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config), **self.task.run_info})
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         D.barrier()
@@ -289,7 +291,10 @@ class Trainer:
     def fit(self) -> SemHiTok:
         cfg, task, main = self.cfg, self.task, self.dist.is_main
         start = self.maybe_resume()
-        logger = MetricLogger(self.out, cfg.log_backends, {"train": dataclasses.asdict(cfg)}, enabled=main)
+        run_config = {"stage": task.stage, "train": dataclasses.asdict(cfg), "tokenizer": dataclasses.asdict(task.model.config), **task.run_info}
+        if main:
+            write_json(self.out / "run_config.json", run_config)
+        logger = MetricLogger(self.out, cfg.log_backends, run_config, enabled=main)
         batches = rank_batches(self.dataset, cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size, start)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Resumable(batches), collate_fn=collate_images,
