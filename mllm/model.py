@@ -1,12 +1,13 @@
-"""The unified LLM: Qwen2.5 whose vocabulary is extended by SemHiTok's visual ids.
+"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by SemHiTok's visual ids.
 
 Vocabulary (see data_pipelines/text_tokenizer.py): text rows [0, T), then visual id h at row T + h.
 
 How visual ids enter and leave the model:
   - input: a visual token's embedding is NOT an embedding row. The dual-MLP adapter maps the quantized
     features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
-    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space.
-  - output: the head (Qwen2ForCausalLM.lm_head, resized to T + K*m rows) scores all text and visual rows;
+    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space
+    (adapter_inputs=semantic: MLP_sem(sem) [d] alone).
+  - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
@@ -49,20 +50,23 @@ VISUAL_TOKENIZER = "visual_tokenizer"
 class VisualAdapter(nn.Module):
     """Dual MLP: visual ids [N] -> input embeddings [N, d] from the tokenizer's code features."""
 
-    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int):
+    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int,
+                 inputs: str = "both"):
         super().__init__()
         self.codes_per_group = codes_per_group
         self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim], frozen
         self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim], frozen
-        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d - d // 2))
-        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2))
+        sem_width = d - d // 2 if inputs == "both" else d  # semantic: the semantic MLP alone fills [d]
+        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, sem_width))
+        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2)) if inputs == "both" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """visual ids [...] in [0, K*m) -> [..., d]"""
         sem = self.sem_codes[ids // self.codes_per_group]
-        pix = self.pix_codes[ids]
         dtype = self.sem_mlp[0].weight.dtype
-        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(pix.to(dtype))], dim=-1)
+        if self.pix_mlp is None:
+            return self.sem_mlp(sem.to(dtype))
+        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
 
 
 class ChunkedLMHead(nn.Linear):
@@ -81,7 +85,7 @@ class ChunkedLMHead(nn.Linear):
 
 
 class SemHiTokLM(nn.Module):
-    def __init__(self, lm: Qwen2ForCausalLM, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int,
+    def __init__(self, lm: PreTrainedModel, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int,
                  sequence_config: SequenceConfig | None = None):
         super().__init__()
         self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
@@ -160,16 +164,15 @@ class SemHiTokLM(nn.Module):
     # -- building ----------------------------------------------------------------------------------
     @classmethod
     def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
-        """A new model: the base LLM (by name/path, or random from qwen2_config), vocabulary extended."""
+        """A new model: the base LLM (by name/path, or random from base_config), vocabulary extended (text rows
+        grow when the tokenizer got image delimiters the base lacks, e.g. LLaMA's 32,000 -> 32,064)."""
         lm = load_base_lm(cfg)
-        text_vocab = lm.config.vocab_size
-        if len(text_tokenizer) > text_vocab:
-            raise ValueError(f"the text tokenizer has {len(text_tokenizer)} tokens, more than {cfg.base_model}'s {text_vocab} rows")
+        text_vocab = lm.config.vocab_size if len(text_tokenizer) <= lm.config.vocab_size else None
         layout = TokenLayout.from_tokenizer(text_tokenizer, tokenizer.vocab_size, text_vocab)
         lm.resize_token_embeddings(layout.vocab_size, mean_resizing=False)
         d = lm.config.hidden_size
         sem, pix = tokenizer.code_features()
-        adapter = VisualAdapter(sem, pix, tokenizer.codes_per_group, cfg.adapter_hidden or d, d)
+        adapter = VisualAdapter(sem, pix, tokenizer.codes_per_group, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
         model = cls(lm, adapter, layout, cfg, tokenizer.grid, sequence_config)
         model._init_visual_head_rows()
         return model
@@ -186,7 +189,7 @@ class SemHiTokLM(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """A plain HF directory (Qwen2ForCausalLM.from_pretrained loads it) plus the adapter, the layout,
+        """A plain HF directory (AutoModelForCausalLM.from_pretrained loads it) plus the adapter, the layout,
         the text tokenizer and a copy of the visual tokenizer. `state_dict`: this model's full weights,
         when they live elsewhere (gathered from ZeRO-3)."""
         state = state_dict if state_dict is not None else self.state_dict()
@@ -210,27 +213,70 @@ class SemHiTokLM(nn.Module):
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
-        meta = json.loads(meta_file.read_text())
+        meta, layout = _read_meta(meta_file)
+        check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
         d = lm.config.hidden_size
-        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
+        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d,
+                                cfg.adapter_inputs)
         adapter.load_state_dict(adapter_state)
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
-        model = cls(lm, adapter.to(dtype or torch.float32), TokenLayout(**meta["layout"]), cfg, meta["image_grid"], seq_cfg)
+        if lm.get_input_embeddings().num_embeddings < layout.vocab_size:
+            raise ValueError(f"{path}: the LLM has {lm.get_input_embeddings().num_embeddings} embedding rows, the saved layout "
+                             f"needs {layout.vocab_size}")
+        model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg)
         return model.to(device).eval()
 
 
+MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")
+
+
+def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
+    """semhitok_mllm.json -> (its contents, the token layout), or one line naming what is wrong."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or (missing := [k for k in MLLM_KEYS if k not in meta]):
+        raise ValueError(f"{meta_file}: missing field(s) {missing if isinstance(meta, dict) else list(MLLM_KEYS)}")
+    try:
+        layout = TokenLayout(**meta["layout"])
+    except TypeError as err:
+        raise ValueError(f"{meta_file}: bad layout ({err})") from None
+    return meta, layout
+
+
+def check_text_tokenizer(path: Path, layout: TokenLayout) -> None:
+    """The directory's text tokenizer must exist and give the saved layout (else every id is off, or a
+    tokenizer of a few special tokens turns every prompt into the same ids)."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}: no text tokenizer (tokenizer.json) in the model directory; copy the run's "
+                                "text tokenizer files into it")
+    from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(str(path))
+    try:
+        found = TokenLayout.from_tokenizer(tokenizer, layout.visual_vocab_size, layout.text_vocab_size)
+    except ValueError as err:
+        raise ValueError(f"{path}: its text tokenizer does not fit the saved layout ({err})") from None
+    if found != layout:
+        diff = [f"{k} {getattr(found, k)} != {getattr(layout, k)}" for k in dataclasses.asdict(layout) if getattr(found, k) != getattr(layout, k)]
+        raise ValueError(f"{path}: its text tokenizer does not match the saved layout ({', '.join(diff)})")
+
+
 def apply_fused_kernels(model: SemHiTokLM) -> bool:
-    """Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 body, on CUDA when installed (the loss
-    stays ours: chunked, supervised positions only). True when applied."""
+    """Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 or LLaMA body, on CUDA when installed (the
+    loss stays ours: chunked, supervised positions only). True when applied."""
     if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
         return False
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    import liger_kernel.transformers as liger
 
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model.lm)
+    apply = getattr(liger, f"apply_liger_kernel_to_{model.lm.config.model_type}", None)
+    if apply is None:
+        return False
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model.lm)
     return True
 
 
@@ -241,13 +287,23 @@ def attention_kernel(requested: str) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
-def load_base_lm(cfg: MLLMConfig) -> Qwen2ForCausalLM:
-    if cfg.base_model == "random":
-        if cfg.qwen2_config is None:
-            raise ValueError("mllm.base_model=random needs mllm.qwen2_config (a Qwen2Config as a dict)")
-        return Qwen2ForCausalLM(Qwen2Config(**cfg.qwen2_config, attn_implementation=attention_kernel(cfg.attn_implementation)))
+def random_base_config(cfg: MLLMConfig):
+    """mllm.base_config (or the older qwen2_config) -> a transformers config of its model_type (default qwen2)."""
+    base = dict(cfg.base_config if cfg.base_config is not None else cfg.qwen2_config or {})
+    if not base:
+        raise ValueError("mllm.base_model=random needs mllm.base_config (a config dict with its model_type, e.g. llama, qwen2)")
+    model_type = base.pop("model_type", "qwen2")
     try:
-        return Qwen2ForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
+        return AutoConfig.for_model(model_type, **base, attn_implementation=attention_kernel(cfg.attn_implementation))
+    except ValueError as err:
+        raise ValueError(f"mllm.base_config: {err}") from None
+
+
+def load_base_lm(cfg: MLLMConfig) -> PreTrainedModel:
+    if cfg.base_model == "random":
+        return AutoModelForCausalLM.from_config(random_base_config(cfg))
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
     except OSError as err:
         raise WeightsUnavailable(
             f"LLM {cfg.base_model!r} is not available offline: run `huggingface-cli download {cfg.base_model}` on a "
