@@ -1,10 +1,14 @@
 """Tokenizer encode throughput against the bare SigLIP forward, measured in the same run.
 
     python benchmarks/tokenizer_encode.py --preset 256 --batch 64        # GPU: the issue's target (>= 0.7x)
+    python benchmarks/tokenizer_encode.py --preset 384 --batch 32        # GPU: so400m/14, 27x27 ids
     python benchmarks/tokenizer_encode.py --preset tiny --batch 8         # CPU smoke
+    python benchmarks/tokenizer_encode.py --preset 384 --batch 1 --iters 1 --warmup 0 --layers 1   # CPU shape check
 
 Weights are random (no hub here): throughput depends only on shapes. The teacher shape for the 256/384
-presets is that of google/siglip-large-patch16-256 / google/siglip-so400m-patch14-384.
+presets is that of google/siglip-large-patch16-256 / google/siglip-so400m-patch14-384; --layers N cuts the
+depth of every transformer (teacher, student, pixel encoder/decoder) to N for a quick shape check (the ratio
+is then not the real one).
 Prints one JSON line.
 """
 
@@ -47,11 +51,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=0, help="cut every transformer to this depth (0: real depth)")
     args = ap.parse_args()
 
     cfg = load_project_config(args.preset).tokenizer
     if cfg.teacher != "random":
-        cfg.siglip_config, cfg.teacher = TEACHER_SHAPES[cfg.teacher], "random"
+        cfg.siglip_config, cfg.teacher = dict(TEACHER_SHAPES[cfg.teacher]), "random"
+    if args.layers:
+        cfg.siglip_config = {**cfg.siglip_config, "num_hidden_layers": args.layers}
+        for field in [f for f in vars(cfg) if f.startswith("pix_") and f.endswith("_layers")] + ["sem_decoder_layers"]:
+            setattr(cfg, field, min(getattr(cfg, field), args.layers))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = SemHiTok(cfg).to(device).eval()
     model.trained_stages = [1, 2]
@@ -74,6 +83,7 @@ def main() -> None:
         "batch": args.batch,
         "image_size": size,
         "ids_per_image": model.grid**2,
+        "layers": args.layers or "real",
         "bare_siglip_img_per_s": round(baseline, 2),
         "tokenizer_encode_img_per_s": round(encode, 2),
         "ratio": round(encode / baseline, 3),

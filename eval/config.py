@@ -1,30 +1,41 @@
-"""Configuration of `semhitok eval`: which benchmarks run on which data, and how images are sampled."""
+"""Configuration of `semhitok eval`: which benchmarks run on which data, and how images are sampled.
+
+Defaults point at the data shipped in the repository (data/eval, data/sample; see data/eval/ATTRIBUTION.md),
+resolved from the repository whatever the current directory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from semhitok.common.config_io import check_min
+from semhitok.common.shipped import shipped
 from semhitok.mllm.sample import SamplingConfig
 
 
 @dataclass
 class EvalConfig:
-    # POPE (image understanding); skipped with a note when the file is missing.
-    pope_questions: str = "../shared/data/llava_instruct/pope_on_shipped_images.jsonl"
-    pope_image_root: str = "../shared/data/images_captions"
-    # GenEval (text-to-image): its evaluation_metadata.jsonl; limit 0 = every prompt.
-    geneval_metadata: str = "../shared/data/prompts/geneval/geneval_evaluation_metadata.jsonl"
+    # POPE (image understanding): POPE jsonl rows; images relative to pope_image_root. Shipped: the 18 POPE
+    # questions about a shipped photo; the real benchmark: POPE's coco_pope_*.json over COCO val2014.
+    pope_questions: str = field(default_factory=lambda: shipped("data/eval/pope.jsonl"))
+    pope_image_root: str = field(default_factory=lambda: shipped("data/sample"))
+    # GenEval (text-to-image): its evaluation_metadata.jsonl (shipped, MIT); limit 0 = every prompt.
+    geneval_metadata: str = field(default_factory=lambda: shipped("data/eval/geneval_evaluation_metadata.jsonl"))
     geneval_limit: int = 0
     geneval_samples: int = 4
     # gFID: generate from these captions, compare with their images (jsonl rows {"image", "caption"}).
-    gfid_captions: str = "data/sample/holdout.jsonl"
+    gfid_captions: str = field(default_factory=lambda: shipped("data/sample/holdout.jsonl"))
     # Tokenizer reconstruction (PSNR, SSIM, usage, rFID) of the model's visual tokenizer on these images.
-    recon_images: list[str] = field(default_factory=lambda: ["data/sample/holdout.jsonl"])
+    recon_images: list[str] = field(default_factory=lambda: [shipped("data/sample/holdout.jsonl")])
+    # Conditioning gaps (semhitok.mllm.gaps) on these held-out {"image", "caption"} pairs; limit 0 = all.
+    gaps_data: str = field(default_factory=lambda: shipped("data/sample/holdout.jsonl"))
+    gaps_limit: int = 0
+    # A requested benchmark whose data is missing fails the command (exit 1) unless this is true; then it is
+    # listed as skipped, with a warning.
+    allow_skip: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 16
     compile: bool = False  # compile the decoding step (CUDA graphs on GPUs); see mllm/sample.py Decoder
 
     def __post_init__(self) -> None:
-        check_min(self, 0, "geneval_limit")
+        check_min(self, 0, "geneval_limit", "gaps_limit")
         check_min(self, 1, "geneval_samples", "batch_size")

@@ -6,12 +6,16 @@
 # OUTPUT_DIR defaults to the model's own eval folder, where `semhitok eval --model MODEL_DIR` reads the
 # scores back: <run>/mllm/final -> <run>/mllm/eval/lmms_eval; any other DIR -> DIR-eval/lmms_eval.
 #   bash eval/run_lmms.sh runs/256/mllm/final pope,mme,gqa,seedbench,mmbench_en_dev,mmvet
-#   bash eval/run_lmms.sh runs/tiny/mllm/final semhitok_pope_local      # offline: POPE on local COCO images
+#   LMMS_DATA=shipped bash eval/run_lmms.sh runs/tiny/mllm/final pope   # lmms-eval's own pope task, offline
+#   bash eval/run_lmms.sh runs/tiny/mllm/final semhitok_pope_local      # POPE's own scoring, local task
 #
-# Needs `pip install -e ".[eval]"`. Standard tasks download their data from the Hugging Face Hub at run
-# time; MM-Vet also needs an OpenAI key for its judge. semhitok_pope_local reads POPE_QUESTIONS and
-# POPE_IMAGE_ROOT (default: ../shared/data beside the repository). Extra lmms-eval flags: LMMS_ARGS; extra
-# model arguments: MODEL_ARGS (e.g. MODEL_ARGS=compile=true on a GPU: CUDA-graph decoding).
+# Needs `pip install -e ".[eval]"`. LMMS_DATA picks the datasets: hub (the real ones: lmms-eval downloads
+# them from the Hugging Face Hub or reads the datasets cache) or shipped (the repository's copies, in the
+# Hub datasets' schema, built into <OUTPUT_DIR>/hf_datasets and read offline; today: pope). Default: shipped
+# when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is 1, else hub. MM-Vet also needs an OpenAI key for its judge.
+# semhitok_pope_local reads POPE_QUESTIONS and POPE_IMAGE_ROOT (default: the shipped data/eval/pope.jsonl).
+# Extra lmms-eval flags: LMMS_ARGS; extra model arguments: MODEL_ARGS (e.g. MODEL_ARGS=compile=true on a
+# GPU: CUDA-graph decoding).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -37,9 +41,23 @@ mkdir -p "$out"
 include=()
 if [[ ",$tasks," == *",semhitok_pope_local,"* ]]; then
     "$python" -m semhitok.eval.lmms_tasks --out "$out/tasks" \
-        --questions "${POPE_QUESTIONS:-$repo/../shared/data/llava_instruct/pope_on_shipped_images.jsonl}" \
-        --image-root "${POPE_IMAGE_ROOT:-$repo/../shared/data/images_captions}" >/dev/null
+        --questions "${POPE_QUESTIONS:-$repo/data/eval/pope.jsonl}" \
+        --image-root "${POPE_IMAGE_ROOT:-$repo/data/sample}" >/dev/null
     include=(--include_path "$out/tasks")
+fi
+offline=0
+if [ "${HF_HUB_OFFLINE:-0}" = 1 ] || [ "${HF_DATASETS_OFFLINE:-0}" = 1 ]; then offline=1; fi
+data=${LMMS_DATA:-$([ $offline = 1 ] && echo shipped || echo hub)}
+if [ "$data" = shipped ]; then
+    shipped_tasks=$(IFS=,; for t in $tasks; do [[ $t == semhitok_* ]] || echo -n "$t,"; done)
+    if [ -n "$shipped_tasks" ]; then
+        "$python" -m semhitok.eval.lmms_datasets --cache "$out/hf_datasets" --tasks "${shipped_tasks%,}" >/dev/null
+        export HF_DATASETS_CACHE=$out/hf_datasets LMMS_EVAL_DATASETS_CACHE=$out/hf_datasets HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+        echo "run_lmms.sh: ${shipped_tasks%,} on the repository's shipped data (LMMS_DATA=hub for the real datasets)" >&2
+    fi
+elif [ "$data" != hub ]; then
+    echo "run_lmms.sh: LMMS_DATA must be shipped or hub, not $data" >&2
+    exit 2
 fi
 
 stamp=$(mktemp)

@@ -1,7 +1,9 @@
 """`semhitok eval`: every score of one model into <out>/summary.json and a markdown table <out>/summary.md.
 
-A benchmark whose data or scorer is missing is listed with the reason instead of a number. lmms-eval
-results written under <out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table.
+A benchmark whose scorer is missing is listed with the reason instead of a number. A benchmark whose data
+is missing raises BenchmarkUnavailable (exit 1) unless eval.allow_skip=true, which lists it as skipped with a
+warning; an empty path (e.g. eval.pope_questions=) turns a benchmark off. lmms-eval results written under
+<out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table.
 """
 
 from __future__ import annotations
@@ -16,26 +18,52 @@ from semhitok.eval.fid import FIDUnavailable
 from semhitok.eval.generation import GenEvalUnavailable, generate_geneval, generation_fid, read_metadata, score_geneval
 from semhitok.eval.pope import load_pope, run_pope
 from semhitok.eval.recon import evaluate_reconstruction
+from semhitok.mllm.gaps import conditioning_gaps, load_pairs
 from semhitok.mllm.sample import load_sampler
 
 log = logging.getLogger("semhitok")
 
 
+class BenchmarkUnavailable(FileNotFoundError):
+    """A requested benchmark cannot run (its data is missing) and eval.allow_skip is false (the CLI exits non-zero)."""
+
+
+BENCHMARK_DATA = {"pope": "pope_questions", "geneval": "geneval_metadata", "gaps": "gaps_data"}  # benchmark -> its config field
+
+
+def runnable(cfg: EvalConfig, summary: dict) -> set[str]:
+    """The benchmarks to run: those with a data path that exists. An empty path turns one off; a missing file
+    raises BenchmarkUnavailable, or with eval.allow_skip=true warns and records `skipped` in the summary."""
+    run, missing = set(), []
+    for name, field in BENCHMARK_DATA.items():
+        path = getattr(cfg, field)
+        if path and Path(path).is_file():
+            run.add(name)
+        elif path:
+            missing.append(f"{name}: eval.{field}={path} not found")
+            summary[name] = {"skipped": f"{path} not found"}
+    if missing and not cfg.allow_skip:
+        raise BenchmarkUnavailable("; ".join(missing) + " (fix the path, turn the benchmark off with an empty path, "
+                                   "or pass eval.allow_skip=true)")
+    for line in missing:
+        log.warning("skipped %s", line)
+    return run
+
+
 def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, device: str | None = None) -> dict:
+    summary: dict = {"model": str(model_dir)}
+    todo = runnable(cfg, summary)  # before loading anything: a missing file fails fast
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     decoder, visual = load_sampler(model_dir, device, cfg.compile)
-    summary: dict = {"model": str(model_dir)}
 
-    if Path(cfg.pope_questions).is_file():
+    if "pope" in todo:
         log.info("== POPE: %s", cfg.pope_questions)
         pope = run_pope(decoder, visual, load_pope(cfg.pope_questions, cfg.pope_image_root))
         write_json(out / "pope_answers.json", pope.pop("answers"))
         summary["pope"] = pope
-    else:
-        summary["pope"] = {"skipped": f"{cfg.pope_questions} not found"}
 
-    if Path(cfg.geneval_metadata).is_file():
+    if "geneval" in todo:
         metadata = read_metadata(cfg.geneval_metadata)[: cfg.geneval_limit or None]
         log.info("== GenEval: %d prompts x %d samples", len(metadata), cfg.geneval_samples)
         generate_geneval(decoder, visual, metadata, out / "geneval", cfg.sampling, cfg.geneval_samples)
@@ -44,8 +72,10 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
             summary["geneval"].update(score_geneval(out / "geneval", out))
         except GenEvalUnavailable as err:
             summary["geneval"]["not_scored"] = str(err)
-    else:
-        summary["geneval"] = {"skipped": f"{cfg.geneval_metadata} not found"}
+
+    if "gaps" in todo:
+        log.info("== conditioning gaps: %s", cfg.gaps_data)
+        summary["gaps"] = conditioning_gaps(decoder.model, decoder.builder, load_pairs(cfg.gaps_data, visual, cfg.gaps_limit), cfg.batch_size)
 
     log.info("== gFID: %s", cfg.gfid_captions)
     rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
@@ -93,15 +123,22 @@ def collect_lmms_results(root: Path, model_dir: str | Path | None = None) -> dic
 
 
 def markdown_table(summary: dict) -> str:
-    """summary -> a two-column markdown table: benchmark/metric | value (or why it is missing)."""
+    """summary -> a markdown table: benchmark | metric | value (or why it is missing)."""
     lines = [f"# Evaluation of `{summary['model']}`", "", "| benchmark | metric | value |", "|---|---|---|"]
-    for bench in ("pope", "geneval", "gfid", "tokenizer", "lmms_eval"):
+    for bench in ("gaps", "pope", "geneval", "gfid", "tokenizer", "lmms_eval"):
         for key, value in summary.get(bench, {}).items():
-            if isinstance(value, dict):  # per-category results
+            if isinstance(value, dict):  # per-category / per-task results
                 for sub, v in value.items():
-                    lines.append(f"| {bench} | {key}.{sub} | {_fmt(v)} |")
+                    if sub.endswith("_ci95"):
+                        continue
+                    ci = value.get(f"{sub}_ci95")
+                    shown = f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(v)
+                    lines.append(f"| {bench} | {key}.{sub} | {shown} |")
             else:
                 lines.append(f"| {bench} | {key} | {_fmt(value)} |")
+    if "gaps" in summary:
+        lines += ["", "gaps: loss(shuffled / no image / unconditional) - loss(true) per held-out pair, mean [95% interval];",
+                  "clearly positive = the model uses the image (understanding) and the caption (generation)."]
     return "\n".join(lines) + "\n"
 
 

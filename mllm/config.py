@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from semhitok.common.config_io import check_min, check_positive, check_range
+from semhitok.common.shipped import shipped
 
 
 @dataclass
@@ -53,6 +54,11 @@ class MLLMTrainConfig:
     fused_kernels: bool = True  # Liger-Kernel RMSNorm/RoPE/SwiGLU when installed and on CUDA
     loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy (1024 x 348K fp32 logits = 1.4 GB)
     log_every: int = 10
+    # Every eval_every steps (0: never; also at the last step) the conditioning gaps (mllm/gaps.py) on
+    # eval_data's held-out {"image", "caption"} pairs (its first eval_limit, 0: all) go to metrics.jsonl.
+    eval_every: int = 500
+    eval_data: str = field(default_factory=lambda: shipped("data/sample/holdout.jsonl"))
+    eval_limit: int = 64
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     seed: int = 0
@@ -63,3 +69,4 @@ class MLLMTrainConfig:
         check_positive(self, "lr", "adapter_lr")
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off
+        check_min(self, 0, "eval_every", "eval_limit")

@@ -7,7 +7,7 @@ Layout of <run_dir>/mllm/:
     checkpoints/<tag>/     DeepSpeed states + loader_rank<r>.json + rng_rank<r>.pt + COMPLETE.json (written last:
                            every file's size); DeepSpeed's `latest` is written but not trusted
     final/                 SemHiTokLM.save_pretrained: a plain HF Qwen2 directory + adapter + tokenizers
-    metrics.jsonl (+ tensorboard/, wandb/)
+    metrics.jsonl (+ tensorboard/, wandb/); loss_curves.png, gaps.png (conditioning gaps, mllm/gaps.py)
 A restarted job resumes from the newest checkpoint whose COMPLETE.json matches its files (damaged newer ones
 are skipped with a warning): weights, optimizer, scheduler, data position and RNG, so the next losses equal
 those of the uninterrupted run.
@@ -33,9 +33,10 @@ from semhitok.common.io import MANIFEST, atomic_path, verify_manifest, write_jso
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
-from semhitok.data_pipelines.sequences import TASKS
+from semhitok.data_pipelines.sequences import TASKS, SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
 from semhitok.mllm.ds_config import load_deepspeed_config
+from semhitok.mllm.gaps import conditioning_gaps, flat_metrics, load_pairs, plot_training
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
 from semhitok.mllm.plain_engine import PlainEngine
 from semhitok.tokenizer import SemHiTok
@@ -179,6 +180,17 @@ def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenize
     D.barrier()
 
 
+def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: Path, device):
+    """A function returning the conditioning gaps on mllm_train.eval_data as flat metrics (None: eval_every=0).
+    The held-out images are encoded once, here, with the run's visual tokenizer."""
+    t = cfg.mllm_train
+    if t.eval_every <= 0:
+        return None
+    pairs = load_pairs(t.eval_data, SemHiTok.from_pretrained(visual_tokenizer_dir, device), t.eval_limit)
+    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data)
+    return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
+
+
 def train_mllm(cfg) -> Path:
     import deepspeed  # (also for export: gathering is a no-op on plain parameters)
 
@@ -220,6 +232,7 @@ def train_mllm(cfg) -> Path:
                           {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
                           enabled=dist.is_main, resume_step=start_step)
     peak = peak_flops()
+    gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
@@ -243,6 +256,7 @@ def train_mllm(cfg) -> Path:
             task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
             tokens += (batch["task_ids"] >= 0).sum()
         done = step + 1
+        metrics = {}
         if done % t.log_every == 0 or done == t.max_steps:
             D.all_reduce_sum(task_sums)
             D.all_reduce_sum(tokens)
@@ -254,15 +268,22 @@ def train_mllm(cfg) -> Path:
                        "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
             if peak:
                 metrics["mfu"] = tokens_per_s * fpt / (peak * dist.world_size)
-            logger.log(done, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             task_sums.zero_()
             tokens.zero_()
             window_start = time.perf_counter()
+        if gap_eval and (done % t.eval_every == 0 or done == t.max_steps):
+            began = time.perf_counter()
+            metrics.update(gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
+            window_start += time.perf_counter() - began  # throughput leaves the evaluation out
+        if metrics:  # one row per step: the training metrics and/or the gaps
+            logger.log(done, metrics)
         if done % t.ckpt_every == 0 or done == t.max_steps:
             save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
     bar.close()
     logger.close()
+    if dist.is_main:
+        plot_training(out / "metrics.jsonl", out)
     export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

@@ -29,6 +29,9 @@ class TokenizerConfig:
     sem_ema_decay: float = 0.99
     sem_dead_code_threshold: float = 0.03  # EMA assignments per step below which a code is restarted
     sem_kmeans_iters: int = 10
+    # k-means initialisation pools features over the first batches (and all ranks) until it has this many;
+    # 0 or anything below K means K. Until then the features pass through unquantized.
+    sem_kmeans_features: int = 0
 
     # Stage 2, semantic-guided hierarchical codebook: K sub-codebooks of m pixel codes.
     pix_codes_per_group: int = 12  # m: 8, 12 or 16 in the paper's ablation
@@ -113,8 +116,9 @@ class TokenizerTrainConfig:
     l1_weight: float = 1.0
     codebook_weight: float = 1.0
     semantic_weight: float = 1.0  # trains=joint: weight of the stage-1 loss (cosine + L1 + commitment)
-    # auto: LPIPS when the `lpips` package and its VGG weights load, else the documented fallback
-    # "semantic": distances between the frozen semantic encoder's hidden states.
+    # auto / lpips: LPIPS (the `lpips` package and its VGG weights); if it cannot load, training stops with
+    # the fix named (never a silent switch). semantic: distances between the frozen semantic encoder's hidden
+    # states (the tiny preset's choice). The term that ran is recorded in <stage dir>/run_config.json.
     perceptual: Literal["auto", "lpips", "semantic", "none"] = "auto"
     perceptual_weight: float = 1.0
     gan_weight: float = 0.1

@@ -20,8 +20,10 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 
 class SemanticPerceptualLoss(nn.Module):
     """LPIPS-style distance on the hidden states of a frozen SigLIP encoder: features unit-normalised per
-    token, squared differences averaged per layer, summed over layers. The fallback when LPIPS's VGG
-    weights are not available; it uses only weights the tokenizer already has."""
+    token, squared differences averaged per layer, summed over layers. Chosen with perceptual=semantic (the
+    tiny preset; anywhere LPIPS's VGG weights are not available); it uses only weights the tokenizer has."""
+
+    kind = "semantic"
 
     def __init__(self, encoder: SiglipVisionModel):
         super().__init__()
@@ -39,6 +41,8 @@ class SemanticPerceptualLoss(nn.Module):
 
 
 class LPIPSLoss(nn.Module):
+    kind = "lpips"
+
     def __init__(self):
         super().__init__()
         import lpips  # noqa: PLC0415  (optional dependency, needs torchvision and its VGG16 weights)
@@ -50,25 +54,24 @@ class LPIPSLoss(nn.Module):
 
 
 def build_perceptual(kind: str, semantic_encoder: SiglipVisionModel) -> nn.Module | None:
-    """kind: auto | lpips | semantic | none. `auto` tries LPIPS and says once, clearly, when it falls back."""
+    """kind: auto | lpips | semantic | none -> the loss module (its `.kind` says which term runs) or None.
+
+    auto (the default) is LPIPS, strictly: when LPIPS cannot load, training stops with the fix named instead of
+    silently switching term. The tiny preset asks for `semantic` explicitly."""
     if kind == "none":
         return None
-    if kind in ("auto", "lpips"):
-        try:
-            return LPIPSLoss()
-        except Exception as err:  # ImportError, or a failed weight download when offline
-            if kind == "lpips":
-                raise RuntimeError(
-                    f"perceptual=lpips but LPIPS could not load ({type(err).__name__}: {err}). Install `lpips` with a "
-                    "working torchvision and make the VGG16 weights available (TORCH_HOME), or set "
-                    "tokenizer_train.perceptual=semantic"
-                ) from None
-            log.warning(
-                "LPIPS unavailable (%s); perceptual loss falls back to 'semantic': feature distance on the frozen "
-                "semantic encoder's hidden states (see README, 'Perceptual loss').",
-                type(err).__name__,
-            )
-    return SemanticPerceptualLoss(semantic_encoder)
+    if kind == "semantic":
+        return SemanticPerceptualLoss(semantic_encoder)
+    if kind not in ("auto", "lpips"):
+        raise ValueError(f"tokenizer_train.perceptual={kind!r}: use auto, lpips, semantic or none")
+    try:
+        return LPIPSLoss()
+    except Exception as err:  # ImportError, or a failed weight download when offline
+        raise RuntimeError(
+            f"tokenizer_train.perceptual={kind} needs LPIPS, which could not load ({type(err).__name__}: {err}). "
+            "Install `lpips` with a working torchvision and make its VGG16 weights available (TORCH_HOME), or "
+            "choose the term explicitly: tokenizer_train.perceptual=semantic (or none)"
+        ) from None
 
 
 class PatchDiscriminator(nn.Module):

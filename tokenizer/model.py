@@ -22,7 +22,7 @@ from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
-from semhitok.tokenizer.vit import Transformer, patchify, unpatchify
+from semhitok.tokenizer.vit import Transformer, patchify, pixel_geometry, resize, unpatchify
 
 RANDOM_TEACHER = "random"
 
@@ -32,19 +32,32 @@ class WeightsUnavailable(RuntimeError):
 
 
 def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
-    """The frozen SigLIP vision tower, by HF name or local path; or a random one of `cfg.siglip_config`."""
+    """The frozen SigLIP vision tower, by HF name or local path; or a random one of `cfg.siglip_config`.
+
+    A path or name may hold a vision-only SiglipVisionModel or a full SiglipModel (the google/siglip-* repos:
+    text and vision towers, `vision_model.` key prefix, nested `vision_config`): transformers maps the
+    latter's vision keys and config. Every vision weight must load: a missing or mis-shaped key is an error,
+    never a silently random teacher."""
     if cfg.teacher == RANDOM_TEACHER:
         if cfg.siglip_config is None:
             raise ValueError("tokenizer.teacher=random needs tokenizer.siglip_config (SiglipVisionConfig fields)")
         teacher = SiglipVisionModel(SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False}))
     else:
         try:
-            teacher = SiglipVisionModel.from_pretrained(cfg.teacher, vision_use_head=False)
+            teacher, info = SiglipVisionModel.from_pretrained(
+                cfg.teacher, vision_use_head=False, dtype=torch.float32, output_loading_info=True
+            )
         except OSError as err:
             raise WeightsUnavailable(
                 f"cannot load SigLIP teacher {cfg.teacher!r} ({type(err).__name__}): on a machine with network run "
-                f"`huggingface-cli download {cfg.teacher} --local-dir /path/siglip` and pass tokenizer.teacher=/path/siglip"
+                f"`hf download {cfg.teacher} --local-dir /path/siglip` and pass tokenizer.teacher=/path/siglip"
             ) from None
+        missing = sorted(info["missing_keys"]) + [str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"]]
+        if missing:
+            raise ValueError(
+                f"SigLIP teacher {cfg.teacher!r}: {len(missing)} vision weights missing or mis-shaped "
+                f"(first: {missing[0]}); the directory is incomplete or not a SigLIP checkpoint"
+            )
     return teacher.eval().requires_grad_(False)
 
 
@@ -55,7 +68,8 @@ class SemanticBranch(nn.Module):
         self.encoder = SiglipVisionModel(siglip)  # the student; its weights come from the teacher
         self.to_code = nn.Linear(width, cfg.sem_code_dim)
         self.codebook = EMACodebook(
-            cfg.sem_codebook_size, cfg.sem_code_dim, cfg.sem_ema_decay, cfg.sem_dead_code_threshold, cfg.sem_kmeans_iters
+            cfg.sem_codebook_size, cfg.sem_code_dim, cfg.sem_ema_decay, cfg.sem_dead_code_threshold, cfg.sem_kmeans_iters,
+            cfg.sem_kmeans_features,
         )
         self.decoder_in = nn.Linear(cfg.sem_code_dim, width)
         self.decoder = Transformer(width, cfg.sem_decoder_layers, siglip.num_attention_heads, num_tokens)
@@ -89,9 +103,12 @@ class PixelBranch(nn.Module):
 
     DECODER_SIDE = ("fuse", "sem_in", "decoder", "to_pixels")
 
-    def __init__(self, cfg: TokenizerConfig, patch: int, grid: int):
+    def __init__(self, cfg: TokenizerConfig, image_size: int, grid: int):
         super().__init__()
-        self.fusion, self.patch, self.grid = cfg.fusion, patch, grid
+        # patch x patch pixels per id on a canvas of grid * patch px (see vit.pixel_geometry: 16 / 256 at 256 px,
+        # 15 / 405 at 384 px, where the image is resized onto the canvas and the output back to image_size)
+        patch, self.canvas = pixel_geometry(image_size, grid)
+        self.fusion, self.patch, self.grid, self.image_size = cfg.fusion, patch, grid, image_size
         self.code_dim, n = cfg.pix_code_dim, grid * grid
         if cfg.fusion != "semantic_only":
             enc = cfg.pix_encoder_width
@@ -128,7 +145,7 @@ class PixelBranch(nn.Module):
         pixel ids [B, N] in [0, m), vq loss []). Without pixel codes: ([B, N, 0], zeros, 0)."""
         if self.fusion == "semantic_only":
             return self.lookup(sem_ids, sem_ids), torch.zeros_like(sem_ids), images.new_zeros(())
-        z = self.to_code(self.encoder(self.patch_embed(patchify(images, self.patch))))
+        z = self.to_code(self.encoder(self.patch_embed(patchify(resize(images, self.canvas), self.patch))))
         b, n, d = z.shape
         q, pix_ids, vq_loss = self.codebook(z.reshape(b * n, d), sem_ids.reshape(-1), beta)
         return q.view(b, n, d), pix_ids.view(b, n), vq_loss
@@ -150,7 +167,7 @@ class PixelBranch(nn.Module):
         else:
             x = torch.cat([self.sem_in(q_sem), self.fuse(q_pix)], dim=1)
         x = self.decoder(x)[:, -self.grid * self.grid :]
-        return unpatchify(self.to_pixels(x), self.patch, self.grid)
+        return resize(unpatchify(self.to_pixels(x), self.patch, self.grid), self.image_size)  # [B, 3, H, W]
 
 
 class SemHiTok(nn.Module):
@@ -161,10 +178,10 @@ class SemHiTok(nn.Module):
         self.config = cfg
         siglip = SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False})
         self.image_size, self.patch_size = siglip.image_size, siglip.patch_size
-        self.grid = siglip.image_size // siglip.patch_size
+        self.grid = siglip.image_size // siglip.patch_size  # SigLIP's patch embedding drops the remainder: 384 // 14 = 27
         self.codes_per_group = cfg.codes_per_group
         self.semantic = SemanticBranch(cfg, siglip, self.grid * self.grid)
-        self.pixel = PixelBranch(cfg, self.patch_size, self.grid)
+        self.pixel = PixelBranch(cfg, self.image_size, self.grid)
         self.trained_stages: list[int] = []
 
     @classmethod

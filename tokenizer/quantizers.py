@@ -1,13 +1,19 @@
 """The two quantizers of SemHiTok.
 
 EMACodebook: stage 1's semantic-priority codebook. l2-normalised codes updated by EMA (VQKD), k-means
-initialised on the first batch gathered across ranks, dead codes restarted from current features.
+initialised on features gathered across ranks and over the first batches until there are at least K (one
+GPU at 256 px sees 32 x 256 = 8,192 < 16,384 per step), dead codes restarted from current features.
 
 HierarchicalCodebook: stage 2's pixel codebook. K sub-codebooks of m codes; a patch whose semantic code
 is i is quantized only inside sub-codebook i, so the flattened id is i * m + j.
+
+Both searches (nearest code, argmax of cosine similarity) run in fp32 with autocast off, whatever context
+they are called from: in bf16 about 0.8% of the argmaxes flip against fp32 at K = 16384.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -18,6 +24,13 @@ from semhitok.common import dist as D
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
+
+
+@contextmanager
+def fp32(device: torch.device):
+    """Autocast off on `device`: matmuls inside run in the dtype of their (fp32) inputs."""
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -39,12 +52,10 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """x [n, d] unit vectors -> k unit centroids [k, d]: k-means++ seeding, then Lloyd steps on the sphere
-    with empty clusters re-seeded from random points. With n < k, centroids are samples drawn with
-    replacement and jittered apart."""
+    with empty clusters re-seeded from random points. Needs n >= k (EMACodebook gathers enough first)."""
     n = x.shape[0]
     if n < k:
-        pick = torch.randint(n, (k,), generator=generator).to(x.device)
-        return l2norm(x[pick] + 1e-3 * torch.randn(k, x.shape[1], generator=generator).to(x.device))
+        raise ValueError(f"k-means needs at least k={k} features, got {n}")
     centroids = _kmeans_plus_plus(x, k, generator)
     for _ in range(iters):
         assign = (x @ centroids.t()).argmax(dim=1)  # [n]
@@ -56,18 +67,32 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Gener
 
 
 class EMACodebook(nn.Module):
-    def __init__(self, num_codes: int, dim: int, decay: float, dead_threshold: float, kmeans_iters: int):
+    def __init__(self, num_codes: int, dim: int, decay: float, dead_threshold: float, kmeans_iters: int,
+                 kmeans_features: int = 0):
         super().__init__()
         self.num_codes, self.dim, self.decay = num_codes, dim, decay
         self.dead_threshold, self.kmeans_iters = dead_threshold, kmeans_iters
+        # k-means waits until this many features (all ranks together) have been seen; never fewer than K
+        self.kmeans_features = max(num_codes, kmeans_features)
+        self._pending: list[torch.Tensor] = []  # gathered features [n_i, d] awaiting k-means (not saved)
         self.register_buffer("embed", l2norm(torch.randn(num_codes, dim)))
         self.register_buffer("cluster_size", torch.zeros(num_codes))
         self.register_buffer("embed_sum", self.embed.clone())
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _init_kmeans(self, z: torch.Tensor) -> None:
-        gathered = D.all_gather_cat(z)
+    def _gather_for_kmeans(self, z: torch.Tensor) -> bool:
+        """Add this step's features (all ranks) to the pool; run k-means once it holds enough. True when done."""
+        self._pending.append(D.all_gather_cat(z.float()))
+        if sum(x.shape[0] for x in self._pending) < self.kmeans_features:
+            return False
+        self._init_kmeans(torch.cat(self._pending))
+        self._pending = []
+        return True
+
+    @torch.no_grad()
+    def _init_kmeans(self, gathered: torch.Tensor) -> None:
+        """gathered [n, d] features from every rank (n >= K) -> k-means centroids become the codes"""
         centroids = spherical_kmeans(gathered, self.num_codes, self.kmeans_iters)
         D.broadcast(centroids)  # every rank takes rank 0's result
         self.embed.copy_(centroids)
@@ -100,14 +125,19 @@ class EMACodebook(nn.Module):
         return self.embed[idx]
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z [n, d] unit vectors -> idx [n] of the most similar code."""
-        return (z.float() @ self.embed.t()).argmax(dim=1)
+        """z [n, d] unit vectors -> idx [n] of the most similar code (fp32, autocast off)."""
+        with fp32(z.device):
+            return (z.detach().float() @ self.embed.float().t()).argmax(dim=1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z [n, d] unit vectors -> (q [n, d] straight-through, idx [n], commitment loss [])."""
+        """z [n, d] unit vectors -> (q [n, d] straight-through, idx [n], commitment loss []).
+
+        Training before k-means has run: the features are pooled for k-means and pass through unquantized
+        (q = z, commitment 0, ids of the still-random codes), so the decoder trains on the continuous
+        features for those first steps."""
         z = z.float()
-        if self.training and not bool(self.initialized):
-            self._init_kmeans(z.detach())
+        if self.training and not bool(self.initialized) and not self._gather_for_kmeans(z.detach()):
+            return z, self.nearest(z), torch.zeros((), device=z.device)
         idx = self.nearest(z)
         q = self.lookup(idx)
         if self.training:
@@ -132,11 +162,12 @@ class HierarchicalCodebook(nn.Module):
         self, z: torch.Tensor, sem_idx: torch.Tensor, beta: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [n, d], sem_idx [n] -> (q [n, d] straight-through, pix_idx [n] in [0, m), vq loss [])."""
-        z = l2norm(z.float())
-        # [n, m, d]: only the patch's own sub-codebook. index_select, not codes[sem_idx]: its backward
-        # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
-        group = l2norm(torch.index_select(self.codes, 0, sem_idx))
-        pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
-        q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
-        loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+        with fp32(z.device):
+            z = l2norm(z.float())
+            # [n, m, d]: only the patch's own sub-codebook. index_select, not codes[sem_idx]: its backward
+            # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
+            group = l2norm(torch.index_select(self.codes.float(), 0, sem_idx))
+            pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
+            q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
+            loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
         return z + (q - z).detach(), pix_idx, loss

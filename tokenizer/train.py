@@ -64,6 +64,7 @@ class _Task:
 
     def __init__(self, train: TokenizerTrainConfig, device: torch.device):
         self.train_cfg, self.device = train, device
+        self.run_info: dict[str, str] = {}  # what actually ran, recorded in run_config.json and checkpoints
         bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -165,8 +166,9 @@ class Stage2Task(_Task):
         for module in trained:
             module.requires_grad_(True)
         self.trained_params = [p for m in trained for p in m.parameters() if p.requires_grad]
-        # The perceptual fallback must not look through an encoder that this run trains.
+        # The perceptual term must not look through an encoder that this run trains.
         self.perceptual = build_perceptual(train.perceptual, self.teacher if self.joint else model.semantic.encoder)
+        self.run_info["perceptual"] = "none" if self.perceptual is None else self.perceptual.kind
         disc = PatchDiscriminator().to(device)
         wrap = (lambda m: DDP(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
         self.pixel, self.disc = wrap(model.pixel), wrap(disc)
@@ -297,7 +299,7 @@ class Trainer:
                     },
                     tmp / "train_state.pt",
                 )
-                write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config)})
+                write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config), **self.task.run_info})
                 write_manifest(tmp, {"step": step})  # last: the completion marker resume verifies
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -348,7 +350,10 @@ class Trainer:
     def fit(self) -> SemHiTok:
         cfg, task, main = self.cfg, self.task, self.dist.is_main
         start = self.maybe_resume()
-        logger = MetricLogger(self.out, cfg.log_backends, {"train": dataclasses.asdict(cfg)}, enabled=main, resume_step=start)
+        run_config = {"stage": task.stage, "train": dataclasses.asdict(cfg), "tokenizer": dataclasses.asdict(task.model.config), **task.run_info}
+        if main:
+            write_json(self.out / "run_config.json", run_config)
+        logger = MetricLogger(self.out, cfg.log_backends, run_config, enabled=main, resume_step=start)
         batches = rank_batches(self.dataset, cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size, start)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Resumable(batches), collate_fn=collate_images,

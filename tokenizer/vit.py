@@ -42,6 +42,28 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def pixel_geometry(image_size: int, grid: int) -> tuple[int, int]:
+    """The pixel branch's (patch, canvas) for an image of `image_size` px under the teacher's grid x grid ids.
+
+    The pixel branch works on the teacher's grid, so each pixel id sits on the patch its semantic id sees.
+    When image_size is a multiple of the grid (256 px / 16 = 16) the canvas is the image itself. Otherwise
+    (384 px under SigLIP so400m/14: a 27x27 grid, since the patch embedding drops 384 - 27*14 = 6 px) the
+    patch is rounded up (15) and the branch works on a canvas of grid*patch px (405): the whole 384 image is
+    resized onto it before patchify, and the decoder's 405 px output is resized back to 384. Nothing is
+    cropped, and the decoder has at least as many output samples as the image, so reconstruction of the
+    full image stays possible."""
+    patch = -(-image_size // grid)
+    return patch, grid * patch
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 3, size, size]; bilinear with antialiasing (in fp32), identity when already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.to(images.dtype)
+
+
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, 3, H, W] -> [B, (H/p)*(W/p), p*p*3]"""
     b, c, h, w = images.shape

@@ -14,10 +14,10 @@ from semhitok.eval.generation import (GenEvalUnavailable, generate_geneval, gene
                                       score_geneval, summarize_geneval)
 from semhitok.eval.pope import load_pope, run_pope
 from semhitok.mllm.sample import SamplingConfig, load_sampler
-from tests.conftest import REPO, SAMPLE, SHARED_DATA
+from tests.conftest import REPO, SAMPLE
 
-POPE = SHARED_DATA / "llava_instruct" / "pope_on_shipped_images.jsonl"
-GENEVAL = SHARED_DATA / "prompts" / "geneval" / "geneval_evaluation_metadata.jsonl"
+POPE = REPO / "data" / "eval" / "pope.jsonl"  # shipped: the POPE questions about a shipped photo
+GENEVAL = REPO / "data" / "eval" / "geneval_evaluation_metadata.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_run_lmms_sh_scores_local_pope_like_our_own_loop(model_dir, sampler, tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results_file = proc.stdout.strip().splitlines()[-1].removeprefix("results: ")
     scores = json.loads(open(results_file).read())["results"]["semhitok_pope_local"]
-    ours = run_pope(*sampler, load_pope(POPE, SHARED_DATA / "images_captions"))
+    ours = run_pope(*sampler, load_pope(POPE, SAMPLE))
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert scores[f"pope_{metric},none"] == pytest.approx(ours[metric]), metric
     samples = [json.loads(line) for f in tmp_path.rglob("*semhitok_pope_local*.jsonl") for line in open(f)]
@@ -113,9 +113,10 @@ def test_semhitok_eval_writes_one_summary_table(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path), "--config", "tiny", "eval.geneval_limit=2",
                  "eval.geneval_samples=1"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["pope"]["questions"] == 54 and 0 <= summary["pope"]["f1"] <= 1
+    assert summary["pope"]["questions"] == 18 and 0 <= summary["pope"]["f1"] <= 1  # the shipped questions
+    assert summary["gaps"]["pairs"] == 12 and set(summary["gaps"]["generation"]) >= {"gap_shuffled", "gap_uncond", "gap_uncond_ci95"}
     assert summary["geneval"]["prompts"] == 2 and "not_scored" in summary["geneval"]
     assert summary["tokenizer"]["images"] == 12 and summary["tokenizer"]["psnr"] > 5
     table = (tmp_path / "summary.md").read_text()
-    assert "| pope | f1 |" in table and "| tokenizer | psnr |" in table
+    assert "| pope | f1 |" in table and "| tokenizer | psnr |" in table and "| gaps | understanding.gap_shuffled |" in table
     assert summary["lmms_eval"] == {"mme": {"mme_cognition_score": 212.5}} and "| lmms_eval | mme.mme_cognition_score | 212.5000 |" in table

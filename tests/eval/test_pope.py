@@ -40,3 +40,24 @@ def test_missing_images_and_bad_rows_are_named(tmp_path):
     bad.write_text('{"question_id": 1}\n')
     with pytest.raises(ValueError, match="q.jsonl:1: not a POPE row"):
         load_pope(bad, tmp_path)
+
+
+def test_shipped_pope_questions_are_popes_own_about_the_shipped_photos():
+    import json
+    import re
+
+    from tests.conftest import REPO, SAMPLE
+
+    shipped_ids = {int(re.search(r"(\d+)\.jpg$", p.name).group(1)) for p in (SAMPLE / "images").glob("*.jpg")}
+    originals = {}
+    for category in ("random", "popular", "adversarial"):
+        for line in open(SHARED_DATA / "llava_instruct" / "pope_original" / f"coco_pope_{category}.json"):
+            q = json.loads(line)
+            if int(re.search(r"(\d+)\.jpg$", q["image"]).group(1)) in shipped_ids:
+                originals[f"{category}_{q['question_id']}"] = q
+    rows = load_pope(REPO / "data" / "eval" / "pope.jsonl", SAMPLE)  # every image exists under data/sample
+    assert len(rows) == len(originals) == 18
+    for r in rows:
+        q = originals[r["question_id"]]
+        assert (r["question"], r["label"], r["category"]) == (q["text"], q["label"], r["question_id"].split("_")[0])
+        assert re.search(r"(\d+)\.jpg$", q["image"]).group(1).lstrip("0") in r["image_path"]

@@ -50,4 +50,4 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("semhitok: error:") and "config.json" in err and "\n" not in err
     assert main(["tokenizer", "train", "--stage", "1", "--config", "tiny", "tokenizer.teacher=google/siglip-so400m-patch14-384",
                  f"run_dir={tmp_path}"]) == 2
-    assert "huggingface-cli download google/siglip-so400m-patch14-384" in capsys.readouterr().err
+    assert "hf download google/siglip-so400m-patch14-384" in capsys.readouterr().err

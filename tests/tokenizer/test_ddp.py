@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +9,15 @@ import pytest
 
 @pytest.mark.slow
 def test_two_process_ddp_training_keeps_replicas_identical(tmp_path):
-    """torchrun with 2 CPU processes (gloo): k-means init gathered across ranks, EMA statistics all-reduced,
+    """torchrun with 2 CPU processes (gloo): k-means init gathered across ranks and two steps, EMA statistics all-reduced,
     gradients averaged; every parameter and buffer must agree across ranks after each stage."""
     worker = Path(__file__).with_name("ddp_worker.py")
+    with socket.socket() as sock:  # a free port: other jobs on this machine may run torchrun too
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          str(worker), str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env,
     )

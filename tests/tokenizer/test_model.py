@@ -92,7 +92,7 @@ def test_offline_teacher_fails_with_one_clear_line(tmp_path):
     with pytest.raises(WeightsUnavailable) as err:
         load_teacher(cfg)
     message = str(err.value)
-    assert "\n" not in message and "huggingface-cli download google/siglip-large-patch16-256" in message
+    assert "\n" not in message and "hf download google/siglip-large-patch16-256" in message
 
 
 def test_from_pretrained_names_the_missing_file(tmp_path):
