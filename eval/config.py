@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from semhitok.common.config_io import check_min
-from semhitok.common.shipped import shipped
+from semhitok.common.resources import shipped
 from semhitok.mllm.sample import SamplingConfig
 
 

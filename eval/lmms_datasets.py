@@ -28,7 +28,7 @@ from datasets import Features, Image, Value
 from datasets.naming import camelcase_to_snakecase
 from datasets.packaged_modules.parquet.parquet import Parquet
 
-from semhitok.common.shipped import shipped
+from semhitok.common.resources import shipped
 from semhitok.eval.pope import load_pope
 
 POPE_FEATURES = Features({"question_id": Value("string"), "question": Value("string"), "answer": Value("string"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from semhitok.common.config_io import check_min, check_positive, check_range
-from semhitok.common.shipped import shipped
+from semhitok.common.resources import shipped
 
 
 @dataclass
