@@ -24,7 +24,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.model import SemHiTokLM, VisualAdapter, apply_fused_kernels, attention_kernel
-from semhitok.mllm.train import flops_per_token, peak_flops
+from semhitok.mllm.flops import batch_flops, row_flops
+from semhitok.mllm.train import peak_flops
 
 SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
