@@ -140,7 +140,10 @@ def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenize
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
     if dist.is_main:
-        model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict={k: v.clone() for k, v in state.items()})
+        if engine.device.type == "cpu":  # gathered CPU tensors may share storage with the re-partitioned ones
+            copies: dict[int, torch.Tensor] = {}  # keeps a tied head tied
+            state = {k: copies.setdefault(id(v), v.clone()) for k, v in state.items()}
+        model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict=state)
     D.barrier()
 
 
