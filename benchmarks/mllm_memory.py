@@ -11,6 +11,8 @@ Same shape in both arms (Qwen2.5-1.5B config by default: hidden 1536, 28 layers,
        extrapolated linearly per layer to the full depth (building it at full depth needs ~9.4 GiB).
   new  SemHiTokLM.from_base under mllm.partition.zero3_build (deepspeed.zero.Init via transformers), bf16,
        --nproc ranks on gloo: each rank holds its shard, plus one module/gathered matrix at a time.
+  loss one chunk of the chunked cross-entropy (--loss-chunk tokens x the full vocabulary, bf16, forward +
+       backward) in its own process: peak RSS above the inputs, less the head gradient, per logit.
 Peak RSS is each process's ru_maxrss (includes ~0.5 GiB of imported libraries). Prints one JSON line.
 """
 
@@ -90,6 +92,25 @@ def new_arm(shape: str) -> dict:
             "params": sum(numel(p) for p in model.parameters()), "input_rows": rows, "dtypes": dtypes}
 
 
+def current_rss_gib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def loss_arm(shape: str, chunk: int) -> dict:
+    from semhitok.mllm.loss import chunked_cross_entropy, logit_bytes
+
+    k, m = VISUAL[shape]
+    vocab, d = SHAPES[shape]["vocab_size"] + k * m, SHAPES[shape]["hidden_size"]
+    weight = torch.empty(vocab, d, dtype=torch.bfloat16).normal_().requires_grad_()  # filled in place: no temporaries
+    hidden = torch.empty(chunk, d, dtype=torch.bfloat16).normal_().requires_grad_()
+    targets = torch.randint(0, vocab, (chunk,))
+    before = current_rss_gib()
+    chunked_cross_entropy(hidden, weight, targets, chunk).sum().backward()
+    transient = (peak_rss_gib() - before) * 2**30 - weight.numel() * 2  # less the head gradient [V, d] bf16
+    return {"chunk": chunk, "vocab": vocab, "transient_gib": round(transient / 2**30, 3),
+            "bytes_per_logit": round(transient / (chunk * vocab), 2), "model_bytes_per_logit": logit_bytes(torch.bfloat16)}
+
+
 def run_json(cmd: list[str], env: dict) -> list[dict]:
     """Run worker(s) writing one JSON file each -> their rows."""
     with tempfile.TemporaryDirectory() as out:
@@ -102,14 +123,16 @@ def run_json(cmd: list[str], env: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2, help="ranks of the new arm (0: skip it)")
     ap.add_argument("--old-layers", type=int, nargs="*", default=[1, 3], help="cut depths for the old arm (none: skip it)")
-    ap.add_argument("--worker", choices=("old", "new"), help=argparse.SUPPRESS)
+    ap.add_argument("--loss-chunk", type=int, default=0, help="also measure one loss chunk of this many tokens")
+    ap.add_argument("--worker", choices=("old", "new", "loss"), help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        row = old_arm(args.shape, args.layers) if args.worker == "old" else new_arm(args.shape)
+        row = {"old": lambda: old_arm(args.shape, args.layers), "new": lambda: new_arm(args.shape),
+               "loss": lambda: loss_arm(args.shape, args.loss_chunk)}[args.worker]()
         (Path(args.out) / f"{args.worker}{row.get('rank', args.layers)}.json").write_text(json.dumps(row))
         return
 
@@ -126,14 +149,17 @@ def main() -> None:
             per_layer = (old[-1]["peak_rss_gib"] - old[0]["peak_rss_gib"]) / (old[-1]["layers"] - old[0]["layers"])
             result["old"].update(per_layer_gib=round(per_layer, 3),
                                  peak_rss_gib_per_rank=round(old[0]["peak_rss_gib"] + per_layer * (full - old[0]["layers"]), 3))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = run_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(port),
-                      here, "--worker", "new", "--shape", args.shape], env)
-    ranks.sort(key=lambda r: r["rank"])
-    result["new"] = {"dtype": "bfloat16", "ranks": ranks, "peak_rss_gib_per_rank": max(r["peak_rss_gib"] for r in ranks)}
-    if "peak_rss_gib_per_rank" in result.get("old", {}):
+    if args.nproc:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ranks = run_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
+                          str(port), here, "--worker", "new", "--shape", args.shape], env)
+        ranks.sort(key=lambda r: r["rank"])
+        result["new"] = {"dtype": "bfloat16", "ranks": ranks, "peak_rss_gib_per_rank": max(r["peak_rss_gib"] for r in ranks)}
+    if args.loss_chunk:
+        result["loss"] = run_json([sys.executable, here, "--worker", "loss", "--shape", args.shape, "--loss-chunk", str(args.loss_chunk)], env)[0]
+    if "peak_rss_gib_per_rank" in result.get("old", {}) and "new" in result:
         result["ratio"] = round(result["new"]["peak_rss_gib_per_rank"] / result["old"]["peak_rss_gib_per_rank"], 3)
     print(json.dumps(result))
 
