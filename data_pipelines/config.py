@@ -11,10 +11,12 @@ Task = Literal["understanding", "generation", "text"]
 
 @dataclass
 class SourceConfig:
-    name: str  # names the output shards: <name>-<unit>.npz
-    # wds: webdataset tars (img2dataset/COYO layout: <key>.jpg + <key>.txt or .json), path is a glob;
+    name: str  # names the output shards: <name>-<unit>.npz (letters, digits, _ . -; unique)
+    # wds: webdataset tars (img2dataset/COYO layout: <key>.jpg + <key>.txt or .json), path is a local glob,
+    # a brace pattern (part-{0000..0099}.tar), a URL or a `pipe:` command, several joined by "::";
     # caption_jsonl: rows {"image": ..., "caption": ...}; llava_json: a LLaVA list with "conversations"
-    # and an optional "image"; text_jsonl: rows {"text": ...}, passed through.
+    # and an optional "image" (a path, or a list of paths, one per <image> tag); text_jsonl: rows
+    # {"text": ...}, passed through.
     kind: SourceKind
     path: str
     image_root: str = ""  # images are relative to this folder; empty: the folder of `path`
@@ -32,6 +34,8 @@ class PretokenizeConfig:
     records_per_shard: int = 1000  # jsonl/json sources are cut into units of this many records; a tar is one unit
     batch_size: int = 64
     num_workers: int = 4
+    max_image_pixels: int = 36_000_000  # larger images are skipped (counted), checked before decoding
+    max_aspect_ratio: float = 20.0  # images with longer / shorter side above this are skipped (counted)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.pretokenize import load_shard
+from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 
@@ -48,6 +49,14 @@ def packing_efficiency(stats: dict) -> float:
     """Share of non-padding tokens in the rows counted by a loader's stats."""
     total = stats.get("tokens", 0) + stats.get("padding", 0)
     return stats.get("tokens", 0) / total if total else 0.0
+
+
+def _one_line_errors(batches):
+    """A DataError from the background worker arrives wrapped in its traceback: keep its own line."""
+    try:
+        yield from batches
+    except DataError as err:
+        raise DataError(str(err).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -176,9 +185,17 @@ class PackedLoader:
         _, shard, row = source.locate(draw.cursor)
         ids, meta = self._shard(source.files[shard])
         entry = meta[row]
-        image = ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
         uncond = comp.task == "generation" and np.random.default_rng([self.cfg.seed, 0xCF, draw.n]).random() < self.cfg.cfg_dropout
-        return self.builder.build(comp.task, entry, image, uncond)
+        try:  # an old corpus may hold samples today's pre-tokenization would skip: name the one that fails
+            rows = entry.get("ids_rows")
+            image = [ids[r] for r in rows] if rows else ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
+            return self.builder.build(comp.task, entry, image, uncond)
+        except UnsuitableSample:
+            raise
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as err:
+            origin = entry.get("origin", "?") if isinstance(entry, dict) else "?"
+            raise DataError(f"{source.files[shard]} row {row} ({origin}), source {comp.source!r}: cannot build a "
+                            f"{comp.task} document ({type(err).__name__}: {str(err)[:200]})") from None
 
     def next_document(self) -> tuple[Draw, Document]:
         """The next document of this rank's share of the stream (unpacked)."""
@@ -273,8 +290,8 @@ class PackedLoader:
         "loader_state" of the last batch consumed, never from this object's own state."""
         if prefetch <= 0:
             return iter(self)
-        return iter(torch.utils.data.DataLoader(_Batches(self), batch_size=None, num_workers=1, prefetch_factor=prefetch,
-                                                persistent_workers=True))
+        return _one_line_errors(iter(torch.utils.data.DataLoader(_Batches(self), batch_size=None, num_workers=1,
+                                                                 prefetch_factor=prefetch, persistent_workers=True)))
 
     @property
     def packing_efficiency(self) -> float:

@@ -3,19 +3,22 @@
 Output (`<output_dir>/`):
     shards/<source>-<unit>.npz       ids: int32 [n_images, h*w] (row-major ids of each image)
                                      meta_json: uint8 bytes of a JSON list, one entry per sample:
-                                       {key, origin, kind, text | conversations, ids_row (-1: no image)}
-    shards/<source>-<unit>.done.json that unit's counts, errors and the shard's sha256 (written last)
-    manifest.json                    every unit, totals, tokenizer grid and vocabulary (when all are done)
+                                       {key, origin, kind, text | conversations, ids_row (-1: no image),
+                                        ids_rows (only with several images: one row per <image>, in order)}
+    shards/<source>-<unit>.done.json that unit's counts, errors, the shard's sha256 and its identity
+                                     (input, record range, records_per_shard, kind, tokenizer), written last
+    manifest.json                    every unit, totals, tokenizer grid, vocabulary and identity (when all are done)
 
-A unit is done iff its .done.json exists; both files are written atomically, so a job killed anywhere and
-started again redoes at most the units it was in the middle of, and writes every sample exactly once.
+A unit is done iff its .done.json exists and describes the same unit; both files are written atomically, so
+a job killed anywhere and started again redoes at most the units it was in the middle of, and writes every
+sample exactly once. A finished unit made differently (another records_per_shard, input, kind or tokenizer)
+is refused, never mixed in. Images are bounded before they are decoded (max_image_pixels, max_aspect_ratio).
 Units are split across jobs by index modulo --num-shards (or SLURM array / task variables).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from semhitok.common.io import atomic_path, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig
-from semhitok.data_pipelines.readers import Record, WorkUnit, plan_units, read_unit
+from semhitok.data_pipelines.readers import DataError, Record, WorkUnit, plan_units, read_unit
 from semhitok.tokenizer import SemHiTok, load_tokenizer, preprocess
-from semhitok.tokenizer.data import DECODE_ERRORS
+from semhitok.tokenizer.data import ImageLimits, ImageRejected, open_rgb
 
 log = logging.getLogger("semhitok")
 
@@ -56,12 +58,13 @@ def job_split(num_shards: int | None = None, shard_index: int | None = None) -> 
 class _UnitStream(torch.utils.data.IterableDataset):
     """Reads and decodes whole units in DataLoader workers (worker w takes units w, w + W, ...).
 
-    Yields, per record of a unit in order, (unit index, entry, image) where entry is the record's metadata
-    and image a [3, S, S] tensor in [-1, 1], an error text (did not decode), or None (no image); then
-    (unit index, None, errors) once the unit is read. The workers stay alive across units."""
+    Yields, per record of a unit in order, (unit index, entry, images) where entry is the record's metadata
+    and images a list of [3, S, S] tensors in [-1, 1] (empty: no image) or (error kind, reason) when one
+    of them is unusable; then (unit index, None, errors) once the unit is read. The workers stay alive
+    across units."""
 
-    def __init__(self, units: list[WorkUnit], size: int):
-        self.units, self.size = units, size
+    def __init__(self, units: list[WorkUnit], size: int, limits: ImageLimits):
+        self.units, self.size, self.limits = units, size, limits
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -71,15 +74,17 @@ class _UnitStream(torch.utils.data.IterableDataset):
             for r in read_unit(self.units[u], errors):
                 entry = {"key": r.key, "origin": r.origin, "kind": r.kind}
                 entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
-                yield u, entry, self._decode(r) if r.has_image else None
+                yield u, entry, self._decode(r)
             yield u, None, dict(errors)
 
-    def _decode(self, r: Record) -> torch.Tensor | str:
-        try:
-            with Image.open(io.BytesIO(r.image_bytes) if r.image_bytes is not None else r.image_path) as img:
-                return preprocess([img.convert("RGB")], self.size)[0]
-        except DECODE_ERRORS as err:
-            return f"{type(err).__name__}: {err}"
+    def _decode(self, r: Record) -> list[torch.Tensor] | tuple[str, str]:
+        images = []
+        for i, source in enumerate(r.images):
+            try:
+                images.append(preprocess([open_rgb(source, self.limits, self.size)], self.size)[0])
+            except ImageRejected as err:
+                return err.kind, f"{source if isinstance(source, str) else f'image {i}'}: {err}"
+        return images
 
 
 def _sha256(path: Path) -> str:
@@ -96,7 +101,36 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
         return data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
 
 
-def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], grid: int, errors: dict) -> dict:
+def tokenizer_identity(tokenizer_dir: str | Path) -> str:
+    """sha256 over the tokenizer's config.json and model.safetensors: ids from two tokenizers never mix."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = Path(tokenizer_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass a directory written by SemHiTok.save_pretrained")
+        h.update(_sha256(path).encode())
+    return h.hexdigest()
+
+
+def unit_identity(unit: WorkUnit, tokenizer_id: str) -> dict:
+    return {**unit.identity(), "tokenizer": tokenizer_id}
+
+
+def check_done(unit: WorkUnit, done: dict, expected: dict, path: Path) -> None:
+    """Refuse a finished unit that another configuration made (mixing would duplicate, drop or relabel samples)."""
+    found = done.get("identity")
+    if found == expected:
+        return
+    if not isinstance(found, dict):
+        what = "it records no identity (written by an older version)"
+    else:
+        what = "; ".join(f"{k} was {found.get(k)!r}, now {v!r}" for k, v in expected.items() if found.get(k) != v)
+    raise DataError(f"{path}: unit {unit.name} was pre-tokenized differently ({what}); write to another output_dir "
+                    f"or delete {path.parent} to start over")
+
+
+def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], grid: int, errors: dict,
+               identity: dict) -> dict:
     """One unit's shard (atomically), then its .done.json (which marks the unit done)."""
     ids = np.stack(rows) if rows else np.zeros((0, grid * grid), np.int32)
     shard = shard_dir / f"{unit.name}.npz"
@@ -104,54 +138,68 @@ def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(entries).encode("utf-8"), dtype=np.uint8))
     done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(entries),
-            "images": len(rows), "errors": errors, "input": unit.file, "records": [unit.start, unit.stop]}
+            "images": len(rows), "errors": errors, "input": unit.file, "records": [unit.start, unit.stop], "identity": identity}
     write_json(shard_dir / f"{unit.name}.done.json", done)
     return done
 
 
 @torch.no_grad()
-def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int):
+def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int,
+                  identities: list[dict], limits: ImageLimits = ImageLimits()):
     """Encode every unit's images in batches and write each unit as soon as it is complete; yields .done dicts."""
-    loader = torch.utils.data.DataLoader(_UnitStream(units, model.image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_UnitStream(units, model.image_size, limits), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
-    open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w] each), "corrupt"}
+    open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w] each), "skipped" (Counter)}
     for batch in loader:  # a batch holds items of one worker, in its order
         images = []
         for u, entry, item in batch:
-            state = open_units.setdefault(u, {"entries": [], "rows": [], "corrupt": 0})
+            state = open_units.setdefault(u, {"entries": [], "rows": [], "skipped": Counter()})
             if entry is None:
                 continue
-            if isinstance(item, str):
-                state["corrupt"] += 1
-                log.warning("%s: skipped, image does not decode (%s)", entry["origin"], item)
+            if isinstance(item, tuple):
+                state["skipped"][item[0]] += 1
+                log.warning("%s: skipped, %s (%s)", entry["origin"], item[0], item[1])
                 continue
             entry["ids_row"] = -1
             state["entries"].append(entry)
-            if item is not None:
-                images.append((state, entry, item))
+            images += [(state, entry, x) for x in item]
         if images:
             ids = model.encode(torch.stack([x for _, _, x in images]).to(model.device)).flatten(1)
             for (state, entry, _), row in zip(images, ids.cpu().numpy().astype(np.int32)):
-                entry["ids_row"] = len(state["rows"])
+                if entry["ids_row"] < 0:
+                    entry["ids_row"] = len(state["rows"])
+                else:  # a further image of a multi-image sample (its rows are consecutive)
+                    entry.setdefault("ids_rows", [entry["ids_row"]]).append(len(state["rows"]))
                 state["rows"].append(row)
         for u, entry, errors in batch:
             if entry is None:  # the unit's last item: everything before it is encoded
                 state = open_units.pop(u)
-                errors = dict(errors, corrupt_image=state["corrupt"]) if state["corrupt"] else errors
-                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], model.grid, errors)
+                errors = dict(Counter(errors) + state["skipped"])
+                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], model.grid, errors, identities[u])
 
 
-def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: SemHiTok, tokenizer_dir: Path) -> bool:
+def _read_done(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({type(err).__name__}); delete it to redo that unit") from None
+
+
+def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: SemHiTok, tokenizer_dir: Path,
+                                tokenizer_id: str, records_per_shard: int) -> bool:
     shard_dir = out / "shards"
     done_files = [shard_dir / f"{u.name}.done.json" for u in units]
     if not all(p.is_file() for p in done_files):
         return False
-    entries = [json.loads(p.read_text()) for p in done_files]
+    entries = [_read_done(p) for p in done_files]
+    for unit, entry, path in zip(units, entries, done_files):  # other jobs' units too
+        check_done(unit, entry, unit_identity(unit, tokenizer_id), path)
     errors: Counter = Counter()
     for e in entries:
         errors.update(e["errors"])
     write_json(out / "manifest.json", {
-        "tokenizer": str(tokenizer_dir), "grid": [model.grid, model.grid], "visual_vocab_size": model.vocab_size,
+        "tokenizer": str(tokenizer_dir), "tokenizer_id": tokenizer_id, "records_per_shard": records_per_shard,
+        "grid": [model.grid, model.grid], "visual_vocab_size": model.vocab_size,
         "codes_per_group": model.codes_per_group, "samples": sum(e["samples"] for e in entries),
         "images": sum(e["images"] for e in entries), "errors": dict(errors), "shards": entries,
     })
@@ -165,7 +213,14 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
     mine = [u for i, u in enumerate(units) if i % num_shards == shard_index]
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in mine if not (shard_dir / f"{u.name}.done.json").is_file()]
+    tokenizer_id = tokenizer_identity(tokenizer_dir)
+    todo = []
+    for unit in mine:
+        done = shard_dir / f"{unit.name}.done.json"
+        if done.is_file():
+            check_done(unit, _read_done(done), unit_identity(unit, tokenizer_id), done)
+        else:
+            todo.append(unit)
     for unit in todo:  # temporaries of this job's units left by a killed run (never another job's)
         for stale in shard_dir.glob(f".{unit.name}.*.tmp"):
             stale.unlink()
@@ -174,7 +229,9 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
     totals: Counter = Counter()
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="pretokenize", unit="shard", dynamic_ncols=True)
-    for done in process_units(model, todo, shard_dir, cfg.batch_size, cfg.num_workers):
+    limits = ImageLimits(cfg.max_image_pixels, cfg.max_aspect_ratio)
+    identities = [unit_identity(u, tokenizer_id) for u in todo]
+    for done in process_units(model, todo, shard_dir, cfg.batch_size, cfg.num_workers, identities, limits):
         totals.update({"samples": done["samples"], "images": done["images"]})
         totals.update({f"error:{k}": v for k, v in done["errors"].items()})
         bar.update()
@@ -184,6 +241,6 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
     summary = {"job": f"{shard_index}/{num_shards}", "units_done_now": len(todo), "units_already_done": len(mine) - len(todo),
                **dict(totals), "seconds": round(elapsed, 2),
                "images_per_s": round(totals["images"] / elapsed, 2) if elapsed > 0 else 0.0,
-               "manifest_written": _write_manifest_if_complete(units, out, model, tokenizer_dir)}
+               "manifest_written": _write_manifest_if_complete(units, out, model, tokenizer_dir, tokenizer_id, cfg.records_per_shard)}
     log.info("pretokenize summary: %s", json.dumps(summary))
     return summary

@@ -17,6 +17,7 @@ Formats (Qwen2.5 chat template; `[img]` = <|vision_start|> + the image's h*w vis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -68,14 +69,15 @@ class SequenceBuilder:
         close, newline = self._turn_close()
         return self._turn_open("system") + self.encode_text(self.cfg.system_prompt) + close + newline
 
-    def _content(self, text: str, ids: np.ndarray | None) -> list[int]:
-        """A user turn's text with the image span where <image> stands."""
+    def _content(self, text: str, images: Iterator[np.ndarray]) -> list[int]:
+        """A user turn's text with the next image's span where each <image> stands."""
         pieces = text.split("<image>")
-        if len(pieces) > 2:
-            raise UnsuitableSample("more than one <image> in a conversation (one image per sample)")
         out = self.encode_text(pieces[0])
-        if len(pieces) == 2:
-            out += self.image_span(ids) + self.encode_text(pieces[1])
+        for piece in pieces[1:]:
+            ids = next(images, None)
+            if ids is None:
+                raise UnsuitableSample("more <image> tags than images")
+            out += self.image_span(ids) + self.encode_text(piece)
         return out
 
     def generation_prompt(self, caption: str) -> list[int]:
@@ -89,18 +91,20 @@ class SequenceBuilder:
         tokens = self._system()
         close, newline = self._turn_close()
         for role, text in turns:
-            tokens += self._turn_open(role) + (self._content(text, ids) if role == "user" else self.encode_text(text)) + close + newline
+            images = iter([] if ids is None else [ids])  # the one image, wherever the user turns place it
+            tokens += self._turn_open(role) + (self._content(text, images) if role == "user" else self.encode_text(text)) + close + newline
         return tokens + self._turn_open("assistant")
 
     # -- documents -------------------------------------------------------------------------------------
-    def understanding(self, meta: dict, ids: np.ndarray | None) -> Document:
+    def understanding(self, meta: dict, ids: np.ndarray | list[np.ndarray] | None) -> Document:
+        """ids: one image's ids [h*w], or a list of them (one per <image>, in order)."""
         if ids is None:
             raise UnsuitableSample("understanding needs an image")
         if "conversations" in meta:
             turns = [(ROLES.get(t.get("from", t.get("role")), ""), t.get("value", t.get("content", ""))) for t in meta["conversations"]]
             if any(role == "" for role, _ in turns):
                 raise UnsuitableSample("a conversation turn has an unknown role")
-            if not any("<image>" in text for role, text in turns if role == "user"):
+            if not any("<image>" in text for role, text in turns if role == "user") and isinstance(ids, np.ndarray):
                 first = next(i for i, (role, _) in enumerate(turns) if role == "user")
                 turns[first] = ("user", "<image>\n" + turns[first][1])  # LLaVA convention: image before the first turn
         else:
@@ -108,6 +112,7 @@ class SequenceBuilder:
         system = self._system()
         tokens, labels = list(system), [IGNORE] * len(system)
         close, newline = self._turn_close()
+        images = iter([ids] if isinstance(ids, np.ndarray) else ids)
         for role, text in turns:
             head = self._turn_open(role)
             if role == "assistant":
@@ -115,13 +120,15 @@ class SequenceBuilder:
                 tokens += head + answer + newline
                 labels += [IGNORE] * len(head) + answer + [IGNORE] * len(newline)
             else:
-                body = head + self._content(text, ids) + close + newline
+                body = head + self._content(text, images) + close + newline
                 tokens += body
                 labels += [IGNORE] * len(body)
+        if next(images, None) is not None:
+            raise UnsuitableSample("more images than <image> tags")
         return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "understanding", meta.get("origin", ""))
 
     def generation(self, meta: dict, ids: np.ndarray | None, uncond: bool) -> Document:
-        if ids is None or "text" not in meta:
+        if ids is None or not isinstance(ids, np.ndarray) or "text" not in meta:
             raise UnsuitableSample("generation needs a caption and an image")
         prompt = self.generation_prompt(self.cfg.uncond_prompt if uncond else meta["text"])
         target = (np.asarray(ids, np.int64) + self.layout.visual_offset).tolist() + [self.layout.image_end, self.layout.im_end]

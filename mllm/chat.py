@@ -18,18 +18,15 @@ import io
 import json
 import logging
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from PIL import Image
 
 from semhitok.mllm.sample import Decoder, SamplingConfig
-from semhitok.tokenizer import SemHiTok, encode_images, to_pil
-from semhitok.tokenizer.data import DECODE_ERRORS
+from semhitok.tokenizer import ImageLimits, ImageRejected, SemHiTok, encode_images, open_rgb, to_pil
 
 log = logging.getLogger("semhitok")
 IMAGE_REQUEST = re.compile(r"^\s*(?:/image\s+|draw\s+|generate (?:an? )?(?:image|picture) of\s+)(?P<caption>.+)$", re.I | re.S)
@@ -65,17 +62,12 @@ class ChatEngine:
     def upload(self, sid: str, data: bytes) -> str:
         if len(data) > self.max_upload_bytes:
             raise UploadRejected(f"the file is {len(data) / 2**20:.1f} MB; the limit is {self.max_upload_bytes / 2**20:.1f} MB")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > self.max_pixels:
-                    raise UploadRejected(f"the image is {img.width}x{img.height}; the limit is {self.max_pixels:,} pixels")
-                img = img.convert("RGB")
-        except UploadRejected:
-            raise
-        except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
-            raise UploadRejected(f"that file is not an image I can read ({type(err).__name__})") from None
+        try:  # the one bounded loader: size and aspect ratio checked before decoding, any mode to RGB
+            img = open_rgb(data, ImageLimits(max_pixels=self.max_pixels))
+        except ImageRejected as err:
+            if err.kind == "corrupt_image":
+                raise UploadRejected(f"that file is not an image I can read ({err})") from None
+            raise UploadRejected(f"the image cannot be used: {err}") from None
         ids = self.model_thread.submit(encode_images, self.visual, [img]).result()[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True

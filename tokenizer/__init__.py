@@ -8,13 +8,15 @@
 
 from semhitok.tokenizer.api import encode_images, encode_paths, iter_image_batches, load_tokenizer, reconstruct_to_dir
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
-from semhitok.tokenizer.data import image_grid, list_images, load_rgb, preprocess, to_pil
+from semhitok.tokenizer.data import ImageLimits, ImageRejected, image_grid, list_images, load_rgb, open_rgb, preprocess, to_pil
 from semhitok.tokenizer.model import SemHiTok, WeightsUnavailable
 
 __all__ = [
     "SemHiTok",
     "TokenizerConfig",
     "TokenizerTrainConfig",
+    "ImageLimits",
+    "ImageRejected",
     "WeightsUnavailable",
     "encode_images",
     "encode_paths",
@@ -23,6 +25,7 @@ __all__ = [
     "list_images",
     "load_rgb",
     "load_tokenizer",
+    "open_rgb",
     "preprocess",
     "reconstruct_to_dir",
     "to_pil",

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from semhitok.tokenizer.data import image_grid, load_rgb, preprocess
+from semhitok.tokenizer.data import ImageLimits, image_grid, load_rgb, preprocess, to_rgb
 from semhitok.tokenizer.model import SemHiTok
 
 
@@ -29,7 +29,7 @@ def iter_image_batches(
     bar = tqdm(total=len(paths), desc=progress, disable=progress is None, unit="img")
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        loaded = [(p, img) for p in chunk if (img := load_rgb(p)) is not None]
+        loaded = [(p, img) for p in chunk if (img := load_rgb(p, size=size)) is not None]
         bar.update(len(chunk))
         if loaded:
             yield [p for p, _ in loaded], preprocess([img for _, img in loaded], size)
@@ -38,9 +38,11 @@ def iter_image_batches(
 
 @torch.no_grad()
 @torch.no_grad()
-def encode_images(model: SemHiTok, images: list) -> torch.Tensor:
-    """PIL images (any size; centre-cropped and resized) -> visual ids [B, h, w] on the model's device."""
-    return model.encode(preprocess([img.convert("RGB") for img in images], model.image_size).to(model.device))
+def encode_images(model: SemHiTok, images: list, limits: ImageLimits = ImageLimits()) -> torch.Tensor:
+    """PIL images (any size and mode; centre-cropped and resized) -> visual ids [B, h, w] on the model's
+    device. Images beyond `limits` raise ImageRejected (checked on the header when not yet decoded)."""
+    rgb = [to_rgb(img, limits, model.image_size) for img in images]
+    return model.encode(preprocess(rgb, model.image_size).to(model.device))
 
 
 def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:

@@ -6,9 +6,11 @@ the jsonl's folder. Files that are not images, or do not decode, are skipped wit
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +45,83 @@ def list_images(sources: list[str | Path]) -> list[Path]:
     return paths
 
 
-def load_rgb(path: str | Path) -> Image.Image | None:
-    """Decode an image fully to RGB; None (with a warning naming the file) when it cannot be decoded."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds checked on the header, before any pixel is decoded."""
+
+    max_pixels: int = 36_000_000  # width * height after JPEG draft reduction (8K UHD is 33.2M)
+    max_aspect_ratio: float = 20.0  # longer side / shorter side
+
+
+class ImageRejected(ValueError):
+    """An image that is skipped: `kind` is corrupt_image, image_too_large or image_aspect_ratio."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def to_rgb(img: Image.Image, limits: ImageLimits = ImageLimits(), size: int | None = None) -> Image.Image:
+    """A PIL image (opened, not necessarily decoded) -> RGB, checking `limits` before decoding.
+
+    `size`: the side the image will be resized to; a JPEG is then decoded at the smallest DCT scale that
+    keeps both sides >= size (PIL's draft). High-bit-depth and uncommon modes are rescaled to 8 bits
+    (I;16: /257; I: as is when within [0, 255], else clipped to 16 bits and /257; F: [0, 1] scaled,
+    else clipped to [0, 255]); transparency goes over white."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageRejected("corrupt_image", f"empty image ({w}x{h})")
+    if max(w, h) / min(w, h) > limits.max_aspect_ratio:
+        raise ImageRejected("image_aspect_ratio", f"{w}x{h} has an aspect ratio above {limits.max_aspect_ratio:g}")
+    if size and img.format == "JPEG" and min(w, h) >= 2 * size:
+        img.draft("RGB", (size, size))
+        w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageRejected("image_too_large", f"{w}x{h} is above the limit of {limits.max_pixels:,} pixels")
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif img.mode.startswith("I") and arr.size and arr.max() > 255:
+            arr = np.clip(arr, 0, 65535) / 257.0
+        elif arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(source: str | Path | bytes, limits: ImageLimits = ImageLimits(), size: int | None = None) -> Image.Image:
+    """A file path or encoded bytes -> decoded RGB image; ImageRejected (one line) for anything unusable,
+    including decompression bombs and running out of memory."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.convert("RGB")
-    except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
-        log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                rgb = to_rgb(img, limits, size)
+                rgb.load()
+                return rgb
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("image_too_large", f"{type(err).__name__}: {err}") from None
+    except MemoryError:
+        raise ImageRejected("image_too_large", "out of memory while decoding") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("corrupt_image", "not an image format PIL recognises") from None
+    except DECODE_ERRORS as err:
+        raise ImageRejected("corrupt_image", f"{type(err).__name__}: {err}") from None
+
+
+def load_rgb(path: str | Path, limits: ImageLimits = ImageLimits(), size: int | None = None) -> Image.Image | None:
+    """`open_rgb`, or None with a warning naming the file when it is unusable."""
+    try:
+        return open_rgb(path, limits, size)
+    except ImageRejected as err:
+        log.warning("skipping %s: %s (%s)", path, err.kind, err)
         return None
 
 
@@ -96,7 +166,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        img = load_rgb(self.paths[index])
+        img = load_rgb(self.paths[index], size=self.size)
         if img is None:
             return None
         x = to_tensor(center_crop_resize(img, self.size))
