@@ -187,9 +187,13 @@ class SemHiTokLM(nn.Module):
         mean norm of the text rows."""
         d = lm.config.hidden_size
         adapter = VisualAdapter(sem_codes, pix_codes, codes_per_group, cfg.adapter_hidden or d, d)
-        if torch.distributed.is_initialized():  # every rank fills its own shard of the head from this adapter
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
+            on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
             for p in adapter.parameters():
-                torch.distributed.broadcast(p.data, 0)
+                sent = p.data.to(on)
+                torch.distributed.broadcast(sent, 0)
+                p.data.copy_(sent)
         norm: list[torch.Tensor] = []
 
         @torch.no_grad()
