@@ -9,7 +9,7 @@ Transient memory of one chunk: the product in the input dtype plus its fp32 copy
 on: `logit_bytes(dtype)` = 6 bytes per logit in bf16 (2 + 4), 4 in fp32. Measured on CPU (peak RSS, bf16,
 256 tokens x 348,544 rows, forward + backward, `benchmarks/mllm_memory.py --loss-chunk 256`): 6.43 bytes
 per logit, 0.53 GiB, i.e. 2.1 GiB at 1,024 tokens (the old out-of-place version: 10 bytes per logit,
-3.3 GiB). `chunk_for_budget` picks the chunk from a byte budget.
+3.3 GiB by count). `chunk_for_budget` picks the chunk from a byte budget.
 """
 
 from __future__ import annotations
