@@ -34,13 +34,13 @@ def _load(args):
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
-    from semhitok.tokenizer.train import train_tokenizer
+    from semhitok.tokenizer.train import stage_dirs, train_tokenizer
 
     cfg = _load(args)
     cfg.tokenizer_train.stage = args.stage
-    init_from = Path(cfg.tokenizer_train.init_from) if cfg.tokenizer_train.init_from else cfg.tokenizer_stage_dir(1) / "final"
-    train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(args.stage), init_from)
-    log.info("stage %d done: %s", args.stage, cfg.tokenizer_stage_dir(args.stage) / "final")
+    out, init_from = stage_dirs(cfg.run_dir, args.stage, cfg.tokenizer_train)
+    train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, out, init_from)
+    log.info("stage %d done: %s", args.stage, out / "final")
 
 
 def cmd_tokenizer_encode(args) -> None:
@@ -161,6 +161,31 @@ def cmd_chat(args) -> None:
         server.server_close()
 
 
+# -- ablations ---------------------------------------------------------------------------------------
+def cmd_ablate(args) -> None:
+    from semhitok.eval.ablate import run_table
+
+    cfg = _load(args)
+    t = cfg.tokenizer_train
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / "ablate" / f"table{args.table}"
+    path = run_table(args.table, cfg.tokenizer, t, out, args.stage1_steps or t.max_steps, args.steps or t.max_steps,
+                     args.only.split(",") if args.only else None, fid=not args.no_fid)
+    print(path.read_text())
+    print(f"table: {path}")
+
+
+def _ablate_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="the paper's tokenizer ablations (Tables 4, 5): train each variant, write the table")
+    p.add_argument("--table", type=int, choices=(4, 5), required=True)
+    p.add_argument("--out", default=None, help="output folder (default: <run_dir>/ablate/table<N>); reruns skip finished variants")
+    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default: tokenizer_train.max_steps)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: tokenizer_train.max_steps)")
+    p.add_argument("--only", default=None, help="comma-separated variants to run (names as in the output folders)")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    _config_args(p)
+    p.set_defaults(func=cmd_ablate)
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
@@ -259,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_chat)
+
+    _ablate_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train (or resume) stage 1 or 2")

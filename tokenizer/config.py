@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Fusion = Literal["concat", "pixel_only", "length"]
+Fusion = Literal["concat", "pixel_only", "length", "semantic_only"]
 
 
 @dataclass
@@ -31,18 +31,47 @@ class TokenizerConfig:
     # Stage 2, semantic-guided hierarchical codebook: K sub-codebooks of m pixel codes.
     pix_codes_per_group: int = 12  # m: 8, 12 or 16 in the paper's ablation
     pix_code_dim: int = 8
-    pix_width: int = 768
-    pix_heads: int = 12
+    # The paper (sec. 4.1): ViT-B pixel encoder and decoder, the decoder enlarged to ViT-L (1024 wide,
+    # 16 heads, 24 layers) in the last stage-2 phase (configs/recipes/*_stage2c_*.yaml).
+    pix_encoder_width: int = 768
+    pix_encoder_heads: int = 12
     pix_encoder_layers: int = 12
+    pix_decoder_width: int = 768
+    pix_decoder_heads: int = 12
     pix_decoder_layers: int = 12
+    # Legacy (one width/heads for both): when set, both encoder and decoder take it; then cleared.
+    pix_width: int | None = None
+    pix_heads: int | None = None
     # concat: semantic and pixel codes concatenated on channels (the paper's choice);
-    # pixel_only: the "w/o sem" ablation; length: the two token sets concatenated along the sequence.
+    # pixel_only: the "w/o sem" ablation; length: the two token sets concatenated along the sequence;
+    # semantic_only: no pixel codes at all, the decoder sees the semantic codes only (Table 4's SPC rows;
+    # ids are then the semantic ids, m counts as 1).
     fusion: Fusion = "concat"
+
+    def __post_init__(self) -> None:
+        if self.pix_width is not None:
+            self.pix_encoder_width = self.pix_decoder_width = self.pix_width
+        if self.pix_heads is not None:
+            self.pix_encoder_heads = self.pix_decoder_heads = self.pix_heads
+        self.pix_width = self.pix_heads = None
+        for side in ("encoder", "decoder"):
+            width, heads = getattr(self, f"pix_{side}_width"), getattr(self, f"pix_{side}_heads")
+            if width % heads:
+                raise ValueError(f"tokenizer.pix_{side}_width={width} is not a multiple of pix_{side}_heads={heads}")
+
+    @property
+    def codes_per_group(self) -> int:
+        """m as the ids see it: 1 when there are no pixel codes."""
+        return 1 if self.fusion == "semantic_only" else self.pix_codes_per_group
 
     @property
     def vocab_size(self) -> int:
         """Number of flattened visual ids h = sem * m + pix."""
-        return self.sem_codebook_size * self.pix_codes_per_group
+        return self.sem_codebook_size * self.codes_per_group
+
+    def decoder_fields(self) -> dict:
+        """The fields that shape the pixel decoder side (fusion projection, decoder, pixel head)."""
+        return {k: getattr(self, k) for k in ("pix_decoder_width", "pix_decoder_heads", "pix_decoder_layers", "fusion")}
 
 
 @dataclass
@@ -50,8 +79,21 @@ class TokenizerTrainConfig:
     stage: int = 1
     train_data: list[str] = field(default_factory=lambda: ["data/sample/train.jsonl"])
     holdout_data: list[str] = field(default_factory=lambda: ["data/sample/holdout.jsonl"])
-    # Stage 2 starts from this stage-1 directory; empty means <run_dir>/tokenizer/stage1/final.
+    # A named phase of this stage (the paper's stage 2: imagenet, coyo, then the enlarged decoder). The run
+    # writes to <run_dir>/tokenizer/stage<N>_<phase>; empty: <run_dir>/tokenizer/stage<N>, what later jobs read.
+    phase: str = ""
+    # Stage 2 starts from this tokenizer: a directory path, or the name of another stage directory of this
+    # run (no slash: "stage1", "stage2_coyo" -> <run_dir>/tokenizer/<name>/final). Empty: stage1.
+    # A stage-1 tokenizer gets a new pixel branch; a stage-2 one is continued with every weight kept
+    # (a pixel decoder of another size or fusion is built new, see `trains`).
     init_from: str = ""
+    # Stage 2's trained parts. pixel: the whole pixel branch (semantic branch frozen, the paper's PRE);
+    # decoder: fusion projection + decoder + pixel head only, the pixel encoder and codebooks frozen so every
+    # id stays what it was (the decoder-enlargement phase); joint: the pixel branch and the semantic branch,
+    # the latter keeping its stage-1 distillation loss (Table 4's "texture incorporated", MUSE-VL style).
+    trains: Literal["pixel", "decoder", "joint"] = "pixel"
+    # Stage 1: the student starts as a copy of the teacher (Table 4's "SemEnc Init"); false: random weights.
+    student_from_teacher: bool = True
 
     batch_size: int = 32  # per process
     max_steps: int = 100_000
@@ -64,6 +106,7 @@ class TokenizerTrainConfig:
     commit_weight: float = 0.25
     l1_weight: float = 1.0
     codebook_weight: float = 1.0
+    semantic_weight: float = 1.0  # trains=joint: weight of the stage-1 loss (cosine + L1 + commitment)
     # auto: LPIPS when the `lpips` package and its VGG weights load, else the documented fallback
     # "semantic": distances between the frozen semantic encoder's hidden states.
     perceptual: Literal["auto", "lpips", "semantic", "none"] = "auto"

@@ -64,39 +64,69 @@ class SemanticBranch(nn.Module):
         """images [B, 3, H, W] -> unit code features [B, N, c]"""
         return l2norm(self.to_code(self.encoder(pixel_values=images).last_hidden_state))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] -> (teacher-feature prediction [B, N, D], semantic ids [B, N], commitment loss [])"""
+    def quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (semantic codes [B, N, c] straight-through, semantic ids [B, N], commitment loss [])"""
         z = self.code_features(images)
         b, n, c = z.shape
         q, idx, commit = self.codebook(z.reshape(b * n, c))
-        pred = self.decoder_out(self.decoder(self.decoder_in(q.view(b, n, c))))
-        return pred, idx.view(b, n), commit
+        return q.view(b, n, c), idx.view(b, n), commit
+
+    def predict(self, q: torch.Tensor) -> torch.Tensor:
+        """semantic codes [B, N, c] -> teacher-feature prediction [B, N, D]"""
+        return self.decoder_out(self.decoder(self.decoder_in(q)))
+
+    def forward(self, images: torch.Tensor, with_codes: bool = False):
+        """images [B, 3, H, W] -> (teacher-feature prediction [B, N, D], semantic ids [B, N], commitment loss [])
+        and, with_codes, the semantic codes [B, N, c] (straight-through) as a fourth element."""
+        q, idx, commit = self.quantize(images)
+        return (self.predict(q), idx, commit, q) if with_codes else (self.predict(q), idx, commit)
 
 
 class PixelBranch(nn.Module):
+    """Encoder side (patch_embed, encoder, to_code, codebook: what fixes the ids) and decoder side
+    (DECODER_SIDE: fusion projection, decoder, pixel head), each with its own width, heads and depth."""
+
+    DECODER_SIDE = ("fuse", "sem_in", "decoder", "to_pixels")
+
     def __init__(self, cfg: TokenizerConfig, patch: int, grid: int):
         super().__init__()
         self.fusion, self.patch, self.grid = cfg.fusion, patch, grid
-        width, n = cfg.pix_width, grid * grid
-        self.patch_embed = nn.Linear(patch * patch * 3, width)
-        self.encoder = Transformer(width, cfg.pix_encoder_layers, cfg.pix_heads, n)
-        self.to_code = nn.Linear(width, cfg.pix_code_dim)
-        self.codebook = HierarchicalCodebook(cfg.sem_codebook_size, cfg.pix_codes_per_group, cfg.pix_code_dim)
+        self.code_dim, n = cfg.pix_code_dim, grid * grid
+        if cfg.fusion != "semantic_only":
+            enc = cfg.pix_encoder_width
+            self.patch_embed = nn.Linear(patch * patch * 3, enc)
+            self.encoder = Transformer(enc, cfg.pix_encoder_layers, cfg.pix_encoder_heads, n)
+            self.to_code = nn.Linear(enc, cfg.pix_code_dim)
+            self.codebook = HierarchicalCodebook(cfg.sem_codebook_size, cfg.pix_codes_per_group, cfg.pix_code_dim)
+        width = cfg.pix_decoder_width
         if cfg.fusion == "concat":
             self.fuse = nn.Linear(cfg.sem_code_dim + cfg.pix_code_dim, width)
         elif cfg.fusion == "pixel_only":
             self.fuse = nn.Linear(cfg.pix_code_dim, width)
+        elif cfg.fusion == "semantic_only":
+            self.fuse = nn.Linear(cfg.sem_code_dim, width)
         else:  # length: two token sets, each with its own projection, one sequence of 2N
             self.sem_in = nn.Linear(cfg.sem_code_dim, width)
             self.fuse = nn.Linear(cfg.pix_code_dim, width)
-        self.decoder = Transformer(width, cfg.pix_decoder_layers, cfg.pix_heads, 2 * n if cfg.fusion == "length" else n)
+        self.decoder = Transformer(width, cfg.pix_decoder_layers, cfg.pix_decoder_heads, 2 * n if cfg.fusion == "length" else n)
         self.to_pixels = nn.Linear(width, patch * patch * 3)
+
+    def decoder_side(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.DECODER_SIDE if hasattr(self, name)]
+
+    def lookup(self, sem_ids: torch.Tensor, pix_ids: torch.Tensor) -> torch.Tensor:
+        """semantic ids, pixel ids [B, N] -> pixel codes [B, N, d] ([B, N, 0] without pixel codes)"""
+        if self.fusion == "semantic_only":
+            return sem_ids.new_zeros(*sem_ids.shape, 0, dtype=torch.float32)
+        return self.codebook.lookup(sem_ids, pix_ids)
 
     def quantize(
         self, images: torch.Tensor, sem_ids: torch.Tensor, beta: float = 0.25
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W], semantic ids [B, N] -> (pixel codes [B, N, d] straight-through,
-        pixel ids [B, N] in [0, m), vq loss [])"""
+        pixel ids [B, N] in [0, m), vq loss []). Without pixel codes: ([B, N, 0], zeros, 0)."""
+        if self.fusion == "semantic_only":
+            return self.lookup(sem_ids, sem_ids), torch.zeros_like(sem_ids), images.new_zeros(())
         z = self.to_code(self.encoder(self.patch_embed(patchify(images, self.patch))))
         b, n, d = z.shape
         q, pix_ids, vq_loss = self.codebook(z.reshape(b * n, d), sem_ids.reshape(-1), beta)
@@ -114,6 +144,8 @@ class PixelBranch(nn.Module):
             x = self.fuse(torch.cat([q_sem, q_pix], dim=-1))
         elif self.fusion == "pixel_only":
             x = self.fuse(q_pix)
+        elif self.fusion == "semantic_only":
+            x = self.fuse(q_sem)
         else:
             x = torch.cat([self.sem_in(q_sem), self.fuse(q_pix)], dim=1)
         x = self.decoder(x)[:, -self.grid * self.grid :]
@@ -129,17 +161,19 @@ class SemHiTok(nn.Module):
         siglip = SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False})
         self.image_size, self.patch_size = siglip.image_size, siglip.patch_size
         self.grid = siglip.image_size // siglip.patch_size
-        self.codes_per_group = cfg.pix_codes_per_group
+        self.codes_per_group = cfg.codes_per_group
         self.semantic = SemanticBranch(cfg, siglip, self.grid * self.grid)
         self.pixel = PixelBranch(cfg, self.patch_size, self.grid)
         self.trained_stages: list[int] = []
 
     @classmethod
-    def from_teacher(cls, cfg: TokenizerConfig, teacher: SiglipVisionModel) -> "SemHiTok":
-        """A new tokenizer whose student encoder starts as a copy of the teacher."""
+    def from_teacher(cls, cfg: TokenizerConfig, teacher: SiglipVisionModel, copy_student: bool = True) -> "SemHiTok":
+        """A new tokenizer whose student encoder starts as a copy of the teacher (copy_student=False: random
+        weights of the teacher's architecture, Table 4's baseline without "SemEnc Init")."""
         cfg = dataclasses.replace(cfg, siglip_config=teacher.config.to_dict())
         model = cls(cfg)
-        model.semantic.encoder.load_state_dict(teacher.state_dict())
+        if copy_student:
+            model.semantic.encoder.load_state_dict(teacher.state_dict())
         return model
 
     @property
@@ -167,8 +201,12 @@ class SemHiTok(nn.Module):
     def code_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized features behind the ids: (semantic codes [K, sem_dim], pixel codes [K*m, pix_dim]).
 
-        Visual id h stands for semantic code sem[h // m] and pixel code pix[h]."""
-        return self.semantic.codebook.embed.detach().clone(), l2norm(self.pixel.codebook.codes.detach()).flatten(0, 1)
+        Visual id h stands for semantic code sem[h // m] and pixel code pix[h]. Without pixel codes
+        (fusion semantic_only, m = 1) the pixel codes are zeros [K, pix_dim]."""
+        sem = self.semantic.codebook.embed.detach().clone()
+        if self.config.fusion == "semantic_only":
+            return sem, sem.new_zeros(sem.shape[0], self.config.pix_code_dim)
+        return sem, l2norm(self.pixel.codebook.codes.detach()).flatten(0, 1)
 
     # -- encode / decode ---------------------------------------------------------------------------
     def semantic_ids(self, images: torch.Tensor) -> torch.Tensor:
@@ -197,7 +235,7 @@ class SemHiTok(nn.Module):
             raise ValueError(f"visual ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         sem, pix = self.split_ids(ids.flatten(1).to(self.device))
         with self._autocast():
-            images = self.pixel.decode(self.semantic.codebook.lookup(sem), self.pixel.codebook.lookup(sem, pix))
+            images = self.pixel.decode(self.semantic.codebook.lookup(sem), self.pixel.lookup(sem, pix))
         return images.float().clamp(-1, 1)
 
     def _require_stage(self, stage: int) -> None:

@@ -1,7 +1,9 @@
 """SemHiTok training: one loop (Trainer) over two stage tasks that differ only in model and loss.
 
 Stage 1 distils a frozen SigLIP teacher into the semantic branch. Stage 2 trains the pixel branch with the
-semantic branch frozen. The loop owns data order, checkpoints (exact resume), logging, evaluation and
+semantic branch frozen, in phases (the paper: ImageNet, then COYO continuing every weight, then a larger
+pixel decoder; `trains` picks the trained parts, `init_from` the parent). The loop owns data order,
+checkpoints (exact resume), logging, evaluation and
 pictures; a task owns its modules, optimizers and the loss of one step.
 """
 
@@ -77,11 +79,11 @@ class _Task:
             for name, opt in self.optimizers.items()
         }
 
-    def _step(self, name: str, loss: torch.Tensor, module: nn.Module) -> float:
+    def _step(self, name: str, loss: torch.Tensor, params) -> float:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.train_cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(list(params), self.train_cfg.grad_clip)
         opt.step()
         self.schedulers[name].step()
         return float(norm)
@@ -110,7 +112,7 @@ class Stage1Task(_Task):
             pred, ids, commit = self.branch(images)
         cosine, l1 = distill_loss(pred, target)
         loss = cosine + l1 + self.train_cfg.commit_weight * commit
-        norm = self._step("semantic", loss, self.branch)
+        norm = self._step("semantic", loss, self.branch.parameters())
         usage = torch.zeros(self.model.config.sem_codebook_size, device=ids.device)
         usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=ids.device))
         D.all_reduce_sum(usage)
@@ -142,45 +144,75 @@ class Stage1Task(_Task):
 
 
 class Stage2Task(_Task):
-    """Pixel branch with L1 + vq + perceptual + hinge GAN; the semantic branch frozen."""
+    """Pixel branch with L1 + vq + perceptual + hinge GAN. train.trains picks what updates: the pixel branch
+    (semantic branch frozen); its decoder side only (pixel encoder and both codebooks frozen: ids unchanged);
+    or jointly with the semantic branch, which then keeps stage 1's distillation loss (needs the teacher)."""
 
     stage = 2
 
-    def __init__(self, model: SemHiTok, train: TokenizerTrainConfig, device, world: int):
+    def __init__(self, model: SemHiTok, train: TokenizerTrainConfig, device, world: int, teacher: nn.Module | None = None):
         super().__init__(train, device)
         self.model = model.to(device)
-        model.semantic.requires_grad_(False).eval()
-        self.perceptual = build_perceptual(train.perceptual, model.semantic.encoder)
+        self.joint = train.trains == "joint"
+        if self.joint and teacher is None:
+            raise ValueError("tokenizer_train.trains=joint needs the teacher for the semantic loss")
+        self.teacher = teacher.to(device) if teacher is not None else None
+        model.requires_grad_(False)
+        model.semantic.eval()
+        trained = model.pixel.decoder_side() if train.trains == "decoder" else [model.pixel]
+        if self.joint:
+            trained.append(model.semantic)
+        for module in trained:
+            module.requires_grad_(True)
+        self.trained_params = [p for m in trained for p in m.parameters() if p.requires_grad]
+        # The perceptual fallback must not look through an encoder that this run trains.
+        self.perceptual = build_perceptual(train.perceptual, self.teacher if self.joint else model.semantic.encoder)
         disc = PatchDiscriminator().to(device)
         wrap = (lambda m: DDP(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
         self.pixel, self.disc = wrap(model.pixel), wrap(disc)
+        self.semantic = wrap(model.semantic) if self.joint else model.semantic
         self.optimizers = {
-            "pixel": self._optimizer(model.pixel.parameters(), train.lr),
+            "pixel": self._optimizer(self.trained_params, train.lr),
             "disc": self._optimizer(disc.parameters(), train.disc_lr),
         }
         self.schedulers = self._schedulers({"pixel": train.max_steps, "disc": max(1, train.max_steps - train.disc_start)})
         self.extra_modules = {"discriminator": disc}
 
+    def _semantic(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images -> (semantic ids [B, N], semantic codes [B, N, c], semantic loss []); the loss and the codes'
+        gradient only when the semantic branch trains."""
+        if not self.joint:
+            with torch.no_grad():
+                sem = self.model.semantic_ids(images)
+                return sem, self.model.semantic.codebook.lookup(sem), torch.zeros((), device=self.device)
+        self.semantic.train()
+        with torch.no_grad(), self.autocast:
+            target = self.teacher(pixel_values=images).last_hidden_state
+        with self.autocast:
+            pred, sem, commit, q_sem = self.semantic(images, with_codes=True)
+        cosine, l1 = distill_loss(pred, target)
+        return sem, q_sem, cosine + l1 + self.train_cfg.commit_weight * commit
+
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
         t = self.train_cfg
         self.pixel.train()
         gan_on = step >= t.disc_start
-        with torch.no_grad():
-            sem = self.model.semantic_ids(images)
-            q_sem = self.model.semantic.codebook.lookup(sem)
+        sem, q_sem, sem_loss = self._semantic(images)
         with self.autocast:
             recon, pix, vq = self.pixel(images, sem, q_sem, t.commit_weight)
             l1 = (recon.float() - images).abs().mean()
             perc = self.perceptual(recon, images) if self.perceptual is not None else torch.zeros((), device=self.device)
             g_adv = hinge_g_loss(self.disc(recon)) if gan_on else torch.zeros((), device=self.device)
         loss = t.l1_weight * l1 + t.codebook_weight * vq + t.perceptual_weight * perc + t.gan_weight * g_adv
-        norm = self._step("pixel", loss, self.pixel)
+        loss = loss + t.semantic_weight * sem_loss if self.joint else loss
+        norm = self._step("pixel", loss, self.trained_params)
         metrics = {
             "loss": loss.item(),
             "l1_loss": l1.item(),
             "vq_loss": vq.item(),
             "perceptual_loss": perc.item(),
             "g_adv_loss": g_adv.item(),
+            **({"semantic_loss": sem_loss.item()} if self.joint else {}),
             "grad_norm": norm,
             "train_psnr": float(psnr(recon.detach().float(), images)),
             "pix_codes_used": float(torch.unique(self.model.join_ids(sem, pix)).numel()),
@@ -189,18 +221,22 @@ class Stage2Task(_Task):
             with self.autocast:
                 d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
             metrics["d_loss"] = d_loss.item()
-            self._step("disc", d_loss, self.disc)
+            self._step("disc", d_loss, self.disc.parameters())
         return metrics
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor) -> dict[str, float]:
         self.model.eval()
         recon = self._reconstruct(images)
-        return {"holdout_psnr": float(psnr(recon, images))}
+        out = {"holdout_psnr": float(psnr(recon, images))}
+        if self.teacher is not None:
+            cosine, _ = distill_loss(self.model.semantic(images)[0], self.teacher(pixel_values=images).last_hidden_state)
+            out["holdout_teacher_cosine"] = 1 - float(cosine)
+        return out
 
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         sem = self.model.semantic_ids(images)
-        q_pix, _, _ = self.model.pixel.quantize(images, sem)
+        q_pix, _, _ = self.model.pixel.quantize(images, sem)  # [B, N, d] ([B, N, 0] without pixel codes)
         return self.model.pixel.decode(self.model.semantic.codebook.lookup(sem), q_pix).float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -344,22 +380,79 @@ class _Resumable(torch.utils.data.Sampler):
         return self.batches
 
 
+def stage_dirs(run_dir: str | Path, stage: int, train: TokenizerTrainConfig) -> tuple[Path, Path | None]:
+    """(this run's output directory, the tokenizer stage 2 starts from) under <run_dir>/tokenizer."""
+    root = Path(run_dir) / "tokenizer"
+    if "/" in train.phase:
+        raise ValueError(f"tokenizer_train.phase={train.phase!r}: a name, not a path")
+    out = root / (f"stage{stage}_{train.phase}" if train.phase else f"stage{stage}")
+    if stage == 1:
+        return out, None
+    init = train.init_from or "stage1"
+    return out, (Path(init) if "/" in init else root / init / "final")
+
+
+# Fields a continued stage-2 run may change: training-side settings and the pixel decoder side.
+_CONTINUE_FREE = {"teacher", "siglip_config", "sem_ema_decay", "sem_dead_code_threshold", "sem_kmeans_iters",
+                  "pix_width", "pix_heads", *TokenizerConfig().decoder_fields()}
+
+
+def continue_stage2(parent: SemHiTok, tok_cfg: TokenizerConfig, where: Path) -> SemHiTok:
+    """A stage-2 tokenizer continued with every weight of `parent`; when tok_cfg's pixel decoder differs
+    (size or fusion) the decoder side is new and the rest (semantic branch, pixel encoder, codebooks) kept."""
+    cfg = dataclasses.replace(tok_cfg, siglip_config=parent.config.siglip_config)
+    for f in dataclasses.fields(TokenizerConfig):
+        old, new = getattr(parent.config, f.name), getattr(cfg, f.name)
+        if f.name not in _CONTINUE_FREE and old != new:
+            raise ValueError(f"{where} has tokenizer.{f.name}={old!r}, this run {new!r}: a continued stage 2 keeps "
+                             "the semantic branch, pixel encoder and codebooks (only the pixel decoder may change)")
+    if (parent.config.fusion == "semantic_only") != (cfg.fusion == "semantic_only"):
+        raise ValueError(f"{where} has fusion={parent.config.fusion!r}: cannot continue it as {cfg.fusion!r} "
+                         "(one has pixel codes, the other not)")
+    model = SemHiTok(cfg)
+    state = parent.state_dict()
+    new_decoder = parent.config.decoder_fields() != cfg.decoder_fields()
+    if new_decoder:
+        side = tuple(f"pixel.{name}." for name in model.pixel.DECODER_SIDE)
+        state = {k: v for k, v in state.items() if not k.startswith(side)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected_missing = [k for k in model.state_dict() if new_decoder and k.startswith(side)]
+    if unexpected or sorted(missing) != sorted(expected_missing):
+        raise ValueError(f"{where}: weights do not fit this tokenizer (missing {missing}, unexpected {unexpected})")
+    model.trained_stages = list(parent.trained_stages)
+    if new_decoder:
+        log.info("stage 2 continues from %s with a new pixel decoder %s (was %s); everything else kept",
+                 where, cfg.decoder_fields(), parent.config.decoder_fields())
+    else:
+        log.info("stage 2 continues from %s with every weight kept", where)
+    return model
+
+
 def build_task(stage: int, tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, init_from: Path | None,
                device: torch.device, world: int) -> _Task:
     torch.manual_seed(train.seed)  # identical initial weights on every rank
     if stage == 1:
         teacher = load_teacher(tok_cfg)
-        return Stage1Task(SemHiTok.from_teacher(tok_cfg, teacher), teacher, train, device, world)
+        return Stage1Task(SemHiTok.from_teacher(tok_cfg, teacher, train.student_from_teacher), teacher, train, device, world)
     if stage == 2:
         if init_from is None or not (init_from / "config.json").is_file():
-            raise FileNotFoundError(f"stage 2 starts from a stage-1 tokenizer; none at {init_from} (run stage 1 first)")
-        stage1 = SemHiTok.from_pretrained(init_from)
-        if 1 not in stage1.trained_stages:
-            raise ValueError(f"{init_from} has trained stages {stage1.trained_stages}; stage 1 is needed")
-        model = SemHiTok(dataclasses.replace(tok_cfg, siglip_config=stage1.config.siglip_config))
-        model.semantic.load_state_dict(stage1.semantic.state_dict())
-        model.trained_stages = [1]
-        return Stage2Task(model, train, device, world)
+            raise FileNotFoundError(f"stage 2 starts from a stage-1 or stage-2 tokenizer; none at {init_from} (run stage 1 first)")
+        # The teacher first, right after seeding and from this run's config, as stage 1 did: a random (tiny)
+        # teacher comes out the same.
+        teacher = load_teacher(tok_cfg) if train.trains == "joint" else None
+        parent = SemHiTok.from_pretrained(init_from)
+        if 1 not in parent.trained_stages:
+            raise ValueError(f"{init_from} has trained stages {parent.trained_stages}; stage 1 is needed")
+        torch.manual_seed(train.seed)
+        if 2 in parent.trained_stages:
+            model = continue_stage2(parent, tok_cfg, init_from)
+        else:
+            if train.trains == "decoder":
+                raise ValueError(f"tokenizer_train.trains=decoder needs a stage-2 tokenizer to continue; {init_from} has stage 1 only")
+            model = SemHiTok(dataclasses.replace(tok_cfg, siglip_config=parent.config.siglip_config))
+            model.semantic.load_state_dict(parent.semantic.state_dict())
+            model.trained_stages = [1]
+        return Stage2Task(model, train, device, world, teacher)
     raise ValueError(f"tokenizer stage must be 1 or 2, got {stage}")
 
 
