@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from semhitok.common.config_io import check_min, check_range
+
 SourceKind = Literal["wds", "caption_jsonl", "llava_json", "text_jsonl"]
 Task = Literal["understanding", "generation", "text"]
 
@@ -20,6 +22,10 @@ class SourceConfig:
     kind: SourceKind
     path: str
     image_root: str = ""  # images are relative to this folder; empty: the folder of `path`
+    # How images become the tokenizer's square input: pad (to a square of the image's mean colour, as LLaVA-1.5
+    # does for understanding) or crop (centre crop, for generation targets); auto: pad for llava_json
+    # (understanding data), crop for caption and wds sources (generation data).
+    image_mode: Literal["auto", "pad", "crop"] = "auto"
 
 
 @dataclass
@@ -37,6 +43,10 @@ class PretokenizeConfig:
     max_image_pixels: int = 36_000_000  # larger images are skipped (counted), checked before decoding
     max_aspect_ratio: float = 20.0  # images with longer / shorter side above this are skipped (counted)
 
+    def __post_init__(self) -> None:
+        check_min(self, 1, "records_per_shard", "batch_size")
+        check_min(self, 0, "num_workers")
+
 
 @dataclass
 class MixtureComponent:
@@ -45,6 +55,9 @@ class MixtureComponent:
     # generation: caption -> image ids; text: plain text
     task: Task
     weight: float = 1.0  # relative share of documents drawn
+
+    def __post_init__(self) -> None:
+        check_min(self, 0, "weight")
 
 
 @dataclass
@@ -60,10 +73,22 @@ class SequenceConfig:
     micro_batch_size: int = 1  # packed rows per step per rank
     cfg_dropout: float = 0.1  # share of generation captions replaced by uncond_prompt
     uncond_prompt: str = ""  # the unconditional prompt (also what CFG sampling uses)
-    system_prompt: str = "You are a helpful assistant."  # empty: no system turn
+    # Chat format: auto = the text tokenizer's family (ChatML tokenizers: qwen2.5, or qwen2 when their template
+    # says so; others: vicuna_v1, LLaVA-1.5's); or one of qwen2.5, qwen2, vicuna_v1.
+    chat_format: str = "auto"
+    system_prompt: str | None = None  # None: the format's default (Qwen2.5-Instruct's, Vicuna's); "": no system turn
+    # Understanding images at eval, chat and lmms-eval: pad to square (LLaVA-1.5) or centre crop (see
+    # SourceConfig.image_mode for pre-tokenization); generation always uses the centre crop.
+    understanding_image: Literal["pad", "crop"] = "pad"
     caption_prompt: str = "Describe this image briefly."  # the user turn of captions used for understanding
     seed: int = 0
     shuffle_shards: int = 4  # each epoch shuffles shard order, then samples within windows of this many shards
     pack_lookahead: int = 64  # documents considered when filling a row (first fit)
     shard_cache: int = 16  # decoded shards kept in memory
     prefetch: int = 4  # batches built ahead in a background process during training (0: in the training process)
+
+    def __post_init__(self) -> None:
+        # (that max_length holds a document of every task is checked by the loader, which sees the documents)
+        check_min(self, 1, "max_length", "micro_batch_size", "shuffle_shards", "pack_lookahead", "shard_cache")
+        check_min(self, 0, "prefetch", "seed")
+        check_range(self, 0, 1, "cfg_dropout")

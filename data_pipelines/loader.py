@@ -43,6 +43,7 @@ from semhitok.data_pipelines.text_tokenizer import TokenLayout
 log = logging.getLogger("semhitok")
 CHOICE_BLOCK = 4096  # draws whose component choices share one RNG call
 MAX_UNSUITABLE_IN_A_ROW = 10_000
+MAX_TOO_LONG_IN_A_ROW = 1000  # documents of one mixture component longer than max_length: then it is too short
 
 
 def packing_efficiency(stats: dict) -> float:
@@ -140,6 +141,7 @@ class PackedLoader:
         self.next_draw, self.cursors = 0, [0] * len(cfg.mixture)
         self.pending: list[tuple[Draw, Document]] = []
         self.stats: Counter = Counter()
+        self._too_long: dict[int, tuple[int, int]] = {}  # component -> (too-long documents in a row, shortest)
         self._shards: OrderedDict = OrderedDict()
         self._choices: tuple[int, np.ndarray] = (-1, np.empty(0))
 
@@ -216,9 +218,11 @@ class PackedLoader:
                     raise ValueError(f"data.mixture[{comp}] ({self.cfg.mixture[comp].source}, "
                                      f"{self.cfg.mixture[comp].task}): {unsuitable} unusable samples in a row ({err})") from None
                 continue
-            doc = self._fit(doc)
+            length, doc = len(doc), self._fit(doc)
             if doc is not None:
+                self._too_long[comp] = (0, 0)
                 return draw, doc
+            self._refuse_if_nothing_fits(comp, length)
 
     def _fit(self, doc: Document) -> Document | None:
         """Text longer than max_length is cut; longer image documents are skipped (never cut an image)."""
@@ -227,8 +231,22 @@ class PackedLoader:
         if doc.task == "text":
             return Document(doc.tokens[: self.cfg.max_length], doc.labels[: self.cfg.max_length], doc.task, doc.origin)
         self.stats["skipped_too_long"] += 1
-        log.warning("%s: %d tokens > max_length %d, skipped", doc.origin, len(doc), self.cfg.max_length)
+        if self.stats["skipped_too_long"] <= 10 or self.stats["skipped_too_long"] % 1000 == 0:
+            log.warning("%s: %d tokens > max_length %d, skipped (%d so far)", doc.origin, len(doc), self.cfg.max_length,
+                        self.stats["skipped_too_long"])
         return None
+
+    def _refuse_if_nothing_fits(self, comp: int, length: int) -> None:
+        """MAX_TOO_LONG_IN_A_ROW documents of one mixture component in a row too long for a row: max_length
+        is too short for that task (training would silently drop it, or hang when it is the only one)."""
+        count, shortest = self._too_long.get(comp, (0, 0))
+        count, shortest = count + 1, min(shortest or length, length)
+        self._too_long[comp] = (count, shortest)
+        if count >= MAX_TOO_LONG_IN_A_ROW:
+            c = self.cfg.mixture[comp]
+            raise DataError(f"data.max_length={self.cfg.max_length} holds no {c.task} document of {c.source!r}: {count} in a "
+                             f"row were longer (the shortest {shortest} tokens); set data.max_length >= {shortest} or drop "
+                             f"the component from data.mixture")
 
     # -- packing -------------------------------------------------------------------------------------
     def _next_row(self) -> list[Document]:

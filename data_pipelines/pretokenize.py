@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from semhitok.common.io import atomic_path, write_json
-from semhitok.data_pipelines.config import PretokenizeConfig
+from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import DataError, Record, WorkUnit, plan_units, read_unit
 from semhitok.tokenizer import SemHiTok, load_tokenizer, preprocess
 from semhitok.tokenizer.data import ImageLimits, ImageRejected, open_rgb
@@ -74,17 +74,22 @@ class _UnitStream(torch.utils.data.IterableDataset):
             for r in read_unit(self.units[u], errors):
                 entry = {"key": r.key, "origin": r.origin, "kind": r.kind}
                 entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
-                yield u, entry, self._decode(r)
+                yield u, entry, self._decode(r, image_mode(self.units[u].source))
             yield u, None, dict(errors)
 
-    def _decode(self, r: Record) -> list[torch.Tensor] | tuple[str, str]:
+    def _decode(self, r: Record, mode: str) -> list[torch.Tensor] | tuple[str, str]:
         images = []
         for i, source in enumerate(r.images):
             try:
-                images.append(preprocess([open_rgb(source, self.limits, self.size)], self.size)[0])
+                images.append(preprocess([open_rgb(source, self.limits, self.size)], self.size, mode)[0])
             except ImageRejected as err:
                 return err.kind, f"{source if isinstance(source, str) else f'image {i}'}: {err}"
         return images
+
+
+def image_mode(source: SourceConfig) -> str:
+    """auto: pad to square for LLaVA conversations (understanding), centre crop for captions (generation)."""
+    return source.image_mode if source.image_mode != "auto" else "pad" if source.kind == "llava_json" else "crop"
 
 
 def _sha256(path: Path) -> str:

@@ -1,7 +1,12 @@
 """Pre-tokenized samples -> token documents for the LLM, with the positions that carry loss.
 
-Formats (Qwen2.5 chat template; `[img]` = <|vision_start|> + the image's h*w visual tokens + <|vision_end|>):
+A document is rendered as text in its family's chat format (`[img]` = <|vision_start|> + the image's h*w
+visual tokens + <|vision_end|>), tokenized in one piece, so its tokens equal the tokenizer's own
+tokenization of the same conversation (`apply_chat_template`), also where a turn starts with a newline
+or a space that merges with the template's text; visual ids are then inserted inside each image span.
+Loss sits on the tokens whose characters overlap the supervised text (character offsets).
 
+    qwen2.5 / qwen2 (ChatML)
     understanding   <|im_start|>system\\n{system}<|im_end|>\\n
                     <|im_start|>user\\n{text with [img] where <image> stands}<|im_end|>\\n
                     <|im_start|>assistant\\n{answer}<|im_end|>\\n   ... more turns
@@ -11,22 +16,30 @@ Formats (Qwen2.5 chat template; `[img]` = <|vision_start|> + the image's h*w vis
                     unconditional prompt for a seeded `cfg_dropout` share of documents
     text            {text}<|endoftext|>, loss on every token
 
-`generation_prompt` is the generation format up to and including <|vision_start|>: the sampler's prefix.
+    vicuna_v1 (LLaVA-1.5 on LLaMA/Vicuna)
+    understanding   <s>{system} USER: {text with [img]} ASSISTANT: {answer}</s>USER: ... ASSISTANT: ...</s>
+                    loss: " {answer}</s>" of each answer
+    generation      <s>{system} USER: {caption} ASSISTANT: [img]</s>, loss after <|vision_start|>
+    text            <s>{text}</s>
+
+The system prompt is `SequenceConfig.system_prompt`, or the family's default (text_tokenizer.DEFAULT_SYSTEM).
+`generation_prompt` is the generation document up to and including <|vision_start|>: the sampler's prefix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from semhitok.data_pipelines.config import SequenceConfig
-from semhitok.data_pipelines.text_tokenizer import TokenLayout
+from semhitok.data_pipelines.text_tokenizer import DEFAULT_SYSTEM, IMAGE_END, IMAGE_START, TokenLayout, chat_format
 
 IGNORE = -100  # label of positions without loss
 TASKS = ("understanding", "generation", "text")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE = IMAGE_START + IMAGE_END  # an image's place in rendered text; its ids go between the two tokens
+Piece = tuple[str, bool]  # (text, carries loss)
 
 
 class UnsuitableSample(ValueError):
@@ -45,9 +58,29 @@ class Document:
         return len(self.tokens)
 
 
+def render(fmt: str, system: str, turns: list[tuple[str, str]], eos: str, open_answer: bool = False) -> list[Piece]:
+    """A conversation [(role, text), ...] in chat format `fmt` -> pieces; open_answer: end with the opening of
+    the assistant's next answer (the generation prompt)."""
+    if fmt == "vicuna_v1":  # LLaVA-1.5 conv_vicuna_v1: SeparatorStyle.TWO, sep " ", sep2 eos
+        pieces = [(system + " ", False)] if system else []
+        for role, text in turns:
+            pieces += [(f"USER: {text} ", False)] if role != "assistant" else [("ASSISTANT:", False), (f" {text}{eos}", True)]
+        return pieces + ([("ASSISTANT:", False)] if open_answer else [])
+    pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)] if system else []
+    for role, text in turns:
+        if role == "assistant":
+            pieces += [("<|im_start|>assistant\n", False), (text + "<|im_end|>", True), ("\n", False)]
+        else:
+            pieces += [(f"<|im_start|>{role}\n{text}<|im_end|>\n", False)]
+    return pieces + ([("<|im_start|>assistant\n", False)] if open_answer else [])
+
+
 class SequenceBuilder:
     def __init__(self, tokenizer, layout: TokenLayout, cfg: SequenceConfig):
         self.tokenizer, self.layout, self.cfg = tokenizer, layout, cfg
+        self.format = chat_format(tokenizer, cfg.chat_format)
+        self.system = DEFAULT_SYSTEM[self.format] if cfg.system_prompt is None else cfg.system_prompt
+        self.bos = [tokenizer.bos_token_id] if self.format == "vicuna_v1" and tokenizer.bos_token_id is not None else []
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -56,44 +89,56 @@ class SequenceBuilder:
         """visual ids [h*w] in [0, K*m) -> <|vision_start|> tokens <|vision_end|>"""
         return [self.layout.image_start, *(np.asarray(ids, np.int64) + self.layout.visual_offset).tolist(), self.layout.image_end]
 
-    # -- chat pieces ----------------------------------------------------------------------------------
-    def _turn_open(self, role: str) -> list[int]:
-        return [self.layout.im_start, *self.encode_text(f"{role}\n")]
+    def tokenize(self, pieces: list[Piece], images: list[np.ndarray]) -> tuple[list[int], list[int]]:
+        """Rendered pieces with one IMAGE per entry of `images` -> (tokens, labels). The text is tokenized in
+        one piece; a token carries loss when its characters overlap a supervised piece; each image's visual
+        ids follow its <|vision_start|> and carry loss when its <|vision_end|> does."""
+        text = "".join(t for t, _ in pieces)
+        supervised = np.concatenate([np.full(len(t), s, bool) for t, s in pieces] + [np.zeros(0, bool)])
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], np.int64)
+        spans = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        covered = np.concatenate([[0], np.cumsum(supervised)])  # [chars + 1]
+        labelled = covered[spans[:, 1]] > covered[spans[:, 0]]
+        starts = np.flatnonzero(ids == self.layout.image_start)
+        if len(starts) != len(images) or (ids == self.layout.image_end).sum() != len(images):
+            raise UnsuitableSample(f"expected {len(images)} image span(s), the text makes {len(starts)} (an image "
+                                   f"delimiter token written in the text?)")
+        tokens, labels, at = list(self.bos), [IGNORE] * len(self.bos), 0
+        for start, image in zip(starts, images):
+            tokens += ids[at : start + 1].tolist()
+            labels += np.where(labelled[at:start], ids[at:start], IGNORE).tolist() + [IGNORE]  # never <|vision_start|>
+            visual = (np.asarray(image, np.int64) + self.layout.visual_offset).tolist()
+            tokens += visual
+            labels += visual if labelled[start + 1] else [IGNORE] * len(visual)
+            at = start + 1
+        tokens += ids[at:].tolist()
+        labels += np.where(labelled[at:], ids[at:], IGNORE).tolist()
+        return tokens, labels
 
-    def _turn_close(self) -> tuple[list[int], list[int]]:
-        return [self.layout.im_end], self.encode_text("\n")
+    def _turns(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        """A leading system turn replaces the default system prompt."""
+        if turns and turns[0][0] == "system":
+            return turns[0][1], turns[1:]
+        return self.system, turns
 
-    def _system(self) -> list[int]:
-        if not self.cfg.system_prompt:
-            return []
-        close, newline = self._turn_close()
-        return self._turn_open("system") + self.encode_text(self.cfg.system_prompt) + close + newline
-
-    def _content(self, text: str, images: Iterator[np.ndarray]) -> list[int]:
-        """A user turn's text with the next image's span where each <image> stands."""
-        pieces = text.split("<image>")
-        out = self.encode_text(pieces[0])
-        for piece in pieces[1:]:
-            ids = next(images, None)
-            if ids is None:
-                raise UnsuitableSample("more <image> tags than images")
-            out += self.image_span(ids) + self.encode_text(piece)
-        return out
+    @staticmethod
+    def _user_text(text: str) -> str:
+        return text.replace("<image>", IMAGE)
 
     def generation_prompt(self, caption: str) -> list[int]:
         """The prefix a generation document (and the sampler) starts from, ending in <|vision_start|>."""
-        close, newline = self._turn_close()
-        return (self._system() + self._turn_open("user") + self.encode_text(caption) + close + newline
-                + self._turn_open("assistant") + [self.layout.image_start])
+        tokens, _ = self._generation_tokens(caption, np.zeros(0, np.int64))
+        return tokens[: tokens.index(self.layout.image_start) + 1]
 
     def chat_prompt(self, turns: list[tuple[str, str]], ids: np.ndarray | None = None) -> list[int]:
         """[(role, text), ...] ending in a user turn -> tokens up to the assistant's answer (for chat)."""
-        tokens = self._system()
-        close, newline = self._turn_close()
-        for role, text in turns:
-            images = iter([] if ids is None else [ids])  # the one image, wherever the user turns place it
-            tokens += self._turn_open(role) + (self._content(text, images) if role == "user" else self.encode_text(text)) + close + newline
-        return tokens + self._turn_open("assistant")
+        system, turns = self._turns(turns)
+        turns = [(r, self._user_text(t) if r == "user" else t) for r, t in turns]
+        images = [ids] * sum(t.count(IMAGE) for r, t in turns if r == "user")  # the one image, wherever placed
+        if images and ids is None:
+            raise UnsuitableSample("the conversation has an <image> but no image was given")
+        return self.tokenize(render(self.format, system, turns, self.tokenizer.eos_token, open_answer=True), images)[0]
 
     # -- documents -------------------------------------------------------------------------------------
     def understanding(self, meta: dict, ids: np.ndarray | list[np.ndarray] | None) -> Document:
@@ -104,43 +149,38 @@ class SequenceBuilder:
             turns = [(ROLES.get(t.get("from", t.get("role")), ""), t.get("value", t.get("content", ""))) for t in meta["conversations"]]
             if any(role == "" for role, _ in turns):
                 raise UnsuitableSample("a conversation turn has an unknown role")
-            if not any("<image>" in text for role, text in turns if role == "user") and isinstance(ids, np.ndarray):
+            if not any("<image>" in text for role, text in turns if role == "user"):
                 first = next(i for i, (role, _) in enumerate(turns) if role == "user")
                 turns[first] = ("user", "<image>\n" + turns[first][1])  # LLaVA convention: image before the first turn
         else:
             turns = [("user", f"<image>\n{self.cfg.caption_prompt}"), ("assistant", meta["text"])]
-        system = self._system()
-        tokens, labels = list(system), [IGNORE] * len(system)
-        close, newline = self._turn_close()
-        images = iter([ids] if isinstance(ids, np.ndarray) else ids)
-        for role, text in turns:
-            head = self._turn_open(role)
-            if role == "assistant":
-                answer = self.encode_text(text) + close
-                tokens += head + answer + newline
-                labels += [IGNORE] * len(head) + answer + [IGNORE] * len(newline)
-            else:
-                body = head + self._content(text, images) + close + newline
-                tokens += body
-                labels += [IGNORE] * len(body)
-        if next(images, None) is not None:
-            raise UnsuitableSample("more images than <image> tags")
+        system, turns = self._turns(turns)
+        turns = [(r, self._user_text(t) if r == "user" else t) for r, t in turns]
+        images = [ids] if isinstance(ids, np.ndarray) else list(ids)
+        tags = sum(t.count(IMAGE) for r, t in turns if r == "user")
+        if tags != len(images):
+            raise UnsuitableSample(f"more {'<image> tags than images' if tags > len(images) else 'images than <image> tags'}")
+        tokens, labels = self.tokenize(render(self.format, system, turns, self.tokenizer.eos_token), images)
         return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "understanding", meta.get("origin", ""))
+
+    def _generation_tokens(self, caption: str, ids: np.ndarray) -> tuple[list[int], list[int]]:
+        pieces = render(self.format, self.system, [("user", caption), ("assistant", IMAGE)], self.tokenizer.eos_token)
+        tokens, labels = self.tokenize(pieces, [ids])
+        start = tokens.index(self.layout.image_start)
+        return tokens, [IGNORE] * (start + 1) + labels[start + 1 :]  # loss only after <|vision_start|>
 
     def generation(self, meta: dict, ids: np.ndarray | None, uncond: bool) -> Document:
         if ids is None or not isinstance(ids, np.ndarray) or "text" not in meta:
             raise UnsuitableSample("generation needs a caption and an image")
-        prompt = self.generation_prompt(self.cfg.uncond_prompt if uncond else meta["text"])
-        target = (np.asarray(ids, np.int64) + self.layout.visual_offset).tolist() + [self.layout.image_end, self.layout.im_end]
-        newline = self.encode_text("\n")
-        tokens = prompt + target + newline
-        labels = [IGNORE] * len(prompt) + target + [IGNORE] * len(newline)
+        if IMAGE_START in meta["text"] or IMAGE_END in meta["text"]:
+            raise UnsuitableSample("the caption contains an image delimiter token")
+        tokens, labels = self._generation_tokens(self.cfg.uncond_prompt if uncond else meta["text"], ids)
         return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "generation", meta.get("origin", ""), uncond)
 
     def text(self, meta: dict) -> Document:
         if "text" not in meta:
             raise UnsuitableSample("text needs a 'text' field")
-        tokens = np.array(self.encode_text(meta["text"]) + [self.layout.eos], np.int64)
+        tokens = np.array(self.bos + self.encode_text(meta["text"]) + [self.layout.eos], np.int64)
         return Document(tokens, tokens.copy(), "text", meta.get("origin", ""))
 
     def build(self, task: str, meta: dict, ids: np.ndarray | None, uncond: bool = False) -> Document:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from semhitok.common.config_io import check_min
 from semhitok.mllm.sample import SamplingConfig
 
 
@@ -23,3 +24,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 16
     compile: bool = False  # compile the decoding step (CUDA graphs on GPUs); see mllm/sample.py Decoder
+
+    def __post_init__(self) -> None:
+        check_min(self, 0, "geneval_limit")
+        check_min(self, 1, "geneval_samples", "batch_size")

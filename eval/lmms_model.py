@@ -3,7 +3,8 @@
     lmms-eval eval --model semhitok --model_args pretrained=runs/256/mllm/final,max_new_tokens=64 --tasks pope
     (add compile=true on a GPU: CUDA-graph decoding, see mllm/sample.py Decoder)
 
-Each request's first image is tokenized by the model's own visual tokenizer and placed before the question
+Each request's first image is tokenized by the model's own visual tokenizer (padded to square, or centre-cropped,
+as the model's data.understanding_image says) and placed before the question
 (the LLaVA convention the model was trained on); answers are greedy and cut at the task's `until` strings.
 loglikelihood scores a continuation after the same chat prompt. One process per model.
 """
@@ -33,7 +34,7 @@ class SemHiTokLMMS(lmms):
         images = [v for v in visuals or [] if hasattr(v, "convert")]
         if not images:
             return None
-        return encode_images(self.visual, images[:1])[0]
+        return encode_images(self.visual, images[:1], self.decoder.seq_cfg.understanding_image)[0]
 
     def _turn(self, context: str, ids: torch.Tensor | None) -> list[tuple[str, str]]:
         text = context.replace("<image>", "").strip()

@@ -68,7 +68,8 @@ def load_pope(questions: str | Path, image_root: str | Path) -> list[dict]:
 
 @torch.no_grad()
 def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = 16) -> dict:
-    """Answer every question greedily about its image -> metrics (overall and per category) + answers."""
+    """Answer every question greedily about its image (padded to square or centre-cropped, as the model's
+    data.understanding_image says) -> metrics (overall and per category) + answers."""
     from semhitok.mllm.sample import SamplingConfig
 
     ids_of: dict[str, torch.Tensor] = {}
@@ -78,7 +79,7 @@ def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = 16) -> dic
             img = load_rgb(row["image_path"])
             if img is None:
                 raise ValueError(f"question {row['question_id']}: {row['image_path']} is not a readable image")
-            ids_of[row["image_path"]] = encode_images(visual, [img])[0]
+            ids_of[row["image_path"]] = encode_images(visual, [img], decoder.seq_cfg.understanding_image)[0]
         turn = [("user", f"<image>\n{row['question']}{POST_PROMPT}")]
         answers.append(decoder.answer(turn, ids_of[row["image_path"]], SamplingConfig(temperature=0.0), max_new_tokens))
     result = pope_metrics(answers, [r["label"] for r in rows])

@@ -7,6 +7,13 @@ and it is generated with CFG; every session keeps its turns and its current imag
 last one generated), so follow-up questions work. Uploads above --max-upload-mb or --max-pixels, and files
 that are not images, get a message in the chat, never a crash. Requests run one at a time on the model.
 
+Limits the server holds: Content-Length is checked before a body is read (missing, malformed, negative or
+over the limit: refused without buffering it); every socket has a timeout; connections are served by a
+fixed pool of worker threads with a bounded queue (beyond it: 503 at once); a message longer than
+max_prompt_tokens is refused, and a conversation that outgrows the model's context forgets its oldest
+turns; a turn that fails leaves its session as it was; sessions idle longer than session_ttl_s are
+evicted, and at most max_sessions are kept (the least recently used goes first).
+
 API (JSON): POST /api/upload (body: the file; header X-Session) -> {"message"} or {"error"};
             POST /api/message {"session", "text"} -> {"kind": "text", "text"} | {"kind": "image", "image": data URL}
 """
@@ -18,10 +25,13 @@ import io
 import json
 import logging
 import re
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
@@ -41,23 +51,43 @@ class Session:
     turns: list[tuple[str, str]] = field(default_factory=list)
     image_ids: torch.Tensor | None = None  # [h, w], the image questions refer to
     image_is_new: bool = False  # the next user turn carries <image>
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class ChatEngine:
     """The model side of the chat, independent of HTTP (the handler only moves JSON and bytes)."""
 
+    MAX_SESSION_ID = 128  # characters
+
     def __init__(self, decoder: Decoder, visual: SemHiTok, max_upload_bytes: int, max_pixels: int,
-                 sampling: SamplingConfig | None = None, max_new_tokens: int = 128):
+                 sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
+                 max_sessions: int = 1000, session_ttl_s: float = 3600.0):
         self.decoder, self.visual = decoder, visual
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
-        self.sampling = sampling or SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0)
-        self.sessions: dict[str, Session] = {}
+        self.max_prompt_tokens, self.max_sessions, self.session_ttl_s = max_prompt_tokens, max_sessions, session_ttl_s
+        self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
+        self.sampling = sampling or SamplingConfig(temperature=1.0, top_k=0)  # CFG scale 2, the paper's
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._sessions_lock = threading.Lock()
         # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
         # compiled CUDA graphs are recorded per thread (the HTTP server makes a thread per request).
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semhitok-model")
 
     def session(self, sid: str) -> Session:
-        return self.sessions.setdefault(sid, Session())
+        """The session `sid` (new if unknown); idle sessions past session_ttl_s and the least recently used
+        beyond max_sessions are evicted."""
+        if len(sid) > self.MAX_SESSION_ID:
+            raise UploadRejected(f"session id longer than {self.MAX_SESSION_ID} characters")
+        now = time.monotonic()
+        with self._sessions_lock:
+            while self.sessions and now - next(iter(self.sessions.values())).last_used > self.session_ttl_s:
+                self.sessions.popitem(last=False)
+            state = self.sessions.pop(sid, None) or Session()
+            state.last_used = now
+            self.sessions[sid] = state
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+            return state
 
     def upload(self, sid: str, data: bytes) -> str:
         if len(data) > self.max_upload_bytes:
@@ -68,7 +98,7 @@ class ChatEngine:
             if err.kind == "corrupt_image":
                 raise UploadRejected(f"that file is not an image I can read ({err})") from None
             raise UploadRejected(f"the image cannot be used: {err}") from None
-        ids = self.model_thread.submit(encode_images, self.visual, [img]).result()[0]
+        ids = self.model_thread.submit(encode_images, self.visual, [img], self.decoder.seq_cfg.understanding_image).result()[0]
         state = self.session(sid)
         state.image_ids, state.image_is_new = ids.cpu(), True
         return f"got your {img.width}x{img.height} image; ask me about it"
@@ -77,6 +107,10 @@ class ChatEngine:
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
+        # a character bound first (32 per allowed token, far above any tokenizer's average: huge texts are never
+        # tokenized), then the token count
+        if len(text) > 32 * self.max_prompt_tokens or len(self.decoder.tokenizer.encode(text)) > self.max_prompt_tokens:
+            raise UploadRejected(f"the message is too long: the limit is {self.max_prompt_tokens} tokens")
         return self.model_thread.submit(self._reply, self.session(sid), text).result()
 
     @torch.no_grad()
@@ -90,19 +124,32 @@ class ChatEngine:
             to_pil(image).save(buf, format="PNG")
             return {"kind": "image", "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
         text = text.replace("<image>", "")  # only an upload or a generated picture places the image
-        if state.image_ids is not None and state.image_is_new:
-            text, state.image_is_new = "<image>\n" + text, False
-        state.turns.append(("user", text))
-        image = state.image_ids if any("<image>" in t for _, t in state.turns) else None
-        reply = self.decoder.answer(self._visible_turns(state), image, SamplingConfig(temperature=0.0), self.max_new_tokens)
-        state.turns.append(("assistant", reply))
+        attach = state.image_ids is not None and state.image_is_new
+        turns = [*state.turns, ("user", "<image>\n" + text if attach else text)]
+        turns = self._fit_context(turns, state.image_ids)
+        image = state.image_ids if any("<image>" in t for _, t in turns) else None
+        reply = self.decoder.answer(self._visible_turns(turns), image, SamplingConfig(temperature=0.0), self.max_new_tokens)
+        # only a turn that succeeded changes the session (a failed one must not poison the next)
+        state.turns, state.image_is_new = [*turns, ("assistant", reply)], state.image_is_new and not attach
         return {"kind": "text", "text": reply}
 
+    def _fit_context(self, turns: list[tuple[str, str]], image_ids) -> list[tuple[str, str]]:
+        """Drop the oldest exchanges until the prompt plus the answer fit the model's context."""
+        ids = None if image_ids is None else image_ids.flatten().numpy()
+        while True:
+            visible = self._visible_turns(turns)
+            image = ids if any("<image>" in t for _, t in visible) else None
+            if len(self.decoder.builder.chat_prompt(visible, image)) + self.max_new_tokens <= self.context:
+                return turns
+            if len(turns) <= 1:
+                raise UploadRejected(f"the message does not fit the model's context of {self.context} tokens")
+            turns = turns[2:]
+
     @staticmethod
-    def _visible_turns(state: Session) -> list[tuple[str, str]]:
+    def _visible_turns(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """One image per conversation: only the latest upload keeps its <image> tag."""
-        last = max((i for i, (_, t) in enumerate(state.turns) if "<image>" in t), default=-1)
-        return [(r, t if i == last else t.replace("<image>\n", "")) for i, (r, t) in enumerate(state.turns)]
+        last = max((i for i, (_, t) in enumerate(turns) if "<image>" in t), default=-1)
+        return [(r, t if i == last else t.replace("<image>\n", "")) for i, (r, t) in enumerate(turns)]
 
 
 def make_handler(engine: ChatEngine):
@@ -126,21 +173,55 @@ def make_handler(engine: ChatEngine):
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
+        def _body(self, limit: int) -> bytes | None:
+            """The request body, or None after answering the error (the length is checked before reading)."""
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
+                return None
+            if not raw.strip().isdigit():
+                self.close_connection = True
+                self._json(HTTPStatus.BAD_REQUEST, {"error": f"bad Content-Length {raw[:40]!r}"})
+                return None
+            length = int(raw)
+            if length > limit:
+                self._drain(length)
+                what = "file" if self.path == "/api/upload" else "request"
+                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           {"error": f"the {what} is {length / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB"})
+                return None
+            return self.rfile.read(length)
+
+        def _drain(self, length: int) -> None:
+            """Discard a refused body in small pieces (nothing buffered) so the client reads the answer; a body
+            far over the limit is not read at all: the connection is closed after the answer."""
+            self.close_connection = True
+            if length > DRAIN_LIMIT:
+                return
+            try:
+                while length > 0:
+                    piece = self.rfile.read(min(length, 2**16))
+                    if not piece:
+                        break
+                    length -= len(piece)
+            except OSError:
+                pass
+
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > engine.max_upload_bytes + 1024:
-                self.rfile.read(length)  # drain it so the browser gets the answer
-                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": f"the file is {length / 2**20:.1f} MB; the limit is {engine.max_upload_bytes / 2**20:.1f} MB"})
-            body = self.rfile.read(length)
+            limit = engine.max_upload_bytes if self.path == "/api/upload" else MAX_MESSAGE_BYTES
+            body = self._body(limit)
+            if body is None:
+                return
             try:
                 if self.path == "/api/upload":
                     return self._json(HTTPStatus.OK, {"message": engine.upload(self.headers.get("X-Session", ""), body)})
                 if self.path == "/api/message":
                     request = json.loads(body or b"{}")
+                    if not isinstance(request, dict):
+                        raise UploadRejected("expected a JSON object {\"session\", \"text\"}")
                     return self._json(HTTPStatus.OK, engine.message(str(request.get("session", "")), str(request.get("text", ""))))
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-            except (UploadRejected, json.JSONDecodeError) as err:
+            except (UploadRejected, ValueError) as err:  # ValueError: bad JSON or UTF-8, a prompt the decoder refuses
                 self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
             except Exception as err:  # a reply, not a dead server
                 log.exception("chat request failed")
@@ -149,9 +230,53 @@ def make_handler(engine: ChatEngine):
     return Handler
 
 
-def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+MAX_MESSAGE_BYTES = 256 * 2**10  # a /api/message body (the text is capped in tokens after that)
+DRAIN_LIMIT = 64 * 2**20  # a refused body up to this size is read and discarded so the client sees the answer
+BUSY = json.dumps({"error": "the server is busy; try again"}).encode()
+
+
+class BoundedHTTPServer(HTTPServer):
+    """Connections are served by a fixed pool of `workers` threads; at most `queue` more wait for one, and
+    any beyond that get 503 at once. Every connection's socket times out after `timeout` seconds."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, workers: int = 8, queue: int = 32, timeout: float = 30.0):
+        handler.timeout = timeout  # StreamRequestHandler applies it to the socket
+        super().__init__(address, handler)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semhitok-http")
+        self.slots = threading.BoundedSemaphore(workers + queue)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(BUSY), BUSY))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        self.pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def server_close(self):
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860, workers: int = 8, queue: int = 32,
+                timeout: float = 30.0) -> BoundedHTTPServer:
     """The HTTP server (call serve_forever); port 0 picks a free one (see server.server_address)."""
-    return ThreadingHTTPServer((host, port), make_handler(engine))
+    return BoundedHTTPServer((host, port), make_handler(engine), workers, queue, timeout)
 
 
 PAGE = """<!doctype html>

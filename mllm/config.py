@@ -5,18 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from semhitok.common.config_io import check_min, check_positive, check_range
+
 
 @dataclass
 class MLLMConfig:
-    # Qwen2.5 by HF name or local path, or "random": a Qwen2ForCausalLM built from qwen2_config (tiny preset).
+    # A LLaMA-family (Vicuna) or Qwen2/Qwen2.5 causal LM by HF name or local path (AutoModelForCausalLM), or
+    # "random": built from base_config, a config dict naming its model_type (llama, qwen2; default qwen2).
     base_model: str = "Qwen/Qwen2.5-1.5B-Instruct"
-    qwen2_config: dict | None = None
+    base_config: dict | None = None
+    qwen2_config: dict | None = None  # older name of base_config (model_type qwen2)
     # Text tokenizer by HF name or local path; empty: base_model's; "tiny": a BPE trained on data/sample.
     text_tokenizer: str = ""
     # Attention kernel: auto = flash_attention_2 (varlen over the packed documents) when flash-attn and CUDA
     # are present, else sdpa; or any transformers attn_implementation (sdpa, flex_attention, eager).
     attn_implementation: str = "auto"
     adapter_hidden: int = 0  # width of the dual-MLP adapter's hidden layer; 0: the LLM's hidden size
+    # Inputs of a visual token: both = concat(semantic MLP, pixel MLP) (SemHiTok's dual adapter); semantic =
+    # the semantic MLP alone, [d] (the paper's semantic-only comparison for understanding).
+    adapter_inputs: Literal["both", "semantic"] = "both"
+
+    def __post_init__(self) -> None:
+        check_min(self, 0, "adapter_hidden")
 
 
 @dataclass
@@ -50,3 +60,9 @@ class MLLMTrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     log_backends: list[str] | None = None  # default: jsonl + tensorboard
+
+    def __post_init__(self) -> None:
+        check_min(self, 1, "max_steps", "gradient_accumulation", "loss_chunk", "log_every", "ckpt_every", "keep_checkpoints")
+        check_positive(self, "lr", "adapter_lr")
+        check_range(self, 0, 1, "min_lr_ratio")
+        check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off

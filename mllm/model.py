@@ -1,12 +1,13 @@
-"""The unified LLM: Qwen2.5 whose vocabulary is extended by SemHiTok's visual ids.
+"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by SemHiTok's visual ids.
 
 Vocabulary (see data_pipelines/text_tokenizer.py): text rows [0, T), then visual id h at row T + h.
 
 How visual ids enter and leave the model:
   - input: a visual token's embedding is NOT an embedding row. The dual-MLP adapter maps the quantized
     features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
-    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space.
-  - output: the head (lm_head, resized to T + K*m rows) scores all text and visual rows;
+    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space
+    (adapter_inputs=semantic: MLP_sem(sem) [d] alone).
+  - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
@@ -43,7 +44,7 @@ from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.loss import chunked_cross_entropy
-from semhitok.mllm.partition import with_rows
+from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable
 
 log = logging.getLogger("semhitok")
@@ -55,20 +56,23 @@ VISUAL_TOKENIZER = "visual_tokenizer"
 class VisualAdapter(nn.Module):
     """Dual MLP: visual ids [N] -> input embeddings [N, d] from the tokenizer's code features."""
 
-    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int):
+    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int,
+                 inputs: str = "both"):
         super().__init__()
         self.codes_per_group = codes_per_group
         self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim], frozen
         self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim], frozen
-        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d - d // 2))
-        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2))
+        sem_width = d - d // 2 if inputs == "both" else d  # semantic: the semantic MLP alone fills [d]
+        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, sem_width))
+        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2)) if inputs == "both" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """visual ids [...] in [0, K*m) -> [..., d]"""
         sem = self.sem_codes[ids // self.codes_per_group]
-        pix = self.pix_codes[ids]
         dtype = self.sem_mlp[0].weight.dtype
-        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(pix.to(dtype))], dim=-1)
+        if self.pix_mlp is None:
+            return self.sem_mlp(sem.to(dtype))
+        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
 
 
 class ChunkedLMHead(nn.Linear):
@@ -168,12 +172,11 @@ class SemHiTokLM(nn.Module):
     @classmethod
     def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None,
               dtype: torch.dtype = torch.float32) -> SemHiTokLM:
-        """A new model: the base LLM (by name/path, or random from qwen2_config) in `dtype`, vocabulary
-        extended (partitioned throughout when built inside mllm.partition.zero3_build)."""
+        """A new model: the base LLM (by name/path, or random from base_config) in `dtype`, vocabulary extended
+        (text rows grow when the tokenizer got image delimiters the base lacks, e.g. LLaMA's 32,000 -> 32,064;
+        partitioned throughout when built inside mllm.partition.zero3_build)."""
         lm = load_base_lm(cfg, dtype)
-        text_vocab = lm.config.vocab_size
-        if len(text_tokenizer) > text_vocab:
-            raise ValueError(f"the text tokenizer has {len(text_tokenizer)} tokens, more than {cfg.base_model}'s {text_vocab} rows")
+        text_vocab = lm.config.vocab_size if len(text_tokenizer) <= lm.config.vocab_size else None
         layout = TokenLayout.from_tokenizer(text_tokenizer, tokenizer.vocab_size, text_vocab)
         sem, pix = tokenizer.code_features()
         return cls.from_base(lm, layout, sem, pix, tokenizer.codes_per_group, tokenizer.grid, cfg, sequence_config)
@@ -186,7 +189,7 @@ class SemHiTokLM(nn.Module):
         The head's visual rows start as the adapter's projection of the same code features, rescaled to the
         mean norm of the text rows."""
         d = lm.config.hidden_size
-        adapter = VisualAdapter(sem_codes, pix_codes, codes_per_group, cfg.adapter_hidden or d, d)
+        adapter = VisualAdapter(sem_codes, pix_codes, codes_per_group, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
             on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -200,9 +203,16 @@ class SemHiTokLM(nn.Module):
         def visual_rows(text: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # text rows [T, d] -> head rows [hi - lo, d]
             if not norm:
                 norm.append(torch.cat([t.float().norm(dim=1) for t in text[: layout.text_vocab_size].split(65536)]).mean())
-            rows = adapter(torch.arange(lo, hi, device=adapter.sem_codes.device) - layout.visual_offset).float().to(text.device)
-            return rows / rows.norm(dim=1, keepdim=True) * norm[0]
+            out = torch.zeros(hi - lo, text.shape[1], device=text.device)  # text rows the tokenizer added: zero
+            first = max(lo, layout.visual_offset)
+            if first < hi:
+                rows = adapter(torch.arange(first, hi, device=adapter.sem_codes.device) - layout.visual_offset).float().to(text.device)
+                out[first - lo :] = rows / rows.norm(dim=1, keepdim=True) * norm[0]
+            return out
 
+        table = lm.get_input_embeddings()
+        if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
+            lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
         extend_head(lm, layout.vocab_size, visual_rows)
         return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, image_grid, sequence_config)
 
@@ -238,7 +248,8 @@ class SemHiTokLM(nn.Module):
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
-        meta = json.loads(meta_file.read_text())
+        meta, layout = _read_meta(meta_file)
+        check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
                                                   attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
@@ -247,22 +258,64 @@ class SemHiTokLM(nn.Module):
             lm.set_input_embeddings(with_rows(lm.get_input_embeddings(), layout.text_vocab_size))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
         d = lm.config.hidden_size
-        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d)
+        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d,
+                                cfg.adapter_inputs)
         adapter.load_state_dict(adapter_state)
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
+        if full_shape(lm.get_output_embeddings().weight)[0] < layout.vocab_size:
+            raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
+                             f"layout needs {layout.vocab_size}")
         model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg)
         return model.to(device).eval()
 
 
+MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")
+
+
+def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
+    """semhitok_mllm.json -> (its contents, the token layout), or one line naming what is wrong."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or (missing := [k for k in MLLM_KEYS if k not in meta]):
+        raise ValueError(f"{meta_file}: missing field(s) {missing if isinstance(meta, dict) else list(MLLM_KEYS)}")
+    try:
+        layout = TokenLayout(**meta["layout"])
+    except TypeError as err:
+        raise ValueError(f"{meta_file}: bad layout ({err})") from None
+    return meta, layout
+
+
+def check_text_tokenizer(path: Path, layout: TokenLayout) -> None:
+    """The directory's text tokenizer must exist and give the saved layout (else every id is off, or a
+    tokenizer of a few special tokens turns every prompt into the same ids)."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}: no text tokenizer (tokenizer.json) in the model directory; copy the run's "
+                                "text tokenizer files into it")
+    from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(str(path))
+    try:
+        found = TokenLayout.from_tokenizer(tokenizer, layout.visual_vocab_size, layout.text_vocab_size)
+    except ValueError as err:
+        raise ValueError(f"{path}: its text tokenizer does not fit the saved layout ({err})") from None
+    if found != layout:
+        diff = [f"{k} {getattr(found, k)} != {getattr(layout, k)}" for k in dataclasses.asdict(layout) if getattr(found, k) != getattr(layout, k)]
+        raise ValueError(f"{path}: its text tokenizer does not match the saved layout ({', '.join(diff)})")
+
+
 def apply_fused_kernels(model: SemHiTokLM) -> bool:
-    """Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 body, on CUDA when installed (the loss
-    stays ours: chunked, supervised positions only). True when applied."""
+    """Liger-Kernel's Triton RMSNorm, RoPE and SwiGLU in the Qwen2 or LLaMA body, on CUDA when installed (the
+    loss stays ours: chunked, supervised positions only). True when applied."""
     if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
         return False
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    import liger_kernel.transformers as liger
 
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model.lm)
+    apply = getattr(liger, f"apply_liger_kernel_to_{model.lm.config.model_type}", None)
+    if apply is None:
+        return False
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model.lm)
     return True
 
 
@@ -295,14 +348,23 @@ def extend_head(lm: PreTrainedModel, vocab_size: int, new_rows=None) -> None:
     lm.config.vocab_size = vocab_size
 
 
+def random_base_config(cfg: MLLMConfig):
+    """mllm.base_config (or the older qwen2_config) -> a transformers config of its model_type (default qwen2)."""
+    base = dict(cfg.base_config if cfg.base_config is not None else cfg.qwen2_config or {})
+    if not base:
+        raise ValueError("mllm.base_model=random needs mllm.base_config (a config dict with its model_type, e.g. llama, qwen2)")
+    model_type = base.pop("model_type", "qwen2")
+    try:
+        return AutoConfig.for_model(model_type, **base, attn_implementation=attention_kernel(cfg.attn_implementation))
+    except ValueError as err:
+        raise ValueError(f"mllm.base_config: {err}") from None
+
+
 def load_base_lm(cfg: MLLMConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The base causal LM in `dtype` (partitioned under ZeRO-3, see mllm/partition.py)."""
     kw = dict(dtype=dtype, attn_implementation=attention_kernel(cfg.attn_implementation))
     if cfg.base_model == "random":
-        if cfg.qwen2_config is None:
-            raise ValueError("mllm.base_model=random needs mllm.qwen2_config (a Qwen2Config as a dict)")
-        fields = dict(cfg.qwen2_config)
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type", "qwen2"), **fields), **kw)
+        return AutoModelForCausalLM.from_config(random_base_config(cfg), dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(cfg.base_model, **kw)
     except OSError as err:

@@ -8,7 +8,8 @@ eager step is bound by kernel launches, not by the GPU.
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
     span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
     top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
-  - text: logits over the text tokenizer's ids only, until <|im_end|> or max_new_tokens.
+  - text: logits over the text tokenizer's ids only, until the turn's end (<|im_end|>; Vicuna: </s>) or
+    max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
 count real tokens only. With a fixed seed, results are deterministic, cached or not.
 """
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import StaticCache
 
+from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
@@ -32,11 +34,18 @@ from semhitok.tokenizer import SemHiTok, image_grid, to_pil
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 4.0  # 1: no guidance
+    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+
+    def __post_init__(self) -> None:  # at config load, at the CLI and at every API call that builds one
+        check_finite(self, "cfg_scale")
+        check_min(self, 0, "temperature", "top_k")
+        check_range(self, 0, 1, "top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"top_k and seed must be integers, got {self.top_k!r} and {self.seed!r}")
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -139,7 +148,14 @@ class Decoder:
                guided: bool = False, stop: int | None = None, use_cache: bool = True) -> torch.Tensor:
         """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
         new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi)."""
+        sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
         device = self.model.device
+        context = self.model.lm.config.max_position_embeddings
+        if steps < 1 or not prompts:
+            raise ValueError(f"nothing to decode: {len(prompts)} prompt(s), {steps} new token(s)")
+        if max(map(len, prompts)) + steps > context:
+            raise ValueError(f"the prompt is {max(map(len, prompts))} tokens; with {steps} new tokens that exceeds the "
+                             f"model's context of {context} tokens")
         ids, mask = left_pad(prompts, self.layout.eos, device)
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
         lo, hi = vocab
@@ -181,7 +197,11 @@ class Decoder:
 
     # -- the two uses ------------------------------------------------------------------------------------
     def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True) -> torch.Tensor:
-        """captions -> visual ids [B, h, w] in [0, K*m)"""
+        """captions -> visual ids [B, h, w] in [0, K*m). An empty caption is the unconditional prompt
+        (SequenceConfig.uncond_prompt, what CFG dropout trained): an image of no particular subject."""
+        if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}")
+        captions = [c if c.strip() else self.seq_cfg.uncond_prompt for c in captions]
         cond = [self.builder.generation_prompt(c) for c in captions]
         rows = cond + [self.builder.generation_prompt(self.seq_cfg.uncond_prompt)] * len(captions) if sampling.cfg_scale != 1 else cond
         lo = self.layout.visual_offset
@@ -233,6 +253,10 @@ def sample_images(decoder: Decoder, visual: SemHiTok, prompts: list[str], out: s
                   batch_size: int = 8, per_prompt: int = 1) -> Path:
     """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl,
     out/grid.png (the first image of up to 16 prompts). Batch b uses seed sampling.seed + b."""
+    if per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"samples per prompt and batch size must be >= 1, got {per_prompt} and {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts to sample")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]

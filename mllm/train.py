@@ -4,11 +4,13 @@
     torchrun --nproc_per_node 8 -m semhitok.cli train --config 256   # one node; SLURM: launch_scripts/
 
 Layout of <run_dir>/mllm/:
-    checkpoints/<tag>/     DeepSpeed states + loader_rank<r>.json + rng_rank<r>.pt; `latest` names the newest
+    checkpoints/<tag>/     DeepSpeed states + loader_rank<r>.json + rng_rank<r>.pt + COMPLETE.json (written last:
+                           every file's size); DeepSpeed's `latest` is written but not trusted
     final/                 SemHiTokLM.save_pretrained: a plain HF Qwen2 directory + adapter + tokenizers
     metrics.jsonl (+ tensorboard/, wandb/)
-A restarted job resumes from `latest`: weights, optimizer, scheduler, data position and RNG, so the next
-losses equal those of the uninterrupted run.
+A restarted job resumes from the newest checkpoint whose COMPLETE.json matches its files (damaged newer ones
+are skipped with a warning): weights, optimizer, scheduler, data position and RNG, so the next losses equal
+those of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from semhitok.common import dist as D
+from semhitok.common.io import MANIFEST, atomic_path, verify_manifest, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS
@@ -35,6 +38,7 @@ from semhitok.mllm.flops import batch_flops, numel
 from semhitok.mllm.loss import chunk_for_budget
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
 from semhitok.mllm.partition import zero3_build
+from semhitok.mllm.plain_engine import PlainEngine
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
 
@@ -98,32 +102,62 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
     return ds
 
 
-def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
-    """Per-rank data position and RNG first, then DeepSpeed's states; `latest` is written last."""
-    tag = f"step{step:08d}"
-    (root / tag).mkdir(parents=True, exist_ok=True)
-    from semhitok.common.io import atomic_path, write_json
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """step<n> directories, oldest first"""
+    return sorted(p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit())
 
+
+def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
+    """Per-rank data position and RNG, then DeepSpeed's states, then (rank 0, after every rank is done) the
+    completion marker listing every file with its size: resume trusts only marked, matching directories."""
+    tag = f"step{step:08d}"
+    if dist.is_main and (root / tag).exists():  # left by an interrupted save: no stale file may mix in
+        shutil.rmtree(root / tag)
+    D.barrier()
+    (root / tag).mkdir(parents=True, exist_ok=True)
     write_json(root / tag / f"loader_rank{dist.rank}.json", loader_state)
     with atomic_path(root / tag / f"rng_rank{dist.rank}.pt") as tmp:
         torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}, tmp)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     D.barrier()
     if dist.is_main:
-        for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-keep]:
+        write_manifest(root / tag, {"step": step, "world_size": dist.world_size})
+        for old in _checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+
+
+def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """(the newest step directory whose completion marker matches its files, or None; what was skipped).
+    DeepSpeed's own `latest` file is not read: it is rewritten in place, and a kill can leave it empty."""
+    skipped = []
+    for path in reversed(_checkpoint_dirs(root)):
+        manifest, problem = verify_manifest(path)
+        if manifest is not None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
 
 
 def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
-    """Load the newest checkpoint if there is one; the step to continue from."""
-    if not (root / "latest").is_file():
+    """Load the newest intact checkpoint if there is one (rank 0 picks it, every rank loads that tag);
+    the step to continue from. Damaged newer ones are skipped with a warning; with none intact, step 0."""
+    chosen, skipped = newest_intact_checkpoint(root) if dist.is_main else (None, [])
+    device = D.default_device(dist.local_rank)  # (NCCL broadcasts CUDA tensors only)
+    step = int(D.broadcast(torch.tensor([int(chosen.name[4:]) if chosen else -1], device=device))[0])
+    if dist.is_main and skipped:
+        log.warning("skipped damaged checkpoint(s): %s%s", "; ".join(skipped), "" if chosen else f"; none intact in {root}: starting from step 0")
+    if step < 0:
         return 0
-    tag = (root / "latest").read_text().strip()
-    _, client = engine.load_checkpoint(str(root), tag=tag)
-    loader_state = root / tag / f"loader_rank{dist.rank}.json"
-    if not loader_state.is_file():
-        raise FileNotFoundError(f"{loader_state} missing: checkpoint {tag} was written by another world size?")
-    loader.load_state_dict(json.loads(loader_state.read_text()))
+    tag = f"step{step:08d}"
+    manifest = json.loads((root / tag / MANIFEST).read_text())
+    if manifest.get("world_size") != dist.world_size:
+        raise ValueError(f"checkpoint {root / tag} was written by {manifest.get('world_size')} rank(s), this job has "
+                         f"{dist.world_size}: resume with the same world size")
+    load_path, client = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+    loader.load_state_dict(json.loads((root / tag / f"loader_rank{dist.rank}.json").read_text()))
     rng = torch.load(root / tag / f"rng_rank{dist.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"].numel():
@@ -135,12 +169,13 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
 def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenizer_dir: Path, dist: D.DistInfo) -> None:
     """Write a from_pretrained directory on rank 0 in the training dtype (bf16: half the bytes of fp32).
     ZeRO-3 weights are gathered one module at a time onto rank 0's CPU, never the whole model per rank."""
-    if engine.zero_optimization_partition_weights():
+    partitioned = getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+    if partitioned:
         state = engine._zero3_consolidated_16bit_state_dict()  # rank 0: {name: CPU tensor}; others: None
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
     if dist.is_main:
-        if engine.device.type == "cpu":  # gathered CPU tensors may share storage with the re-partitioned ones
+        if partitioned and engine.device.type == "cpu":  # gathered CPU tensors may share storage with the re-partitioned ones
             copies: dict[int, torch.Tensor] = {}  # keeps a tied head tied
             state = {k: copies.setdefault(id(v), v.clone()) for k, v in state.items()}
         model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict=state)
@@ -148,18 +183,21 @@ def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenize
 
 
 def train_mllm(cfg) -> Path:
-    import deepspeed
+    import deepspeed  # (also for export: gathering is a no-op on plain parameters)
 
     t = cfg.mllm_train
     out = cfg.mllm_dir
-    dist = setup_distributed()
+    plain = t.deepspeed_config.strip().lower() == "none"  # plain PyTorch, one process (mllm/plain_engine.py)
+    if plain and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("mllm_train.deepspeed_config=none trains in one process; give a DeepSpeed config to run several")
+    dist = D.DistInfo(0, 1, 0) if plain else setup_distributed()
     torch.manual_seed(t.seed)
     device = D.default_device(dist.local_rank)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
-    ds_config = deepspeed_config(cfg, bf16)
+    ds_config = None if plain else deepspeed_config(cfg, bf16)
     hf_ds = zero3_build(ds_config)  # noqa: F841 (kept alive: transformers builds partitioned while it lives)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if bf16 and not plain else torch.float32  # plain: fp32 weights (PlainEngine's own bf16)
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, dtype)
     model.lm.lm_head.chunk = chunk_for_budget(t.loss_chunk, t.loss_memory_gb, model.layout.vocab_size, dtype)
     if t.trainable == "adapter":
@@ -176,13 +214,16 @@ def train_mllm(cfg) -> Path:
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],
                                   betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if plain:
+        engine = PlainEngine(model, optimizer, scheduler, t.gradient_accumulation, t.grad_clip, bf16, device)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)
     logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
                           {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
-                          enabled=dist.is_main)
+                          enabled=dist.is_main, resume_step=start_step)
     peak = peak_flops()
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(numel(p) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)

@@ -62,17 +62,33 @@ def cmd_tokenizer_decode(args) -> None:
 
     from semhitok.tokenizer import load_tokenizer, to_pil
 
-    model = load_tokenizer(args.model, args.device)
-    data = np.load(args.ids)
-    if "ids" not in data:
+    try:
+        data = np.load(args.ids, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{args.ids}: not a readable .npz ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile) or "ids" not in data:
         raise ValueError(f"{args.ids}: no 'ids' array (write it with `semhitok tokenizer encode`)")
-    ids = torch.from_numpy(data["ids"].astype(np.int64))
-    names = [Path(p).stem for p in data["paths"]] if "paths" in data else [f"{i:05d}" for i in range(len(ids))]
+    raw = data["ids"]
+    if raw.ndim != 3 or not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"{args.ids}: ids must be an integer array [N, h, w], got {raw.dtype} {list(raw.shape)}")
+    ids = torch.from_numpy(raw.astype(np.int64))
+    names = [Path(str(p)).stem for p in data["paths"]] if "paths" in data else [f"{i:05d}" for i in range(len(ids))]
+    if len(names) != len(ids):
+        raise ValueError(f"{args.ids}: {len(names)} paths for {len(ids)} id maps")
+    used: set[str] = set()
+    for i, name in enumerate(names):  # two inputs with one stem: both kept, the later ones numbered
+        final, n = name, 0
+        while not final or final in used:
+            n += 1
+            final = f"{name}_{n}"
+        names[i] = final
+        used.add(final)
+    model = load_tokenizer(args.model, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(ids), args.batch_size):
         images = model.decode(ids[start : start + args.batch_size].to(model.device))
-        for name, image in zip(names[start:], images):
+        for name, image in zip(names[start : start + args.batch_size], images, strict=True):
             to_pil(image).save(out / f"{name}.png")
     print(f"{len(ids)} images -> {out}")
 
@@ -131,9 +147,12 @@ COMPILE_HELP = "compile the decoding step (CUDA graphs on GPUs): a one-off compi
 def cmd_sample(args) -> None:
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
-    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
+    sampling = _sampling(args)  # checked before the model loads
+    if args.samples_per_prompt < 1 or args.batch_size < 1:
+        raise ValueError(f"samples per prompt and batch size must be >= 1, got {args.samples_per_prompt} and {args.batch_size}")
     decoder, visual = load_sampler(args.model, args.device, args.compile)
-    grid = sample_images(decoder, visual, prompts, args.out, _sampling(args), args.batch_size, args.samples_per_prompt)
+    grid = sample_images(decoder, visual, prompts, args.out, sampling, args.batch_size, args.samples_per_prompt)
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 

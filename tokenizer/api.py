@@ -38,11 +38,12 @@ def iter_image_batches(
 
 @torch.no_grad()
 @torch.no_grad()
-def encode_images(model: SemHiTok, images: list, limits: ImageLimits = ImageLimits()) -> torch.Tensor:
-    """PIL images (any size and mode; centre-cropped and resized) -> visual ids [B, h, w] on the model's
-    device. Images beyond `limits` raise ImageRejected (checked on the header when not yet decoded)."""
+def encode_images(model: SemHiTok, images: list, mode: str = "crop", limits: ImageLimits = ImageLimits()) -> torch.Tensor:
+    """PIL images (any size and mode; centre-cropped, or padded to square with mode="pad", and resized) -> visual
+    ids [B, h, w] on the model's device. Images beyond `limits` raise ImageRejected (checked on the header when
+    not yet decoded)."""
     rgb = [to_rgb(img, limits, model.image_size) for img in images]
-    return model.encode(preprocess(rgb, model.image_size).to(model.device))
+    return model.encode(preprocess(rgb, model.image_size, mode).to(model.device))
 
 
 def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:

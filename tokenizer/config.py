@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from semhitok.common.config_io import ConfigError, check_min, check_positive, check_range
+
 Fusion = Literal["concat", "pixel_only", "length", "semantic_only"]
 
 
@@ -54,10 +56,14 @@ class TokenizerConfig:
         if self.pix_heads is not None:
             self.pix_encoder_heads = self.pix_decoder_heads = self.pix_heads
         self.pix_width = self.pix_heads = None
+        check_min(self, 1, "sem_codebook_size", "sem_code_dim", "pix_codes_per_group", "pix_code_dim", "pix_encoder_width",
+                  "pix_encoder_heads", "pix_encoder_layers", "pix_decoder_width", "pix_decoder_heads", "pix_decoder_layers")
+        check_min(self, 0, "sem_decoder_layers", "sem_dead_code_threshold", "sem_kmeans_iters")
+        check_range(self, 0, 1, "sem_ema_decay")
         for side in ("encoder", "decoder"):
             width, heads = getattr(self, f"pix_{side}_width"), getattr(self, f"pix_{side}_heads")
             if width % heads:
-                raise ValueError(f"tokenizer.pix_{side}_width={width} is not a multiple of pix_{side}_heads={heads}")
+                raise ConfigError(f"pix_{side}_width: {width} is not a multiple of pix_{side}_heads={heads}")
 
     @property
     def codes_per_group(self) -> int:
@@ -126,3 +132,12 @@ class TokenizerTrainConfig:
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     log_backends: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+
+    def __post_init__(self) -> None:
+        check_range(self, 1, 2, "stage")
+        check_min(self, 1, "batch_size", "max_steps", "log_every", "eval_every", "image_every", "ckpt_every",
+                  "keep_checkpoints", "holdout_images")
+        check_positive(self, "lr", "disc_lr", "grad_clip")  # grad_clip 0 would zero every gradient
+        check_range(self, 0, 1, "min_lr_ratio")
+        check_min(self, 0, "weight_decay", "warmup_steps", "commit_weight", "l1_weight", "codebook_weight",
+                  "perceptual_weight", "gan_weight", "disc_start", "num_workers", "seed")

@@ -135,6 +135,27 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def pad_to_square(img: Image.Image) -> Image.Image:
+    """Pad the shorter side with the image's mean colour, centred, to a square (LLaVA-1.5's expand2square
+    uses the image processor's mean; here the image's own, which the [-1, 1] convention has no other of)."""
+    w, h = img.size
+    if w == h:
+        return img
+    fill = tuple(int(round(c)) for c in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0))
+    canvas = Image.new("RGB", (max(w, h), max(w, h)), fill)
+    canvas.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return canvas
+
+
+def square(img: Image.Image, size: int, mode: str = "crop") -> Image.Image:
+    """crop: centre crop (generation); pad: pad to square, then resize (understanding, as LLaVA-1.5)."""
+    if mode == "pad":
+        return pad_to_square(img).resize((size, size), Image.BICUBIC)
+    if mode != "crop":
+        raise ValueError(f"image mode {mode!r}: expected crop or pad")
+    return center_crop_resize(img, size)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] float in [-1, 1]"""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -147,9 +168,9 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
 
 
-def preprocess(images: list[Image.Image], size: int) -> torch.Tensor:
-    """PIL images -> [B, 3, size, size] in [-1, 1]"""
-    return torch.stack([to_tensor(center_crop_resize(img, size)) for img in images])
+def preprocess(images: list[Image.Image], size: int, mode: str = "crop") -> torch.Tensor:
+    """PIL images -> [B, 3, size, size] in [-1, 1], centre-cropped or padded to square (see `square`)"""
+    return torch.stack([to_tensor(square(img, size, mode)) for img in images])
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from semhitok.common import dist as D
-from semhitok.common.io import atomic_dir, write_json
+from semhitok.common.io import atomic_dir, verify_manifest, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, image_grid
@@ -277,7 +277,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
-        return sorted(self.ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        """step_<n> directories, oldest first (names that are not step_<number> are ignored)"""
+        found = [p for p in self.ckpt_dir.glob("step_*") if p.name.split("_", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
 
     def save_checkpoint(self, step: int) -> None:
         if self.dist.is_main:
@@ -296,20 +298,44 @@ class Trainer:
                     tmp / "train_state.pt",
                 )
                 write_json(tmp / "meta.json", {"step": step, "stage": self.task.stage, "tokenizer": dataclasses.asdict(self.task.model.config)})
+                write_manifest(tmp, {"step": step})  # last: the completion marker resume verifies
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         D.barrier()
 
     def maybe_resume(self) -> int:
-        """Load the newest checkpoint, if any; return the number of steps already done."""
-        ckpts = self._checkpoints()
-        if not ckpts:
-            return 0
-        path = ckpts[-1]
-        self.task.model.load_state_dict(load_file(str(path / "model.safetensors")))
-        for name, module in self.task.extra_modules.items():
-            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        """Load the newest intact checkpoint, if any; return the number of steps already done.
+
+        A checkpoint is trusted only when its completion marker (written last) lists files that all match;
+        a damaged one (missing files, truncated, garbage, unloadable) is skipped with a warning and the next
+        older one is tried. With none intact the run starts from step 0, with a warning naming them."""
+        skipped = []
+        for path in reversed(self._checkpoints()):
+            manifest, problem = verify_manifest(path)
+            if manifest is None:
+                skipped.append(f"{path.name}: {problem}")
+                continue
+            try:
+                self._load_checkpoint(path)
+            except Exception as err:  # verified sizes, but the content does not load: try an older one
+                skipped.append(f"{path.name}: does not load ({type(err).__name__}: {str(err)[:200]})")
+                continue
+            step = int(manifest["step"])
+            if skipped:
+                log.warning("skipped damaged checkpoint(s): %s", "; ".join(skipped))
+            log.info("resumed from %s (step %d)", path, step)
+            return step
+        if skipped:
+            log.warning("no intact checkpoint in %s (%s): starting from step 0", self.ckpt_dir, "; ".join(skipped))
+        return 0
+
+    def _load_checkpoint(self, path: Path) -> None:
+        model_state = load_file(str(path / "model.safetensors"))
+        extra_states = {name: load_file(str(path / f"{name}.safetensors")) for name in self.task.extra_modules}
         state = torch.load(path / "train_state.pt", weights_only=True)
+        self.task.model.load_state_dict(model_state)
+        for name, module in self.task.extra_modules.items():
+            module.load_state_dict(extra_states[name])
         for k, opt in self.task.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
         for k, sched in self.task.schedulers.items():
@@ -317,15 +343,12 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        step = int(path.name.split("_")[1])
-        log.info("resumed from %s (step %d)", path, step)
-        return step
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> SemHiTok:
         cfg, task, main = self.cfg, self.task, self.dist.is_main
         start = self.maybe_resume()
-        logger = MetricLogger(self.out, cfg.log_backends, {"train": dataclasses.asdict(cfg)}, enabled=main)
+        logger = MetricLogger(self.out, cfg.log_backends, {"train": dataclasses.asdict(cfg)}, enabled=main, resume_step=start)
         batches = rank_batches(self.dataset, cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size, start)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Resumable(batches), collate_fn=collate_images,

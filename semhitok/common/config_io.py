@@ -7,6 +7,7 @@ and an unknown name is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,42 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+# -- range checks (called from the configs' __post_init__; from_dict prefixes the section) ---------------
+def _number(obj: Any, name: str) -> float:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is finite, and may exceed any float)
+        raise ConfigError(f"{name}: must be finite, got {value!r}")
+    return value
+
+
+def check_min(obj: Any, minimum: float, *names: str) -> None:
+    """Each field is a finite number >= minimum."""
+    for name in names:
+        if _number(obj, name) < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {getattr(obj, name)!r}")
+
+
+def check_positive(obj: Any, *names: str) -> None:
+    """Each field is a finite number > 0."""
+    for name in names:
+        if _number(obj, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {getattr(obj, name)!r}")
+
+
+def check_range(obj: Any, lo: float, hi: float, *names: str) -> None:
+    """Each field is a finite number in [lo, hi]."""
+    for name in names:
+        if not lo <= _number(obj, name) <= hi:
+            raise ConfigError(f"{name}: must lie in [{lo}, {hi}], got {getattr(obj, name)!r}")
+
+
+def check_finite(obj: Any, *names: str) -> None:
+    for name in names:
+        _number(obj, name)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -44,6 +81,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: {value!r} does not fit {annotation}")
     if origin in (list, tuple):
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a list, got the mapping {value!r}")
         if not isinstance(value, (list, tuple)):
             value = [value]
         (item_type, *_) = typing.get_args(annotation) or (Any,)
@@ -55,17 +94,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return dict(value)
     if annotation is Any:
         return value
+    if isinstance(value, dict):  # e.g. `section.lr.x=1`: a nested override on a scalar field
+        raise ConfigError(f"{where}: a single value ({getattr(annotation, '__name__', annotation)}), it has no field(s) {sorted(map(str, value))}")
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if annotation is float and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        if isinstance(value, (int, str)):  # YAML 1.1 reads "3e-4" as a string
             try:
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if annotation in (int, float, str):
         if not isinstance(value, annotation) or isinstance(value, bool):
@@ -82,11 +121,17 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass `cls` from a (possibly partial) dict; missing fields keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if missing := sorted(required - set(data)):
+        raise ConfigError(f"{where}: missing field(s) {missing}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a range check in __post_init__: name the section too
+        raise ConfigError(f"{where}.{err}") from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -114,11 +159,21 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a field name like section.field")
         node = tree
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
+        *parents, leaf = parts
+        for i, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} was set to a value, it has no fields")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"override {item!r}: {key.strip()} has fields set by another override")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
     return tree
 
 
@@ -136,8 +191,11 @@ def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[
     data: dict = {}
     if preset is not None:
         path = resolve_preset(preset)
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded

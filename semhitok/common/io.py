@@ -1,7 +1,14 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash never corrupts an old one."""
+"""Atomic file writes: a reader never sees a half-written file, a crash never corrupts an old one.
+
+Files and directories written here get the permissions a plain open()/mkdir() would give (0666/0777 less
+the umask), not mkstemp's 0600/0700. A directory of checkpoint files can carry a completion marker
+(`write_manifest`) listing every file's size (and SHA-256 of the small ones), written last and atomically;
+`verify_manifest` says what is wrong with a directory before anything in it is trusted.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +16,25 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+MANIFEST = "COMPLETE.json"
+HASH_LIMIT = 64 * 2**20  # files up to this size are checksummed too; larger ones by size only (hashing GBs is slow)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is the only portable way, and it races)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, is_dir: bool) -> None:
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
 @contextmanager
@@ -20,6 +46,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.isfile(tmp):
+            _plain_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -39,6 +67,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _plain_mode(tmp, is_dir=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -49,3 +78,54 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- completion markers ----------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, extra: dict | None = None) -> None:
+    """Mark `directory` complete: every file under it (relative path -> size, sha256 when small) plus
+    `extra`, written atomically as MANIFEST. Call it after everything else in the directory is written."""
+    directory = Path(directory)
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if not p.is_file() or rel == MANIFEST or p.name.startswith("."):
+            continue
+        size = p.stat().st_size
+        files[rel] = {"size": size, **({"sha256": _sha256(p)} if size <= HASH_LIMIT else {})}
+    write_json(directory / MANIFEST, {"files": files, **(extra or {})})
+
+
+def verify_manifest(directory: str | Path) -> tuple[dict | None, str]:
+    """(the manifest, "") when `directory` is complete and every listed file matches; (None, what is wrong)
+    otherwise."""
+    directory = Path(directory)
+    marker = directory / MANIFEST
+    if not directory.is_dir():
+        return None, "missing"
+    if not marker.is_file():
+        return None, f"no {MANIFEST} (the save did not finish)"
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return None, f"unreadable {MANIFEST} ({err})"
+    for rel, want in files.items():
+        p = directory / rel
+        if not p.is_file():
+            return None, f"{rel} is missing"
+        size = p.stat().st_size
+        if size != want.get("size"):
+            return None, f"{rel} is {size} bytes, {want.get('size')} when saved"
+        if "sha256" in want and _sha256(p) != want["sha256"]:
+            return None, f"{rel} does not match its checksum"
+    return manifest, ""

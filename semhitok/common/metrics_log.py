@@ -1,6 +1,8 @@
 """Metric logging: always a metrics.jsonl, plus tensorboard and/or wandb when asked and installed.
 
 wandb defaults to offline mode so a run on a machine without network or API key never fails on logging.
+A run that resumes at step s first drops the rows past s (logged after that checkpoint by the interrupted
+job), so metrics.jsonl has one row set per step.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ import logging
 import os
 from pathlib import Path
 
+from semhitok.common.io import atomic_path
+
 log = logging.getLogger("semhitok")
 
 
 class MetricLogger:
-    def __init__(self, out_dir: str | Path, backends: list[str], run_config: dict, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, backends: list[str], run_config: dict, enabled: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: the step the run continues from (0: a fresh start); rows logged past it by an
+        interrupted job are dropped first, atomically."""
         self.enabled = enabled
         self._tb = None
         self._wandb = None
@@ -22,6 +29,8 @@ class MetricLogger:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            drop_rows_after(out_dir / "metrics.jsonl", resume_step)
         self._jsonl = open(out_dir / "metrics.jsonl", "a")
         for backend in backends:
             if backend == "tensorboard":
@@ -61,3 +70,26 @@ class MetricLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep the rows of `path` with step <= `step` (a fresh start, step 0, keeps none: its step-0 rows are
+    logged again); unreadable lines (a write cut by a kill) go too. Returns the rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = step > 0 and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+        log.info("%s: dropped %d row(s) past step %d (logged after the checkpoint the run resumes from)", path, dropped, step)
+    return dropped

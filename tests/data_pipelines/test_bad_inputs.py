@@ -197,7 +197,7 @@ def test_pretokenize_skips_bad_images_and_keeps_multi_image_rows(trained_tokeniz
         {"id": "mismatch", "image": [a, b], "conversations": [{"from": "human", "value": "<image> one tag"}]},
     ]))
     sources = [SourceConfig("caps", "caption_jsonl", str(tmp_path / "caps.jsonl")),
-               SourceConfig("chat", "llava_json", str(tmp_path / "llava.json"))]
+               SourceConfig("chat", "llava_json", str(tmp_path / "llava.json"), image_mode="crop")]  # as encode_paths
     out = tmp_path / "pre"
     cfg = PretokenizeConfig(sources=sources, records_per_shard=2, batch_size=4, num_workers=0)
     summary = run_pretokenize(cfg, trained_tokenizer, out)

@@ -43,10 +43,12 @@ def test_understanding_follows_the_qwen_chat_template(text_tokenizer, layout, pr
     np.testing.assert_array_equal(visual, ids)  # the image's ids, in order, once
     start = int(np.flatnonzero(doc.tokens == layout.image_start)[0])
     assert doc.tokens[start + len(ids) + 1] == layout.image_end
-    messages = [{"role": "system", "content": "You are a helpful assistant."}] + [
+    messages = [  # no system turn: the template's default, Qwen2.5-Instruct's, as the builder's
         {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace("<image>", IMAGE_START + IMAGE_END)}
         for t in meta["conversations"]]
     assert text_tokenizer.decode(text_tokens) == text_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text_tokens.tolist() == list(text_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    assert "You are Qwen, created by Alibaba Cloud." in text_tokenizer.decode(text_tokens)
     # loss exactly on the answers and their <|im_end|>
     answers = [t["value"] + "<|im_end|>" for t in meta["conversations"] if t["from"] == "gpt"]
     assert text_tokenizer.decode(doc.labels[doc.labels != IGNORE]) == "".join(answers)

@@ -12,10 +12,13 @@ from semhitok.mllm.model import SemHiTokLM, load_base_lm
 from tests.conftest import TINY_QWEN
 
 
+TEXT_TOKENIZER = train_tiny_text_tokenizer(["a b c"] * 4, vocab_size=300)
+
+
 def tiny(tied: bool, dtype=torch.bfloat16) -> SemHiTokLM:
     cfg = MLLMConfig(base_model="random", qwen2_config={**TINY_QWEN, "tie_word_embeddings": tied}, attn_implementation="sdpa")
     torch.manual_seed(0)
-    layout = TokenLayout(1024, 64 * 4, 1, 2, 3, 4, 5)  # 1,024 text + 256 visual rows
+    layout = TokenLayout.from_tokenizer(TEXT_TOKENIZER, 64 * 4, 1024)  # 1,024 text + 256 visual rows
     return SemHiTokLM.from_base(load_base_lm(cfg, dtype), layout, torch.randn(64, 8), torch.randn(256, 4), 4, 4, cfg).eval()
 
 
@@ -36,7 +39,7 @@ def test_export_in_the_training_dtype_round_trips_tied_and_untied(tied, tmp_path
     model = tiny(tied)
     (tmp_path / "vt").mkdir()
     (tmp_path / "vt" / "config.json").write_text("{}")
-    model.save_pretrained(tmp_path / "m", train_tiny_text_tokenizer(["a b c"] * 4, vocab_size=300), tmp_path / "vt")
+    model.save_pretrained(tmp_path / "m", TEXT_TOKENIZER, tmp_path / "vt")
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # not fp32: half the bytes
         assert f.get_slice("model.embed_tokens.weight").get_shape() == [1280, 64]  # padded: plain HF loads it
