@@ -62,7 +62,8 @@ class MLLMTrainConfig:
     log_backends: list[str] | None = None  # default: jsonl + tensorboard
 
     def __post_init__(self) -> None:
-        check_min(self, 1, "max_steps", "gradient_accumulation", "loss_chunk", "log_every", "ckpt_every", "keep_checkpoints")
-        check_positive(self, "lr", "adapter_lr")
+        check_min(self, 1, "max_steps", "gradient_accumulation", "log_every", "ckpt_every", "keep_checkpoints")
+        check_min(self, 0, "loss_chunk")  # 0: from loss_memory_gb
+        check_positive(self, "lr", "adapter_lr", "loss_memory_gb")
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off
