@@ -9,6 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : > "$out"
 "$python" benchmarks/tokenizer_encode.py --preset 256 --batch 64 | tail -n 1 | tee -a "$out"
 "$python" benchmarks/data_pipeline.py --preset 256 --batch 64 --workers 8 --repeat 8 | tail -n 1 | tee -a "$out"
+# arms: hf_loss, chunked, chunked_fused, zero3_engine (one GPU), same batch and attention kernel
 "$python" benchmarks/mllm_train.py --shape 1.5b | tail -n 1 | tee -a "$out"
+# host memory while building: the old arm in one process at cut depths, the new one on 1 GPU (nproc = GPUs)
+"$python" benchmarks/mllm_memory.py --shape 1.5b --nproc 1 --old-layers 1 3 | tail -n 1 | tee -a "$out"
 "$python" benchmarks/sample.py --shape 1.5b --batches 1 64 | tail -n 1 | tee -a "$out"
 echo "results: $out"

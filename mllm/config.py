@@ -52,7 +52,10 @@ class MLLMTrainConfig:
     activation_checkpointing: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     fused_kernels: bool = True  # Liger-Kernel RMSNorm/RoPE/SwiGLU when installed and on CUDA
-    loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy (1024 x 348K fp32 logits = 1.4 GB)
+    # Tokens per chunk of the chunked cross-entropy; 0: the most that fit loss_memory_gb of chunk transients,
+    # 6 bytes per logit in bf16 (6.43 measured, mllm/loss.py): 2 GiB -> 1,026 tokens at 348,544 rows.
+    loss_chunk: int = 0
+    loss_memory_gb: float = 2.0
     log_every: int = 10
     # Every eval_every steps (0: never; also at the last step) the conditioning gaps (mllm/gaps.py) on
     # eval_data's held-out {"image", "caption"} pairs (its first eval_limit, 0: all) go to metrics.jsonl.
@@ -65,8 +68,9 @@ class MLLMTrainConfig:
     log_backends: list[str] | None = None  # default: jsonl + tensorboard
 
     def __post_init__(self) -> None:
-        check_min(self, 1, "max_steps", "gradient_accumulation", "loss_chunk", "log_every", "ckpt_every", "keep_checkpoints")
-        check_positive(self, "lr", "adapter_lr")
+        check_min(self, 1, "max_steps", "gradient_accumulation", "log_every", "ckpt_every", "keep_checkpoints")
+        check_min(self, 0, "loss_chunk")  # 0: from loss_memory_gb
+        check_positive(self, "lr", "adapter_lr", "loss_memory_gb")
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off
         check_min(self, 0, "eval_every", "eval_limit")

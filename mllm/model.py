@@ -11,7 +11,12 @@ How visual ids enter and leave the model:
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
-    <= 3B) the embedding table's visual rows are these head rows and are never read as inputs.
+    <= 3B) the embedding table's visual rows are these head rows and are never read as inputs; an untied
+    model (7B) keeps only its T text rows in the input table (196,608 unread rows = 704.6M parameters at
+    7B are never allocated) and its export pads them with zeros so plain from_pretrained loads it.
+
+Memory: under ZeRO-3 (mllm/partition.py) the LLM is built and loaded partitioned in the training dtype; the
+vocabulary is extended one partitioned matrix at a time.
 
 Loss: only supervised positions reach the head, through a chunked cross-entropy (mllm/loss.py), so no
 [tokens, 348K] fp32 logits exist. Packed rows: position_ids restart per document and transformers'
@@ -37,8 +42,9 @@ from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
-from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
+from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable
 
 log = logging.getLogger("semhitok")
@@ -74,7 +80,7 @@ class ChunkedLMHead(nn.Linear):
 
     Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
 
-    chunk = MLLMTrainConfig.loss_chunk  # tokens per chunk; the trainer sets it from its config
+    chunk = 1024  # tokens per chunk; the trainer sets it from its config (mllm.loss.chunk_for_budget)
     frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +99,8 @@ class SemHiTokLM(nn.Module):
         self.sequence_config = sequence_config or SequenceConfig()
         self.text_frozen = False
         if not isinstance(lm.lm_head, ChunkedLMHead):
-            head = ChunkedLMHead(lm.lm_head.in_features, lm.lm_head.out_features, bias=False)
+            with torch.device("meta"):  # no allocation: the weight is the existing (possibly partitioned) one
+                head = ChunkedLMHead(lm.lm_head.in_features, lm.lm_head.out_features, bias=False)
             head.weight = lm.lm_head.weight  # the same Parameter: a tied head stays tied
             lm.lm_head = head
 
@@ -163,38 +170,66 @@ class SemHiTokLM(nn.Module):
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
-        """A new model: the base LLM (by name/path, or random from base_config), vocabulary extended (text rows
-        grow when the tokenizer got image delimiters the base lacks, e.g. LLaMA's 32,000 -> 32,064)."""
-        lm = load_base_lm(cfg)
+    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None,
+              dtype: torch.dtype = torch.float32) -> SemHiTokLM:
+        """A new model: the base LLM (by name/path, or random from base_config) in `dtype`, vocabulary extended
+        (text rows grow when the tokenizer got image delimiters the base lacks, e.g. LLaMA's 32,000 -> 32,064;
+        partitioned throughout when built inside mllm.partition.zero3_build)."""
+        lm = load_base_lm(cfg, dtype)
         text_vocab = lm.config.vocab_size if len(text_tokenizer) <= lm.config.vocab_size else None
         layout = TokenLayout.from_tokenizer(text_tokenizer, tokenizer.vocab_size, text_vocab)
-        lm.resize_token_embeddings(layout.vocab_size, mean_resizing=False)
-        d = lm.config.hidden_size
         sem, pix = tokenizer.code_features()
-        adapter = VisualAdapter(sem, pix, tokenizer.codes_per_group, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
-        model = cls(lm, adapter, layout, cfg, tokenizer.grid, sequence_config)
-        model._init_visual_head_rows()
-        return model
+        return cls.from_base(lm, layout, sem, pix, tokenizer.codes_per_group, tokenizer.grid, cfg, sequence_config)
 
-    @torch.no_grad()
-    def _init_visual_head_rows(self) -> None:
-        weight = self.lm.lm_head.weight  # [T + K*m, d]
-        text_norm = weight[: self.layout.text_vocab_size].norm(dim=1).mean()
-        for start in range(0, self.layout.visual_vocab_size, 65536):
-            ids = torch.arange(start, min(start + 65536, self.layout.visual_vocab_size), device=weight.device)
-            rows = self.adapter(ids).float()
-            weight[self.layout.visual_offset + ids] = (rows / rows.norm(dim=1, keepdim=True) * text_norm).to(weight.dtype)
+    @classmethod
+    def from_base(cls, lm: PreTrainedModel, layout: TokenLayout, sem_codes: torch.Tensor, pix_codes: torch.Tensor,
+                  codes_per_group: int, image_grid: int, cfg: MLLMConfig, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
+        """A base LM with T text rows + the visual codes [K, sem_dim], [K*m, pix_dim] -> the extended model.
+
+        The head's visual rows start as the adapter's projection of the same code features, rescaled to the
+        mean norm of the text rows."""
+        d = lm.config.hidden_size
+        adapter = VisualAdapter(sem_codes, pix_codes, codes_per_group, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
+            on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            for p in adapter.parameters():
+                sent = p.data.to(on)
+                torch.distributed.broadcast(sent, 0)
+                p.data.copy_(sent)
+        norm: list[torch.Tensor] = []
+
+        @torch.no_grad()
+        def visual_rows(text: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # text rows [T, d] -> head rows [hi - lo, d]
+            if not norm:
+                norm.append(torch.cat([t.float().norm(dim=1) for t in text[: layout.text_vocab_size].split(65536)]).mean())
+            out = torch.zeros(hi - lo, text.shape[1], device=text.device)  # text rows the tokenizer added: zero
+            first = max(lo, layout.visual_offset)
+            if first < hi:
+                rows = adapter(torch.arange(first, hi, device=adapter.sem_codes.device) - layout.visual_offset).float().to(text.device)
+                out[first - lo :] = rows / rows.norm(dim=1, keepdim=True) * norm[0]
+            return out
+
+        table = lm.get_input_embeddings()
+        if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
+            lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
+        extend_head(lm, layout.vocab_size, visual_rows)
+        return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, image_grid, sequence_config)
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """A plain HF directory (AutoModelForCausalLM.from_pretrained loads it) plus the adapter, the layout,
-        the text tokenizer and a copy of the visual tokenizer. `state_dict`: this model's full weights,
-        when they live elsewhere (gathered from ZeRO-3)."""
+        the text tokenizer and a copy of the visual tokenizer, in the weights' own dtype. `state_dict`: this
+        model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
+        text rows only: it is written padded with zero visual rows, which from_pretrained drops again."""
         state = state_dict if state_dict is not None else self.state_dict()
         with atomic_dir(path) as tmp:
             lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+            key = _input_table_key(self.lm)
+            table = lm_state[key]  # [rows, d]
+            if table.shape[0] < self.layout.vocab_size:
+                lm_state[key] = torch.cat([table, table.new_zeros(self.layout.vocab_size - table.shape[0], table.shape[1])])
             self.lm.save_pretrained(tmp, state_dict=lm_state)
             save_file({k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")},
                       str(tmp / ADAPTER_WEIGHTS))
@@ -216,16 +251,20 @@ class SemHiTokLM(nn.Module):
         meta, layout = _read_meta(meta_file)
         check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                  attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
+        layout = TokenLayout(**meta["layout"])
+        if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
+            lm.set_input_embeddings(with_rows(lm.get_input_embeddings(), layout.text_vocab_size))
         adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
         d = lm.config.hidden_size
         adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d,
                                 cfg.adapter_inputs)
         adapter.load_state_dict(adapter_state)
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
-        if lm.get_input_embeddings().num_embeddings < layout.vocab_size:
-            raise ValueError(f"{path}: the LLM has {lm.get_input_embeddings().num_embeddings} embedding rows, the saved layout "
-                             f"needs {layout.vocab_size}")
+        if full_shape(lm.get_output_embeddings().weight)[0] < layout.vocab_size:
+            raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
+                             f"layout needs {layout.vocab_size}")
         model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg)
         return model.to(device).eval()
 
@@ -287,6 +326,28 @@ def attention_kernel(requested: str) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
+def _tied(lm: PreTrainedModel) -> bool:
+    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+
+
+def _input_table_key(lm: PreTrainedModel) -> str:
+    table = lm.get_input_embeddings()
+    return next(name for name, module in lm.named_modules() if module is table) + ".weight"
+
+
+def extend_head(lm: PreTrainedModel, vocab_size: int, new_rows=None) -> None:
+    """Grow the head to vocab_size rows, new rows from new_rows(text rows [T, d], lo, hi) (mllm.partition.with_rows).
+    Tied: the one shared matrix grows; untied: the head only, the input table keeps its text rows (visual
+    inputs go through the adapter)."""
+    if _tied(lm):
+        table = with_rows(lm.get_input_embeddings(), vocab_size, new_rows)
+        lm.set_input_embeddings(table)
+        lm.get_output_embeddings().weight = table.weight
+    else:
+        lm.set_output_embeddings(with_rows(lm.get_output_embeddings(), vocab_size, new_rows))
+    lm.config.vocab_size = vocab_size
+
+
 def random_base_config(cfg: MLLMConfig):
     """mllm.base_config (or the older qwen2_config) -> a transformers config of its model_type (default qwen2)."""
     base = dict(cfg.base_config if cfg.base_config is not None else cfg.qwen2_config or {})
@@ -299,11 +360,13 @@ def random_base_config(cfg: MLLMConfig):
         raise ValueError(f"mllm.base_config: {err}") from None
 
 
-def load_base_lm(cfg: MLLMConfig) -> PreTrainedModel:
+def load_base_lm(cfg: MLLMConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The base causal LM in `dtype` (partitioned under ZeRO-3, see mllm/partition.py)."""
+    kw = dict(dtype=dtype, attn_implementation=attention_kernel(cfg.attn_implementation))
     if cfg.base_model == "random":
-        return AutoModelForCausalLM.from_config(random_base_config(cfg))
+        return AutoModelForCausalLM.from_config(random_base_config(cfg), dtype=dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation=attention_kernel(cfg.attn_implementation))
+        return AutoModelForCausalLM.from_pretrained(cfg.base_model, **kw)
     except OSError as err:
         raise WeightsUnavailable(
             f"LLM {cfg.base_model!r} is not available offline: run `hf download {cfg.base_model}` on a "

@@ -36,8 +36,11 @@ from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS, SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
 from semhitok.mllm.ds_config import load_deepspeed_config
+from semhitok.mllm.flops import batch_flops, numel
 from semhitok.mllm.gaps import conditioning_gaps, flat_metrics, load_pairs, plot_training
-from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels
+from semhitok.mllm.loss import chunk_for_budget
+from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_config
+from semhitok.mllm.partition import zero3_build
 from semhitok.mllm.plain_engine import PlainEngine
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.train import warmup_cosine
@@ -67,14 +70,6 @@ def setup_distributed() -> D.DistInfo:
     return D.DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
-def flops_per_token(model: SemHiTokLM, seq_len: int) -> float:
-    """6N + 12 L d T: N counts the transformer body, the adapter and the LM head (not the input table)."""
-    c = model.lm.config
-    body = sum(p.numel() for p in model.lm.model.layers.parameters()) + sum(p.numel() for p in model.lm.model.norm.parameters())
-    n = body + sum(p.numel() for p in model.adapter.parameters()) + model.lm.lm_head.weight.numel()
-    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
-
-
 def peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -82,11 +77,12 @@ def peak_flops() -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def build_model(cfg, out: Path, main: bool):
-    """(model, text tokenizer, visual tokenizer directory) for a new run or from mllm_train.init_from."""
+def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
+    """(model, text tokenizer, visual tokenizer directory) for a new run or from mllm_train.init_from, in
+    `dtype`; inside mllm.partition.zero3_build every rank holds only its ZeRO-3 shard."""
     t = cfg.mllm_train
     if t.init_from:
-        model = SemHiTokLM.from_pretrained(t.init_from)
+        model = SemHiTokLM.from_pretrained(t.init_from, dtype=dtype).train()  # train(): activation checkpointing acts
         model.sequence_config = cfg.data
         return model, load_text_tokenizer(t.init_from), Path(t.init_from) / "visual_tokenizer"
     tokenizer_dir = Path(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
@@ -94,7 +90,7 @@ def build_model(cfg, out: Path, main: bool):
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
     text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
-    model = SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer, cfg.data)
+    model = SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
     return model, text_tokenizer, tokenizer_dir
 
 
@@ -103,6 +99,21 @@ def deepspeed_config(cfg, bf16: bool, world_size: int = 1, hidden_size: int | No
     if not path.is_file():
         raise FileNotFoundError(f"mllm_train.deepspeed_config: {path} not found (shipped: configs/deepspeed/zero3.json, zero2.json)")
     return load_deepspeed_config(path, cfg, bf16, world_size, hidden_size)
+
+
+def base_hidden_size(cfg) -> int | None:
+    """The LLM's hidden size from its config alone (for DeepSpeed's "auto" bucket sizes); None if unreadable
+    here (the model build then reports the real problem)."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.mllm_train.init_from:
+            return AutoConfig.from_pretrained(cfg.mllm_train.init_from).hidden_size
+        if cfg.mllm.base_model == "random":
+            return random_base_config(cfg.mllm).hidden_size
+        return AutoConfig.from_pretrained(cfg.mllm.base_model).hidden_size
+    except (OSError, ValueError):
+        return None
 
 
 def _checkpoint_dirs(root: Path) -> list[Path]:
@@ -170,13 +181,18 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
 
 
 def export(engine, model: SemHiTokLM, out: Path, text_tokenizer, visual_tokenizer_dir: Path, dist: D.DistInfo) -> None:
-    """Gather ZeRO-3 partitions and write a from_pretrained directory on rank 0."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if dist.is_main:
-            state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-            model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict=state)
+    """Write a from_pretrained directory on rank 0 in the training dtype (bf16: half the bytes of fp32).
+    ZeRO-3 weights are gathered one module at a time onto rank 0's CPU, never the whole model per rank."""
+    partitioned = getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+    if partitioned:
+        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0: {name: CPU tensor}; others: None
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
+    if dist.is_main:
+        if partitioned and engine.device.type == "cpu":  # gathered CPU tensors may share storage with the re-partitioned ones
+            copies: dict[int, torch.Tensor] = {}  # keeps a tied head tied
+            state = {k: copies.setdefault(id(v), v.clone()) for k, v in state.items()}
+        model.save_pretrained(out, text_tokenizer, visual_tokenizer_dir, state_dict=state)
     D.barrier()
 
 
@@ -204,14 +220,17 @@ def train_mllm(cfg) -> Path:
     device = D.default_device(dist.local_rank)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
-    model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main)
-    model.lm.lm_head.chunk = t.loss_chunk
+    # Resolved before the model exists: transformers builds it partitioned under this config (ZeRO-3).
+    ds_config = None if plain else deepspeed_config(cfg, bf16, dist.world_size, base_hidden_size(cfg))
+    hf_ds = zero3_build(ds_config)  # noqa: F841 (kept alive: transformers builds partitioned while it lives)
+    dtype = torch.bfloat16 if bf16 and not plain else torch.float32  # plain: fp32 weights (PlainEngine's own bf16)
+    model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, dtype)
+    model.lm.lm_head.chunk = chunk_for_budget(t.loss_chunk, t.loss_memory_gb, model.layout.vocab_size, dtype)
     if t.trainable == "adapter":
         model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
     if t.fused_kernels:
         log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
-    fpt = flops_per_token(model, cfg.data.max_length)
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
 
     adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
@@ -224,7 +243,7 @@ def train_mllm(cfg) -> Path:
     if plain:
         engine = PlainEngine(model, optimizer, scheduler, t.gradient_accumulation, t.grad_clip, bf16, device)
     else:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16, dist.world_size, model.lm.config.hidden_size))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)
@@ -234,10 +253,10 @@ def train_mllm(cfg) -> Path:
     peak = peak_flops()
     gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
-             cfg.mllm.base_model, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
+             cfg.mllm.base_model, sum(numel(p) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
-    tokens, window_start = torch.zeros(1, device=device), time.perf_counter()
+    tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
     batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
     loader_state = loader.state_dict()
     bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
@@ -254,7 +273,9 @@ def train_mllm(cfg) -> Path:
             engine.backward(result["loss"])
             engine.step()
             task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
-            tokens += (batch["task_ids"] >= 0).sum()
+            valid = batch["task_ids"] >= 0
+            tokens += torch.tensor([float(valid.sum()), batch_flops(model, batch["position_ids"], batch["labels"], valid, batch["input_ids"])],
+                                   device=device)
         done = step + 1
         metrics = {}
         if done % t.log_every == 0 or done == t.max_steps:
@@ -262,12 +283,12 @@ def train_mllm(cfg) -> Path:
             D.all_reduce_sum(tokens)
             elapsed = time.perf_counter() - window_start
             per_task = {f"loss_{task}": (task_sums[0, i] / task_sums[1, i]).item() for i, task in enumerate(TASKS) if task_sums[1, i] > 0}
-            tokens_per_s = tokens.item() / elapsed
+            tokens_per_s = tokens[0].item() / elapsed
             metrics = {"loss": (task_sums[0].sum() / task_sums[1].sum().clamp(min=1)).item(), **per_task,
                        "lr": scheduler.get_last_lr()[-1], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
             if peak:
-                metrics["mfu"] = tokens_per_s * fpt / (peak * dist.world_size)
+                metrics["mfu"] = tokens[1].item() / elapsed / (peak * dist.world_size)  # mllm/flops.py
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             task_sums.zero_()
             tokens.zero_()

@@ -23,11 +23,24 @@ def test_data_pipeline_benchmark_prints_one_json_line():
 
 
 def test_mllm_train_benchmark_prints_one_json_line():
-    proc = subprocess.run([sys.executable, "benchmarks/mllm_train.py", "--shape", "tiny", "--steps", "1", "--warmup", "1",
-                           "--seq", "256", "--base-seq", "128", "--base-batch", "2", "--doc-len", "64"],
+    proc = subprocess.run([sys.executable, "benchmarks/mllm_train.py", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+                           "--seq", "128", "--doc-len", "32"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "mllm_train" and result["doc_len"] == 32
+    for arm in ("hf_loss", "chunked", "zero3_engine"):  # the ZeRO-3 engine arm runs on CPU too
+        assert result[arm]["tokens_per_s"] > 0 and result[arm]["tflops_per_s"] > 0, arm
+    assert "skipped" in result["chunked_fused"] or result["chunked_fused"]["tokens_per_s"] > 0
+
+
+def test_mllm_memory_benchmark_builds_partitioned_on_two_ranks():
+    proc = subprocess.run([sys.executable, "benchmarks/mllm_memory.py", "--shape", "tiny", "--nproc", "2", "--old-layers", "1", "2"],
                           cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["bench"] == "mllm_train" and result["ours"]["tokens_per_s"] > 0 and result["baseline"]["tokens_per_s"] > 0
+    assert result["bench"] == "mllm_memory" and [c["layers"] for c in result["old"]["cut_depths"]] == [1, 2]
+    ranks = result["new"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["dtypes"] == ["torch.bfloat16"] for r in ranks)
+    # each rank holds about half of the model (the small unpartitioned adapter aside)
+    assert all(r["local_params"] < 0.6 * r["params"] for r in ranks) and result["new"]["peak_rss_gib_per_rank"] > 0
 
 
 def test_sample_benchmark_prints_one_json_line():
@@ -37,3 +50,4 @@ def test_sample_benchmark_prints_one_json_line():
     assert result["bench"] == "sample" and result["ids_per_image"] == 256
     row = result["results"][0]
     assert row["ours_img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["compiled_img_per_s"] > 0
+    assert row["cached_img_per_s"] > 0 and row["speedup_vs_cached"] > 0  # the KV-cached eager baseline
