@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mllm_train import make_model  # noqa: E402
 
-from semhitok.data_pipelines.text_tokenizer import train_tiny_text_tokenizer  # noqa: E402
+from semhitok.data_pipelines.text_tokenizer import TokenLayout, train_tiny_text_tokenizer  # noqa: E402
 from semhitok.mllm.sample import Decoder, SamplingConfig, cfg_mix, filter_logits  # noqa: E402
 
 PROMPT = "a photo of a red bus parked next to a green bicycle on a sunny street"
@@ -86,6 +86,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = make_model(args.shape, "sdpa", device, dtype).eval()
     text_tok = train_tiny_text_tokenizer([PROMPT] * 4, vocab_size=300)  # prompt tokens only; the shape is what matters
+    # The prompt is tokenized as one text, so the layout's special ids must be this tokenizer's.
+    model.layout = TokenLayout.from_tokenizer(text_tok, model.layout.visual_vocab_size, model.layout.text_vocab_size)
     decoder = Decoder(model, text_tok)
     compiled = None if args.no_compile else Decoder(model, text_tok, compile=True)
     sampling = SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=0, top_p=1.0, seed=0)

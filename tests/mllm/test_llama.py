@@ -112,7 +112,7 @@ def test_tiny_llama_trains_resumes_samples_and_chats(trained_tokenizer, pretoken
     assert "ask me about it" in engine.upload("s", photo.getvalue())
     reply = engine.message("s", "What is in the picture?")
     assert reply["kind"] == "text" and isinstance(reply["text"], str)
-    prompt = decoder.builder.chat_prompt(engine._visible_turns(engine.sessions["s"])[:1], engine.sessions["s"].image_ids.flatten().numpy())
+    prompt = decoder.builder.chat_prompt(engine._visible_turns(engine.sessions["s"].turns)[:1], engine.sessions["s"].image_ids.flatten().numpy())
     assert llama_decode_ends_with(decoder.tokenizer, prompt, "What is in the picture? ASSISTANT:")
     assert engine.message("s", "/image a bowl of fruit")["kind"] == "image"
 

@@ -161,7 +161,7 @@ def test_semantic_only_has_no_pixel_codes(tmp_path):
 def test_encoder_and_decoder_sizes_apart_and_the_legacy_fields(tmp_path):
     cfg = TokenizerConfig(pix_width=256, pix_heads=8)
     assert (cfg.pix_encoder_width, cfg.pix_decoder_width, cfg.pix_encoder_heads, cfg.pix_decoder_heads) == (256, 256, 8, 8)
-    with pytest.raises(ValueError, match="pix_decoder_width=100"):
+    with pytest.raises(ValueError, match="pix_decoder_width: 100 is not a multiple"):
         TokenizerConfig(pix_decoder_width=100)
     model = SemHiTok.from_teacher(tiny_config(tmp_path, "tokenizer.pix_decoder_width=64", "tokenizer.pix_decoder_heads=2").tokenizer,
                                   load_teacher(tiny_config(tmp_path).tokenizer))
