@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semhitok.common.io import atomic_path, write_json
+from semhitok.common.io import atomic_path, sha256_file, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import DataError, Record, WorkUnit, plan_units, read_unit
 from semhitok.tokenizer import SemHiTok, load_tokenizer, preprocess
@@ -92,14 +92,6 @@ def image_mode(source: SourceConfig) -> str:
     return source.image_mode if source.image_mode != "auto" else "pad" if source.kind == "llava_json" else "crop"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
     """A pre-tokenized shard -> (ids int32 [n_images, h*w], per-sample metadata)."""
     with np.load(path, allow_pickle=False) as data:
@@ -113,7 +105,7 @@ def tokenizer_identity(tokenizer_dir: str | Path) -> str:
         path = Path(tokenizer_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass a directory written by SemHiTok.save_pretrained")
-        h.update(_sha256(path).encode())
+        h.update(sha256_file(path).encode())
     return h.hexdigest()
 
 
@@ -142,7 +134,7 @@ def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[
     with atomic_path(shard) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(entries).encode("utf-8"), dtype=np.uint8))
-    done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": _sha256(shard), "samples": len(entries),
+    done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": sha256_file(shard), "samples": len(entries),
             "images": len(rows), "errors": errors, "input": unit.file, "records": [unit.start, unit.stop], "identity": identity}
     write_json(shard_dir / f"{unit.name}.done.json", done)
     return done

@@ -81,7 +81,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 # -- completion markers ----------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
@@ -99,7 +100,7 @@ def write_manifest(directory: str | Path, extra: dict | None = None) -> None:
         if not p.is_file() or rel == MANIFEST or p.name.startswith("."):
             continue
         size = p.stat().st_size
-        files[rel] = {"size": size, **({"sha256": _sha256(p)} if size <= HASH_LIMIT else {})}
+        files[rel] = {"size": size, **({"sha256": sha256_file(p)} if size <= HASH_LIMIT else {})}
     write_json(directory / MANIFEST, {"files": files, **(extra or {})})
 
 
@@ -126,6 +127,6 @@ def verify_manifest(directory: str | Path) -> tuple[dict | None, str]:
         size = p.stat().st_size
         if size != want.get("size"):
             return None, f"{rel} is {size} bytes, {want.get('size')} when saved"
-        if "sha256" in want and _sha256(p) != want["sha256"]:
+        if "sha256" in want and sha256_file(p) != want["sha256"]:
             return None, f"{rel} does not match its checksum"
     return manifest, ""
