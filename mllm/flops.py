@@ -18,6 +18,13 @@ def numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+def parameter_counts(model) -> tuple[int, int, int]:
+    """(transformer body incl. final norm, LM head V x d, adapter): the parameters the FLOP counts charge
+    (the input table is a lookup, never charged)."""
+    body = sum(numel(p) for p in model.lm.model.layers.parameters()) + sum(numel(p) for p in model.lm.model.norm.parameters())
+    return body, model.layout.vocab_size * model.lm.config.hidden_size, sum(numel(p) for p in model.adapter.parameters())
+
+
 def document_lengths(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """position_ids [B, T] restarting at 0 per document, valid [B, T] (False on padding) -> lengths [D]."""
     starts = position_ids == 0
@@ -31,9 +38,7 @@ def batch_flops(model, position_ids: torch.Tensor, labels: torch.Tensor, valid: 
     """FLOPs of one forward+backward over a packed batch [B, T]: labels IGNORE (-100) where unsupervised,
     valid False on padding, input_ids (optional) to charge the adapter for visual positions only."""
     c = model.lm.config
-    body = sum(numel(p) for p in model.lm.model.layers.parameters()) + sum(numel(p) for p in model.lm.model.norm.parameters())
-    head = model.layout.vocab_size * c.hidden_size
-    adapter = sum(numel(p) for p in model.adapter.parameters())
+    body, head, adapter = parameter_counts(model)
     tokens = int(valid.sum())
     supervised = int((labels[:, 1:] != -100).sum())
     visual = int((input_ids >= model.layout.visual_offset).sum()) if input_ids is not None else tokens
@@ -46,6 +51,5 @@ def row_flops(model, tokens: int, seq_len: int) -> float:
     """The formula logged before the corrections: 6 (body + adapter + head) per token + 12 L d T, for
     comparison only (it charges the head at every position and attention over the whole row)."""
     c = model.lm.config
-    n = sum(numel(p) for p in model.lm.model.layers.parameters()) + sum(numel(p) for p in model.lm.model.norm.parameters())
-    n += sum(numel(p) for p in model.adapter.parameters()) + model.layout.vocab_size * c.hidden_size
+    n = sum(parameter_counts(model))
     return tokens * (6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len)
