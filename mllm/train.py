@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from semhitok.common import dist as D
-from semhitok.common.io import MANIFEST, atomic_path, verify_manifest, write_json, write_manifest
+from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
@@ -144,13 +144,9 @@ def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int
 def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """(the newest step directory whose completion marker matches its files, or None; what was skipped).
     DeepSpeed's own `latest` file is not read: it is rewritten in place, and a kill can leave it empty."""
-    skipped = []
-    for path in reversed(_checkpoint_dirs(root)):
-        manifest, problem = verify_manifest(path)
-        if manifest is not None:
-            return path, skipped
-        skipped.append(f"{path.name}: {problem}")
-    return None, skipped
+    skipped: list[str] = []
+    newest = next(intact_dirs(reversed(_checkpoint_dirs(root)), skipped), None)
+    return (newest[0] if newest else None), skipped
 
 
 def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:

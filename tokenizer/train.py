@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from semhitok.common import dist as D
-from semhitok.common.io import atomic_dir, verify_manifest, write_json, write_manifest
+from semhitok.common.io import atomic_dir, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, image_grid
@@ -311,12 +311,8 @@ class Trainer:
         A checkpoint is trusted only when its completion marker (written last) lists files that all match;
         a damaged one (missing files, truncated, garbage, unloadable) is skipped with a warning and the next
         older one is tried. With none intact the run starts from step 0, with a warning naming them."""
-        skipped = []
-        for path in reversed(self._checkpoints()):
-            manifest, problem = verify_manifest(path)
-            if manifest is None:
-                skipped.append(f"{path.name}: {problem}")
-                continue
+        skipped: list[str] = []
+        for path, manifest in intact_dirs(reversed(self._checkpoints()), skipped):
             try:
                 self._load_checkpoint(path)
             except Exception as err:  # verified sizes, but the content does not load: try an older one

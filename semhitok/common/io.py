@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 MANIFEST = "COMPLETE.json"
 HASH_LIMIT = 64 * 2**20  # files up to this size are checksummed too; larger ones by size only (hashing GBs is slow)
@@ -130,3 +130,14 @@ def verify_manifest(directory: str | Path) -> tuple[dict | None, str]:
         if "sha256" in want and sha256_file(p) != want["sha256"]:
             return None, f"{rel} does not match its checksum"
     return manifest, ""
+
+
+def intact_dirs(dirs: Iterable[Path], skipped: list[str]) -> Iterator[tuple[Path, dict]]:
+    """(directory, manifest) for each of `dirs`, in order, whose completion marker matches its files; each
+    other one is noted in `skipped` as "name: what is wrong" (resume walks checkpoints newest first)."""
+    for path in dirs:
+        manifest, problem = verify_manifest(path)
+        if manifest is None:
+            skipped.append(f"{path.name}: {problem}")
+        else:
+            yield path, manifest
