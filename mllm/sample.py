@@ -192,6 +192,12 @@ class Decoder:
         """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
         new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
         keys: each output row's noise key (row_key); default row_key(sampling.seed, row index)."""
+        return torch.stack(list(self.stream(prompts, steps, vocab, sampling, guided, stop, use_cache, keys)), dim=1)
+
+    @torch.no_grad()  # (applied around every step of the generator)
+    def stream(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
+               guided: bool = False, stop: int | None = None, use_cache: bool = True, keys: list[int] | None = None):
+        """`decode` one step at a time: yields each step's new tokens [B] as soon as they are drawn."""
         sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
         device = self.model.device
         context = self.model.lm.config.max_position_embeddings
@@ -207,7 +213,6 @@ class Decoder:
         if len(keys) != n:
             raise ValueError(f"decode: {len(keys)} noise keys for {n} rows")
         row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        out = torch.empty((n, 0), dtype=torch.long, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         if use_cache:
             cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
@@ -228,7 +233,7 @@ class Decoder:
             if stop is not None:
                 token = token.masked_fill(finished, stop)
                 finished |= token == stop
-            out = torch.cat([out, token[:, None]], dim=1)
+            yield token
             if stop is not None and finished.all():
                 break
             step_ids = token.repeat(2)[:, None] if guided else token[:, None]
@@ -240,7 +245,6 @@ class Decoder:
                 ids = torch.cat([ids, step_ids], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits = self._prompt_logits(ids, mask, vocab)
-        return out
 
     # -- the two uses ------------------------------------------------------------------------------------
     def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True,
@@ -269,6 +273,22 @@ class Decoder:
         prompt = self.builder.chat_prompt(turns, ids)
         tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end)
         return self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+    def answer_stream(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
+                      max_new_tokens: int = 128):
+        """`answer`, streamed: yields the reply so far each time it grows (never a half-decoded character); the
+        last text yielded is `answer`'s (same tokens: the same decoding loop, step by step)."""
+        ids = None if image_ids is None else image_ids.flatten().cpu().numpy()
+        prompt = self.builder.chat_prompt(turns, ids)
+        tokens, shown = [], ""
+        for token in self.stream([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end):
+            tokens.append(int(token[0]))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if text != shown and not text.endswith("\ufffd"):
+                shown = text
+                yield text
+        if text != shown:  # a reply ending in an undecodable byte, as `answer` gives it
+            yield text
 
 
 # -- files -----------------------------------------------------------------------------------------------
