@@ -65,12 +65,13 @@ class ChatEngine:
 
     def __init__(self, decoder: Decoder, visual: SemHiTok, max_upload_bytes: int, max_pixels: int,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
-                 max_sessions: int = 1000, session_ttl_s: float = 3600.0):
+                 max_sessions: int = 1000, session_ttl_s: float = 3600.0, answer_sampling: SamplingConfig | None = None):
         self.decoder, self.visual = decoder, visual
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
         self.max_prompt_tokens, self.max_sessions, self.session_ttl_s = max_prompt_tokens, max_sessions, session_ttl_s
         self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
         self.sampling = sampling or SamplingConfig()  # images: CFG scale 2 (the paper's), temperature 1
+        self.answer_sampling = answer_sampling or SamplingConfig(temperature=0.0)  # answers: greedy
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._sessions_lock = threading.Lock()
         # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
@@ -125,17 +126,19 @@ class ChatEngine:
         self.model_thread.submit(run).result()
         return f"got your {img.width}x{img.height} image; ask me about it"
 
-    def message(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False) -> dict:
+    def message(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
+                answer_sampling: SamplingConfig | None = None) -> dict:
         """The whole reply: {"kind": "text", "text"} or {"kind": "image", "image": PIL image, "seed", "caption"}."""
         reply = None
-        for reply in self.message_stream(sid, text, sampling, make_image):
+        for reply in self.message_stream(sid, text, sampling, make_image, answer_sampling):
             pass
         return reply
 
-    def message_stream(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False):
+    def message_stream(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
+                       answer_sampling: SamplingConfig | None = None):
         """Yields the reply as it grows ({"kind": "text", "text": the answer so far}, ...), or one image reply.
-        An image request (image_caption), or any text with make_image, generates a picture with `sampling`
-        (default: the engine's); answers are greedy. The work runs on the model thread."""
+        An image request (image_caption), or any text with make_image, generates a picture with `sampling`;
+        an answer is drawn with answer_sampling (defaults: the engine's). The work runs on the model thread."""
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
@@ -146,7 +149,7 @@ class ChatEngine:
         caption = image_caption(text)
         if make_image and caption is None:
             caption = text
-        sampling = sampling or self.sampling
+        sampling = (sampling or self.sampling) if caption is not None else (answer_sampling or self.answer_sampling)
         for item in self._on_model_thread(self._reply, self.session(sid), text, caption, sampling):
             if callable(item):  # the turn is complete and its reply delivered: the session takes it
                 self.model_thread.submit(item).result()
@@ -201,8 +204,7 @@ class ChatEngine:
         turns = self._fit_context(turns, state.image_ids)
         image = state.image_ids if any("<image>" in t for _, t in turns) else None
         reply = ""
-        for reply in self.decoder.answer_stream(self._visible_turns(turns), image, SamplingConfig(temperature=0.0),
-                                                self.max_new_tokens):
+        for reply in self.decoder.answer_stream(self._visible_turns(turns), image, sampling, self.max_new_tokens):
             yield {"kind": "text", "text": reply}
         if not reply:
             yield {"kind": "text", "text": ""}

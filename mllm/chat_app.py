@@ -31,38 +31,40 @@ import gradio as gr  # noqa: E402
 log = logging.getLogger("semhitok")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CSS = """
-#generated img { image-rendering: pixelated; }
+#generated img, #chat img { image-rendering: pixelated; }
+#generated img { width: 100%; height: 100%; object-fit: contain; }
 @media (max-width: 640px) { .gradio-container { padding: 4px !important; } #controls button { min-width: 0 !important; } }
 """
 
 
-def _sampling(cfg, temperature, top_k, top_p, random_seed, seed) -> SamplingConfig:
-    """The page's controls -> the sampling of one picture (a fresh seed when random_seed)."""
+def _sampling(cfg, temperature, top_k, top_p, answer_temperature, random_seed, seed) -> tuple[SamplingConfig, SamplingConfig]:
+    """The page's controls -> the sampling of a picture and of an answer (one seed: a fresh one when random_seed)."""
     seed = secrets.randbelow(2**31) if random_seed or seed is None else int(seed)
-    return SamplingConfig(cfg_scale=float(cfg), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                          seed=seed)
+    image = SamplingConfig(cfg_scale=float(cfg), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=seed)
+    return image, SamplingConfig(temperature=float(answer_temperature), top_p=float(top_p), seed=seed)
 
 
 def _transcript(history: list[dict], folder: Path, sid: str) -> str:
     """The chat as Markdown in folder/chat-<sid>.md (rewritten after every turn) -> its path."""
     lines = []
-    for msg in history:
-        who = "You" if msg["role"] == "user" else "SemHiTok"
-        content = msg["content"]
-        text = content if isinstance(content, str) else msg.get("metadata", {}).get("title") or "[image]"
-        lines.append(f"**{who}:** {text}\n")
+    for msg in history:  # content: a string (ours) or a list of {"type": "text", "text"} / file blocks (Gradio's)
+        blocks = msg["content"] if isinstance(msg["content"], list) else [msg["content"]]
+        text = " ".join(b if isinstance(b, str) else b.get("text", "") if isinstance(b, dict) and b.get("type") == "text"
+                        else "[image]" for b in blocks)
+        lines.append(f"**{'You' if msg['role'] == 'user' else 'SemHiTok'}:** {text}\n")
     path = folder / f"chat-{sid[:16]}.md"
     path.write_text("\n".join(lines))
     return str(path)
 
 
-def build_app(engine: ChatEngine, sampling: SamplingConfig | None = None, random_seed: bool = True) -> gr.Blocks:
-    """The page. sampling: the controls' starting values; random_seed: the "Random seed" box's starting state."""
-    sampling = sampling or engine.sampling
+def build_app(engine: ChatEngine, random_seed: bool = True) -> gr.Blocks:
+    """The page; its controls start at the engine's sampling settings. random_seed: the "Random seed" box's
+    starting state (ticked: a fresh seed for every request)."""
+    sampling = engine.sampling
     folder = Path(tempfile.mkdtemp(prefix="semhitok-chat-"))
     model_events = dict(concurrency_limit=1, concurrency_id="model")  # one request on the model at a time
 
-    with gr.Blocks(title="SemHiTok chat") as app:
+    with gr.Blocks(title="SemHiTok chat", delete_cache=(3600, 3600)) as app:  # cached files live an hour
         gr.Markdown("### SemHiTok chat\nUpload a photo and ask about it, or ask for a picture "
                     "(*draw a red bus*, or type a description and press **Generate image**).")
         last = gr.State(None)  # (text, make_image) of the last request: Regenerate sends it again
@@ -90,30 +92,34 @@ def build_app(engine: ChatEngine, sampling: SamplingConfig | None = None, random
                     top_k = gr.Slider(0, engine.decoder.layout.visual_vocab_size, value=sampling.top_k, step=1,
                                       label="Top-k (0: off)")
                     top_p = gr.Slider(0, 1, value=sampling.top_p, step=0.01, label="Top-p (1: off)")
-                    fresh = gr.Checkbox(value=random_seed, label="Random seed for every picture", elem_id="random-seed")
+                    answer_temperature = gr.Slider(0, 2, value=engine.answer_sampling.temperature, step=0.05,
+                                                   label="Answer temperature (0: greedy)", elem_id="answer-temperature")
+                    fresh = gr.Checkbox(value=random_seed, label="Random seed for every request", elem_id="random-seed")
                     seed = gr.Number(value=sampling.seed, precision=0, minimum=0, label="Seed", elem_id="seed")
-        controls = [cfg, temperature, top_k, top_p, fresh, seed]
+        controls = [cfg, temperature, top_k, top_p, answer_temperature, fresh, seed]
         outputs = [chat, box, picture, seed_used, seed, last, transcript]
 
-        def respond(text, history, *settings, make_image=False, request: gr.Request):
+        def stream(sid: str, text: str, history: list, settings: tuple, make_image: bool):
             """Stream one reply into the chat: (chat, box, picture, seed_used, seed, last, transcript) updates."""
-            sid, history = request.session_hash, list(history or [])
+            history = list(history or [])
             if not (text or "").strip():
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": "…"}]
             yield history, "", gr.skip(), gr.skip(), gr.skip(), (text, make_image), gr.skip()
             try:
-                for reply in engine.message_stream(sid, text, _sampling(*settings), make_image):
+                image_sampling, answer_sampling = _sampling(*settings)
+                for reply in engine.message_stream(sid, text, image_sampling, make_image, answer_sampling):
                     if reply["kind"] == "text":
                         history[-1] = {"role": "assistant", "content": reply["text"] or "(empty answer)"}
                         yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                         continue
-                    note = f"{reply['caption']} (seed {reply['seed']})"
-                    history[-1] = {"role": "assistant", "content": gr.Image(reply["image"], format="png"),
-                                   "metadata": {"title": f"[image: {note}]"}}
-                    yield (history, gr.skip(), reply["image"], f"seed used: **{reply['seed']}**", reply["seed"],
-                           gr.skip(), gr.skip())
+                    # a file written once (Gradio copies a file into its cache once; a PIL image on every yield)
+                    png = folder / f"semhitok-{secrets.token_hex(4)}-seed{reply['seed']}.png"
+                    reply["image"].save(png)
+                    history[-1] = {"role": "assistant", "content": f"{reply['caption']} (seed {reply['seed']})"}
+                    history.append({"role": "assistant", "content": {"path": str(png)}})
+                    yield history, gr.skip(), str(png), f"seed used: **{reply['seed']}**", reply["seed"], gr.skip(), gr.skip()
             except (UploadRejected, ConfigError, ValueError) as err:  # a prompt or setting refused: a message
                 history[-1] = {"role": "assistant", "content": f"⚠ {err}"}
             except Exception as err:  # a reply, not a dead page
@@ -121,10 +127,14 @@ def build_app(engine: ChatEngine, sampling: SamplingConfig | None = None, random
                 history[-1] = {"role": "assistant", "content": f"⚠ internal error: {type(err).__name__}"}
             yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), _transcript(history, folder, sid)
 
-        def generate(text, history, *settings, request: gr.Request):
-            yield from respond(text, history, *settings, make_image=True, request=request)
+        # (Gradio passes the request to a parameter annotated gr.Request; the controls' values come in order)
+        def respond(text, history, cfg, temperature, top_k, top_p, answer_t, fresh, seed, request: gr.Request):
+            yield from stream(request.session_hash, text, history, (cfg, temperature, top_k, top_p, answer_t, fresh, seed), False)
 
-        def regenerate(previous, history, *settings, request: gr.Request):
+        def generate(text, history, cfg, temperature, top_k, top_p, answer_t, fresh, seed, request: gr.Request):
+            yield from stream(request.session_hash, text, history, (cfg, temperature, top_k, top_p, answer_t, fresh, seed), True)
+
+        def regenerate(previous, history, cfg, temperature, top_k, top_p, answer_t, fresh, seed, request: gr.Request):
             """Take the last exchange back and send its request again (a picture gets a new random seed)."""
             if previous is None:
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -136,7 +146,8 @@ def build_app(engine: ChatEngine, sampling: SamplingConfig | None = None, random
             if history:
                 history.pop()  # the request itself: sent again below
             text, make_image = previous
-            yield from respond(text, history, *settings, make_image=make_image, request=request)
+            yield from stream(request.session_hash, text, history, (cfg, temperature, top_k, top_p, answer_t, fresh, seed),
+                              make_image)
 
         def upload(path, history, request: gr.Request):
             """The photo questions will refer to: (chat, photo, last) updates."""
@@ -170,13 +181,13 @@ def build_app(engine: ChatEngine, sampling: SamplingConfig | None = None, random
     return app
 
 
-def serve(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860, sampling: SamplingConfig | None = None,
-          random_seed: bool = True, queue_size: int = 16, block: bool = True) -> gr.Blocks:
+def serve(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860, random_seed: bool = True, queue_size: int = 16,
+          block: bool = True) -> gr.Blocks:
     """Build the page and serve it (port 0: a free one, see app.server_port); block=False returns at once
     (app.close() stops it)."""
     if host not in LOOPBACK:
         log.warning("chat: serving on %s: other machines can reach this page (no authentication)", host)
-    app = build_app(engine, sampling, random_seed)
+    app = build_app(engine, random_seed)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     if port == 0:
         import socket

@@ -260,19 +260,19 @@ def cmd_eval(args) -> None:
 
 def cmd_chat(args) -> None:
     from semhitok.mllm.chat import ChatEngine
-    from semhitok.mllm.sample import load_sampler
+    from semhitok.mllm.sample import SamplingConfig, load_sampler
 
     random_seed = args.seed is None  # no --seed: a fresh seed for every picture
     if random_seed:
         args.seed = SamplingDefault("seed")
-    sampling = _sampling(args)  # checked before the model loads
+    sampling, answer = _sampling(args), SamplingConfig(temperature=args.answer_temperature)  # checked before the model loads
     decoder, visual = load_sampler(args.model, args.device, args.compile)
     engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels, sampling,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, answer_sampling=answer)
     from semhitok.mllm.chat_app import serve
 
     print(f"chat on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    serve(engine, args.host, args.port, sampling, random_seed, args.queue_size)
+    serve(engine, args.host, args.port, random_seed, args.queue_size)
 
 
 # -- ablations ---------------------------------------------------------------------------------------
@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="answers' sampling temperature (0: greedy)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (more are refused)")
     _sampling_args(p, None, "the page's starting seed for pictures (None: a fresh random seed for every picture)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
