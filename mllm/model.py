@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
@@ -243,8 +244,8 @@ class SemHiTokLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None) -> SemHiTokLM:
-        """attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
-        path = Path(path)
+        """`path`: a directory or a Hub id. attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
+        path = resolve_pretrained(path)
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")

@@ -59,6 +59,13 @@ def _record(job_dir, cfg, job: str, args) -> None:
     record_run(job_dir, cfg, job, getattr(args, "config", None), getattr(args, "overrides", None))
 
 
+def _model_dir(name_or_path: str) -> Path:
+    """--model: a directory, or a Hub id (org/name) fetched into huggingface_hub's cache."""
+    from semhitok.common.hub import resolve_pretrained
+
+    return resolve_pretrained(name_or_path)
+
+
 def cmd_config(args) -> None:
     import yaml
 
@@ -211,6 +218,7 @@ def cmd_sample(args) -> None:
     from semhitok.common.run_dir import record_run
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
+    args.model = str(_model_dir(args.model))
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
     sampling = _sampling(args)  # checked before the model loads
     if args.samples_per_prompt < 1 or args.batch_size < 1:
@@ -233,6 +241,7 @@ def cmd_eval(args) -> None:
     from semhitok.common.run_dir import find_run_config
     from semhitok.eval.summary import evaluate_model
 
+    args.model = str(_model_dir(args.model))
     if args.config is None:
         recorded = find_run_config(args.model)
         if recorded is None:
@@ -373,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = command(sub, "sample", "text-to-image with classifier-free guidance", cmd_sample)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
@@ -390,14 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = command(sub, "eval", "every score of a model: POPE, GenEval, gFID, tokenizer reconstruction", cmd_eval)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     p.add_argument("--out", default=None, help="output folder; lmms-eval scores under <out>/lmms_eval join the table "
                    "(None: <run>/mllm/eval for <run>/mllm/final, else <model>-eval; where eval/run_lmms.sh writes)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     _config_args(p, default=None)
 
     p = command(sub, "chat", "web chat demo: ask about an uploaded image, or ask for one", cmd_chat)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
@@ -415,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output)")
+        p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output) or a Hub id (org/name)")
         p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
         p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
 
