@@ -106,9 +106,12 @@ def base_hidden_size(cfg) -> int | None:
     here (the model build then reports the real problem)."""
     from transformers import AutoConfig
 
+    from semhitok.common.hub import resolve_pretrained
+    from semhitok.mllm.hf_export import text_config
+
     try:
         if cfg.mllm_train.init_from:
-            return AutoConfig.from_pretrained(cfg.mllm_train.init_from).hidden_size
+            return text_config(resolve_pretrained(cfg.mllm_train.init_from)).hidden_size  # an export's base LLM
         if cfg.mllm.base_model == "random":
             return random_base_config(cfg.mllm).hidden_size
         return AutoConfig.from_pretrained(cfg.mllm.base_model).hidden_size

@@ -271,7 +271,7 @@ class SemHiTok(nn.Module):
             save_file(state, str(tmp / "model.safetensors"))
             meta = {"model_type": "semhitok", "trained_stages": self.trained_stages, **dataclasses.asdict(self.config)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-            write_tokenizer_card(tmp, self, Path(path))
+            write_tokenizer_card(tmp, Path(path))
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
         """Upload a fresh export (weights, config, model card) to the Hub repo `repo_id` -> the commit URL."""

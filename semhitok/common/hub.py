@@ -10,9 +10,11 @@ Offline with the repo not in the cache, loading fails with one line naming the d
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+MLLM_MODEL_TYPE = "semhitok_mllm"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,6 +40,25 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) ->
         raise WeightsUnavailable(f"{name} is neither a local directory nor in the Hugging Face cache, and the Hub is not "
                                  f"reachable ({type(err).__name__}): on a machine with network run `hf download {name} "
                                  f"--local-dir /path/{name.split('/')[-1]}` and pass that directory") from None
+
+
+def export_base_config(path: str | Path):
+    """The base LLM's transformers config of a semhitok MLLM export (config.json's text_config), else None.
+
+    Such a config.json is model_type "semhitok_mllm" with an auto_map to remote code: anything that only needs
+    the base LLM's config (the text tokenizer, the LLM weights) is given this one instead of asking for it."""
+    config_file = Path(path) / "config.json"
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    base = meta.get("text_config") if isinstance(meta, dict) and meta.get("model_type") == MLLM_MODEL_TYPE else None
+    if not isinstance(base, dict) or "model_type" not in base:
+        return None
+    from transformers import AutoConfig
+
+    base = dict(base)
+    return AutoConfig.for_model(base.pop("model_type"), **base)
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
