@@ -8,6 +8,7 @@
     semhitok sample --model DIR --prompt "a red bus"    # CFG text-to-image
     semhitok eval --model DIR                           # POPE, GenEval, gFID, tokenizer metrics
     semhitok chat --model DIR                           # web demo
+    semhitok push --model DIR --repo ORG/NAME           # upload an export to the Hugging Face Hub
     semhitok config --config 256 [key.sub=value ...]    # print the resolved config
 
 Presets are bare names (`tiny`, `256`, `384`, `recipes/...`) read from the package's configs folder
@@ -272,6 +273,27 @@ def cmd_chat(args) -> None:
         server.server_close()
 
 
+def cmd_push(args) -> None:
+    """Refresh the export's model card (metrics of its eval summary, the repo id) and upload the directory."""
+    from semhitok.common.hub import push_folder
+
+    model = Path(args.model)
+    if (model / "semhitok_mllm.json").is_file():
+        from semhitok.mllm.hf_export import write_mllm_card as write_card
+    elif (model / "config.json").is_file() and json.loads((model / "config.json").read_text()).get("model_type") == "semhitok":
+        from semhitok.tokenizer.hub import write_tokenizer_card as write_card
+    else:
+        raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json)")
+    card = write_card(model, model, repo=args.repo)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        url = push_folder(model, args.repo, private=args.private or None, token=args.token)
+    except (HfHubHTTPError, OSError) as err:  # no network, no token, no write access: one line
+        raise ValueError(f"upload of {model} to {args.repo} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    print(f"{model} -> {args.repo} ({card.name} refreshed): {url}")
+
+
 # -- ablations ---------------------------------------------------------------------------------------
 def cmd_ablate(args) -> None:
     from semhitok.eval.ablate import run_table
@@ -413,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+    p = command(sub, "push", "upload an MLLM or tokenizer export to the Hugging Face Hub (its model card refreshed)", cmd_push)
+    p.add_argument("--model", required=True, help="an export directory (<run_dir>/mllm/final or a tokenizer's final/)")
+    p.add_argument("--repo", required=True, help="Hub repo id, org/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s)")
 
     _ablate_parser(sub)
 
