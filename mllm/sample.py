@@ -32,6 +32,7 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
+from semhitok.common.hub import resolve_pretrained
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import SAMPLE
 
 IMAGE = SAMPLE / "images" / "coco_000000000790.jpg"
 MLLM_REPO, TOKENIZER_REPO = "semhitok-test/tiny-mllm", "semhitok-test/tiny-tokenizer"
