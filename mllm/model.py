@@ -222,8 +222,8 @@ class SemHiTokLM(nn.Module):
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """An HF directory (AutoModelForCausalLM/AutoProcessor with trust_remote_code, see mllm/hf_export.py): the
-        LLM, the adapter, the layout, the text tokenizer and a copy of the visual tokenizer, in the weights' own dtype. `state_dict`: this
-        model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
+        LLM, the adapter, the layout, the text tokenizer and a copy of the visual tokenizer, in the weights' own
+        dtype. `state_dict`: this model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
         text rows only: it is written padded with zero visual rows, which from_pretrained drops again."""
         state = state_dict if state_dict is not None else self.state_dict()
         with atomic_dir(path) as tmp:
