@@ -88,12 +88,18 @@ processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
 prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat is in the picture?"}])
 inputs = processor(text=prompt, images=Image.open(image))
+batch = processor(text=[prompt, "no image here"], images=[Image.open(image)])  # padded rows
+try:
+    processor(text=prompt)
+    missing = ""
+except ValueError as err:
+    missing = str(err)
 with torch.no_grad():
     logits = model(**inputs).logits
     model.model.norm.weight.zero_()  # every logit 0: greedy decoding picks id 0, <|endoftext|>
 stopped = model.generate(**inputs, max_new_tokens=6)
 unstopped = model.generate(**inputs, max_new_tokens=6, eos_token_id=None)
-torch.save({"ids": inputs["input_ids"], "logits": logits, "refused": refused, "stopped": stopped, "unstopped": unstopped,
+torch.save({"ids": inputs["input_ids"], "logits": logits, "batch": dict(batch), "missing": missing, "refused": refused, "stopped": stopped, "unstopped": unstopped,
             "eos": model.generation_config.eos_token_id, "semhitok": [m for m in sys.modules if m.startswith("semhitok")]}, out)
 """
 
@@ -121,6 +127,8 @@ def test_transformers_only_round_trip_matches_semhitok(hub_cache, tiny_mllm, tmp
     tokens = torch.tensor([builder.chat_prompt([("user", "<image>\nWhat is in the picture?")], ids)])
     assert torch.equal(got["ids"], tokens)  # the processor's image ids and chat format are semhitok's
     assert (tokens >= tiny_mllm.layout.visual_offset).sum() == ids.size
+    assert torch.equal(got["batch"]["input_ids"][0], tokens[0]) and got["batch"]["attention_mask"][1].sum() < tokens.shape[1]
+    assert "1 image place(s)" in got["missing"] and "0 image(s) given" in got["missing"]
     with torch.no_grad():
         expected = tiny_mllm.logits(tiny_mllm.hidden_states(tokens).last_hidden_state)
     torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)  # visual ids went through the adapter
