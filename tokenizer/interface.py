@@ -1,0 +1,124 @@
+"""The contract between a visual tokenizer and the rest of the stack.
+
+Pre-tokenization, the sequence builder and loader, the MLLM (its input adapter and its visual head),
+sampling, the chat and eval use a tokenizer only through `VisualTokenizer`; `tokenizer.kind` in the config
+picks the implementation (SemHiTok, DualToken, TokLIP), and a saved tokenizer directory names its own kind
+in config.json (`model_type`), so `load_visual_tokenizer(path)` needs nothing else.
+
+Ids. An image becomes grid x grid positions. Each position holds L codes, one per entry of
+`code_vocab_sizes` (code l lies in [0, code_vocab_sizes[l])):
+  - L == 1 (SemHiTok: K*m hierarchical ids; TokLIP: VQGAN ids): `encode` gives ids [B, h, w]; the MLLM
+    appends code_vocab_sizes[0] rows to its vocabulary and predicts them with its flat head.
+  - L > 1 (DualToken: 8 residual semantic codes then 8 residual pixel codes): `encode` gives ids [B, h, w, L];
+    in a sequence each position is ONE LLM token and its L codes travel beside it; the MLLM predicts them
+    with a depth head (mllm/depth_head.py) instead of vocabulary rows. `code_groups` says how the L codes
+    split into residual stacks, e.g. (8, 8): depth-head i predicts codes [sum(groups[:i]), sum(groups[:i+1])).
+
+Understanding. `input_features()` returns a frozen module mapping a whole image's ids to the features an
+understanding adapter reads: ids [n, N, L] (n images, N = grid*grid positions) -> [n, N, c]. Its `splits`
+partitions the c channels into groups that get one MLP each in the MLLM's adapter (SemHiTok: (semantic,
+pixel), the dual MLP; DualToken: one group of semantic+pixel features concatenated on channels; TokLIP:
+the token encoder's width). `per_id` is True when a position's features depend on its own ids only (a
+lookup: SemHiTok, DualToken) and False when they depend on the whole image (TokLIP's causal token encoder);
+with per_id and L == 1, `table()` gives the features of every id, [V, c], which the MLLM uses to initialise
+its head rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+
+class VisualFeatures(nn.Module):
+    """Frozen ids -> features module handed to the MLLM adapter (see the module docstring)."""
+
+    splits: tuple[int, ...]  # channel groups, sum == c
+    per_id: bool
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [n, N, L] int64 -> [n, N, c] float
+        raise NotImplementedError
+
+    def table(self) -> torch.Tensor:  # [V, c]; only when per_id and L == 1
+        raise NotImplementedError(f"{type(self).__name__} has no per-id feature table")
+
+
+@runtime_checkable
+class VisualTokenizer(Protocol):
+    kind: ClassVar[str]  # "semhitok" | "dualtoken" | "toklip"; also config.json's model_type
+    image_size: int  # pixels per side of encode's input and decode's output
+    grid: int  # positions per side
+
+    @property
+    def code_vocab_sizes(self) -> tuple[int, ...]: ...  # L entries
+
+    @property
+    def code_groups(self) -> tuple[int, ...]: ...  # residual stacks, sum == L; (1,) for flat ids
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # [B, 3, H, W] in [-1, 1] -> [B, h, w] or [B, h, w, L] int64
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor: ...  # ids as encode gives them -> [B, 3, H, W] in [-1, 1]
+
+    def input_features(self) -> VisualFeatures: ...  # a frozen copy, on CPU, fp32
+
+    def save_pretrained(self, path: str | Path) -> None: ...  # config.json (model_type = kind) + safetensors
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VisualTokenizer": ...
+
+    # Optional (eval's comparison table): held-out semantic alignment. images -> (the tokenizer's prediction of
+    # its teacher's features from the quantized ids, the teacher's features), both [B, N', c'].
+    # def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
+KINDS: dict[str, str] = {
+    "semhitok": "semhitok.tokenizer.model:SemHiTok",
+}
+
+
+# kind -> "module:function" pairs of its training entry points, both taking the whole run config
+# (semhitok.config.Config): train(cfg) -> Path runs every stage of that kind under <run_dir>/tokenizer/
+# (resumable, skipping finished stages) and returns the finished tokenizer directory; final_dir(cfg) -> Path
+# names that directory without training (what pre-tokenization and the MLLM consume).
+TRAINERS: dict[str, tuple[str, str]] = {}
+
+
+def tokenizer_class(kind: str) -> type:
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    module, name = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def saved_kind(path: str | Path) -> str:
+    """The kind a saved tokenizer directory declares (config.json's model_type)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: pass a directory written by a tokenizer's save_pretrained")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    kind = meta.get("model_type") if isinstance(meta, dict) else None
+    if kind not in KINDS:
+        raise ValueError(f"{config_file}: model_type {kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
+    return kind
+
+
+def load_visual_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VisualTokenizer:
+    """Any saved visual tokenizer, by the kind its directory declares; eval mode on `device`."""
+    return tokenizer_class(saved_kind(path)).from_pretrained(path, device=device)
+
+
+def positions_and_codes(tok: VisualTokenizer) -> tuple[int, int]:
+    """(positions per image N = grid*grid, codes per position L)."""
+    return tok.grid * tok.grid, len(tok.code_vocab_sizes)
