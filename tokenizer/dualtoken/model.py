@@ -92,6 +92,8 @@ class DualToken(nn.Module):
         self.grid = siglip.image_size // siglip.patch_size  # 384 // 14 = 27: SigLIP drops the remainder
         self.tower = SiglipVisionModel(siglip)  # trained
         self.initial = SiglipVisionModel(siglip).requires_grad_(False)  # frozen copy of the tower as loaded
+        for tower in (self.tower, self.initial):  # hidden states are read, never last_hidden_state's final norm
+            tower.post_layernorm = nn.Identity()
         self.to_sem = nn.Linear(width, cfg.sem_code_dim)
         self.sem_vq = ResidualVQ(cfg.sem_codebook_size, cfg.sem_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold)
         self.from_sem = nn.Linear(cfg.sem_code_dim, width)
@@ -140,6 +142,14 @@ class DualToken(nn.Module):
             z = proj(feats).reshape(b * n, -1)
             q, idx, commit = vq(z)
             out[f"q_{name}"], out[f"{name}_ids"], out[f"{name}_commit"] = q.view(b, n, -1), idx.view(b, n, -1), commit
+        return out
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training path: quantize's outputs plus recon [B, 3, H, W] decoded from the straight-through pixel codes
+        and sem_pred [B, N, W] (every trained module runs inside forward, as DDP needs)."""
+        out = self.quantize(images)
+        out["recon"] = self.decoder(out["q_pix"])
+        out["sem_pred"] = self.from_sem(out["q_sem"])  # [B, N, W]: the semantic codes' prediction of F_0
         return out
 
     @torch.no_grad()
