@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from semhitok.common.config_io import from_dict
-from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
 from semhitok.tokenizer.interface import VisualFeatures
@@ -324,7 +323,7 @@ class SemHiTok(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
         """Check config.json and the weights against each other before allocating anything (a skeleton of
         the model on the meta device gives every expected shape), then load. `path`: a directory or a Hub id."""
-        meta, config_file, weights = read_config(resolve_pretrained(path), "semhitok", cls.__name__)
+        meta, config_file, weights = read_config(path, "semhitok", cls.__name__)
         stages = meta.pop("trained_stages", None)
         if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):
             raise ValueError(f"{config_file}: trained_stages must be a list of stages (1, 2), got {stages!r}")
