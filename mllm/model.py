@@ -14,7 +14,7 @@ How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/inte
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
     <= 3B) the embedding table's visual rows are these head rows and are never read as inputs; an untied
     model (7B) keeps only its T text rows in the input table (196,608 unread rows = 704.6M parameters at
-    7B are never allocated) and its export pads them with zeros so plain from_pretrained loads it.
+    7B are never allocated) and its export pads them with zeros (the export's table has every row).
 
 Memory: under ZeRO-3 (mllm/partition.py) the LLM is built and loaded partitioned in the training dtype; the
 vocabulary is extended one partitioned matrix at a time.
@@ -39,11 +39,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.hf_export import finish_export, push_export, text_config
 from semhitok.mllm.loss import chunked_cross_entropy
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
@@ -301,9 +303,9 @@ class SemHiTokLM(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """A plain HF directory (AutoModelForCausalLM.from_pretrained loads it) plus the adapter, the layout,
-        the text tokenizer and a copy of the visual tokenizer, in the weights' own dtype. `state_dict`: this
-        model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
+        """An HF directory (AutoModelForCausalLM/AutoProcessor with trust_remote_code, see mllm/hf_export.py): the
+        LLM, the adapter, the layout, the text tokenizer and a copy of the visual tokenizer, in the weights' own
+        dtype. `state_dict`: this model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
         text rows only: it is written padded with zero visual rows, which from_pretrained drops again."""
         state = state_dict if state_dict is not None else self.state_dict()
         with atomic_dir(path) as tmp:
@@ -313,27 +315,34 @@ class SemHiTokLM(nn.Module):
             if table.shape[0] < self.layout.vocab_size:
                 lm_state[key] = torch.cat([table, table.new_zeros(self.layout.vocab_size - table.shape[0], table.shape[1])])
             self.lm.save_pretrained(tmp, state_dict=lm_state)
-            save_file({k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")},
-                      str(tmp / ADAPTER_WEIGHTS))
+            adapter = {k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")}
+            save_file({SEMHITOK_TABLES.get(k, k): v for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS))
             text_tokenizer.save_pretrained(tmp)
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
                     "ids": self.ids.to_dict(), "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.hidden,
                     "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            if self.ids.kind == "semhitok":  # the remote code implements SemHiTok's dual-MLP adapter only
+                finish_export(tmp, self, text_tokenizer, Path(path))  # remote-code config, processor, generation config, card
+
+    def push_to_hub(self, repo_id: str, text_tokenizer, visual_tokenizer_dir: str | Path, private: bool | None = None,
+                    token: str | None = None) -> str:
+        """Upload a fresh export (save_pretrained's arguments) to the Hub repo `repo_id` -> the commit URL."""
+        return push_export(lambda out: self.save_pretrained(out, text_tokenizer, visual_tokenizer_dir), repo_id, private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None) -> SemHiTokLM:
-        """attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
-        path = Path(path)
+        """`path`: a directory or a Hub id. attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
+        path = resolve_pretrained(path)
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta, layout = _read_meta(meta_file)
         check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+        lm = AutoModelForCausalLM.from_pretrained(path, config=text_config(path), dtype=dtype or torch.float32,
                                                   attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
@@ -359,9 +368,15 @@ def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
     return load_visual_tokenizer(path / VISUAL_TOKENIZER).input_features()
 
 
+# adapter.safetensors keeps SemHiTok's code tables at its top level (as before tokenizer kinds, and as the
+# remote code in mllm/hf_remote reads them); in the module they live in adapter.features
+SEMHITOK_TABLES = {"features.sem_codes": "sem_codes", "features.pix_codes": "pix_codes"}
+
+
 def _adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exports from before tokenizer kinds kept SemHiTok's code tables at the adapter's top level."""
-    return {f"features.{k}" if k in ("sem_codes", "pix_codes") else k: v for k, v in state.items()}
+    """adapter.safetensors -> the adapter's state_dict"""
+    back = {v: k for k, v in SEMHITOK_TABLES.items()}
+    return {back.get(k, k): v for k, v in state.items()}
 
 
 MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")
