@@ -51,8 +51,8 @@ def finish_export(folder: Path, model, text_tokenizer, target: Path) -> None:
         "model_type": MLLM_MODEL_TYPE, "architectures": ["SemHiTokForCausalLM"], "auto_map": AUTO_MAP, "text_config": base,
         "text_vocab_size": layout.text_vocab_size, "visual_vocab_size": layout.visual_vocab_size,
         "image_start": layout.image_start, "image_end": layout.image_end, "image_grid": model.image_grid,
-        "codes_per_group": adapter.codes_per_group, "sem_code_dim": adapter.sem_codes.shape[1],
-        "pix_code_dim": adapter.pix_codes.shape[1], "adapter_hidden": adapter.sem_mlp[0].out_features,
+        "codes_per_group": adapter.codes_per_group, "sem_code_dim": adapter.features.sem_codes.shape[1],
+        "pix_code_dim": adapter.features.pix_codes.shape[1], "adapter_hidden": adapter.sem_mlp[0].out_features,
         "adapter_inputs": model.config.adapter_inputs, "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
         "dtype": base.get("dtype"), "transformers_version": base.get("transformers_version"),
     }

@@ -315,15 +315,16 @@ class SemHiTokLM(nn.Module):
             if table.shape[0] < self.layout.vocab_size:
                 lm_state[key] = torch.cat([table, table.new_zeros(self.layout.vocab_size - table.shape[0], table.shape[1])])
             self.lm.save_pretrained(tmp, state_dict=lm_state)
-            save_file({k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")},
-                      str(tmp / ADAPTER_WEIGHTS))
+            adapter = {k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")}
+            save_file({SEMHITOK_TABLES.get(k, k): v for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS))
             text_tokenizer.save_pretrained(tmp)
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
                     "ids": self.ids.to_dict(), "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.hidden,
                     "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-            finish_export(tmp, self, text_tokenizer, Path(path))  # remote-code config, processor, generation config, card
+            if self.ids.kind == "semhitok":  # the remote code implements SemHiTok's dual-MLP adapter only
+                finish_export(tmp, self, text_tokenizer, Path(path))  # remote-code config, processor, generation config, card
 
     def push_to_hub(self, repo_id: str, text_tokenizer, visual_tokenizer_dir: str | Path, private: bool | None = None,
                     token: str | None = None) -> str:
@@ -367,9 +368,15 @@ def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
     return load_visual_tokenizer(path / VISUAL_TOKENIZER).input_features()
 
 
+# adapter.safetensors keeps SemHiTok's code tables at its top level (as before tokenizer kinds, and as the
+# remote code in mllm/hf_remote reads them); in the module they live in adapter.features
+SEMHITOK_TABLES = {"features.sem_codes": "sem_codes", "features.pix_codes": "pix_codes"}
+
+
 def _adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exports from before tokenizer kinds kept SemHiTok's code tables at the adapter's top level."""
-    return {f"features.{k}" if k in ("sem_codes", "pix_codes") else k: v for k, v in state.items()}
+    """adapter.safetensors -> the adapter's state_dict"""
+    back = {v: k for k, v in SEMHITOK_TABLES.items()}
+    return {back.get(k, k): v for k, v in state.items()}
 
 
 MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")

@@ -164,8 +164,12 @@ class Decoder:
                      lo: int, hi: int) -> torch.Tensor:
         """One new token per row: ids [B, 1], positions [B, 1], padding mask [B, L] -> logits [B, hi - lo]
         fp32 over vocabulary rows [lo, hi); the token's keys/values are written into `cache` in place."""
-        out = self.model.lm.model(inputs_embeds=self.model.embed_static(ids), position_ids=pos, attention_mask=mask,
-                                  past_key_values=cache, use_cache=True)
+        return self._step_from_embeds(self.model.embed_static(ids), pos, mask, cache, lo, hi)
+
+    def _step_from_embeds(self, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
+                          lo: int, hi: int) -> torch.Tensor:
+        """_step_logits from the new token's input embeddings [B, 1, d]"""
+        out = self.model.lm.model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self._head_rows(out.last_hidden_state[:, -1], lo, hi)
 
     def _head_rows(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -218,6 +222,8 @@ class Decoder:
             next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: the position of each row's first new token
         else:
             logits = self._prompt_logits(ids, mask, vocab)
+        # contextual visual features (per_id False): a new image token's input depends on the image so far
+        contextual = lo >= self.layout.visual_offset and not self.model.adapter.features.per_id
         for step in range(steps):
             if guided:
                 logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
@@ -235,6 +241,11 @@ class Decoder:
                 break
             step_ids = token.repeat(2)[:, None] if guided else token[:, None]
             if use_cache:
+                if contextual:
+                    prefix = (out.repeat(2, 1) if guided else out) - self.layout.visual_offset  # [B, step + 1]
+                    embeds = self.model.adapter.images(prefix[..., None])[:, -1:]
+                    logits = self._step_from_embeds(embeds.to(self.model.lm.dtype), next_pos + step, cache_mask, cache, lo, hi)
+                    continue
                 if self.compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
                 logits = self._step(step_ids, next_pos + step, cache_mask, cache, lo, hi)
