@@ -228,3 +228,15 @@ def test_train_entry_point_resumes_from_checkpoints_and_skips_when_done(tmp_path
     with caplog.at_level("INFO", logger="semhitok"):
         assert train(cfg) == final
     assert "already trained" in caplog.text
+
+
+def test_presets():
+    from semhitok.config import load_project_config
+
+    paper = load_project_config("384").dualtoken  # arXiv 2503.14324 sec. 3.2, 4.1
+    assert (paper.teacher, paper.pixel_layer, paper.semantic_layer, paper.depth) == (
+        "google/siglip-so400m-patch14-384", 6, 26, 8)
+    tiny = load_project_config("tiny").dualtoken
+    assert tiny.depth == 8 and tiny.pixel_layer < tiny.semantic_layer <= tiny.siglip_config["num_hidden_layers"]
+    model = DualToken(tiny)
+    assert model.code_groups == (8, 8) and model.code_vocab_sizes == (256,) * 16 and model.grid == 8
