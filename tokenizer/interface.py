@@ -82,6 +82,7 @@ class VisualTokenizer(Protocol):
 # kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
 KINDS: dict[str, str] = {
     "semhitok": "semhitok.tokenizer.model:SemHiTok",
+    "toklip": "semhitok.tokenizer.toklip.model:TokLIP",
 }
 
 
