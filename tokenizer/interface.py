@@ -90,7 +90,9 @@ KINDS: dict[str, str] = {
 # (semhitok.config.Config): train(cfg) -> Path runs every stage of that kind under <run_dir>/tokenizer/
 # (resumable, skipping finished stages) and returns the finished tokenizer directory; final_dir(cfg) -> Path
 # names that directory without training (what pre-tokenization and the MLLM consume).
-TRAINERS: dict[str, tuple[str, str]] = {}
+TRAINERS: dict[str, tuple[str, str]] = {
+    "toklip": ("semhitok.tokenizer.toklip.train:train", "semhitok.tokenizer.toklip.train:final_dir"),
+}
 
 
 def tokenizer_class(kind: str) -> type:

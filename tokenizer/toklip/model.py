@@ -168,6 +168,9 @@ class TokLIP(nn.Module):
         hidden = self.encoder(self.vqgan.quantizer.lookup(ids))
         return hidden, self.head(hidden)
 
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features(ids)
+
     def input_features(self) -> TokLIPFeatures:
         """A frozen fp32 CPU copy of the code table, MLP and token encoder."""
         feats = TokLIPFeatures(self.vqgan.quantizer.codes().detach().cpu(), copy.deepcopy(self.encoder).cpu().float())
