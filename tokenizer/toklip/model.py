@@ -24,7 +24,7 @@ from semhitok.common.config_io import from_dict
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.model import WeightsUnavailable
 from semhitok.tokenizer.toklip.config import TokLIPConfig
-from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_config, save_dir
+from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_dir, save_dir
 from semhitok.tokenizer.vit import resize
 
 RANDOM_TEACHER = "random"
@@ -194,8 +194,8 @@ class TokLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TokLIP":
-        meta, stages, config_file = read_config(path, cls.kind)
+        meta, stages, config_file, weights = read_dir(path, cls)
         cfg = from_dict(TokLIPConfig, meta, where=str(config_file))
-        model = load_checked(lambda: cls(cfg), path)
+        model = load_checked(lambda: cls(cfg), config_file, weights)
         model.trained_stages = list(stages)
         return model.to(device).eval()
