@@ -87,6 +87,7 @@ def test_token_encoder_is_causal(cfg, siglip, batch):
     assert torch.equal(a[:, : t + 1], b[:, : t + 1])  # positions <= t never see what follows
     assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().amax(-1).min() > 1e-4  # every later position does
     assert torch.allclose(a, model.features(ids[..., 0])[0], atol=1e-6)  # the copy computes the model's features
+    assert torch.allclose(feats(ids[:, : t + 1]), a[:, : t + 1], atol=1e-5)  # a partial image (while generated)
     model.encoder.causal = False  # bidirectional: earlier positions would change, so the mask is what holds them
     assert not torch.allclose(model.features(ids[..., 0])[0][:, :t], model.features(changed[..., 0])[0][:, :t])
 
