@@ -154,3 +154,29 @@ def test_train_runs_both_stages_and_skips_finished_ones(tmp_path, caplog):
     caplog.clear()
     assert train(cfg) == out
     assert "stage 1 already finished" in caplog.text and "stage 2 already finished" in caplog.text
+
+
+def test_encoder_stage_from_a_vqgan_dir_resumes_exactly(tmp_path, caplog):
+    """toklip.vqgan_dir skips stage 1; a run resumed from a step-2 checkpoint ends bit-identical to one that was not."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    vq = VQGAN(tiny_config(tmp_path).toklip.vqgan)
+    vq.trained_stages = [1]
+    vq.save_pretrained(tmp_path / "vq")
+    over = ["tokenizer_train.batch_size=4", "toklip.encoder_steps=3", "tokenizer_train.ckpt_every=1",
+            f"toklip.vqgan_dir={tmp_path / 'vq'}"]
+    straight = tiny_config(tmp_path / "a", *over)
+    out = train(straight)
+    assert not (tmp_path / "a" / "tokenizer" / "toklip_vqgan").exists()  # stage 1 skipped
+    resumed = tiny_config(tmp_path / "b", *over)
+    ckpts = final_dir(resumed).parent / "checkpoints"
+    shutil.copytree(final_dir(straight).parent / "checkpoints" / "step_00000002", ckpts / "step_00000002")
+    caplog.clear()
+    out_b = train(resumed)
+    assert "(step 2)" in caplog.text  # it resumed rather than starting over
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(out_b / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(str(ckpts / "step_00000002" / "model.safetensors"))[k]) for k in a)
