@@ -180,3 +180,22 @@ def test_encoder_stage_from_a_vqgan_dir_resumes_exactly(tmp_path, caplog):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(out_b / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], load_file(str(ckpts / "step_00000002" / "model.safetensors"))[k]) for k in a)
+
+
+def test_paper_384_shapes_on_the_meta_device():
+    """configs/384.yaml: LlamaGen-sized VQ-16 (16,384 x 8 codes, 24x24 ids) under a so400m-wide token encoder
+    (SigLIP2 so400m/16-384's vision config, depth cut to 1: no download)."""
+    import dataclasses
+
+    from semhitok.config import load_project_config
+
+    so400m = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
+                  image_size=384, patch_size=16)
+    cfg = dataclasses.replace(load_project_config("384").toklip, vision_config=so400m, text_config={})
+    with torch.device("meta"):
+        model = TokLIP(cfg)
+    assert model.grid == 24 and model.code_vocab_sizes == (16384,)
+    assert model.vqgan.quantizer.embedding.shape == (16384, 8)
+    assert model.encoder.pos.shape == (1, 576, 1152)  # the teacher's 24x24 positions, no interpolation needed
+    assert [m.weight.shape for m in model.encoder.mlp if hasattr(m, "weight")] == [(4608, 8), (1152, 4608)]
+    assert 60e6 < sum(p.numel() for p in model.vqgan.parameters()) < 75e6  # LlamaGen's VQ-16: ~72M
