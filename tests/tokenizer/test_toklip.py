@@ -118,7 +118,8 @@ def test_vqgan_steps_lower_the_loss(cfg, siglip, batch):
     train_cfg = stage_train(cfg, 1)
     train_cfg.disc_start = 3  # the GAN terms run too
     task = VQGANTask(VQGAN(cfg.toklip.vqgan), siglip.vision_model, train_cfg, torch.device("cpu"), 1)
-    metrics = [task.train_step(batch[0], step) for step in range(6)]
+    images = batch[0][:2]  # two photos: the PatchGAN dominates the step's time
+    metrics = [task.train_step(images, step) for step in range(5)]
     assert "d_loss" in metrics[-1] and "d_loss" not in metrics[0]
     assert metrics[-1]["l1_loss"] < metrics[0]["l1_loss"], [m["l1_loss"] for m in metrics]
     assert metrics[-1]["commit_loss"] > 0
