@@ -273,6 +273,9 @@ class Decoder:
         lo = self.layout.visual_offset
         grid = self.model.image_grid
         keys = [row_key(sampling.seed, j, c) for j, c in zip(samples, captions)]
+        # Contextual features (TokLIP) depend on the image's earlier tokens, which a one-token cached step does not
+        # see: those tokenizers re-run the whole sequence each step (embed groups each row's partial image).
+        use_cache = use_cache and self.model.adapter.features.per_id
         tokens = self.decode(rows, grid * grid, (lo, lo + self.layout.visual_vocab_size), sampling,
                              guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
         return (tokens - lo).view(len(captions), grid, grid)
