@@ -43,7 +43,7 @@ from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
-from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable
 
@@ -73,21 +73,6 @@ class VisualAdapter(nn.Module):
         if self.pix_mlp is None:
             return self.sem_mlp(sem.to(dtype))
         return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
-
-
-class ChunkedLMHead(nn.Linear):
-    """The LM head; given targets it returns per-token losses through the chunked cross-entropy.
-
-    Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
-
-    chunk = 1024  # tokens per chunk; the trainer sets it from its config (mllm.loss.chunk_for_budget)
-    frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
-
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
-        if targets is None:
-            return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk, self.frozen_rows)
 
 
 class SemHiTokLM(nn.Module):
