@@ -16,7 +16,9 @@ differ per depth in the VisualTokenizer contract). Groups are independent: the s
 pixel codes and vice versa. A position's loss is the summed NLL of all L codes (eq. 8).
 
 `forward(hidden [M, d], codes [M, L]) -> [M]` is the teacher-forced loss (called as a module so ZeRO-3 gathers
-the weights); `loss` is the same. `sample(hidden [B, d], pick) -> codes [B, L]` decodes step by step,
+the weights); `loss` is the same. M may be 0 (a batch without visual targets): every parameter still gets a
+(zero) gradient, so ZeRO-3 ranks stay in step. The MLLM (SemHiTokLM.visual_head) adds it at the positions
+whose next token is visual, on top of the flat head's loss for the placeholder row. `sample(hidden [B, d], pick) -> codes [B, L]` decodes step by step,
 recomputing the depth transformer over the codes so far at every step (D = 8 is short: no KV cache).
 Classifiers are ChunkedLMHead's: no [M, V] logits are kept for backward.
 """
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.loss import ChunkedLMHead
 
 # pick(logits [B, V_l] fp32, l: the code's index in [0, L)) -> ids [B]: the caller's CFG / temperature / top-k / top-p
@@ -104,6 +107,21 @@ class DepthHeads(nn.Module):
         self.groups = nn.ModuleList(DepthTransformer(d_model, self.code_vocab_sizes[s : s + n], layers, width, heads)
                                     for s, n in zip(self.starts, code_groups))
 
+    @classmethod
+    def for_ids(cls, cfg: MLLMConfig, d_model: int, code_vocab_sizes: tuple[int, ...], code_groups: tuple[int, ...]) -> DepthHeads | None:
+        """The heads a model needs for a tokenizer's ids: None when L == 1 (the flat head predicts them)."""
+        if len(code_vocab_sizes) == 1:
+            return None
+        return cls(d_model, tuple(code_vocab_sizes), tuple(code_groups), cfg.depth_layers, cfg.depth_width, cfg.depth_heads)
+
+    @classmethod
+    def from_spec(cls, spec: dict, where: str) -> DepthHeads:
+        """`spec` (as saved) -> new heads, or one line naming `where` the spec is wrong."""
+        try:
+            return cls(**spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: bad depth_heads {spec!r} ({err})") from None
+
     def set_loss_chunk(self, chunk: int) -> None:
         """Positions per chunk of the classifiers' chunked cross-entropy."""
         for group in self.groups:
@@ -112,6 +130,10 @@ class DepthHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: hidden [M, d], codes [M, L] -> summed NLL of the L codes per position [M] fp32."""
+        negative = codes.numel() > 0 and bool((codes < 0).any())
+        if codes.shape[1:] != (len(self.code_vocab_sizes),) or negative:
+            raise ValueError(f"the depth heads need {len(self.code_vocab_sizes)} codes >= 0 per visual target, got codes "
+                             f"[{', '.join(map(str, codes.shape))}]" + (" holding -1 (a position that is not visual)" if negative else ""))
         total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for group, start, n in zip(self.groups, self.starts, self.code_groups):
             target = codes[:, start : start + n]
@@ -143,3 +165,4 @@ class DepthHeads(nn.Module):
                 feats = group(hidden, out[:, start : start + k])  # [B, k + 1, w], recomputed over the codes so far
                 out[:, start + k] = pick(group.classifiers[k](feats[:, k]).float(), start + k)
         return out
+

@@ -97,3 +97,24 @@ def test_dualtoken_real_shapes():
 def test_bad_groups_are_refused():
     with pytest.raises(ValueError, match="code_groups"):
         DepthHeads(8, (4, 4, 4), (2, 2))
+
+
+def test_no_visual_targets_still_reaches_every_parameter():
+    """A batch without visual targets (M = 0): loss [0], and every parameter gets a (zero) gradient, so ZeRO-3
+    ranks gather and reduce the same parameters whatever their batches hold."""
+    heads = _heads().train()
+    loss = heads.loss(torch.randn(0, 32, requires_grad=True), torch.zeros(0, len(VOCABS), dtype=torch.long))
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    for name, p in heads.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() == 0, name
+
+
+def test_bad_codes_are_refused():
+    heads = _heads()
+    codes = _codes(2)
+    codes[1, 2] = -1  # a position that is not visual
+    with pytest.raises(ValueError, match="-1"):
+        heads.loss(torch.randn(2, 32), codes)
+    with pytest.raises(ValueError, match="5 codes"):
+        heads.loss(torch.randn(2, 32), codes[:, :4])
