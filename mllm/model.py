@@ -1,12 +1,13 @@
-"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by SemHiTok's visual ids.
+"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by a visual tokenizer's ids.
 
 Vocabulary (see data_pipelines/text_tokenizer.py): text rows [0, T), then visual id h at row T + h.
 
-How visual ids enter and leave the model:
-  - input: a visual token's embedding is NOT an embedding row. The dual-MLP adapter maps the quantized
-    features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
-    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space
-    (adapter_inputs=semantic: MLP_sem(sem) [d] alone).
+How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/interface.py):
+  - input: a visual token's embedding is NOT an embedding row. The adapter holds the tokenizer's frozen
+    features module (input_features()) and one MLP per feature split: for SemHiTok the features of id h are
+    its semantic code sem[h // m] and pixel code pix[h], mapped to concat(MLP_sem(sem) [d - d/2],
+    MLP_pix(pix) [d/2]) = [d] (adapter_inputs=semantic: MLP_sem(sem) [d] alone). Tokenizers with L > 1 codes
+    per position feed every visual position as one placeholder token with its codes beside it (visual_codes).
   - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
