@@ -25,7 +25,7 @@ Classifiers are ChunkedLMHead's: no [M, V] logits are kept for backward.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -1,25 +1,24 @@
 """Depth heads (mllm/depth_head.py): teacher forcing equals step-by-step decoding, overfit + greedy decoding,
 independence of the code groups, DualToken's real shapes; the MLLM with depth heads (L > 1) end to end on a small
-residual-quantizing tokenizer written here (TinyRQ): loss, training, export, CFG sampling, understanding."""
+residual-quantizing tokenizer (tests/test_kinds.py PatchRVQ): loss, training, export, CFG sampling, understanding."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from semhitok.data_pipelines.sequences import IGNORE, SequenceBuilder
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.depth_head import DepthHeads
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.sample import SamplingConfig, load_sampler, sample_images
-from semhitok.tokenizer.interface import VisualFeatures
 from tests.conftest import TINY_QWEN
+from tests.test_kinds import HERE as KINDS_MODULE
+from tests.test_kinds import PatchRVQ
 
 VOCABS, GROUPS = (7, 5, 6, 4, 9), (3, 2)
 
@@ -135,84 +134,15 @@ def test_bad_codes_are_refused():
 
 
 # -- the MLLM with depth heads, end to end, on a small genuine L > 1 tokenizer ------------------------------------
-class RQFeatures(VisualFeatures):
-    """per id: concat(sum of the semantic group's code vectors, sum of the pixel group's) [6], one split."""
-
-    per_id = True
-
-    def __init__(self, books: list[torch.Tensor], groups: tuple[int, ...]):
-        super().__init__()
-        self.groups, self.splits = groups, (3 * len(groups),)
-        for l, book in enumerate(books):
-            self.register_buffer(f"book{l}", book.clone())
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [n, N, L] -> [n, N, 6]
-        vecs = [getattr(self, f"book{l}")[ids[..., l]] for l in range(ids.shape[-1])]
-        starts = [sum(self.groups[:i]) for i in range(len(self.groups))]
-        return torch.cat([sum(vecs[s : s + g]) for s, g in zip(starts, self.groups)], dim=-1)
-
-
-class TinyRQ(nn.Module):
-    """A real (if small) residual-quantizing tokenizer: each of grid x grid patches' mean colour is residual-
-    quantized twice with fixed codebooks, 2 semantic depths (a coarse colour book, then a finer one) and 2 pixel
-    depths; decode paints each patch with the sum of its pixel codes' vectors. L = 4, code_groups (2, 2)."""
-
-    kind = "tinyrq"
-    VOCABS, GROUPS = (5, 4, 6, 3), (2, 2)
-
-    def __init__(self, image_size: int = 16, grid: int = 2, seed: int = 0):
-        super().__init__()
-        self.image_size, self.grid, self.seed = image_size, grid, seed
-        g = torch.Generator().manual_seed(seed)
-        scales = (1.0, 0.3, 1.0, 0.3)  # the second depth of each group quantizes the first one's residual
-        for l, (v, s) in enumerate(zip(self.VOCABS, scales)):
-            self.register_buffer(f"book{l}", (torch.rand(v, 3, generator=g) * 2 - 1) * s)
-
-    code_vocab_sizes, code_groups = VOCABS, GROUPS
-
-    @property
-    def device(self) -> torch.device:
-        return self.book0.device
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, g, g, 4]
-        colour = F.adaptive_avg_pool2d(images.float(), self.grid).permute(0, 2, 3, 1)  # [B, g, g, 3]
-        ids = []
-        for start, depth in zip((0, 2), self.GROUPS):
-            residual = colour
-            for l in range(start, start + depth):
-                book = getattr(self, f"book{l}")
-                ids.append(torch.cdist(residual.reshape(-1, 3), book).argmin(-1).view(residual.shape[:-1]))
-                residual = residual - book[ids[-1]]
-        return torch.stack(ids, dim=-1)
-
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:  # [B, g, g, 4] -> [B, 3, H, W]
-        colour = self.book2[ids[..., 2]] + self.book3[ids[..., 3]]
-        return F.interpolate(colour.permute(0, 3, 1, 2), size=self.image_size, mode="nearest").clamp(-1, 1)
-
-    def input_features(self) -> RQFeatures:
-        return RQFeatures([getattr(self, f"book{l}").cpu() for l in range(4)], self.GROUPS).requires_grad_(False)
-
-    def save_pretrained(self, path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps({"model_type": self.kind, "image_size": self.image_size, "grid": self.grid}))
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> TinyRQ:
-        meta = json.loads((Path(path) / "config.json").read_text())
-        tok = cls(meta["image_size"], meta["grid"])
-        tok.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
-        return tok.to(device).eval()
-
-
 @pytest.fixture
 def rq_kind(monkeypatch, tmp_path):
-    """TinyRQ registered as a tokenizer kind and saved; (tokenizer, its directory)."""
+    """tests/test_kinds.py's patch residual VQ (L = 4, code_groups (2, 2), 2 x 2 positions) registered as a kind
+    and saved; (tokenizer, its directory)."""
     from semhitok.tokenizer import interface
 
-    monkeypatch.setitem(interface.KINDS, TinyRQ.kind, f"{__name__}:TinyRQ")
-    tok = TinyRQ().eval()
+    monkeypatch.setitem(interface.KINDS, PatchRVQ.kind, f"{KINDS_MODULE}:PatchRVQ")
+    torch.manual_seed(0)
+    tok = PatchRVQ(image_size=16, patch=8).eval()
     tok.save_pretrained(tmp_path / "rq")
     return tok, tmp_path / "rq"
 
@@ -272,7 +202,7 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
     assert meta["visual_head"]["code_groups"] == [2, 2] and (tmp_path / "lm" / "visual_head.safetensors").is_file()
 
     decoder, visual = load_sampler(tmp_path / "lm", "cpu")
-    assert isinstance(visual, TinyRQ)
+    assert isinstance(visual, PatchRVQ)
     for name, p in model.visual_head.state_dict().items():  # the export holds the trained heads
         assert torch.equal(decoder.model.visual_head.state_dict()[name], p), name
     torch.testing.assert_close(decoder.model(**batch)["loss"], model(**batch)["loss"])
@@ -284,7 +214,7 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
     sampling = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=3, seed=7)
     cached = decoder.image_ids(["a red square", "a blue sky"], sampling)
     assert torch.equal(cached, decoder.image_ids(["a red square", "a blue sky"], sampling, use_cache=False))
-    assert all((cached[..., l] < v).all() for l, v in enumerate(TinyRQ.VOCABS)) and (cached >= 0).all()
+    assert all((cached[..., l] < v).all() for l, v in enumerate(tok.code_vocab_sizes)) and (cached >= 0).all()
     grid = sample_images(decoder, visual, ["a red square"], tmp_path / "samples", sampling)
     assert grid.is_file() and (tmp_path / "samples" / "images" / "00000_0.png").is_file()
     # understanding reads an L > 1 image through the adapter (its codes travel beside the placeholders)
