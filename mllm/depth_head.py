@@ -128,19 +128,24 @@ class DepthHeads(nn.Module):
             for classifier in group.classifiers:
                 classifier.chunk = chunk
 
-    def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: hidden [M, d], codes [M, L] -> summed NLL of the L codes per position [M] fp32."""
+    def forward(self, hidden: torch.Tensor, codes: torch.Tensor, logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Teacher forcing: hidden [M, d], codes [M, L] -> summed NLL of the L codes per position [M] fp32;
+        logits=True: the logits of every code instead, L tensors [M, V_l] fp32."""
         negative = codes.numel() > 0 and bool((codes < 0).any())
         if codes.shape[1:] != (len(self.code_vocab_sizes),) or negative:
             raise ValueError(f"the depth heads need {len(self.code_vocab_sizes)} codes >= 0 per visual target, got codes "
                              f"[{', '.join(map(str, codes.shape))}]" + (" holding -1 (a position that is not visual)" if negative else ""))
         total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        every: list[torch.Tensor] = []
         for group, start, n in zip(self.groups, self.starts, self.code_groups):
             target = codes[:, start : start + n]
             feats = group(hidden, target[:, :-1])  # [M, n, w]
             for k in range(n):
-                total = total + group.classifiers[k](feats[:, k], target[:, k]).float()
-        return total
+                if logits:
+                    every.append(group.classifiers[k](feats[:, k]).float())
+                else:
+                    total = total + group.classifiers[k](feats[:, k], target[:, k]).float()
+        return every if logits else total
 
     def loss(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """= forward, through the module call (ZeRO-3 gathers the weights on it): [M, d], [M, L] -> [M]"""
@@ -148,11 +153,7 @@ class DepthHeads(nn.Module):
 
     def logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced logits of every code: hidden [M, d], codes [M, L] -> L tensors [M, V_l] fp32."""
-        out = []
-        for group, start, n in zip(self.groups, self.starts, self.code_groups):
-            feats = group(hidden, codes[:, start : start + n - 1])
-            out += [group.classifiers[k](feats[:, k]).float() for k in range(n)]
-        return out
+        return self(hidden, codes, logits=True)
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, pick: Pick) -> torch.Tensor:

@@ -5,6 +5,7 @@ residual-quantizing tokenizer (tests/test_kinds.py PatchRVQ): loss, training, ex
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from semhitok.data_pipelines.sequences import IGNORE, SequenceBuilder
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.depth_head import DepthHeads
+from semhitok.mllm.gaps import HeldoutPairs, conditioning_gaps, documents, flat_metrics, score
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.sample import SamplingConfig, load_sampler, sample_images
 from tests.conftest import TINY_QWEN
@@ -197,6 +199,15 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
         opt.step()
     assert loss.item() < 0.5, loss.item()
     model.eval()
+
+    # the held-out conditioning gaps score L > 1 images too: the trained pair's visual targets are all hits
+    other = tok.encode(-images)[0]
+    pairs = HeldoutPairs(["a red square", "a blue sky"], torch.stack([codes, other]))
+    builder = SequenceBuilder(text_tokenizer, model.layout, model.sequence_config, model.ids.codes)
+    gen_loss, gen_acc = score(model, documents(builder, pairs, "generation", "true"))
+    assert gen_acc[0] == 1.0 and gen_loss[0] < 0.5, (gen_acc, gen_loss)
+    gaps = flat_metrics(conditioning_gaps(model, builder, pairs))
+    assert {"understanding_gap_shuffled", "generation_gap_uncond"} <= set(gaps) and all(map(math.isfinite, gaps.values()))
     model.save_pretrained(tmp_path / "lm", text_tokenizer, tok_dir)
     meta = json.loads((tmp_path / "lm" / "semhitok_mllm.json").read_text())
     assert meta["visual_head"]["code_groups"] == [2, 2] and (tmp_path / "lm" / "visual_head.safetensors").is_file()
