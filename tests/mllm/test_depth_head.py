@@ -18,6 +18,10 @@ from semhitok.mllm.depth_head import DepthHeads
 from semhitok.mllm.gaps import HeldoutPairs, conditioning_gaps, documents, flat_metrics, score
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.sample import SamplingConfig, load_sampler, sample_images
+from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.dualtoken.model import DualToken
+from semhitok.tokenizer.model import load_teacher
+from tests.conftest import tiny_config
 from tests.conftest import TINY_QWEN
 from tests.test_kinds import HERE as KINDS_MODULE
 from tests.test_kinds import PatchRVQ
@@ -93,17 +97,19 @@ def test_groups_are_independent():
 
 
 def test_dualtoken_real_shapes():
-    """L = 16 codes per position, groups (8, 8): 8 semantic then 8 pixel residual codes. The DualToken paper
-    gives no codebook sizes; 16384 (semantic) and 8192 (pixel) here. A narrow width keeps it cheap."""
-    vocabs = (16384,) * 8 + (8192,) * 8
+    """DualToken's setting: L = 16 codes per position, groups (8, 8), 8 semantic then 8 pixel residual codes over
+    the codebook sizes of tokenizer/dualtoken's 384 defaults (16,384 each: the paper gives none), 3 layers per
+    head. A narrow width keeps it cheap."""
+    real = DualTokenConfig()
+    vocabs = (real.sem_codebook_size,) * real.depth + (real.pix_codebook_size,) * real.depth
     torch.manual_seed(0)
-    heads = DepthHeads(64, vocabs, (8, 8), layers=3, width=32, heads=2)
+    heads = DepthHeads(64, vocabs, (real.depth, real.depth), layers=3, width=32, heads=2)
     assert len(heads.groups) == 2 and all(len(g.blocks) == 3 and len(g.classifiers) == 8 for g in heads.groups)
     assert [c.out_features for g in heads.groups for c in g.classifiers] == list(vocabs)
     hidden, codes = torch.randn(3, 64), _codes(3, vocabs)
     loss = heads.loss(hidden, codes)
     assert loss.shape == (3,) and torch.isfinite(loss).all()
-    assert loss.mean().item() == pytest.approx(8 * (torch.log(torch.tensor(16384.0)) + torch.log(torch.tensor(8192.0))).item(), rel=0.05)
+    assert loss.mean().item() == pytest.approx(sum(math.log(v) for v in vocabs), rel=0.05)  # ~uniform at init
     out = heads.sample(hidden, lambda logits, l: torch.multinomial(logits.softmax(-1), 1)[:, 0])
     assert out.shape == (3, 16) and out.dtype == torch.long
     assert (out < torch.tensor(vocabs)).all() and (out >= 0).all()
@@ -231,3 +237,33 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
     # understanding reads an L > 1 image through the adapter (its codes travel beside the placeholders)
     reply = decoder.answer([("user", "<image>\nWhat is this?")], codes, SamplingConfig(temperature=0.0), max_new_tokens=4)
     assert isinstance(reply, str)
+
+
+def test_real_dualtoken_through_the_mllm(text_tokenizer, tmp_path):
+    """The real DualToken (tiny preset: random 3-layer tower, 8 x 8 positions, depth 8, 256 codes per depth) as
+    the MLLM's tokenizer: the depth heads follow its ids, one training step reaches them, the export reloads
+    them, and CFG 3 sampling (the paper's) gives ids its decoder turns into images."""
+    cfg = tiny_config(tmp_path / "run").dualtoken
+    torch.manual_seed(0)
+    tok = DualToken.from_teacher(cfg, load_teacher(cfg))
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    tok.train().quantize(images)  # fit the codebooks once
+    tok.eval().save_pretrained(tmp_path / "dualtoken")
+    codes = tok.encode(images)  # [2, 8, 8, 16]
+    model = _rq_lm(tok, text_tokenizer)
+    assert model.visual_head.code_groups == (8, 8) and model.visual_head.code_vocab_sizes == (256,) * 16
+    assert [len(g.classifiers) for g in model.visual_head.groups] == [8, 8]
+
+    batch = _generation_batch(model, text_tokenizer, "a photo", codes[0])
+    assert (batch["labels"] == model.layout.visual_offset).sum() == 64
+    model.train()
+    out = model(**batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and all(p.grad is not None for p in model.visual_head.parameters())
+    model.eval().save_pretrained(tmp_path / "lm", text_tokenizer, tmp_path / "dualtoken")
+    decoder, visual = load_sampler(tmp_path / "lm", "cpu")
+    assert isinstance(visual, DualToken)
+    torch.testing.assert_close(decoder.model(**batch)["loss"], model(**batch)["loss"])
+    ids = decoder.image_ids(["a photo"], SamplingConfig(cfg_scale=3.0, temperature=1.0, seed=1))
+    assert ids.shape == (1, 8, 8, 16) and (ids >= 0).all() and (ids < 256).all()
+    assert visual.decode(ids).shape == (1, 3, 64, 64)
