@@ -14,7 +14,7 @@ How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/inte
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
     <= 3B) the embedding table's visual rows are these head rows and are never read as inputs; an untied
     model (7B) keeps only its T text rows in the input table (196,608 unread rows = 704.6M parameters at
-    7B are never allocated) and its export pads them with zeros so plain from_pretrained loads it.
+    7B are never allocated) and its export pads them with zeros (the export's table has every row).
 
 Memory: under ZeRO-3 (mllm/partition.py) the LLM is built and loaded partitioned in the training dtype; the
 vocabulary is extended one partitioned matrix at a time.
@@ -39,12 +39,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.depth_head import DepthHeads
+from semhitok.mllm.hf_export import finish_export, push_export, text_config
 from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
@@ -291,9 +293,9 @@ class SemHiTokLM(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """A plain HF directory (AutoModelForCausalLM.from_pretrained loads it) plus the adapter, the layout,
-        the text tokenizer and a copy of the visual tokenizer, in the weights' own dtype. `state_dict`: this
-        model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
+        """An HF directory (AutoModelForCausalLM/AutoProcessor with trust_remote_code, see mllm/hf_export.py): the
+        LLM, the adapter, the layout, the text tokenizer and a copy of the visual tokenizer, in the weights' own
+        dtype. `state_dict`: this model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
         text rows only: it is written padded with zero visual rows, which from_pretrained drops again."""
         state = state_dict if state_dict is not None else self.state_dict()
         with atomic_dir(path) as tmp:
@@ -316,19 +318,25 @@ class SemHiTokLM(nn.Module):
             if self.visual_head is not None:
                 meta["visual_head"] = self.visual_head.spec
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            finish_export(tmp, self, text_tokenizer, Path(path))  # remote-code config, processor, generation config, card
+
+    def push_to_hub(self, repo_id: str, text_tokenizer, visual_tokenizer_dir: str | Path, private: bool | None = None,
+                    token: str | None = None) -> str:
+        """Upload a fresh export (save_pretrained's arguments) to the Hub repo `repo_id` -> the commit URL."""
+        return push_export(lambda out: self.save_pretrained(out, text_tokenizer, visual_tokenizer_dir), repo_id, private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None) -> SemHiTokLM:
-        """attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
-        path = Path(path)
+        """`path`: a directory or a Hub id. attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
+        path = resolve_pretrained(path)
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta, layout = _read_meta(meta_file)
         check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+        lm = AutoModelForCausalLM.from_pretrained(path, config=text_config(path), dtype=dtype or torch.float32,
                                                   attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only

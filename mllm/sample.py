@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
+from semhitok.common.hub import resolve_pretrained
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
@@ -378,7 +379,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool = False) -> tuple[Decoder, VisualTokenizer]:
-    """A model directory (SemHiTokLM.save_pretrained) -> (decoder, its visual tokenizer)."""
+    """A model directory (SemHiTokLM.save_pretrained) or Hub id -> (decoder, its visual tokenizer)."""
+    model_dir = resolve_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = SemHiTokLM.from_pretrained(model_dir, device, dtype, attn_implementation="sdpa")

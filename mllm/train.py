@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from semhitok.common import dist as D
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
@@ -38,6 +39,7 @@ from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_
 from semhitok.mllm.ds_config import load_deepspeed_config
 from semhitok.mllm.flops import batch_flops, numel
 from semhitok.mllm.gaps import conditioning_gaps, flat_metrics, load_pairs, plot_training
+from semhitok.mllm.hf_export import text_config
 from semhitok.mllm.loss import chunk_for_budget
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_config
 from semhitok.mllm.partition import zero3_build
@@ -82,10 +84,11 @@ def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
     `dtype`; inside mllm.partition.zero3_build every rank holds only its ZeRO-3 shard."""
     t = cfg.mllm_train
     if t.init_from:
-        model = SemHiTokLM.from_pretrained(t.init_from, dtype=dtype).train()  # train(): activation checkpointing acts
+        init_from = resolve_pretrained(t.init_from)  # a directory or a Hub id
+        model = SemHiTokLM.from_pretrained(init_from, dtype=dtype).train()  # train(): activation checkpointing acts
         model.sequence_config = cfg.data
-        return model, load_text_tokenizer(t.init_from), Path(t.init_from) / "visual_tokenizer"
-    tokenizer_dir = Path(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
+        return model, load_text_tokenizer(str(init_from)), init_from / "visual_tokenizer"
+    tokenizer_dir = resolve_pretrained(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
     if main:  # "tiny" trains a tokenizer once; the other ranks wait for it
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
@@ -108,11 +111,11 @@ def base_hidden_size(cfg) -> int | None:
 
     try:
         if cfg.mllm_train.init_from:
-            return AutoConfig.from_pretrained(cfg.mllm_train.init_from).hidden_size
+            return text_config(resolve_pretrained(cfg.mllm_train.init_from)).hidden_size  # an export's base LLM
         if cfg.mllm.base_model == "random":
             return random_base_config(cfg.mllm).hidden_size
         return AutoConfig.from_pretrained(cfg.mllm.base_model).hidden_size
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a Hub id offline (WeightsUnavailable)
         return None
 
 
