@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from semhitok.mllm.sample import Decoder, SamplingConfig
-from semhitok.tokenizer import ImageLimits, ImageRejected, SemHiTok, encode_images, open_rgb, to_pil
+from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
+from semhitok.tokenizer.interface import VisualTokenizer
 
 _NOUN = r"(?:image|picture|pic|photo(?:graph)?|drawing|painting|illustration|sketch|render(?:ing)?)s?"
 _ASK = r"(?:(?:please|hey|ok(?:ay)?)[\s,]+)?(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?)?"
@@ -63,7 +64,7 @@ class ChatEngine:
 
     MAX_SESSION_ID = 128  # characters
 
-    def __init__(self, decoder: Decoder, visual: SemHiTok, max_upload_bytes: int, max_pixels: int,
+    def __init__(self, decoder: Decoder, visual: VisualTokenizer, max_upload_bytes: int, max_pixels: int,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
                  max_sessions: int = 1000, session_ttl_s: float = 3600.0, answer_sampling: SamplingConfig | None = None):
         self.decoder, self.visual = decoder, visual

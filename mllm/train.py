@@ -44,7 +44,7 @@ from semhitok.mllm.loss import chunk_for_budget
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_config
 from semhitok.mllm.partition import zero3_build
 from semhitok.mllm.plain_engine import PlainEngine
-from semhitok.tokenizer import SemHiTok
+from semhitok.tokenizer.interface import load_visual_tokenizer
 from semhitok.tokenizer.train import warmup_cosine
 
 log = logging.getLogger("semhitok")
@@ -93,7 +93,7 @@ def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
     text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
-    model = SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
+    model = SemHiTokLM.build(cfg.mllm, load_visual_tokenizer(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
     return model, text_tokenizer, tokenizer_dir
 
 
@@ -201,8 +201,8 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     t = cfg.mllm_train
     if t.eval_every <= 0:
         return None
-    pairs = load_pairs(t.eval_data, SemHiTok.from_pretrained(visual_tokenizer_dir, device), t.eval_limit)
-    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data)
+    pairs = load_pairs(t.eval_data, load_visual_tokenizer(visual_tokenizer_dir, device), t.eval_limit)
+    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data, model.ids.codes)
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
@@ -225,15 +225,18 @@ def train_mllm(cfg) -> Path:
     dtype = torch.bfloat16 if bf16 and not plain else torch.float32  # plain: fp32 weights (PlainEngine's own bf16)
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, dtype)
     model.lm.lm_head.chunk = chunk_for_budget(t.loss_chunk, t.loss_memory_gb, model.layout.vocab_size, dtype)
+    if model.visual_head is not None:  # L > 1: the depth heads' classifiers (mllm/depth_head.py)
+        model.visual_head.set_loss_chunk(chunk_for_budget(t.loss_chunk, t.loss_memory_gb, max(model.visual_head.code_vocab_sizes), dtype))
     if t.trainable == "adapter":
         model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
     if t.fused_kernels:
         log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
-    loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
+    loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size, model.ids)
 
-    adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
+    new_modules = ("adapter.", "visual_head.")  # randomly initialised: adapter_lr
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(new_modules)]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(new_modules)]
     # Frozen text rows sit in the trainable head in adapter mode: no weight decay there, or they would shrink.
     optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr},
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],
@@ -264,7 +267,8 @@ def train_mllm(cfg) -> Path:
             batch = next(batches)
             loader_state = batch.pop("loader_state")
             result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device))
+                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
+                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}))
             bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
             if bad.item() > 0:
                 where = f"this rank's batch: {batch['origins'][:4]}" if not torch.isfinite(result["loss"]) else "another rank's batch"

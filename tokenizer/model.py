@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from semhitok.common.config_io import from_dict
-from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
+from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
+from semhitok.tokenizer.saved import check_weights, read_config
 from semhitok.tokenizer.vit import Transformer, patchify, pixel_geometry, resize, unpatchify
 
 RANDOM_TEACHER = "random"
@@ -171,7 +171,33 @@ class PixelBranch(nn.Module):
         return resize(unpatchify(self.to_pixels(x), self.patch, self.grid), self.image_size)  # [B, 3, H, W]
 
 
+class SemHiTokFeatures(VisualFeatures):
+    """SemHiTok's frozen code features for the MLLM adapter: id h -> concat(sem[h // m], pix[h]) [sem_dim + pix_dim],
+    two splits (semantic, pixel) for the dual MLP."""
+
+    split_names = ("sem", "pix")  # the adapter names its MLPs sem_mlp and pix_mlp
+    per_id = True
+
+    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int):
+        super().__init__()
+        self.codes_per_group = codes_per_group
+        self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim]
+        self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim]
+        self.splits = (sem_codes.shape[1], pix_codes.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n, N, 1] (or [n, N]) -> [n, N, sem_dim + pix_dim]"""
+        ids = ids[..., 0] if ids.dim() == 3 else ids
+        return torch.cat([self.sem_codes[ids // self.codes_per_group], self.pix_codes[ids]], dim=-1)
+
+    def table(self) -> torch.Tensor:
+        """[K*m, sem_dim + pix_dim]"""
+        return self(torch.arange(self.pix_codes.shape[0], device=self.pix_codes.device)[None])[0]
+
+
 class SemHiTok(nn.Module):
+    kind = "semhitok"  # VisualTokenizer (tokenizer/interface.py)
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         if cfg.siglip_config is None:
@@ -200,8 +226,22 @@ class SemHiTok(nn.Module):
         return self.config.vocab_size
 
     @property
+    def code_vocab_sizes(self) -> tuple[int, ...]:
+        return (self.vocab_size,)  # one flat id per position: K*m
+
+    @property
+    def code_groups(self) -> tuple[int, ...]:
+        return (1,)
+
+    @property
     def device(self) -> torch.device:
         return self.pixel.to_pixels.weight.device
+
+    def input_features(self) -> SemHiTokFeatures:
+        """The frozen (semantic, pixel) code features behind every id, on CPU in fp32 (the dual-MLP adapter's input).
+        No `semantic_alignment`: the SigLIP teacher is not part of a saved tokenizer."""
+        sem, pix = self.code_features()
+        return SemHiTokFeatures(sem.cpu(), pix.cpu(), self.codes_per_group).requires_grad_(False)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -283,37 +323,12 @@ class SemHiTok(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
         """Check config.json and the weights against each other before allocating anything (a skeleton of
         the model on the meta device gives every expected shape), then load. `path`: a directory or a Hub id."""
-        path = resolve_pretrained(path)
-        config_file, weights = path / "config.json", path / "model.safetensors"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: pass a directory written by SemHiTok.save_pretrained")
-        try:
-            meta = json.loads(config_file.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-        if not isinstance(meta, dict) or meta.pop("model_type", None) != "semhitok":
-            raise ValueError(f"{config_file}: model_type is not 'semhitok'")
+        meta, config_file, weights = read_config(path, "semhitok", cls.__name__)
         stages = meta.pop("trained_stages", None)
         if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):
             raise ValueError(f"{config_file}: trained_stages must be a list of stages (1, 2), got {stages!r}")
         cfg = from_dict(TokenizerConfig, meta, where=str(config_file))
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found")
-        try:
-            with torch.device("meta"):
-                expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
-        except Exception as err:  # e.g. a siglip_config that describes no model
-            raise ValueError(f"{config_file}: describes no buildable tokenizer ({type(err).__name__}: {err})") from None
-        try:
-            with safe_open(str(weights), "pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-        problems = [f"{k} missing" for k in expected if k not in found] + [f"{k} unexpected" for k in found if k not in expected]
-        problems += [f"{k} is {list(found[k])}, config says {list(shape)}" for k, shape in expected.items()
-                     if k in found and found[k] != shape]
-        if problems:
-            raise ValueError(f"{weights} does not match {config_file}: {len(problems)} problem(s), first: {problems[0]}")
+        check_weights(lambda: cls(cfg), config_file, weights)
         model = cls(cfg)
         model.load_state_dict(load_file(str(weights)))
         model.trained_stages = list(stages)
