@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
-from semhitok.tokenizer.saved import check_weights, read_config
+from semhitok.tokenizer.saved import load_staged
 from semhitok.tokenizer.vit import Transformer, patchify, pixel_geometry, resize, unpatchify
 
 RANDOM_TEACHER = "random"
@@ -323,13 +322,4 @@ class SemHiTok(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
         """Check config.json and the weights against each other before allocating anything (a skeleton of
         the model on the meta device gives every expected shape), then load. `path`: a directory or a Hub id."""
-        meta, config_file, weights = read_config(path, "semhitok", cls.__name__)
-        stages = meta.pop("trained_stages", None)
-        if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):
-            raise ValueError(f"{config_file}: trained_stages must be a list of stages (1, 2), got {stages!r}")
-        cfg = from_dict(TokenizerConfig, meta, where=str(config_file))
-        check_weights(lambda: cls(cfg), config_file, weights)
-        model = cls(cfg)
-        model.load_state_dict(load_file(str(weights)))
-        model.trained_stages = list(stages)
-        return model.to(device).eval()
+        return load_staged(cls, TokenizerConfig, path, device, stages=(1, 2))

@@ -11,7 +11,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from semhitok.common.config_io import from_dict
 from semhitok.common.hub import resolve_pretrained
 
 
@@ -50,3 +52,18 @@ def check_weights(build: Callable[[], nn.Module], config_file: Path, weights: Pa
                  if k in found and found[k] != shape]
     if problems:
         raise ValueError(f"{weights} does not match {config_file}: {len(problems)} problem(s), first: {problems[0]}")
+
+
+def load_staged(cls, config_cls: type, path: str | Path, device: str | torch.device, stages: tuple[int, ...]) -> nn.Module:
+    """A tokenizer whose config.json holds its config fields plus `trained_stages` (a list drawn from `stages`):
+    read_config, the stages, the config, check_weights, then the weights; eval mode on `device`."""
+    meta, config_file, weights = read_config(path, cls.kind, cls.__name__)
+    trained = meta.pop("trained_stages", None)
+    if not isinstance(trained, list) or not all(s in stages and not isinstance(s, bool) for s in trained):
+        raise ValueError(f"{config_file}: trained_stages must be a list of stages {stages}, got {trained!r}")
+    cfg = from_dict(config_cls, meta, where=str(config_file))
+    check_weights(lambda: cls(cfg), config_file, weights)
+    model = cls(cfg)
+    model.load_state_dict(load_file(str(weights)))
+    model.trained_stages = list(trained)
+    return model.to(device).eval()

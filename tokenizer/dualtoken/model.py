@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
 from semhitok.tokenizer.interface import VisualFeatures
-from semhitok.tokenizer.saved import check_weights, read_config
+from semhitok.tokenizer.saved import load_staged
 from semhitok.tokenizer.vit import Transformer, pixel_geometry, resize, unpatchify
 
 
@@ -201,13 +200,4 @@ class DualToken(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualToken":
         """Check config.json and the weights' shapes against each other (a meta-device skeleton) before loading."""
-        meta, config_file, weights = read_config(path, cls.kind, cls.__name__)
-        stages = meta.pop("trained_stages", None)
-        if not isinstance(stages, list) or not all(s == 1 and not isinstance(s, bool) for s in stages):
-            raise ValueError(f"{config_file}: trained_stages must be [] or [1], got {stages!r}")
-        cfg = from_dict(DualTokenConfig, meta, where=str(config_file))
-        check_weights(lambda: cls(cfg), config_file, weights)
-        model = cls(cfg)
-        model.load_state_dict(load_file(str(weights)))
-        model.trained_stages = list(stages)
-        return model.to(device).eval()
+        return load_staged(cls, DualTokenConfig, path, device, stages=(1,))

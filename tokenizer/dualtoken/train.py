@@ -22,7 +22,7 @@ from semhitok.common import dist as D
 from semhitok.tokenizer.config import TokenizerTrainConfig
 from semhitok.tokenizer.data import image_grid
 from semhitok.tokenizer.dualtoken.model import DualToken
-from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_d_loss, hinge_g_loss
+from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
 from semhitok.tokenizer.model import load_teacher
 from semhitok.tokenizer.train import Trainer, _Task
@@ -90,10 +90,7 @@ class DualTokenTask(_Task):
             "pix_codes_used": float(torch.unique(out["pix_ids"][..., 0]).numel()),
         }
         if gan_on:
-            with self.autocast:
-                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
-            metrics["d_loss"] = d_loss.item()
-            self._step("disc", d_loss, self.disc.parameters())
+            metrics["d_loss"] = self._disc_step(images, recon)
         return metrics
 
     @torch.no_grad()
