@@ -47,22 +47,27 @@ def finish_export(folder: Path, model, text_tokenizer, target: Path) -> None:
     `target`: where it will live (for the run's config and eval summary in the card)."""
     base = json.loads((folder / "config.json").read_text())
     layout, adapter = model.layout, model.adapter
-    config = {
-        "model_type": MLLM_MODEL_TYPE, "architectures": ["SemHiTokForCausalLM"], "auto_map": AUTO_MAP, "text_config": base,
-        "text_vocab_size": layout.text_vocab_size, "visual_vocab_size": layout.visual_vocab_size,
-        "image_start": layout.image_start, "image_end": layout.image_end, "image_grid": model.image_grid,
-        "codes_per_group": adapter.codes_per_group, "sem_code_dim": adapter.features.sem_codes.shape[1],
-        "pix_code_dim": adapter.features.pix_codes.shape[1], "adapter_hidden": adapter.sem_mlp[0].out_features,
-        "adapter_inputs": model.config.adapter_inputs, "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
-        "dtype": base.get("dtype"), "transformers_version": base.get("transformers_version"),
-    }
+    config = {"model_type": MLLM_MODEL_TYPE, "text_config": base, "text_vocab_size": layout.text_vocab_size,
+              "visual_vocab_size": layout.visual_vocab_size, "image_start": layout.image_start, "image_end": layout.image_end,
+              "image_grid": model.image_grid, "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
+              "dtype": base.get("dtype"), "transformers_version": base.get("transformers_version")}
+    # The remote code implements SemHiTok's dual-MLP adapter over flat ids; another kind's export has no auto_map,
+    # so transformers refuses it (load it with SemHiTokLM.from_pretrained / load_sampler)
+    remote = model.ids.kind == "semhitok"
+    if remote:
+        config.update({"architectures": ["SemHiTokForCausalLM"], "auto_map": AUTO_MAP, "codes_per_group": adapter.codes_per_group,
+                       "sem_code_dim": adapter.features.sem_codes.shape[1], "pix_code_dim": adapter.features.pix_codes.shape[1],
+                       "adapter_hidden": adapter.hidden, "adapter_inputs": model.config.adapter_inputs})
+    else:
+        config["visual_tokenizer_kind"] = model.ids.kind
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in REMOTE_FILES:
-        shutil.copyfile(REMOTE_DIR / name, folder / name)
-    processor = {"processor_class": "SemHiTokProcessor", "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
-                 "text_vocab_size": layout.text_vocab_size, "image_start": layout.image_start, "image_end": layout.image_end,
-                 "image_mode": model.sequence_config.understanding_image}
-    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    if remote:
+        for name in REMOTE_FILES:
+            shutil.copyfile(REMOTE_DIR / name, folder / name)
+        processor = {"processor_class": "SemHiTokProcessor", "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+                     "text_vocab_size": layout.text_vocab_size, "image_start": layout.image_start, "image_end": layout.image_end,
+                     "image_mode": model.sequence_config.understanding_image}
+        (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     generation_config(layout, text_tokenizer, model.image_grid).save_pretrained(folder)
     write_mllm_card(folder, target)
 

@@ -45,8 +45,9 @@ from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.depth_head import DepthHeads
 from semhitok.mllm.hf_export import finish_export, push_export, text_config
-from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
@@ -55,6 +56,7 @@ from semhitok.tokenizer.model import SemHiTokFeatures
 log = logging.getLogger("semhitok")
 MLLM_CONFIG = "semhitok_mllm.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
+VISUAL_HEAD_WEIGHTS = "visual_head.safetensors"  # L > 1 only: the depth heads (mllm/depth_head.py)
 VISUAL_TOKENIZER = "visual_tokenizer"
 
 
@@ -98,21 +100,6 @@ class VisualAdapter(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """per-id features with one code per position: visual ids [...] -> [..., d]"""
         return self.images(ids.reshape(1, -1, 1)).reshape(*ids.shape, -1)
-
-
-class ChunkedLMHead(nn.Linear):
-    """The LM head; given targets it returns per-token losses through the chunked cross-entropy.
-
-    Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
-
-    chunk = 1024  # tokens per chunk; the trainer sets it from its config (mllm.loss.chunk_for_budget)
-    frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
-
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
-        if targets is None:
-            return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk, self.frozen_rows)
 
 
 class SemHiTokLM(nn.Module):
@@ -269,10 +256,11 @@ class SemHiTokLM(nn.Module):
         one code per position: table()), else as random rows; both rescaled to the mean norm of the text rows."""
         d = lm.config.hidden_size
         adapter = VisualAdapter(features, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
+        visual_head = DepthHeads.for_ids(cfg, d, ids.code_vocab_sizes, ids.code_groups)  # L > 1: the depth heads; else None
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
+            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank (and its depth heads)
             on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            for p in adapter.parameters():
+            for p in [*adapter.parameters(), *(visual_head.parameters() if visual_head is not None else ())]:
                 sent = p.data.to(on)
                 torch.distributed.broadcast(sent, 0)
                 p.data.copy_(sent)
@@ -298,7 +286,9 @@ class SemHiTokLM(nn.Module):
         if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
             lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
         extend_head(lm, layout.vocab_size, visual_rows)
-        return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
+        model = cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
+        model.visual_head = visual_head.to(lm.get_input_embeddings().weight.dtype) if visual_head is not None else None
+        return model
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
@@ -317,14 +307,18 @@ class SemHiTokLM(nn.Module):
             self.lm.save_pretrained(tmp, state_dict=lm_state)
             adapter = {k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")}
             save_file({SEMHITOK_TABLES.get(k, k): v for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS))
+            if self.visual_head is not None:
+                save_file({k[len("visual_head."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("visual_head.")},
+                          str(tmp / VISUAL_HEAD_WEIGHTS))
             text_tokenizer.save_pretrained(tmp)
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
                     "ids": self.ids.to_dict(), "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.hidden,
                     "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
+            if self.visual_head is not None:
+                meta["visual_head"] = self.visual_head.spec
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-            if self.ids.kind == "semhitok":  # the remote code implements SemHiTok's dual-MLP adapter only
-                finish_export(tmp, self, text_tokenizer, Path(path))  # remote-code config, processor, generation config, card
+            finish_export(tmp, self, text_tokenizer, Path(path))  # generation config, card; remote code for SemHiTok only
 
     def push_to_hub(self, repo_id: str, text_tokenizer, visual_tokenizer_dir: str | Path, private: bool | None = None,
                     token: str | None = None) -> str:
@@ -356,6 +350,9 @@ class SemHiTokLM(nn.Module):
             raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
                              f"layout needs {layout.vocab_size}")
         model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg, ids)
+        if "visual_head" in meta:  # L > 1: the depth heads
+            model.visual_head = DepthHeads.from_spec(meta["visual_head"], str(meta_file)).to(dtype or torch.float32)
+            model.visual_head.load_state_dict(load_file(str(path / VISUAL_HEAD_WEIGHTS)))
         return model.to(device).eval()
 
 

@@ -225,6 +225,8 @@ def train_mllm(cfg) -> Path:
     dtype = torch.bfloat16 if bf16 and not plain else torch.float32  # plain: fp32 weights (PlainEngine's own bf16)
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, dtype)
     model.lm.lm_head.chunk = chunk_for_budget(t.loss_chunk, t.loss_memory_gb, model.layout.vocab_size, dtype)
+    if model.visual_head is not None:  # L > 1: the depth heads' classifiers (mllm/depth_head.py)
+        model.visual_head.set_loss_chunk(chunk_for_budget(t.loss_chunk, t.loss_memory_gb, max(model.visual_head.code_vocab_sizes), dtype))
     if t.trainable == "adapter":
         model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
@@ -232,8 +234,9 @@ def train_mllm(cfg) -> Path:
         log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size, model.ids)
 
-    adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
+    new_modules = ("adapter.", "visual_head.")  # randomly initialised: adapter_lr
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(new_modules)]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(new_modules)]
     # Frozen text rows sit in the trainable head in adapter mode: no weight decay there, or they would shrink.
     optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr},
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],

@@ -258,6 +258,8 @@ def test_pretokenize_loader_and_one_training_step(kind, kinds, text_tokenizer, t
         assert all(tuple(r) in shard_rows for r in codes[visual].view(-1, N * L).tolist())
 
     if L > 1:  # the hook mllm/depth_head.py plugs into: its per-position loss over the L codes joins the loss
+        assert type(model.visual_head).__name__ == "DepthHeads"  # what build() swaps in for L > 1
+        model.visual_head = None
         flat = model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels", "visual_codes")})["loss"]
         model.visual_head = PerCodeHead(TINY_QWEN["hidden_size"], tok.code_vocab_sizes)
         mask, targets = model.visual_targets(batch["labels"], batch["visual_codes"])

@@ -83,6 +83,8 @@ class VisualTokenizer(Protocol):
 # kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
 KINDS: dict[str, str] = {
     "semhitok": "semhitok.tokenizer.model:SemHiTok",
+    "toklip": "semhitok.tokenizer.toklip.model:TokLIP",
+    "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
 }
 
 
@@ -92,6 +94,8 @@ KINDS: dict[str, str] = {
 # names that directory without training (what pre-tokenization and the MLLM consume).
 TRAINERS: dict[str, tuple[str, str]] = {
     "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
+    "toklip": ("semhitok.tokenizer.toklip.train:train", "semhitok.tokenizer.toklip.train:final_dir"),
+    "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
 }
 
 

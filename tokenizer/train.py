@@ -61,6 +61,7 @@ class _Task:
     model: SemHiTok
     optimizers: dict[str, torch.optim.Optimizer]
     extra_modules: dict[str, nn.Module]  # trained modules saved beside the tokenizer (the discriminator)
+    needs_index = False  # True: train_step(images, step, index [B]) also gets the batch's dataset indices
 
     def __init__(self, train: TokenizerTrainConfig, device: torch.device):
         self.train_cfg, self.device = train, device
@@ -88,6 +89,13 @@ class _Task:
         opt.step()
         self.schedulers[name].step()
         return float(norm)
+
+    def _disc_step(self, images: torch.Tensor, recon: torch.Tensor) -> float:
+        """One hinge step of self.disc (optimizer "disc") on real images vs detached reconstructions; its loss."""
+        with self.autocast:
+            d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
+        self._step("disc", d_loss, self.disc.parameters())
+        return d_loss.item()
 
 
 class Stage1Task(_Task):
@@ -220,10 +228,7 @@ class Stage2Task(_Task):
             "pix_codes_used": float(torch.unique(self.model.join_ids(sem, pix)).numel()),
         }
         if gan_on:
-            with self.autocast:
-                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
-            metrics["d_loss"] = d_loss.item()
-            self._step("disc", d_loss, self.disc.parameters())
+            metrics["d_loss"] = self._disc_step(images, recon)
         return metrics
 
     @torch.no_grad()
@@ -367,7 +372,8 @@ class Trainer:
                 log.warning("step %d: every image of the batch was unreadable; step skipped", step)
                 step += 1
                 continue
-            metrics = task.train_step(batch[0].to(task.device, non_blocking=True), step)
+            extra = (batch[1],) if task.needs_index else ()  # the dataset indices (TokLIP looks up captions)
+            metrics = task.train_step(batch[0].to(task.device, non_blocking=True), step, *extra)
             step += 1
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")

@@ -65,7 +65,8 @@ class SemHiTokForCausalLM(PreTrainedModel, GenerationMixin):
         path = cached_file(pretrained_model_name_or_path, ADAPTER_WEIGHTS, _raise_exceptions_for_missing_entries=False, **hub)
         if path is not None:  # a semhitok export; a directory saved by this class has adapter.* in its weights
             device = model.lm_head.weight.device
-            model.adapter.load_state_dict({k: v.to(device) for k, v in load_file(path).items()})
+            # (exports since tokenizer kinds keep the code tables under features.)
+            model.adapter.load_state_dict({k.removeprefix("features."): v.to(device) for k, v in load_file(path).items()})
             model.adapter.to(model.lm_head.weight.dtype)
         return model
 
