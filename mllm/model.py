@@ -91,7 +91,7 @@ class VisualAdapter(nn.Module):
         mlps = [getattr(self, f"{name}_mlp") for name in self.mlp_names]
         dtype = mlps[0][0].weight.dtype
         parts = feats.to(dtype).split(list(self.splits), dim=-1)
-        return torch.cat([mlp(x) for mlp, x in zip(mlps, parts)], dim=-1)
+        return torch.cat([mlp(x.contiguous()) for mlp, x in zip(mlps, parts)], dim=-1)
 
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [n, N', L] (whole images; any N' for per-id features) -> [n, N', d]"""

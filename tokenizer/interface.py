@@ -133,7 +133,10 @@ def saved_kind(path: str | Path) -> str:
 
 
 def load_visual_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VisualTokenizer:
-    """Any saved visual tokenizer, by the kind its directory declares; eval mode on `device`."""
+    """Any saved visual tokenizer (a directory or a Hub id), by the kind its directory declares; eval mode on `device`."""
+    from semhitok.common.hub import resolve_pretrained
+
+    path = resolve_pretrained(path)
     return tokenizer_class(saved_kind(path)).from_pretrained(path, device=device)
 
 
