@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,10 +17,12 @@ log = logging.getLogger("semhitok")
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: SemHiTok, sources: list[str | Path], batch_size: int = 32, fid: bool = True
+    model: SemHiTok, sources: list[str | Path], batch_size: int = 32, fid: bool = True,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
     """Encode -> decode every readable image of `sources`; return metrics (rfid None with a reason when
-    the Inception weights are unavailable)."""
+    the Inception weights are unavailable). observe(images, ids, recon), when given, sees every batch
+    (eval/compare.py measures more on the same pass)."""
     paths = list_images(sources)
     features = None
     result: dict = {"rfid": None}
@@ -43,6 +46,8 @@ def evaluate_reconstruction(
         ssim_sum += float(ssim(recon, images)) * b
         ids_used[ids.flatten().cpu()] = True
         sem_used[model.split_ids(ids)[0].flatten().cpu()] = True
+        if observe is not None:
+            observe(images, ids, recon)
         if features:
             real.update(features(images))
             fake.update(features(recon))
