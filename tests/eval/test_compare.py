@@ -1,0 +1,120 @@
+"""`semhitok compare` on the tiny preset at a very small budget: the table's numbers against independent
+recomputation, resuming without rerunning a finished kind, and a failing kind shown in its row."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semhitok.cli import main
+from semhitok.config import load_project_config
+from semhitok.eval.compare import ROW_FILE, render
+from tests.conftest import SAMPLE
+
+BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",
+          "tokenizer_train.ckpt_every=1000", "mllm_train.max_steps=2", "mllm_train.eval_every=0", "eval.geneval_metadata=",
+          f"tokenizer_train.train_data=[{SAMPLE / 'train.jsonl'}]", f"tokenizer_train.holdout_data=[{SAMPLE / 'holdout.jsonl'}]"]
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def compare(out: Path, *extra: str) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in CHILD_ENV.items():
+            mp.setenv(key, value)
+        return main(["compare", "--config", "tiny", "--out", str(out), "--kinds", "semhitok", "--figure-images", "4",
+                     "--no-fid", f"run_dir={out}", *BUDGET, *extra])
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compare")
+    assert compare(out) == 0
+    return out
+
+
+def holdout_images(size: int) -> torch.Tensor:
+    """The held-out photos as the tokenizer sees them: centre-cropped, resized, in [-1, 1] ([n, 3, size, size])."""
+    from semhitok.tokenizer import iter_image_batches, list_images
+
+    return torch.cat([x for _, x in iter_image_batches(list_images([SAMPLE / "holdout.jsonl"]), size, 64)])
+
+
+def test_table_matches_independent_recomputation(compared):
+    from semhitok.tokenizer.model import SemHiTok, load_teacher
+
+    report = json.loads((compared / "compare.json").read_text())
+    row = report["kinds"]["semhitok"]
+    assert row["errors"] == [] and (compared / "semhitok" / ROW_FILE).is_file()
+    cfg = load_project_config("tiny", [f"run_dir={compared / 'semhitok'}"])
+    tok = SemHiTok.from_pretrained(cfg.tokenizer_dir)
+    images = holdout_images(tok.image_size)
+    with torch.no_grad():
+        ids = tok.encode(images)
+        recon = tok.decode(ids)
+    # PSNR per image on the [0, 1] scale, averaged over the images
+    mse = (((recon.numpy() - images.numpy()) / 2) ** 2).reshape(len(images), -1).mean(1)
+    assert row["psnr"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), abs=1e-3)
+    assert row["held_out_images"] == len(images) == 12
+    # usage: distinct ids over the vocabulary; ids per image: 8 x 8 positions of one code
+    assert row["codebook_usage"] == [pytest.approx(len(np.unique(ids.numpy())) / tok.vocab_size)]
+    assert (row["positions"], row["codes_per_position"]) == (64, 1)
+    # teacher cosine: the semantic prediction against a teacher rebuilt as stage 1 built it (seed, then load)
+    torch.manual_seed(cfg.tokenizer_train.seed)
+    teacher = load_teacher(cfg.tokenizer)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(tok.semantic(images)[0], teacher(pixel_values=images).last_hidden_state, dim=-1)
+    assert row["teacher_cosine"] == pytest.approx(float(cos.mean()), abs=1e-4)
+    # MLLM columns: the pipeline's own eval of this kind
+    summary = json.loads((compared / "semhitok" / "eval" / "summary.json").read_text())
+    assert row["understanding_loss"] == summary["gaps"]["understanding"]["loss_true"]
+    assert row["generation_loss"] == summary["gaps"]["generation"]["loss_true"]
+    assert row["pope_accuracy"] == summary["pope"]["accuracy"]
+    assert row["budget"]["tokenizer_steps"] == 3 and row["budget"]["mllm_steps"] == 2
+    table = (compared / "compare.md").read_text()
+    line = next(ln for ln in table.splitlines() if ln.startswith("| semhitok |"))
+    assert f"| {row['psnr']:.2f} |" in line and "| 64 x 1 = 64 |" in line and line.endswith("| ok |")
+    assert f"{row['generation_loss']:.3f} ({np.log(tok.vocab_size):.2f})" in line
+    assert "Budget: tokenizer 3 steps per stage, batch 16" in table
+    # the figure: a row of held-out images, a row of reconstructions, 4 images each
+    with Image.open(compared / "compare.png") as fig:
+        assert fig.size == (96 + 4 * 66 + 2, 2 * 68)
+        strip = np.asarray(fig.convert("RGB"))[68 + 2 : 68 + 66, 96 + 2 : 96 + 66].astype(float)
+    expected = ((recon[0].permute(1, 2, 0).numpy() + 1) * 127.5)
+    assert np.abs(strip - expected).mean() < 2.0  # the first reconstruction, as drawn (PNG rounding)
+
+
+def test_rerun_skips_the_finished_kind(compared, caplog):
+    log_file = compared / "semhitok" / "pipeline.log"
+    before = log_file.read_text()
+    assert compare(compared) == 0
+    assert log_file.read_text() == before  # no pipeline run
+    assert "finished already" in caplog.text
+
+
+def test_a_failing_kind_is_a_row_not_a_crash(tmp_path, capsys):
+    code = compare(tmp_path, f"tokenizer_train.train_data=[{tmp_path / 'missing.jsonl'}]")
+    assert code == 1
+    row = json.loads((tmp_path / "compare.json").read_text())["kinds"]["semhitok"]
+    assert any(e.startswith("pipeline: `semhitok pipeline` exited 2") and "missing.jsonl" in e for e in row["errors"])
+    assert not (tmp_path / "semhitok" / ROW_FILE).exists()  # not finished: the next run retries it
+    line = next(ln for ln in (tmp_path / "compare.md").read_text().splitlines() if ln.startswith("| semhitok |"))
+    assert "FAILED: pipeline:" in line and "| - |" in line
+    assert "1 of 1 kinds failed (semhitok)" in capsys.readouterr().err
+
+
+def test_render_marks_missing_values_and_unequal_budgets():
+    budget = {"tokenizer_steps": 3, "tokenizer_batch": 16, "tokenizer_lr": 0.001, "mllm_steps": 2, "mllm_micro_batch": 2,
+              "mllm_lr": 0.002}
+    rows = {"a": {"errors": [], "budget": budget, "positions": 64, "codes_per_position": 16, "codebook_usage": [0.5, 0.25],
+                  "code_vocab_sizes": [8] * 16, "generation_loss": 30.0, "psnr": 20.0},
+            "b": {"errors": ["pipeline: boom | bang"], "budget": {**budget, "mllm_steps": 4}}}
+    table = render({"config": "tiny", "overrides": [], "kinds": rows})
+    a = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
+    assert "| 64 x 16 = 1024 |" in a and "| 50.0% / 25.0% |" in a and f"| 30.000 ({16 * np.log(8):.2f}) |" in a
+    assert "| 20.00 | - |" in a  # PSNR, then no SSIM
+    b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
+    assert b.endswith("| FAILED: pipeline: boom \\| bang |")
+    assert "not trained at one budget" in table
