@@ -35,7 +35,7 @@ class PretokenizeConfig:
         SourceConfig("coco_llava", "llava_json", "data/sample/llava.json"),
         SourceConfig("coco_text", "text_jsonl", "data/sample/text.jsonl"),
     ])
-    tokenizer: str = ""  # tokenizer directory; empty: <run_dir>/tokenizer/stage2/final
+    tokenizer: str = ""  # tokenizer directory; empty: the run's (tokenizer.kind's final_dir, SemHiTok: <run_dir>/tokenizer/stage2/final)
     output_dir: str = ""  # empty: <run_dir>/pretokenized
     records_per_shard: int = 1000  # jsonl/json sources are cut into units of this many records; a tar is one unit
     batch_size: int = 64

@@ -20,6 +20,8 @@ rest padded. A batch is a dict of tensors:
     cu_seqlens   int32 [D + 1]   document boundaries over the flattened B*L tokens (padding tails count as
                                  documents), for varlen attention; max_seqlen: int
     origins      list[str]       where each document came from (error reports)
+    visual_codes int64 [B, L, C]  only when the tokenizer has C > 1 codes per position: the C codes of the visual
+                                 token at each position (-1 where the token is not visual)
     loader_state dict            (from batches()/iteration) the state to resume after this batch
 """
 
@@ -39,6 +41,7 @@ from semhitok.data_pipelines.pretokenize import load_shard
 from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
+from semhitok.tokenizer.interface import IdStructure
 
 log = logging.getLogger("semhitok")
 CHOICE_BLOCK = 4096  # draws whose component choices share one RNG call
@@ -130,9 +133,12 @@ class Draw:
 
 class PackedLoader:
     def __init__(self, cfg: SequenceConfig, tokenizer, layout: TokenLayout, pretokenized_dir: str | Path,
-                 rank: int = 0, world_size: int = 1):
-        self.cfg, self.layout, self.rank, self.world = cfg, layout, rank, world_size
-        self.builder = SequenceBuilder(tokenizer, layout, cfg)
+                 rank: int = 0, world_size: int = 1, ids: IdStructure | None = None):
+        """ids: the model's visual id structure (kind, codes per position, vocabularies); the corpus's manifest
+        must agree. None: one code per position, checked by the layout's visual vocabulary only."""
+        self.cfg, self.layout, self.rank, self.world, self.ids = cfg, layout, rank, world_size, ids
+        self.codes = ids.codes if ids is not None else 1
+        self.builder = SequenceBuilder(tokenizer, layout, cfg, self.codes)
         self.sources = self._open_sources(Path(pretokenized_dir))
         weights = np.array([c.weight for c in cfg.mixture], np.float64)
         if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
@@ -153,6 +159,13 @@ class PackedLoader:
         if info["visual_vocab_size"] != self.layout.visual_vocab_size:
             raise ValueError(f"{manifest}: visual_vocab_size {info['visual_vocab_size']} does not match the model's "
                              f"{self.layout.visual_vocab_size} (pre-tokenized with another tokenizer?)")
+        if self.ids is not None:  # a manifest from before tokenizer kinds holds SemHiTok's one flat id per position
+            found = {"kind": info.get("kind", "semhitok"), "codes per position": len(info.get("code_vocab_sizes", [0])),
+                     "code_vocab_sizes": list(info.get("code_vocab_sizes", [info["visual_vocab_size"]]))}
+            want = {"kind": self.ids.kind, "codes per position": self.ids.codes, "code_vocab_sizes": list(self.ids.code_vocab_sizes)}
+            if bad := [k for k in want if found[k] != want[k]]:
+                raise ValueError(f"{manifest}: {bad[0]} {found[bad[0]]} does not match the model's {want[bad[0]]} "
+                                 "(pre-tokenized with another tokenizer?)")
         by_source: dict[str, list] = {}
         for entry in info["shards"]:
             by_source.setdefault(entry.get("source", entry["unit"].rsplit("-", 1)[0]), []).append(entry)
@@ -268,6 +281,7 @@ class PackedLoader:
         labels = np.full((B, L), IGNORE, np.int64)
         position_ids = np.zeros((B, L), np.int64)
         task_ids = np.full((B, L), -1, np.int64)
+        codes = np.full((B, L, self.codes), -1, np.int64) if self.codes > 1 else None
         cu_seqlens, origins = [0], []
         for b in range(B):
             start = 0
@@ -277,6 +291,8 @@ class PackedLoader:
                 labels[b, start] = IGNORE
                 position_ids[b, start:end] = np.arange(len(doc))
                 task_ids[b, start:end] = TASKS.index(doc.task)
+                if codes is not None and doc.codes is not None:
+                    codes[b, start:end] = doc.codes
                 cu_seqlens.append(b * L + end)
                 origins.append(doc.origin)
                 self.stats[f"docs_{doc.task}"] += 1
@@ -288,12 +304,15 @@ class PackedLoader:
             self.stats["tokens"] += start
             self.stats["padding"] += L - start
         lengths = np.diff(cu_seqlens)
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids), "task_ids": torch.from_numpy(task_ids),
             "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32), "max_seqlen": int(lengths.max()),
             "origins": origins,
         }
+        if codes is not None:
+            batch["visual_codes"] = torch.from_numpy(codes)
+        return batch
 
     def __iter__(self):
         """Batches forever, each carrying "loader_state": the state_dict() right after it was built."""

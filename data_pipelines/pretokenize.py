@@ -1,13 +1,16 @@
 """Offline pre-tokenization: corpora -> sharded visual ids + text, once, resumable.
 
 Output (`<output_dir>/`):
-    shards/<source>-<unit>.npz       ids: int32 [n_images, h*w] (row-major ids of each image)
+    shards/<source>-<unit>.npz       ids: int32 [n_images, h*w*L] (each image's positions row-major, the L codes
+                                       of a position consecutive: position-major, code-minor; L = 1: h*w ids)
                                      meta_json: uint8 bytes of a JSON list, one entry per sample:
                                        {key, origin, kind, text | conversations, ids_row (-1: no image),
                                         ids_rows (only with several images: one row per <image>, in order)}
     shards/<source>-<unit>.done.json that unit's counts, errors, the shard's sha256 and its identity
                                      (input, record range, records_per_shard, kind, tokenizer), written last
-    manifest.json                    every unit, totals, tokenizer grid, vocabulary and identity (when all are done)
+    manifest.json                    every unit, totals and the tokenizer's identity, kind, grid, code_vocab_sizes (L
+                                     entries), code_groups and visual_vocab_size (the LLM's visual rows: the one
+                                     code vocabulary when L == 1, 1 placeholder row when L > 1) (when all are done)
 
 A unit is done iff its .done.json exists and describes the same unit; both files are written atomically, so
 a job killed anywhere and started again redoes at most the units it was in the middle of, and writes every
@@ -33,8 +36,9 @@ from tqdm import tqdm
 from semhitok.common.io import atomic_path, sha256_file, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import DataError, Record, WorkUnit, plan_units, read_unit
-from semhitok.tokenizer import SemHiTok, load_tokenizer, preprocess
+from semhitok.tokenizer import load_tokenizer, preprocess
 from semhitok.tokenizer.data import ImageLimits, ImageRejected, open_rgb
+from semhitok.tokenizer.interface import IdStructure, VisualTokenizer, positions_and_codes
 
 log = logging.getLogger("semhitok")
 
@@ -93,7 +97,7 @@ def image_mode(source: SourceConfig) -> str:
 
 
 def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
-    """A pre-tokenized shard -> (ids int32 [n_images, h*w], per-sample metadata)."""
+    """A pre-tokenized shard -> (ids int32 [n_images, h*w*L], per-sample metadata)."""
     with np.load(path, allow_pickle=False) as data:
         return data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
 
@@ -104,7 +108,7 @@ def tokenizer_identity(tokenizer_dir: str | Path) -> str:
     for name in ("config.json", "model.safetensors"):
         path = Path(tokenizer_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass a directory written by SemHiTok.save_pretrained")
+            raise FileNotFoundError(f"{path} not found: pass a directory written by a tokenizer's save_pretrained")
         h.update(sha256_file(path).encode())
     return h.hexdigest()
 
@@ -126,10 +130,10 @@ def check_done(unit: WorkUnit, done: dict, expected: dict, path: Path) -> None:
                     f"or delete {path.parent} to start over")
 
 
-def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], grid: int, errors: dict,
+def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], row_width: int, errors: dict,
                identity: dict) -> dict:
-    """One unit's shard (atomically), then its .done.json (which marks the unit done)."""
-    ids = np.stack(rows) if rows else np.zeros((0, grid * grid), np.int32)
+    """One unit's shard (atomically), then its .done.json (which marks the unit done). rows: [h*w*L] each."""
+    ids = np.stack(rows) if rows else np.zeros((0, row_width), np.int32)
     shard = shard_dir / f"{unit.name}.npz"
     with atomic_path(shard) as tmp:
         with open(tmp, "wb") as f:
@@ -141,12 +145,13 @@ def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[
 
 
 @torch.no_grad()
-def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int,
+def process_units(model: VisualTokenizer, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int,
                   identities: list[dict], limits: ImageLimits = ImageLimits()):
     """Encode every unit's images in batches and write each unit as soon as it is complete; yields .done dicts."""
     loader = torch.utils.data.DataLoader(_UnitStream(units, model.image_size, limits), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
-    open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w] each), "skipped" (Counter)}
+    open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w*L] each), "skipped" (Counter)}
+    row_width = np.prod(positions_and_codes(model)).item()
     for batch in loader:  # a batch holds items of one worker, in its order
         images = []
         for u, entry, item in batch:
@@ -161,7 +166,7 @@ def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch
             state["entries"].append(entry)
             images += [(state, entry, x) for x in item]
         if images:
-            ids = model.encode(torch.stack([x for _, _, x in images]).to(model.device)).flatten(1)
+            ids = model.encode(torch.stack([x for _, _, x in images]).to(model.device)).flatten(1)  # [B, h*w*L]
             for (state, entry, _), row in zip(images, ids.cpu().numpy().astype(np.int32)):
                 if entry["ids_row"] < 0:
                     entry["ids_row"] = len(state["rows"])
@@ -172,7 +177,7 @@ def process_units(model: SemHiTok, units: list[WorkUnit], shard_dir: Path, batch
             if entry is None:  # the unit's last item: everything before it is encoded
                 state = open_units.pop(u)
                 errors = dict(Counter(errors) + state["skipped"])
-                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], model.grid, errors, identities[u])
+                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], row_width, errors, identities[u])
 
 
 def _read_done(path: Path) -> dict:
@@ -182,7 +187,16 @@ def _read_done(path: Path) -> dict:
         raise DataError(f"{path}: unreadable ({type(err).__name__}); delete it to redo that unit") from None
 
 
-def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: SemHiTok, tokenizer_dir: Path,
+def visual_manifest(model: VisualTokenizer) -> dict:
+    """The manifest's description of the ids (what the loader checks against the model)."""
+    ids = IdStructure.of(model)
+    info = {**ids.to_dict(), "grid": [ids.grid, ids.grid], "visual_vocab_size": ids.visual_vocab_size}
+    if hasattr(model, "codes_per_group"):  # SemHiTok's m
+        info["codes_per_group"] = model.codes_per_group
+    return info
+
+
+def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: VisualTokenizer, tokenizer_dir: Path,
                                 tokenizer_id: str, records_per_shard: int) -> bool:
     shard_dir = out / "shards"
     done_files = [shard_dir / f"{u.name}.done.json" for u in units]
@@ -196,8 +210,7 @@ def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: SemHiTo
         errors.update(e["errors"])
     write_json(out / "manifest.json", {
         "tokenizer": str(tokenizer_dir), "tokenizer_id": tokenizer_id, "records_per_shard": records_per_shard,
-        "grid": [model.grid, model.grid], "visual_vocab_size": model.vocab_size,
-        "codes_per_group": model.codes_per_group, "samples": sum(e["samples"] for e in entries),
+        **visual_manifest(model), "samples": sum(e["samples"] for e in entries),
         "images": sum(e["images"] for e in entries), "errors": dict(errors), "shards": entries,
     })
     return True

@@ -22,6 +22,10 @@ Loss sits on the tokens whose characters overlap the supervised text (character 
     generation      <s>{system} USER: {caption} ASSISTANT: [img]</s>, loss after <|vision_start|>
     text            <s>{text}</s>
 
+Ids with L > 1 codes per position (a residual depth, e.g. DualToken): an image row holds h*w*L codes
+(position-major); each position is ONE token, the placeholder `layout.visual_offset` (also its label where
+supervised), and its L codes travel beside it in `Document.codes` [T, L] (-1 at non-visual tokens).
+
 The system prompt is `SequenceConfig.system_prompt`, or the family's default (text_tokenizer.DEFAULT_SYSTEM).
 `generation_prompt` is the generation document up to and including <|vision_start|>: the sampler's prefix.
 """
@@ -53,6 +57,7 @@ class Document:
     task: str
     origin: str  # where the sample came from (file:line), for error reports
     uncond: bool = False  # generation caption replaced by the unconditional prompt
+    codes: np.ndarray | None = None  # int64 [T, L] when L > 1: the codes of each visual token, -1 elsewhere
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -76,8 +81,12 @@ def render(fmt: str, system: str, turns: list[tuple[str, str]], eos: str, open_a
 
 
 class SequenceBuilder:
-    def __init__(self, tokenizer, layout: TokenLayout, cfg: SequenceConfig):
-        self.tokenizer, self.layout, self.cfg = tokenizer, layout, cfg
+    def __init__(self, tokenizer, layout: TokenLayout, cfg: SequenceConfig, codes: int = 1):
+        """codes: L, the codes per visual position (1: each id is its own token)."""
+        self.tokenizer, self.layout, self.cfg, self.codes = tokenizer, layout, cfg, codes
+        if codes > 1 and layout.visual_vocab_size != 1:
+            raise ValueError(f"{codes} codes per position need a layout with one visual placeholder row, "
+                             f"not {layout.visual_vocab_size}")
         self.format = chat_format(tokenizer, cfg.chat_format)
         self.system = DEFAULT_SYSTEM[self.format] if cfg.system_prompt is None else cfg.system_prompt
         self.bos = [tokenizer.bos_token_id] if self.format == "vicuna_v1" and tokenizer.bos_token_id is not None else []
@@ -85,9 +94,30 @@ class SequenceBuilder:
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def visual_tokens(self, ids: np.ndarray) -> list[int]:
+        """an image row [h*w*L] -> its h*w LLM tokens (L == 1: offset ids; L > 1: the placeholder each)"""
+        ids = np.asarray(ids, np.int64)
+        if self.codes == 1:
+            return (ids + self.layout.visual_offset).tolist()
+        if len(ids) % self.codes:
+            raise ValueError(f"an image row of {len(ids)} codes is not a whole number of positions of {self.codes} codes")
+        return [self.layout.visual_offset] * (len(ids) // self.codes)
+
     def image_span(self, ids: np.ndarray) -> list[int]:
-        """visual ids [h*w] in [0, K*m) -> <|vision_start|> tokens <|vision_end|>"""
-        return [self.layout.image_start, *(np.asarray(ids, np.int64) + self.layout.visual_offset).tolist(), self.layout.image_end]
+        """visual ids [h*w*L] -> <|vision_start|> tokens <|vision_end|>"""
+        return [self.layout.image_start, *self.visual_tokens(ids), self.layout.image_end]
+
+    def codes_of(self, tokens: list[int], images: list[np.ndarray]) -> np.ndarray | None:
+        """L > 1: [T, L] int64, each image's codes at its visual tokens (in order), -1 elsewhere; L == 1: None."""
+        if self.codes == 1:
+            return None
+        out = np.full((len(tokens), self.codes), -1, np.int64)
+        at = np.flatnonzero(np.asarray(tokens, np.int64) == self.layout.visual_offset)
+        rows = np.concatenate([np.asarray(i, np.int64).reshape(-1, self.codes) for i in images]) if images else out[:0]
+        if len(at) != len(rows):
+            raise ValueError(f"{len(at)} visual tokens for {len(rows)} positions of codes")
+        out[at] = rows
+        return out
 
     def tokenize(self, pieces: list[Piece], images: list[np.ndarray]) -> tuple[list[int], list[int]]:
         """Rendered pieces with one IMAGE per entry of `images` -> (tokens, labels). The text is tokenized in
@@ -108,7 +138,7 @@ class SequenceBuilder:
         for start, image in zip(starts, images):
             tokens += ids[at : start + 1].tolist()
             labels += np.where(labelled[at:start], ids[at:start], IGNORE).tolist() + [IGNORE]  # never <|vision_start|>
-            visual = (np.asarray(image, np.int64) + self.layout.visual_offset).tolist()
+            visual = self.visual_tokens(image)
             tokens += visual
             labels += visual if labelled[start + 1] else [IGNORE] * len(visual)
             at = start + 1
@@ -161,7 +191,8 @@ class SequenceBuilder:
         if tags != len(images):
             raise UnsuitableSample(f"more {'<image> tags than images' if tags > len(images) else 'images than <image> tags'}")
         tokens, labels = self.tokenize(render(self.format, system, turns, self.tokenizer.eos_token), images)
-        return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "understanding", meta.get("origin", ""))
+        return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "understanding", meta.get("origin", ""),
+                        codes=self.codes_of(tokens, images))
 
     def _generation_tokens(self, caption: str, ids: np.ndarray) -> tuple[list[int], list[int]]:
         pieces = render(self.format, self.system, [("user", caption), ("assistant", IMAGE)], self.tokenizer.eos_token)
@@ -175,7 +206,8 @@ class SequenceBuilder:
         if IMAGE_START in meta["text"] or IMAGE_END in meta["text"]:
             raise UnsuitableSample("the caption contains an image delimiter token")
         tokens, labels = self._generation_tokens(self.cfg.uncond_prompt if uncond else meta["text"], ids)
-        return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "generation", meta.get("origin", ""), uncond)
+        return Document(np.array(tokens, np.int64), np.array(labels, np.int64), "generation", meta.get("origin", ""), uncond,
+                        codes=self.codes_of(tokens, [ids]))
 
     def text(self, meta: dict) -> Document:
         if "text" not in meta:

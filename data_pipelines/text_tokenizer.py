@@ -86,7 +86,7 @@ class TextTokenizerUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class TokenLayout:
     text_vocab_size: int  # embedding rows for text (>= len(tokenizer); Qwen pads to a multiple of 128)
-    visual_vocab_size: int  # K * m
+    visual_vocab_size: int  # the visual rows: every id when L == 1 (SemHiTok: K * m), one placeholder when L > 1
     image_start: int
     image_end: int
     im_start: int

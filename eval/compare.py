@@ -18,7 +18,6 @@ A finished kind (<out>/<kind>/compare_row.json) is not rerun; a kind that fails 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -38,7 +37,6 @@ from semhitok.config import load_project_config
 from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import image_grid, iter_image_batches, list_images
 from semhitok.tokenizer.api import pick_device
-from semhitok.tokenizer.config import TokenizerConfig
 from semhitok.tokenizer.interface import KINDS, load_visual_tokenizer
 
 log = logging.getLogger("semhitok")
@@ -51,28 +49,27 @@ class KindFailed(RuntimeError):
     pass
 
 
-def code_structure(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(code_vocab_sizes, code_groups) of a VisualTokenizer."""
-    sizes = getattr(tok, "code_vocab_sizes", None) or (tok.vocab_size,)  # SemHiTok before it named its structure
-    return tuple(sizes), tuple(getattr(tok, "code_groups", None) or (len(sizes),))
+def group_usage(slot_usage: list[float], sizes: tuple[int, ...], groups: tuple[int, ...]) -> list[float]:
+    """Per code group: the share of the group's codebook entries (all its slots' codes) that occurred, from
+    each slot's share (evaluate_reconstruction's code_usage)."""
+    out, start = [], 0
+    for depth in groups:
+        slots = range(start, start + depth)
+        out.append(sum(slot_usage[s] * sizes[s] for s in slots) / sum(sizes[s] for s in slots))
+        start += depth
+    return out
 
 
 class TokenizerProbe:
-    """What compare measures beside evaluate_reconstruction, on the same batches: which codes occur at each
-    of the L code slots, the teacher-feature cosine (when the tokenizer has semantic_alignment), and the
-    reconstructions of the first `keep` images for the figure."""
+    """What compare measures beside evaluate_reconstruction, on the same batches: the teacher-feature cosine
+    (when the tokenizer has semantic_alignment) and the reconstructions of the first `keep` images (the figure)."""
 
     def __init__(self, tok, keep: int, seed: int = 0):
         self.tok, self.keep, self.seed = tok, keep, seed
-        self.sizes, self.groups = code_structure(tok)
-        self.used = [torch.zeros(v, dtype=torch.bool) for v in self.sizes]  # per code slot l: [V_l]
         self.cos_sum, self.cos_n, self.align_error = 0.0, 0, None
         self.recons: list[torch.Tensor] = []
 
     def __call__(self, images: torch.Tensor, ids: torch.Tensor, recon: torch.Tensor) -> None:
-        codes = ids.reshape(-1, len(self.sizes)).cpu()  # [B*N, L] (L == 1: ids [B, h, w])
-        for slot, used in enumerate(self.used):
-            used[codes[:, slot]] = True
         if hasattr(self.tok, "semantic_alignment") and self.align_error is None:
             try:
                 pred, target = self._alignment(images)  # [B, N', c'] each
@@ -90,15 +87,6 @@ class TokenizerProbe:
             return align(images, seed=self.seed)
         return align(images)
 
-    def usage(self) -> list[float]:
-        """Per code group: the share of the group's codebook entries (all its slots' codes) that occurred."""
-        out, start = [], 0
-        for depth in self.groups:
-            slots = range(start, start + depth)
-            out.append(sum(int(self.used[s].sum()) for s in slots) / sum(self.sizes[s] for s in slots))
-            start += depth
-        return out
-
     def teacher_cosine(self) -> float | None:
         return self.cos_sum / self.cos_n if self.cos_n else None
 
@@ -109,10 +97,10 @@ def measure_tokenizer(tok_dir: Path, holdout: list[str], fid: bool, keep: int, s
     tok = load_visual_tokenizer(tok_dir, pick_device())
     probe = TokenizerProbe(tok, keep, seed)
     recon = evaluate_reconstruction(tok, holdout, fid=fid, observe=probe)
-    sizes, groups = code_structure(tok)
+    sizes, groups = tuple(tok.code_vocab_sizes), tuple(tok.code_groups)
     row = {
         "psnr": recon["psnr"], "ssim": recon["ssim"], "rfid": recon.get("rfid"), "held_out_images": recon["images"],
-        "codebook_usage": probe.usage(), "code_groups": list(groups), "code_vocab_sizes": list(sizes),
+        "codebook_usage": group_usage(recon.get("code_usage") or [recon["visual_id_usage"]], sizes, groups), "code_groups": list(groups), "code_vocab_sizes": list(sizes),
         "teacher_cosine": probe.teacher_cosine(), "positions": tok.grid * tok.grid, "codes_per_position": len(sizes),
         "image_size": tok.image_size,
         "tokenizer_params": sum(p.numel() for p in tok.parameters()) if isinstance(tok, torch.nn.Module) else None,
@@ -135,10 +123,6 @@ def mllm_scores(summary: dict) -> dict:
 
 def kind_overrides(overrides: list[str], kind: str, out: Path) -> list[str]:
     """The user's overrides + this kind's run directory and tokenizer.kind."""
-    if "kind" not in {f.name for f in dataclasses.fields(TokenizerConfig)}:  # a stack without tokenizer.kind
-        if kind != "semhitok":
-            raise KindFailed(f"this stack's config has no tokenizer.kind, so it cannot train {kind!r}")
-        return [*overrides, f"run_dir={out / kind}"]
     return [*overrides, f"run_dir={out / kind}", f"tokenizer.kind={kind}"]
 
 

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from semhitok.eval.fid import FIDUnavailable, GaussianStats, InceptionFeatures, frechet_distance
-from semhitok.tokenizer import SemHiTok, iter_image_batches, list_images
+from semhitok.tokenizer import iter_image_batches, list_images
+from semhitok.tokenizer.interface import VisualTokenizer
 from semhitok.tokenizer.metrics import psnr, ssim
 
 log = logging.getLogger("semhitok")
@@ -17,12 +18,14 @@ log = logging.getLogger("semhitok")
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: SemHiTok, sources: list[str | Path], batch_size: int = 32, fid: bool = True,
+    model: VisualTokenizer, sources: list[str | Path], batch_size: int = 32, fid: bool = True,
     observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
     """Encode -> decode every readable image of `sources`; return metrics (rfid None with a reason when
-    the Inception weights are unavailable). observe(images, ids, recon), when given, sees every batch
-    (eval/compare.py measures more on the same pass)."""
+    the Inception weights are unavailable). Usage: visual_id_usage is the share of each code's vocabulary used,
+    averaged over the L codes of a position (code_usage lists them when L > 1); SemHiTok adds its semantic
+    codebook's usage. observe(images, ids, recon), when given, sees every batch (eval/compare.py measures more
+    on the same pass)."""
     paths = list_images(sources)
     features = None
     result: dict = {"rfid": None}
@@ -34,8 +37,9 @@ def evaluate_reconstruction(
             result["rfid_error"] = str(err)
     real, fake = (GaussianStats(InceptionFeatures.dim), GaussianStats(InceptionFeatures.dim)) if features else (None, None)
     n, psnr_sum, ssim_sum = 0, 0.0, 0.0
-    sem_used = torch.zeros(model.config.sem_codebook_size, dtype=torch.bool)
-    ids_used = torch.zeros(model.vocab_size, dtype=torch.bool)
+    split = getattr(model, "split_ids", None)  # SemHiTok: ids = semantic * m + pixel
+    sem_used = torch.zeros(model.config.sem_codebook_size, dtype=torch.bool) if split else None
+    codes_used = [torch.zeros(v, dtype=torch.bool) for v in model.code_vocab_sizes]
     for _, images in iter_image_batches(paths, model.image_size, batch_size, progress="reconstruct"):
         images = images.to(model.device)
         ids = model.encode(images)
@@ -44,8 +48,11 @@ def evaluate_reconstruction(
         n += b
         psnr_sum += float(psnr(recon, images)) * b
         ssim_sum += float(ssim(recon, images)) * b
-        ids_used[ids.flatten().cpu()] = True
-        sem_used[model.split_ids(ids)[0].flatten().cpu()] = True
+        flat = ids.reshape(-1, len(codes_used)).cpu()  # [B*N, L]
+        for used, column in zip(codes_used, flat.unbind(1)):
+            used[column] = True
+        if split:
+            sem_used[split(ids)[0].flatten().cpu()] = True
         if observe is not None:
             observe(images, ids, recon)
         if features:
@@ -57,9 +64,12 @@ def evaluate_reconstruction(
         images=n,
         psnr=psnr_sum / n,
         ssim=ssim_sum / n,
-        semantic_codebook_usage=float(sem_used.float().mean()),
-        visual_id_usage=float(ids_used.float().mean()),
+        visual_id_usage=sum(float(u.float().mean()) for u in codes_used) / len(codes_used),
     )
+    if split:
+        result["semantic_codebook_usage"] = float(sem_used.float().mean())
+    if len(codes_used) > 1:
+        result["code_usage"] = [float(u.float().mean()) for u in codes_used]
     if features:
         result["rfid"] = frechet_distance(*real.mean_cov(), *fake.mean_cov())
     return result

@@ -36,7 +36,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import torch
 
 from semhitok.mllm.sample import Decoder, SamplingConfig
-from semhitok.tokenizer import ImageLimits, ImageRejected, SemHiTok, encode_images, open_rgb, to_pil
+from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
+from semhitok.tokenizer.interface import VisualTokenizer
 
 log = logging.getLogger("semhitok")
 IMAGE_REQUEST = re.compile(r"^\s*(?:/image\s+|draw\s+|generate (?:an? )?(?:image|picture) of\s+)(?P<caption>.+)$", re.I | re.S)
@@ -59,7 +60,7 @@ class ChatEngine:
 
     MAX_SESSION_ID = 128  # characters
 
-    def __init__(self, decoder: Decoder, visual: SemHiTok, max_upload_bytes: int, max_pixels: int,
+    def __init__(self, decoder: Decoder, visual: VisualTokenizer, max_upload_bytes: int, max_pixels: int,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
                  max_sessions: int = 1000, session_ttl_s: float = 3600.0):
         self.decoder, self.visual = decoder, visual

@@ -34,7 +34,7 @@ class MLLMConfig:
 class MLLMTrainConfig:
     # Start from this directory (a previous stage's export); empty: build from base_model + the tokenizer.
     init_from: str = ""
-    tokenizer: str = ""  # SemHiTok directory; empty: <run_dir>/tokenizer/stage2/final
+    tokenizer: str = ""  # visual tokenizer directory (any kind); empty: the run's (SemHiTok: <run_dir>/tokenizer/stage2/final)
     # adapter: only the dual-MLP adapter and the visual rows of the head train (alignment pretraining; the
     # transformer and every text row stay fixed); full: everything.
     trainable: Literal["adapter", "full"] = "full"

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from semhitok.data_pipelines.sequences import SequenceBuilder
-from semhitok.tokenizer import SemHiTok, encode_paths
+from semhitok.tokenizer import encode_paths
+from semhitok.tokenizer.interface import VisualTokenizer
 
 CONDITIONS = {"understanding": ("true", "shuffled", "no_image"), "generation": ("true", "shuffled", "uncond")}
 
@@ -37,7 +38,7 @@ class HeldoutPairs:
     ids: torch.Tensor  # [N, h, w] visual ids in [0, K*m), CPU
 
 
-def load_pairs(path: str | Path, visual: SemHiTok, limit: int = 0) -> HeldoutPairs:
+def load_pairs(path: str | Path, visual: VisualTokenizer, limit: int = 0) -> HeldoutPairs:
     """jsonl rows {"image" (relative to the file's folder), "caption"} -> captions and the images' visual ids."""
     path = Path(path)
     if not path.is_file():

@@ -1,12 +1,13 @@
-"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by SemHiTok's visual ids.
+"""The unified LLM: a Qwen2/Qwen2.5 or LLaMA-family causal LM whose vocabulary is extended by a visual tokenizer's ids.
 
 Vocabulary (see data_pipelines/text_tokenizer.py): text rows [0, T), then visual id h at row T + h.
 
-How visual ids enter and leave the model:
-  - input: a visual token's embedding is NOT an embedding row. The dual-MLP adapter maps the quantized
-    features behind id h (the tokenizer's semantic code sem[h // m] and pixel code pix[h], frozen copies
-    stored in the adapter) to concat(MLP_sem(sem) [d - d/2], MLP_pix(pix) [d/2]) = [d], the LLM's input space
-    (adapter_inputs=semantic: MLP_sem(sem) [d] alone).
+How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/interface.py):
+  - input: a visual token's embedding is NOT an embedding row. The adapter holds the tokenizer's frozen
+    features module (input_features()) and one MLP per feature split: for SemHiTok the features of id h are
+    its semantic code sem[h // m] and pixel code pix[h], mapped to concat(MLP_sem(sem) [d - d/2],
+    MLP_pix(pix) [d/2]) = [d] (adapter_inputs=semantic: MLP_sem(sem) [d] alone). Tokenizers with L > 1 codes
+    per position feed every visual position as one placeholder token with its codes beside it (visual_codes).
   - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
     generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
@@ -45,7 +46,9 @@ from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.loss import chunked_cross_entropy
 from semhitok.mllm.partition import full_shape, with_rows
-from semhitok.tokenizer import SemHiTok, WeightsUnavailable
+from semhitok.tokenizer import WeightsUnavailable
+from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.model import SemHiTokFeatures
 
 log = logging.getLogger("semhitok")
 MLLM_CONFIG = "semhitok_mllm.json"
@@ -54,25 +57,45 @@ VISUAL_TOKENIZER = "visual_tokenizer"
 
 
 class VisualAdapter(nn.Module):
-    """Dual MLP: visual ids [N] -> input embeddings [N, d] from the tokenizer's code features."""
+    """The tokenizer's frozen features module (tokenizer.input_features()) and one MLP per entry of its `splits`,
+    their outputs concatenated to [d]: SemHiTok's dual MLP (semantic d - d//2, pixel d//2; inputs=semantic: the
+    first split's MLP alone fills d), one MLP of width d for one split. MLPs are named <split name>_mlp
+    (the features' `split_names`, default split0, split1, ...)."""
 
-    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int, hidden: int, d: int,
-                 inputs: str = "both"):
+    def __init__(self, features: VisualFeatures, hidden: int, d: int, inputs: str = "both"):
         super().__init__()
-        self.codes_per_group = codes_per_group
-        self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim], frozen
-        self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim], frozen
-        sem_width = d - d // 2 if inputs == "both" else d  # semantic: the semantic MLP alone fills [d]
-        self.sem_mlp = nn.Sequential(nn.Linear(sem_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, sem_width))
-        self.pix_mlp = nn.Sequential(nn.Linear(pix_codes.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d // 2)) if inputs == "both" else None
+        self.features = features.requires_grad_(False)
+        splits = tuple(features.splits)
+        names = tuple(getattr(features, "split_names", ())) or tuple(f"split{i}" for i in range(len(splits)))
+        used = 1 if inputs == "semantic" else len(splits)
+        widths = [d - (used - 1) * (d // used)] + [d // used] * (used - 1)  # two splits: d - d//2, d//2
+        self.splits, self.mlp_names = splits, names[:used]
+        for i, name in enumerate(names):
+            mlp = nn.Sequential(nn.Linear(splits[i], hidden), nn.GELU(), nn.Linear(hidden, widths[i])) if i < used else None
+            setattr(self, f"{name}_mlp", mlp)
+
+    @property
+    def codes_per_group(self) -> int:  # SemHiTok's m (1 for other kinds), recorded in exports
+        return getattr(self.features, "codes_per_group", 1)
+
+    @property
+    def hidden(self) -> int:
+        return getattr(self, f"{self.mlp_names[0]}_mlp")[0].out_features
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """features [..., c] -> [..., d]"""
+        mlps = [getattr(self, f"{name}_mlp") for name in self.mlp_names]
+        dtype = mlps[0][0].weight.dtype
+        parts = feats.to(dtype).split(list(self.splits), dim=-1)
+        return torch.cat([mlp(x) for mlp, x in zip(mlps, parts)], dim=-1)
+
+    def images(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n, N', L] (whole images; any N' for per-id features) -> [n, N', d]"""
+        return self.project(self.features(ids))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """visual ids [...] in [0, K*m) -> [..., d]"""
-        sem = self.sem_codes[ids // self.codes_per_group]
-        dtype = self.sem_mlp[0].weight.dtype
-        if self.pix_mlp is None:
-            return self.sem_mlp(sem.to(dtype))
-        return torch.cat([self.sem_mlp(sem.to(dtype)), self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
+        """per-id features with one code per position: visual ids [...] -> [..., d]"""
+        return self.images(ids.reshape(1, -1, 1)).reshape(*ids.shape, -1)
 
 
 class ChunkedLMHead(nn.Linear):
@@ -92,9 +115,17 @@ class ChunkedLMHead(nn.Linear):
 
 class SemHiTokLM(nn.Module):
     def __init__(self, lm: PreTrainedModel, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int,
-                 sequence_config: SequenceConfig | None = None):
+                 sequence_config: SequenceConfig | None = None, ids: IdStructure | None = None):
         super().__init__()
         self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
+        # The visual tokenizer's id structure (kind, L codes per position, vocabularies); before kinds: SemHiTok's.
+        self.ids = ids or IdStructure("semhitok", image_grid, (layout.visual_vocab_size,), (1,))
+        if self.ids.visual_vocab_size != layout.visual_vocab_size:
+            raise ValueError(f"the layout has {layout.visual_vocab_size} visual rows, a {self.ids.kind} tokenizer with "
+                             f"codes {list(self.ids.code_vocab_sizes)} needs {self.ids.visual_vocab_size}")
+        # L > 1: the module that predicts a visual position's L codes from the hidden state before it (mllm/depth_head.py,
+        # set by its owner); called as visual_head.loss(hidden [M, d], codes [M, L]) -> [M] in forward.
+        self.visual_head: nn.Module | None = None
         # The document format trained on (system, unconditional and caption prompts): sampling reuses it.
         self.sequence_config = sequence_config or SequenceConfig()
         self.text_frozen = False
@@ -123,15 +154,38 @@ class SemHiTokLM(nn.Module):
         if every_n_layers > 0:
             self.lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] (text and visual tokens) -> input embeddings [B, T, d]"""
+    def embed(self, input_ids: torch.Tensor, visual_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] (text and visual tokens), visual_codes [B, T, L] (L > 1: the codes of each visual token)
+        -> input embeddings [B, T, d]"""
         visual = input_ids >= self.layout.visual_offset
         embeds = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
         if self.text_frozen:  # with tied weights the table is the head: no gradient into its text rows
             embeds = embeds.detach()
         if visual.any():
-            embeds = embeds.masked_scatter(visual[..., None], self.adapter(input_ids[visual] - self.layout.visual_offset).to(embeds.dtype))
+            embeds = embeds.masked_scatter(visual[..., None], self.visual_embeds(input_ids, visual, visual_codes).to(embeds.dtype))
         return embeds
+
+    def visual_embeds(self, input_ids: torch.Tensor, visual: torch.Tensor, visual_codes: torch.Tensor | None) -> torch.Tensor:
+        """The adapter's embeddings of the visual positions `visual` [B, T] -> [M, d] (row-major order).
+
+        Per-id features see all positions at once; contextual ones (per_id False) see whole images: the visual
+        positions come in runs of consecutive tokens, one per image, grouped [n, N, L] (a run of another length,
+        e.g. an image still being generated, is its own group)."""
+        if self.ids.codes > 1:
+            if visual_codes is None:
+                raise ValueError(f"a {self.ids.kind} model has {self.ids.codes} codes per visual token: pass visual_codes")
+            codes = visual_codes[visual]  # [M, L]
+        else:
+            codes = (input_ids[visual] - self.layout.visual_offset)[:, None]  # [M, 1]
+        if self.adapter.features.per_id:
+            return self.adapter.images(codes[None])[0]
+        flat = visual.flatten().nonzero()[:, 0]  # [M] positions in the flattened [B*T]
+        starts = ((flat[1:] - flat[:-1] != 1) | (flat[1:] % visual.shape[1] == 0)).nonzero()[:, 0] + 1
+        runs = codes.tensor_split(starts.cpu())
+        n = self.ids.positions
+        whole = [r for r in runs if len(r) == n]
+        done = iter(self.adapter.images(torch.stack(whole)).unbind(0)) if whole else iter(())
+        return torch.cat([next(done) if len(r) == n else self.adapter.images(r[None])[0] for r in runs])
 
     def embed_static(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, t] -> [B, t, d], equal to `embed` but without data-dependent shapes, so torch.compile
@@ -141,25 +195,41 @@ class SemHiTokLM(nn.Module):
         image = self.adapter((input_ids - self.layout.visual_offset).clamp(min=0)).to(text.dtype)
         return torch.where(visual[..., None], image, text)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False, **kw):
-        """input_ids [B, T] -> transformers' model output (last_hidden_state [B, T, d], past_key_values).
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False,
+                      visual_codes: torch.Tensor | None = None, **kw):
+        """input_ids [B, T] (visual_codes [B, T, L] when L > 1) -> transformers' model output (last_hidden_state
+        [B, T, d], past_key_values).
 
         Without a cache, restarting position_ids mark packed documents (per-document causal attention);
         transformers ignores them when a cache exists, so training must keep use_cache=False."""
-        return self.lm.model(inputs_embeds=self.embed(input_ids), position_ids=position_ids, use_cache=use_cache, **kw)
+        embeds = self.embed(input_ids, visual_codes)
+        return self.lm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=use_cache, **kw)
+
+    def visual_targets(self, labels: torch.Tensor, visual_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L > 1: the positions whose next token is a supervised visual token -> (mask [B, T-1] over hidden[:, :-1],
+        the codes they predict [M, L])."""
+        mask = labels[:, 1:] == self.layout.visual_offset
+        return mask, visual_codes[:, 1:][mask]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (for sampling a few positions, never for training)"""
         return self.lm.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                task_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Packed rows [B, T] -> {"loss": mean next-token loss over supervised positions,
-        "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, for logging)."""
-        hidden = self.hidden_states(input_ids, position_ids).last_hidden_state
+                task_ids: torch.Tensor | None = None, visual_codes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Packed rows [B, T] (visual_codes [B, T, L] when L > 1) -> {"loss": mean next-token loss over supervised
+        positions, "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, for logging).
+
+        L > 1: the flat head predicts the placeholder (that an image position comes); with a visual_head its
+        per-position loss over the L codes is added at those positions."""
+        hidden = self.hidden_states(input_ids, position_ids, visual_codes=visual_codes).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE
         losses = self.lm.lm_head(hidden[:, :-1][mask], targets[mask])  # [N]
+        if self.visual_head is not None and visual_codes is not None:
+            at, codes = self.visual_targets(labels, visual_codes)
+            extra = torch.zeros_like(losses).masked_scatter(at[mask], self.visual_head.loss(hidden[:, :-1][at], codes).float())
+            losses = losses + extra
         loss = losses.sum() / mask.sum().clamp(min=1)
         out = {"loss": loss}
         if task_ids is not None:
@@ -170,26 +240,33 @@ class SemHiTokLM(nn.Module):
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: MLLMConfig, tokenizer: SemHiTok, text_tokenizer, sequence_config: SequenceConfig | None = None,
+    def build(cls, cfg: MLLMConfig, tokenizer: VisualTokenizer, text_tokenizer, sequence_config: SequenceConfig | None = None,
               dtype: torch.dtype = torch.float32) -> SemHiTokLM:
         """A new model: the base LLM (by name/path, or random from base_config) in `dtype`, vocabulary extended
-        (text rows grow when the tokenizer got image delimiters the base lacks, e.g. LLaMA's 32,000 -> 32,064;
-        partitioned throughout when built inside mllm.partition.zero3_build)."""
+        by the tokenizer's visual rows (text rows grow when the tokenizer got image delimiters the base lacks,
+        e.g. LLaMA's 32,000 -> 32,064; partitioned throughout when built inside mllm.partition.zero3_build)."""
         lm = load_base_lm(cfg, dtype)
         text_vocab = lm.config.vocab_size if len(text_tokenizer) <= lm.config.vocab_size else None
-        layout = TokenLayout.from_tokenizer(text_tokenizer, tokenizer.vocab_size, text_vocab)
-        sem, pix = tokenizer.code_features()
-        return cls.from_base(lm, layout, sem, pix, tokenizer.codes_per_group, tokenizer.grid, cfg, sequence_config)
+        ids = IdStructure.of(tokenizer)
+        layout = TokenLayout.from_tokenizer(text_tokenizer, ids.visual_vocab_size, text_vocab)
+        return cls.from_features(lm, layout, tokenizer.input_features(), ids, cfg, sequence_config)
 
     @classmethod
     def from_base(cls, lm: PreTrainedModel, layout: TokenLayout, sem_codes: torch.Tensor, pix_codes: torch.Tensor,
                   codes_per_group: int, image_grid: int, cfg: MLLMConfig, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
-        """A base LM with T text rows + the visual codes [K, sem_dim], [K*m, pix_dim] -> the extended model.
+        """A base LM with T text rows + SemHiTok's codes [K, sem_dim], [K*m, pix_dim] -> the extended model."""
+        ids = IdStructure("semhitok", image_grid, (layout.visual_vocab_size,), (1,))
+        return cls.from_features(lm, layout, SemHiTokFeatures(sem_codes, pix_codes, codes_per_group), ids, cfg, sequence_config)
 
-        The head's visual rows start as the adapter's projection of the same code features, rescaled to the
-        mean norm of the text rows."""
+    @classmethod
+    def from_features(cls, lm: PreTrainedModel, layout: TokenLayout, features: VisualFeatures, ids: IdStructure,
+                      cfg: MLLMConfig, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
+        """A base LM with T text rows + a tokenizer's features module -> the extended model.
+
+        The head's visual rows start as the adapter's projection of the features of every id (per-id features,
+        one code per position: table()), else as random rows; both rescaled to the mean norm of the text rows."""
         d = lm.config.hidden_size
-        adapter = VisualAdapter(sem_codes, pix_codes, codes_per_group, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
+        adapter = VisualAdapter(features, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
             on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -198,6 +275,7 @@ class SemHiTokLM(nn.Module):
                 torch.distributed.broadcast(sent, 0)
                 p.data.copy_(sent)
         norm: list[torch.Tensor] = []
+        from_table = features.per_id and ids.codes == 1
 
         @torch.no_grad()
         def visual_rows(text: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # text rows [T, d] -> head rows [hi - lo, d]
@@ -206,7 +284,11 @@ class SemHiTokLM(nn.Module):
             out = torch.zeros(hi - lo, text.shape[1], device=text.device)  # text rows the tokenizer added: zero
             first = max(lo, layout.visual_offset)
             if first < hi:
-                rows = adapter(torch.arange(first, hi, device=adapter.sem_codes.device) - layout.visual_offset).float().to(text.device)
+                if from_table:
+                    table = features.table()[first - layout.visual_offset : hi - layout.visual_offset]
+                    rows = adapter.project(table).float().to(text.device)
+                else:  # the same rows on every rank and shard: seeded by the first row
+                    rows = torch.randn(hi - first, text.shape[1], generator=torch.Generator().manual_seed(first)).to(text.device)
                 out[first - lo :] = rows / rows.norm(dim=1, keepdim=True) * norm[0]
             return out
 
@@ -214,7 +296,7 @@ class SemHiTokLM(nn.Module):
         if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
             lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
         extend_head(lm, layout.vocab_size, visual_rows)
-        return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, image_grid, sequence_config)
+        return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
@@ -236,7 +318,7 @@ class SemHiTokLM(nn.Module):
             text_tokenizer.save_pretrained(tmp)
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
-                    "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.sem_mlp[0].out_features,
+                    "ids": self.ids.to_dict(), "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.hidden,
                     "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -256,17 +338,30 @@ class SemHiTokLM(nn.Module):
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
             lm.set_input_embeddings(with_rows(lm.get_input_embeddings(), layout.text_vocab_size))
-        adapter_state = load_file(str(path / ADAPTER_WEIGHTS))
-        d = lm.config.hidden_size
-        adapter = VisualAdapter(adapter_state["sem_codes"], adapter_state["pix_codes"], meta["codes_per_group"], meta["adapter_hidden"], d,
-                                cfg.adapter_inputs)
-        adapter.load_state_dict(adapter_state)
+        ids = IdStructure.from_dict(meta["ids"]) if "ids" in meta else IdStructure("semhitok", meta["image_grid"],
+                                                                                    (layout.visual_vocab_size,), (1,))
+        adapter = VisualAdapter(export_features(path, ids, meta), meta["adapter_hidden"], lm.config.hidden_size, cfg.adapter_inputs)
+        adapter.load_state_dict(_adapter_state(load_file(str(path / ADAPTER_WEIGHTS))))
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
         if full_shape(lm.get_output_embeddings().weight)[0] < layout.vocab_size:
             raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
                              f"layout needs {layout.vocab_size}")
-        model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg)
+        model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg, ids)
         return model.to(device).eval()
+
+
+def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
+    """The features module of an export, rebuilt from its visual_tokenizer/ copy (its weights then come from
+    adapter.safetensors). SemHiTok's is two code tables, shaped from the adapter file alone."""
+    if ids.kind == "semhitok":
+        state = _adapter_state(load_file(str(path / ADAPTER_WEIGHTS)))
+        return SemHiTokFeatures(state["features.sem_codes"], state["features.pix_codes"], meta["codes_per_group"])
+    return load_visual_tokenizer(path / VISUAL_TOKENIZER).input_features()
+
+
+def _adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Exports from before tokenizer kinds kept SemHiTok's code tables at the adapter's top level."""
+    return {f"features.{k}" if k in ("sem_codes", "pix_codes") else k: v for k, v in state.items()}
 
 
 MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")

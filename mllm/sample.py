@@ -35,7 +35,8 @@ from semhitok.common.config_io import ConfigError, check_finite, check_min, chec
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
-from semhitok.tokenizer import SemHiTok, image_grid, to_pil
+from semhitok.tokenizer import image_grid, to_pil
+from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Decoder:
     def __init__(self, model: SemHiTokLM, text_tokenizer, compile: bool = False):
         self.model, self.layout = model, model.layout
         self.seq_cfg = model.sequence_config  # the prompt format the model was trained with
-        self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg)
+        self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg, model.ids.codes)
         self.tokenizer = text_tokenizer
         if model.lm.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
             raise ValueError(f"decoding needs sdpa, eager or flex_attention, not {model.lm.config._attn_implementation} "
@@ -250,6 +251,8 @@ class Decoder:
         repeated caption gives distinct images and a batch gives the images its rows give alone."""
         if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}")
+        if self.model.ids.codes > 1:  # mllm/depth_head.py samples the L codes of each position
+            raise NotImplementedError(f"{self.model.ids.kind}: sampling {self.model.ids.codes} codes per position needs the depth head")
         captions = [c if c.strip() else self.seq_cfg.uncond_prompt for c in captions]  # "": the unconditional prompt
         if samples is None:
             samples = [captions[:r].count(c) for r, c in enumerate(captions)]
@@ -292,16 +295,16 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool = False) -> tuple[Decoder, SemHiTok]:
+def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool = False) -> tuple[Decoder, VisualTokenizer]:
     """A model directory (SemHiTokLM.save_pretrained) -> (decoder, its visual tokenizer)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = SemHiTokLM.from_pretrained(model_dir, device, dtype, attn_implementation="sdpa")
     decoder = Decoder(model, load_text_tokenizer(str(model_dir)), compile)
-    return decoder, SemHiTok.from_pretrained(Path(model_dir) / VISUAL_TOKENIZER, device)
+    return decoder, load_visual_tokenizer(Path(model_dir) / VISUAL_TOKENIZER, device)
 
 
-def sample_images(decoder: Decoder, visual: SemHiTok, prompts: list[str], out: str | Path, sampling: SamplingConfig,
+def sample_images(decoder: Decoder, visual: VisualTokenizer, prompts: list[str], out: str | Path, sampling: SamplingConfig,
                   batch_size: int = 8, per_prompt: int = 1, grid_limit: int = 64) -> Path:
     """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl
     (prompt, sample, file and the sampling settings), out/grid.png (every image, a row per prompt, up to

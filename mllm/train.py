@@ -42,7 +42,7 @@ from semhitok.mllm.loss import chunk_for_budget
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_config
 from semhitok.mllm.partition import zero3_build
 from semhitok.mllm.plain_engine import PlainEngine
-from semhitok.tokenizer import SemHiTok
+from semhitok.tokenizer.interface import load_visual_tokenizer
 from semhitok.tokenizer.train import warmup_cosine
 
 log = logging.getLogger("semhitok")
@@ -90,7 +90,7 @@ def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
     text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
-    model = SemHiTokLM.build(cfg.mllm, SemHiTok.from_pretrained(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
+    model = SemHiTokLM.build(cfg.mllm, load_visual_tokenizer(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
     return model, text_tokenizer, tokenizer_dir
 
 
@@ -198,8 +198,8 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     t = cfg.mllm_train
     if t.eval_every <= 0:
         return None
-    pairs = load_pairs(t.eval_data, SemHiTok.from_pretrained(visual_tokenizer_dir, device), t.eval_limit)
-    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data)
+    pairs = load_pairs(t.eval_data, load_visual_tokenizer(visual_tokenizer_dir, device), t.eval_limit)
+    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data, model.ids.codes)
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
@@ -227,7 +227,7 @@ def train_mllm(cfg) -> Path:
     model.enable_activation_checkpointing(t.activation_checkpointing)
     if t.fused_kernels:
         log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
-    loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size)
+    loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size, model.ids)
 
     adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
@@ -261,7 +261,8 @@ def train_mllm(cfg) -> Path:
             batch = next(batches)
             loader_state = batch.pop("loader_state")
             result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device))
+                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
+                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}))
             bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
             if bad.item() > 0:
                 where = f"this rank's batch: {batch['origins'][:4]}" if not torch.isfinite(result["loss"]) else "another rank's batch"

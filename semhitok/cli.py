@@ -75,9 +75,16 @@ def cmd_config(args) -> None:
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
+    from semhitok.tokenizer.interface import kind_trainer
     from semhitok.tokenizer.train import stage_dirs, train_tokenizer
 
     cfg = _load(args)
+    if args.stage is None:  # every stage of tokenizer.kind, through its registered trainer
+        _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
+        log.info("%s tokenizer done: %s", cfg.tokenizer.kind, kind_trainer(cfg.tokenizer.kind)[0](cfg))
+        return
+    if cfg.tokenizer.kind != "semhitok":
+        raise ValueError(f"--stage is SemHiTok's; tokenizer.kind={cfg.tokenizer.kind!r} trains all its stages without it")
     cfg.tokenizer_train.stage = args.stage
     out, init_from = stage_dirs(cfg.run_dir, args.stage, cfg.tokenizer_train)
     _record(out, cfg, f"tokenizer-stage{args.stage}", args)
@@ -95,7 +102,7 @@ def cmd_tokenizer_encode(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, ids=ids.numpy().astype(np.int32), paths=np.array([str(p) for p in kept]))
-    print(f"{len(kept)} images -> ids {list(ids.shape)} in [0, {model.vocab_size}) -> {out}")
+    print(f"{len(kept)} images -> ids {list(ids.shape)}, code vocabularies {list(model.code_vocab_sizes)} -> {out}")
 
 
 def cmd_tokenizer_decode(args) -> None:
@@ -111,8 +118,8 @@ def cmd_tokenizer_decode(args) -> None:
     if not isinstance(data, np.lib.npyio.NpzFile) or "ids" not in data:
         raise ValueError(f"{args.ids}: no 'ids' array (write it with `semhitok tokenizer encode`)")
     raw = data["ids"]
-    if raw.ndim != 3 or not np.issubdtype(raw.dtype, np.integer):
-        raise ValueError(f"{args.ids}: ids must be an integer array [N, h, w], got {raw.dtype} {list(raw.shape)}")
+    if raw.ndim not in (3, 4) or not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"{args.ids}: ids must be an integer array [N, h, w] (or [N, h, w, L]), got {raw.dtype} {list(raw.shape)}")
     ids = torch.from_numpy(raw.astype(np.int64))
     names = [Path(str(p)).stem for p in data["paths"]] if "paths" in data else [f"{i:05d}" for i in range(len(ids))]
     if len(names) != len(ids):
@@ -330,18 +337,13 @@ def cmd_pipeline(args) -> None:
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
     from semhitok.mllm.train import train_mllm
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
-    from semhitok.tokenizer.train import train_tokenizer
+    from semhitok.tokenizer.interface import kind_trainer
 
     cfg = _load(args)
     _record(cfg.run_dir, cfg, "pipeline", args)
-    for stage in (1, 2):
-        cfg.tokenizer_train.stage = stage
-        if (cfg.tokenizer_stage_dir(stage) / "final" / "config.json").is_file():
-            log.info("== tokenizer stage %d already finished at %s; skipping", stage, cfg.tokenizer_stage_dir(stage) / "final")
-            continue
-        log.info("== tokenizer stage %d -> %s", stage, cfg.tokenizer_stage_dir(stage))
-        _record(cfg.tokenizer_stage_dir(stage), cfg, f"tokenizer-stage{stage}", args)
-        train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
+    log.info("== %s tokenizer -> %s", cfg.tokenizer.kind, Path(cfg.run_dir) / "tokenizer")
+    _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
+    kind_trainer(cfg.tokenizer.kind)[0](cfg)
     model = load_tokenizer(cfg.tokenizer_dir)
     log.info("== tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
     result = evaluate_reconstruction(model, cfg.tokenizer_train.holdout_data, fid=False)
@@ -440,11 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     _ablate_parser(sub)
     _compare_parser(sub)
 
-    tok = sub.add_parser("tokenizer", help="SemHiTok: train, encode, decode, reconstruct, eval",
-                         description="SemHiTok: train, encode, decode, reconstruct, eval", formatter_class=HelpFormatter)
+    tok = sub.add_parser("tokenizer", help="the visual tokenizer (tokenizer.kind): train, encode, decode, reconstruct, eval",
+                         description="the visual tokenizer (tokenizer.kind): train, encode, decode, reconstruct, eval",
+                         formatter_class=HelpFormatter)
     tok = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = command(tok, "train", "train (or resume) stage 1 or 2", cmd_tokenizer_train)
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: semantic codebook; 2: pixel sub-codebooks")
+    p = command(tok, "train", "train (or resume) the tokenizer of tokenizer.kind (SemHiTok: one --stage)", cmd_tokenizer_train)
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                   help="SemHiTok's stage, 1: semantic codebook; 2: pixel sub-codebooks (default: every stage of tokenizer.kind)")
     _config_args(p)
 
     def model_args(p):

@@ -12,6 +12,7 @@ from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
+from semhitok.tokenizer.interface import kind_trainer
 
 
 @dataclass
@@ -30,8 +31,8 @@ class ProjectConfig:
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The finished (stage-2) tokenizer, as later jobs consume it."""
-        return self.tokenizer_stage_dir(2) / "final"
+        """The finished tokenizer of kind `tokenizer.kind`, as later jobs consume it (its trainer's final_dir)."""
+        return kind_trainer(self.tokenizer.kind)[1](self)
 
     @property
     def pretokenize_tokenizer(self) -> Path:

@@ -1,4 +1,4 @@
-"""File-level helpers over SemHiTok.encode/decode, shared by the CLI, the pre-tokenizer and eval."""
+"""File-level helpers over any VisualTokenizer's encode/decode, shared by the CLI, the pre-tokenizer and eval."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import torch
 from tqdm import tqdm
 
 from semhitok.tokenizer.data import ImageLimits, image_grid, load_rgb, preprocess, to_rgb
-from semhitok.tokenizer.model import SemHiTok
+from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
 
 def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_tokenizer(path: str | Path, device: str | None = None) -> SemHiTok:
-    """A trained tokenizer directory (save_pretrained output) on `device` (GPU when present), eval mode."""
-    return SemHiTok.from_pretrained(path, device=pick_device(device))
+def load_tokenizer(path: str | Path, device: str | None = None) -> VisualTokenizer:
+    """A trained tokenizer directory of any kind (save_pretrained output) on `device` (GPU when present), eval mode."""
+    return load_visual_tokenizer(path, device=pick_device(device))
 
 
 def iter_image_batches(
@@ -37,8 +37,7 @@ def iter_image_batches(
 
 
 @torch.no_grad()
-@torch.no_grad()
-def encode_images(model: SemHiTok, images: list, mode: str = "crop", limits: ImageLimits = ImageLimits()) -> torch.Tensor:
+def encode_images(model: VisualTokenizer, images: list, mode: str = "crop", limits: ImageLimits = ImageLimits()) -> torch.Tensor:
     """PIL images (any size and mode; centre-cropped, or padded to square with mode="pad", and resized) -> visual
     ids [B, h, w] on the model's device. Images beyond `limits` raise ImageRejected (checked on the header when
     not yet decoded)."""
@@ -46,19 +45,20 @@ def encode_images(model: SemHiTok, images: list, mode: str = "crop", limits: Ima
     return model.encode(preprocess(rgb, model.image_size, mode).to(model.device))
 
 
-def encode_paths(model: SemHiTok, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:
-    """Image files -> (the readable ones, ids [B, h, w] int64 on CPU)."""
+def encode_paths(model: VisualTokenizer, paths: list[Path], batch_size: int = 32) -> tuple[list[Path], torch.Tensor]:
+    """Image files -> (the readable ones, ids [B, h, w] (or [B, h, w, L]) int64 on CPU)."""
     kept, ids = [], []
     for batch_paths, images in iter_image_batches(paths, model.image_size, batch_size, progress="encode"):
         kept += batch_paths
         ids.append(model.encode(images.to(model.device)).cpu())
     if not ids:
-        return [], torch.empty(0, model.grid, model.grid, dtype=torch.long)
+        extra = () if len(model.code_vocab_sizes) == 1 else (len(model.code_vocab_sizes),)
+        return [], torch.empty(0, model.grid, model.grid, *extra, dtype=torch.long)
     return kept, torch.cat(ids)
 
 
 @torch.no_grad()
-def reconstruct_to_dir(model: SemHiTok, paths: list[Path], out: Path, batch_size: int = 32, grid: int = 8) -> Path:
+def reconstruct_to_dir(model: VisualTokenizer, paths: list[Path], out: Path, batch_size: int = 32, grid: int = 8) -> Path:
     """Encode + decode each image; write <stem>_recon.png (input above reconstruction) per image and an
     overview grid.png of the first `grid` images. Returns the grid's path."""
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ Fusion = Literal["concat", "pixel_only", "length", "semantic_only"]
 
 @dataclass
 class TokenizerConfig:
+    # Which visual tokenizer the stack trains and consumes (tokenizer/interface.py KINDS): semhitok (the fields
+    # below), or another kind configured in its own top-level section (dualtoken, toklip).
+    kind: str = "semhitok"
     # Semantic teacher: a SigLIP vision tower by HF name or local path. The student starts as a copy of it.
     teacher: str = "google/siglip-large-patch16-256"
     # When set, the teacher is a randomly initialised SiglipVisionModel of this SiglipVisionConfig
@@ -54,6 +57,10 @@ class TokenizerConfig:
     fusion: Fusion = "concat"
 
     def __post_init__(self) -> None:
+        from semhitok.tokenizer.interface import KINDS
+
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind: {self.kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
         if self.pix_width is not None:
             self.pix_encoder_width = self.pix_decoder_width = self.pix_width
         if self.pix_heads is not None:

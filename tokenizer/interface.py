@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -89,14 +90,27 @@ KINDS: dict[str, str] = {
 # (semhitok.config.Config): train(cfg) -> Path runs every stage of that kind under <run_dir>/tokenizer/
 # (resumable, skipping finished stages) and returns the finished tokenizer directory; final_dir(cfg) -> Path
 # names that directory without training (what pre-tokenization and the MLLM consume).
-TRAINERS: dict[str, tuple[str, str]] = {}
+TRAINERS: dict[str, tuple[str, str]] = {
+    "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
+}
 
 
 def tokenizer_class(kind: str) -> type:
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; known: {', '.join(sorted(KINDS))}")
-    module, name = KINDS[kind].split(":")
+    return _entry(KINDS[kind])
+
+
+def _entry(spec: str):
+    module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def kind_trainer(kind: str) -> tuple[Callable, Callable]:
+    """(train(cfg) -> Path, final_dir(cfg) -> Path) of a kind (see TRAINERS)."""
+    if kind not in TRAINERS:
+        raise ValueError(f"tokenizer.kind={kind!r} has no trainer; known: {', '.join(sorted(TRAINERS))}")
+    return _entry(TRAINERS[kind][0]), _entry(TRAINERS[kind][1])
 
 
 def saved_kind(path: str | Path) -> str:
@@ -117,6 +131,42 @@ def saved_kind(path: str | Path) -> str:
 def load_visual_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VisualTokenizer:
     """Any saved visual tokenizer, by the kind its directory declares; eval mode on `device`."""
     return tokenizer_class(saved_kind(path)).from_pretrained(path, device=device)
+
+
+@dataclass(frozen=True)
+class IdStructure:
+    """What the stack downstream of a tokenizer needs to know about its ids (pre-tokenized manifests and MLLM
+    exports record it; the loader refuses data whose structure disagrees with the model's)."""
+
+    kind: str
+    grid: int
+    code_vocab_sizes: tuple[int, ...]
+    code_groups: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tok: VisualTokenizer) -> "IdStructure":
+        return cls(tok.kind, tok.grid, tuple(tok.code_vocab_sizes), tuple(tok.code_groups))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdStructure":
+        return cls(str(d["kind"]), int(d["grid"]), tuple(map(int, d["code_vocab_sizes"])), tuple(map(int, d["code_groups"])))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "grid": self.grid, "code_vocab_sizes": list(self.code_vocab_sizes),
+                "code_groups": list(self.code_groups)}
+
+    @property
+    def codes(self) -> int:  # L
+        return len(self.code_vocab_sizes)
+
+    @property
+    def positions(self) -> int:  # N
+        return self.grid * self.grid
+
+    @property
+    def visual_vocab_size(self) -> int:
+        """The LLM's visual vocabulary rows: every id when L == 1, one placeholder row when L > 1."""
+        return self.code_vocab_sizes[0] if self.codes == 1 else 1
 
 
 def positions_and_codes(tok: VisualTokenizer) -> tuple[int, int]:

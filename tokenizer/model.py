@@ -21,6 +21,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
+from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
 from semhitok.tokenizer.vit import Transformer, patchify, pixel_geometry, resize, unpatchify
 
@@ -170,7 +171,33 @@ class PixelBranch(nn.Module):
         return resize(unpatchify(self.to_pixels(x), self.patch, self.grid), self.image_size)  # [B, 3, H, W]
 
 
+class SemHiTokFeatures(VisualFeatures):
+    """SemHiTok's frozen code features for the MLLM adapter: id h -> concat(sem[h // m], pix[h]) [sem_dim + pix_dim],
+    two splits (semantic, pixel) for the dual MLP."""
+
+    split_names = ("sem", "pix")  # the adapter names its MLPs sem_mlp and pix_mlp
+    per_id = True
+
+    def __init__(self, sem_codes: torch.Tensor, pix_codes: torch.Tensor, codes_per_group: int):
+        super().__init__()
+        self.codes_per_group = codes_per_group
+        self.register_buffer("sem_codes", sem_codes.float().clone())  # [K, sem_dim]
+        self.register_buffer("pix_codes", pix_codes.float().clone())  # [K*m, pix_dim]
+        self.splits = (sem_codes.shape[1], pix_codes.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n, N, 1] (or [n, N]) -> [n, N, sem_dim + pix_dim]"""
+        ids = ids[..., 0] if ids.dim() == 3 else ids
+        return torch.cat([self.sem_codes[ids // self.codes_per_group], self.pix_codes[ids]], dim=-1)
+
+    def table(self) -> torch.Tensor:
+        """[K*m, sem_dim + pix_dim]"""
+        return self(torch.arange(self.pix_codes.shape[0], device=self.pix_codes.device)[None])[0]
+
+
 class SemHiTok(nn.Module):
+    kind = "semhitok"  # VisualTokenizer (tokenizer/interface.py)
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         if cfg.siglip_config is None:
@@ -199,8 +226,22 @@ class SemHiTok(nn.Module):
         return self.config.vocab_size
 
     @property
+    def code_vocab_sizes(self) -> tuple[int, ...]:
+        return (self.vocab_size,)  # one flat id per position: K*m
+
+    @property
+    def code_groups(self) -> tuple[int, ...]:
+        return (1,)
+
+    @property
     def device(self) -> torch.device:
         return self.pixel.to_pixels.weight.device
+
+    def input_features(self) -> SemHiTokFeatures:
+        """The frozen (semantic, pixel) code features behind every id, on CPU in fp32 (the dual-MLP adapter's input).
+        No `semantic_alignment`: the SigLIP teacher is not part of a saved tokenizer."""
+        sem, pix = self.code_features()
+        return SemHiTokFeatures(sem.cpu(), pix.cpu(), self.codes_per_group).requires_grad_(False)
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -487,3 +487,22 @@ def train_tokenizer(tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, out_d
     device = D.default_device(info.local_rank)
     task = build_task(train.stage, tok_cfg, train, init_from, device, info.world_size)
     return Trainer(task, train, out_dir, info).fit()
+
+
+# -- the kind's entry points (tokenizer/interface.py TRAINERS) ------------------------------------------
+def final_dir(cfg) -> Path:
+    """The finished stage-2 tokenizer of a run config (semhitok.config.ProjectConfig), as later jobs consume it."""
+    return Path(cfg.run_dir) / "tokenizer" / "stage2" / "final"
+
+
+def train_all(cfg) -> Path:
+    """Stage 1, then stage 2 from it, under <run_dir>/tokenizer/stage{1,2}; a finished stage is skipped."""
+    for stage in (1, 2):
+        out = Path(cfg.run_dir) / "tokenizer" / f"stage{stage}"
+        if (out / "final" / "config.json").is_file():
+            log.info("== tokenizer stage %d already finished at %s; skipping", stage, out / "final")
+            continue
+        log.info("== tokenizer stage %d -> %s", stage, out)
+        train = dataclasses.replace(cfg.tokenizer_train, stage=stage)
+        train_tokenizer(cfg.tokenizer, train, out, Path(cfg.run_dir) / "tokenizer" / "stage1" / "final")
+    return final_dir(cfg)

@@ -74,7 +74,7 @@ def test_visual_tokens_enter_through_the_adapter(model):
     emb = model.embed(ids)
     torch.testing.assert_close(emb[0, :2], model.lm.model.embed_tokens.weight[[5, 6]])
     torch.testing.assert_close(emb[0, 2:], model.adapter(torch.tensor([7, 100])))
-    sem, pix = model.adapter.sem_codes, model.adapter.pix_codes
+    sem, pix = model.adapter.features.sem_codes, model.adapter.features.pix_codes
     torch.testing.assert_close(model.adapter(torch.tensor([100]))[0, : 32], model.adapter.sem_mlp(sem[100 // 12])[:32])
     assert pix.shape[0] == model.layout.visual_vocab_size
 
