@@ -83,6 +83,7 @@ class VisualTokenizer(Protocol):
 # kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
 KINDS: dict[str, str] = {
     "semhitok": "semhitok.tokenizer.model:SemHiTok",
+    "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
 }
 
 
@@ -92,6 +93,7 @@ KINDS: dict[str, str] = {
 # names that directory without training (what pre-tokenization and the MLLM consume).
 TRAINERS: dict[str, tuple[str, str]] = {
     "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
+    "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
 }
 
 

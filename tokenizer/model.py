@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -23,6 +22,7 @@ from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
+from semhitok.tokenizer.saved import check_weights, read_config
 from semhitok.tokenizer.vit import Transformer, patchify, pixel_geometry, resize, unpatchify
 
 RANDOM_TEACHER = "random"
@@ -328,37 +328,12 @@ class SemHiTok(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
         """Check config.json and the weights against each other before allocating anything (a skeleton of
         the model on the meta device gives every expected shape), then load."""
-        path = Path(path)
-        config_file, weights = path / "config.json", path / "model.safetensors"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: pass a directory written by SemHiTok.save_pretrained")
-        try:
-            meta = json.loads(config_file.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-        if not isinstance(meta, dict) or meta.pop("model_type", None) != "semhitok":
-            raise ValueError(f"{config_file}: model_type is not 'semhitok'")
+        meta, config_file, weights = read_config(path, "semhitok", cls.__name__)
         stages = meta.pop("trained_stages", None)
         if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):
             raise ValueError(f"{config_file}: trained_stages must be a list of stages (1, 2), got {stages!r}")
         cfg = from_dict(TokenizerConfig, meta, where=str(config_file))
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found")
-        try:
-            with torch.device("meta"):
-                expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
-        except Exception as err:  # e.g. a siglip_config that describes no model
-            raise ValueError(f"{config_file}: describes no buildable tokenizer ({type(err).__name__}: {err})") from None
-        try:
-            with safe_open(str(weights), "pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-        problems = [f"{k} missing" for k in expected if k not in found] + [f"{k} unexpected" for k in found if k not in expected]
-        problems += [f"{k} is {list(found[k])}, config says {list(shape)}" for k, shape in expected.items()
-                     if k in found and found[k] != shape]
-        if problems:
-            raise ValueError(f"{weights} does not match {config_file}: {len(problems)} problem(s), first: {problems[0]}")
+        check_weights(lambda: cls(cfg), config_file, weights)
         model = cls(cfg)
         model.load_state_dict(load_file(str(weights)))
         model.trained_stages = list(stages)

@@ -1,0 +1,179 @@
+"""DualToken: residual quantization invariants, the VisualTokenizer contract at tiny scale and at SigLIP
+so400m/14-384's real vision config (depth cut), save/load, and its training task."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.dualtoken.model import DualToken
+from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
+from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.model import load_teacher
+from tests.tokenizer.siglip_dirs import siglip_model_dir, vision_config
+
+TINY_SIGLIP = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=64, patch_size=8)
+SMALL = dict(pixel_layer=1, semantic_layer=2, depth=8, sem_codebook_size=32, sem_code_dim=8, pix_codebook_size=32,
+             pix_code_dim=8, decoder_width=32, decoder_heads=2, decoder_layers=1)
+
+
+def clusters(n: int = 512, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """n points around 16 centres at several scales: structure a residual codebook can fit depth by depth"""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(16, dim, generator=g) * 3
+    return centres[torch.randint(16, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+
+
+# -- residual quantization --------------------------------------------------------------------------------
+def test_reconstruction_is_the_sum_of_the_chosen_codes_and_ids_in_range():
+    torch.manual_seed(0)
+    vq = ResidualVQ(num_codes=16, dim=8, depth=4).train()
+    z = clusters()
+    q, idx, commit = vq(z)  # fits the codebooks on z first
+    assert idx.shape == (512, 4) and idx.dtype == torch.int64
+    assert int(idx.min()) >= 0 and int(idx.max()) < 16
+    chosen = sum(vq.embed[k][idx[:, k]] for k in range(4))
+    torch.testing.assert_close(q, chosen)  # straight-through: the forward value is the quantized one
+    torch.testing.assert_close(vq.lookup(idx), chosen)
+    torch.testing.assert_close(commit, (z - chosen).pow(2).mean())
+
+
+def test_depth_one_is_plain_vq_and_depths_are_greedy():
+    torch.manual_seed(0)
+    deep = ResidualVQ(num_codes=16, dim=8, depth=3).eval()
+    deep.embed.copy_(torch.randn(3, 16, 8))
+    one = ResidualVQ(num_codes=16, dim=8, depth=1).eval()
+    one.embed.copy_(deep.embed[:1])
+    z = clusters()
+    _, idx1, _ = one(z)
+    assert torch.equal(idx1[:, 0], torch.cdist(z, one.embed[0]).argmin(1))  # plain nearest-code VQ
+    _, idx3, _ = deep(z)
+    assert torch.equal(idx3[:, :1], idx1)  # depth k only refines what depths < k left
+    r = z - deep.embed[0][idx3[:, 0]]
+    assert torch.equal(idx3[:, 1], torch.cdist(r, deep.embed[1]).argmin(1))
+
+
+def test_residual_norm_does_not_grow_with_depth_on_fitted_data():
+    torch.manual_seed(0)
+    vq = ResidualVQ(num_codes=16, dim=8, depth=6, decay=0.8).train()
+    z = clusters()
+    for _ in range(30):
+        vq(z)
+    _, _, norms = vq.eval().quantize(z)  # [D+1, n]: ||r_0|| .. ||r_D||
+    mean = norms.mean(1)
+    assert torch.all(mean[1:] <= mean[:-1] + 1e-6), mean
+    assert mean[-1] < 0.5 * mean[1] < mean[0]
+
+
+def test_ema_moves_used_codes_and_restarts_unused_ones():
+    torch.manual_seed(0)
+    vq = ResidualVQ(num_codes=8, dim=4, depth=1, decay=0.5, dead_threshold=0.5).train()
+    z = torch.randn(64, 4) * 0.1 + 5.0  # all data near (5, 5, 5, 5)
+    vq(z)  # initialisation from this batch
+    vq.embed[0, 7] = -100.0  # a code no feature will ever pick
+    vq.embed_sum[0, 7] = -100.0
+    vq.cluster_size[0, 7] = 1.0
+    before = vq.embed.clone()
+    _, idx, _ = vq(z)
+    used = torch.unique(idx[:, 0])
+    assert 7 not in used.tolist()
+    # code 7's EMA usage fell to 0.5 * 1.0 = 0.5 ... then restarted once below the threshold
+    _, idx, _ = vq(z)
+    assert vq.embed[0, 7].sub(z.mean(0)).norm() < 2.0  # restarted from a current residual, far from -100
+    assert not torch.equal(vq.embed[0, used], before[0, used])  # EMA moved the used codes
+
+
+def test_commitment_gradient_reaches_the_encoder_only():
+    torch.manual_seed(0)
+    encoder, decoder = nn.Linear(8, 8), nn.Linear(8, 8)
+    vq = ResidualVQ(num_codes=16, dim=8, depth=3).train()
+    q, _, commit = vq(encoder(clusters(64)))
+    (commit + 0 * decoder(q).sum()).backward()
+    assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
+    assert decoder.weight.grad is None or decoder.weight.grad.abs().sum() == 0
+    assert not any(b.requires_grad for b in vq.buffers()) and not list(vq.parameters())
+    # and the reconstruction path reaches the encoder straight through the quantizer
+    encoder.zero_grad()
+    q, _, _ = vq(encoder(clusters(64)))
+    decoder(q).pow(2).mean().backward()
+    assert encoder.weight.grad.abs().sum() > 0
+
+
+# -- the tokenizer ----------------------------------------------------------------------------------------
+def tiny_config(**kw) -> DualTokenConfig:
+    return DualTokenConfig(teacher="random", siglip_config=TINY_SIGLIP, **{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DualToken:
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = DualToken.from_teacher(cfg, load_teacher(cfg))
+    model.train().quantize(torch.rand(4, 3, 64, 64) * 2 - 1)  # fit the codebooks once
+    return model.eval()
+
+
+def test_tiny_contract(tiny):
+    assert isinstance(tiny, VisualTokenizer) and tiny.kind == "dualtoken"
+    assert tiny.code_vocab_sizes == (32,) * 16 and tiny.code_groups == (8, 8) and tiny.grid == 8
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids = tiny.encode(x)
+    assert ids.shape == (2, 8, 8, 16) and ids.dtype == torch.int64 and 0 <= int(ids.min()) and int(ids.max()) < 32
+    assert tiny.decode(ids).shape == (2, 3, 64, 64)
+    feats = tiny.input_features()
+    assert feats.per_id and feats.splits == (16,)
+    f = feats(ids.flatten(1, 2))  # [n, N, ds + dp]
+    assert f.shape == (2, 64, 16)
+    torch.testing.assert_close(f[..., :8], tiny.sem_vq.lookup(ids[..., :8]).flatten(1, 2))
+    torch.testing.assert_close(f[..., 8:], tiny.pix_vq.lookup(ids[..., 8:]).flatten(1, 2))
+    pred, target = tiny.semantic_alignment(x)
+    assert pred.shape == target.shape == (2, 64, 96)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny.decode(torch.full_like(ids, 32))
+    with pytest.raises(ValueError, match=r"\[B, 8, 8, 16\]"):
+        tiny.decode(ids[..., :8])
+
+
+def test_tower_is_cut_after_the_semantic_layer_and_starts_as_the_teacher(tiny):
+    assert len(tiny.tower.encoder.layers) == 2 and not hasattr(tiny.tower, "head")
+    for a, b in zip(tiny.tower.state_dict().values(), tiny.initial.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in tiny.initial.parameters())
+    with pytest.raises(ValueError, match="semantic_layer=4"):
+        DualToken(tiny_config(semantic_layer=4))
+
+
+def test_save_load_round_trip_and_shape_check(tiny, tmp_path):
+    tiny.trained_stages = [1]
+    tiny.save_pretrained(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "config.json").read_text())["model_type"] == "dualtoken"
+    loaded = load_visual_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, DualToken)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(loaded.encode(x), tiny.encode(x))
+    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({**meta, "pix_code_dim": 4}))
+    with pytest.raises(ValueError, match="does not match"):
+        DualToken.from_pretrained(tmp_path / "tok")
+
+
+def test_real_so400m_vision_config_depth_cut(tmp_path):
+    """A full SiglipModel directory with so400m/14-384's real vision config (2 layers, random weights):
+    27x27 positions of 16 codes, 384 px out."""
+    so400m = "google/siglip-so400m-patch14-384"
+    siglip_model_dir(so400m, tmp_path / "siglip", layers=2)
+    cfg = DualTokenConfig(teacher=str(tmp_path / "siglip"), **SMALL)
+    torch.manual_seed(0)
+    model = DualToken.from_teacher(cfg, load_teacher(cfg))
+    assert model.config.siglip_config["hidden_size"] == vision_config(so400m)["hidden_size"] == 1152
+    x = torch.rand(1, 3, 384, 384) * 2 - 1
+    model.train().quantize(x)
+    ids = model.eval().encode(x)
+    assert ids.shape == (1, 27, 27, 16)
+    assert model.decode(ids).shape == (1, 3, 384, 384)
+    pred, target = model.semantic_alignment(x)
+    assert pred.shape == target.shape == (1, 729, 1152)

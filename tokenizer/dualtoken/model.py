@@ -1,0 +1,213 @@
+"""DualToken: one SigLIP vision tower, two residual-quantized vocabularies (arXiv 2503.14324, sec. 3.2).
+
+    images [B, 3, H, W] in [-1, 1] -> tower -> hidden_states[pixel_layer]    [B, N, W] -> to_pix -> RVQ (D codes)
+                                             hidden_states[semantic_layer] [B, N, W] -> to_sem -> RVQ (D codes)
+    ids [B, h, w, 2D]: the D semantic codes, then the D pixel codes, of each of the N = h*w positions
+    decode: pixel codes -> summed code vectors -> ViT pixel decoder -> image (the semantic codes are not used)
+
+`initial` is a frozen copy of the tower as loaded (its state F_0 for the semantic loss ||F - F_0||^2 and for
+semantic_alignment); it is saved with the model so evaluation needs no hub access. `from_sem` maps the
+summed semantic codes back to the tower's width: the tokenizer's prediction of F_0 from its ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from semhitok.common.config_io import from_dict
+from semhitok.common.io import atomic_dir
+from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
+from semhitok.tokenizer.interface import VisualFeatures
+from semhitok.tokenizer.saved import check_weights, read_config
+from semhitok.tokenizer.vit import Transformer, pixel_geometry, resize, unpatchify
+
+
+def tower_config(cfg: DualTokenConfig) -> SiglipVisionConfig:
+    """cfg.siglip_config cut after semantic_layer (the layers above it are unused), without the pooling head."""
+    if cfg.siglip_config is None:
+        raise ValueError("DualTokenConfig.siglip_config is unset: build with DualToken.from_teacher or from_pretrained")
+    layers = cfg.siglip_config.get("num_hidden_layers", 12)
+    if cfg.semantic_layer > layers:
+        raise ValueError(f"dualtoken.semantic_layer={cfg.semantic_layer} but the SigLIP tower has {layers} layers")
+    return SiglipVisionConfig.from_dict({**cfg.siglip_config, "num_hidden_layers": cfg.semantic_layer, "vision_use_head": False})
+
+
+class PixelDecoder(nn.Module):
+    """summed pixel codes [B, N, d] -> images [B, 3, H, W] on the tower's grid (vit.pixel_geometry: 15 px
+    patches on a 405 px canvas at so400m/14-384, resized back to 384)."""
+
+    def __init__(self, cfg: DualTokenConfig, image_size: int, grid: int):
+        super().__init__()
+        self.patch, self.canvas = pixel_geometry(image_size, grid)
+        self.grid, self.image_size = grid, image_size
+        self.proj_in = nn.Linear(cfg.pix_code_dim, cfg.decoder_width)
+        self.decoder = Transformer(cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads, grid * grid)
+        self.to_pixels = nn.Linear(cfg.decoder_width, self.patch * self.patch * 3)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        x = self.to_pixels(self.decoder(self.proj_in(q)))  # [B, N, p*p*3]
+        return resize(unpatchify(x, self.patch, self.grid), self.image_size)
+
+
+class DualTokenFeatures(VisualFeatures):
+    """Frozen ids [n, N, 2D] -> concat(sum of the D semantic code vectors, sum of the D pixel ones) [n, N, ds + dp]:
+    the paper's unified visual token (sec. 3.3, semantic and pixel tokens concatenated on channels); one split."""
+
+    per_id = True
+
+    def __init__(self, sem_embed: torch.Tensor, pix_embed: torch.Tensor):
+        super().__init__()
+        self.register_buffer("sem_embed", sem_embed.detach().float().cpu().clone())  # [D, Ks, ds]
+        self.register_buffer("pix_embed", pix_embed.detach().float().cpu().clone())  # [D, Kp, dp]
+        self.depth = sem_embed.shape[0]
+        self.splits = (sem_embed.shape[-1] + pix_embed.shape[-1],)
+        self.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        d = self.depth
+        if ids.shape[-1] != 2 * d:
+            raise ValueError(f"DualToken ids have {2 * d} codes per position, got shape {list(ids.shape)}")
+        sem = sum(self.sem_embed[k][ids[..., k]] for k in range(d))
+        pix = sum(self.pix_embed[k][ids[..., d + k]] for k in range(d))
+        return torch.cat([sem, pix], dim=-1)
+
+
+class DualToken(nn.Module):
+    kind = "dualtoken"
+
+    def __init__(self, cfg: DualTokenConfig):
+        super().__init__()
+        self.config = cfg
+        siglip = tower_config(cfg)
+        width = siglip.hidden_size
+        self.image_size = siglip.image_size
+        self.grid = siglip.image_size // siglip.patch_size  # 384 // 14 = 27: SigLIP drops the remainder
+        self.tower = SiglipVisionModel(siglip)  # trained
+        self.initial = SiglipVisionModel(siglip).requires_grad_(False)  # frozen copy of the tower as loaded
+        for tower in (self.tower, self.initial):  # hidden states are read, never last_hidden_state's final norm
+            tower.post_layernorm = nn.Identity()
+        self.to_sem = nn.Linear(width, cfg.sem_code_dim)
+        self.sem_vq = ResidualVQ(cfg.sem_codebook_size, cfg.sem_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold)
+        self.from_sem = nn.Linear(cfg.sem_code_dim, width)
+        self.to_pix = nn.Linear(width, cfg.pix_code_dim)
+        self.pix_vq = ResidualVQ(cfg.pix_codebook_size, cfg.pix_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold)
+        self.decoder = PixelDecoder(cfg, self.image_size, self.grid)
+        self.trained_stages: list[int] = []  # [1] once trained (tokenizer/train.py's loop marks its stage)
+
+    @classmethod
+    def from_teacher(cls, cfg: DualTokenConfig, teacher: SiglipVisionModel) -> "DualToken":
+        """A new tokenizer whose tower and frozen initial copy both start as the loaded SigLIP tower."""
+        model = cls(dataclasses.replace(cfg, siglip_config=teacher.config.to_dict()))
+        state = {k: v for k, v in teacher.state_dict().items() if k in model.tower.state_dict()}
+        for tower in (model.tower, model.initial):
+            missing, _ = tower.load_state_dict(state, strict=False)
+            if missing:
+                raise ValueError(f"SigLIP tower lacks {len(missing)} weights of the cut tower (first: {missing[0]})")
+        return model
+
+    # -- the contract ------------------------------------------------------------------------------
+    @property
+    def code_vocab_sizes(self) -> tuple[int, ...]:
+        return self.sem_vq.vocab_sizes + self.pix_vq.vocab_sizes
+
+    @property
+    def code_groups(self) -> tuple[int, ...]:
+        return (self.config.depth, self.config.depth)
+
+    @property
+    def device(self) -> torch.device:
+        return self.to_pix.weight.device
+
+    # -- features and quantization -----------------------------------------------------------------
+    def features(self, images: torch.Tensor, tower: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (shallow features [B, N, W], deep features [B, N, W]) of `tower` (default: the trained one)"""
+        hidden = (tower or self.tower)(pixel_values=images, output_hidden_states=True).hidden_states
+        return hidden[self.config.pixel_layer], hidden[self.config.semantic_layer]
+
+    def quantize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images -> {deep [B, N, W], q_sem [B, N, ds] / q_pix [B, N, dp] (straight-through), sem_ids / pix_ids
+        [B, N, D], sem_commit / pix_commit []}; codebooks update when the quantizers are in training mode."""
+        shallow, deep = self.features(images)
+        b, n, _ = deep.shape
+        out = {"deep": deep}
+        for name, proj, vq, feats in (("sem", self.to_sem, self.sem_vq, deep), ("pix", self.to_pix, self.pix_vq, shallow)):
+            z = proj(feats).reshape(b * n, -1)
+            q, idx, commit = vq(z)
+            out[f"q_{name}"], out[f"{name}_ids"], out[f"{name}_commit"] = q.view(b, n, -1), idx.view(b, n, -1), commit
+        return out
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training path: quantize's outputs plus recon [B, 3, H, W] decoded from the straight-through pixel codes
+        and sem_pred [B, N, W] (every trained module runs inside forward, as DDP needs)."""
+        out = self.quantize(images)
+        out["recon"] = self.decoder(out["q_pix"])
+        out["sem_pred"] = self.from_sem(out["q_sem"])  # [B, N, W]: the semantic codes' prediction of F_0
+        return out
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> ids [B, h, w, 2D] int64 (semantic codes, then pixel codes)"""
+        was = self.training
+        self.eval()
+        out = self.quantize(images.to(self.device))
+        self.train(was)
+        return torch.cat([out["sem_ids"], out["pix_ids"]], dim=-1).view(-1, self.grid, self.grid, 2 * self.config.depth)
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        want = (self.grid, self.grid, 2 * self.config.depth)
+        if ids.dim() != 4 or tuple(ids.shape[1:]) != want:
+            raise ValueError(f"DualToken ids must be [B, {', '.join(map(str, want))}], got {list(ids.shape)}")
+        vocab = torch.tensor(self.code_vocab_sizes, device=ids.device)
+        if ids.min() < 0 or (ids >= vocab).any():
+            raise ValueError(f"DualToken ids out of range: code l must lie in [0, {self.code_vocab_sizes[0]})")
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, h, w, 2D] -> images [B, 3, H, W] in [-1, 1], from the pixel codes"""
+        self._check_ids(ids)
+        pix = ids[..., self.config.depth :].flatten(1, 2).to(self.device)  # [B, N, D]
+        return self.decoder(self.pix_vq.lookup(pix)).float().clamp(-1, 1)
+
+    def input_features(self) -> DualTokenFeatures:
+        return DualTokenFeatures(self.sem_vq.embed, self.pix_vq.embed)
+
+    @torch.no_grad()
+    def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> (from_sem(summed semantic codes of encode's ids) [B, N, W], the initial tower's
+        layer-`semantic_layer` features [B, N, W])"""
+        images = images.to(self.device)
+        d = self.config.depth
+        sem = self.encode(images)[..., :d].flatten(1, 2)
+        _, target = self.features(images, self.initial)
+        return self.from_sem(self.sem_vq.lookup(sem)), target
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """config.json (model_type dualtoken, trained_stages, the DualTokenConfig) + model.safetensors, atomically."""
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            meta = {"model_type": self.kind, "trained_stages": self.trained_stages, **dataclasses.asdict(self.config)}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualToken":
+        """Check config.json and the weights' shapes against each other (a meta-device skeleton) before loading."""
+        meta, config_file, weights = read_config(path, cls.kind, cls.__name__)
+        stages = meta.pop("trained_stages", None)
+        if not isinstance(stages, list) or not all(s == 1 and not isinstance(s, bool) for s in stages):
+            raise ValueError(f"{config_file}: trained_stages must be [] or [1], got {stages!r}")
+        cfg = from_dict(DualTokenConfig, meta, where=str(config_file))
+        check_weights(lambda: cls(cfg), config_file, weights)
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(weights)))
+        model.trained_stages = list(stages)
+        return model.to(device).eval()
