@@ -14,6 +14,7 @@ from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.interface import kind_trainer
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.toklip.config import TokLIPConfig
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ProjectConfig:
     mllm_train: MLLMTrainConfig = field(default_factory=MLLMTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dualtoken: DualTokenConfig = field(default_factory=DualTokenConfig)  # tokenizer.kind=dualtoken's architecture
+    toklip: TokLIPConfig = field(default_factory=TokLIPConfig)  # tokenizer.kind=toklip's architecture and stages
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"

@@ -84,6 +84,7 @@ class VisualTokenizer(Protocol):
 KINDS: dict[str, str] = {
     "semhitok": "semhitok.tokenizer.model:SemHiTok",
     "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
+    "toklip": "semhitok.tokenizer.toklip.model:TokLIP",
 }
 
 
@@ -94,6 +95,7 @@ KINDS: dict[str, str] = {
 TRAINERS: dict[str, tuple[str, str]] = {
     "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
     "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
+    "toklip": ("semhitok.tokenizer.toklip.train:train", "semhitok.tokenizer.toklip.train:final_dir"),
 }
 
 

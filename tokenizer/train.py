@@ -61,6 +61,7 @@ class _Task:
     model: SemHiTok
     optimizers: dict[str, torch.optim.Optimizer]
     extra_modules: dict[str, nn.Module]  # trained modules saved beside the tokenizer (the discriminator)
+    needs_index = False  # True: train_step(images, step, index [B]) also gets the batch's dataset indices
 
     def __init__(self, train: TokenizerTrainConfig, device: torch.device):
         self.train_cfg, self.device = train, device
@@ -367,7 +368,8 @@ class Trainer:
                 log.warning("step %d: every image of the batch was unreadable; step skipped", step)
                 step += 1
                 continue
-            metrics = task.train_step(batch[0].to(task.device, non_blocking=True), step)
+            extra = (batch[1],) if task.needs_index else ()  # the dataset indices (TokLIP looks up captions)
+            metrics = task.train_step(batch[0].to(task.device, non_blocking=True), step, *extra)
             step += 1
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")

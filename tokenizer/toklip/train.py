@@ -1,0 +1,248 @@
+"""TokLIP training: stage 1 trains the VQGAN (L1 + codebook + commitment + perceptual + hinge GAN), stage 2 the
+MLP and token encoder over the frozen VQGAN's codes (InfoNCE to the teacher's text features + MSE to its
+image features). Both stages are tasks of tokenizer/train.py's Trainer (data order, exact resume, logging,
+holdout evaluation, pictures), written under <run_dir>/tokenizer/toklip_vqgan and <run_dir>/tokenizer/toklip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from semhitok.common import dist as D
+from semhitok.tokenizer.config import TokenizerTrainConfig
+from semhitok.tokenizer.data import image_grid
+from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_d_loss, hinge_g_loss
+from semhitok.tokenizer.metrics import psnr
+from semhitok.tokenizer.toklip.config import TokLIPConfig
+from semhitok.tokenizer.toklip.model import TokLIP, load_siglip
+from semhitok.tokenizer.toklip.vqgan import VQGAN
+from semhitok.tokenizer.train import Trainer, _Task
+
+log = logging.getLogger("semhitok")
+
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
+
+
+def _wrap(module: nn.Module, world: int) -> nn.Module:
+    return DDP(module, broadcast_buffers=False) if world > 1 else module
+
+
+def _codes_used(ids: torch.Tensor, vocab: int) -> float:
+    usage = torch.bincount(ids.flatten(), minlength=vocab).float()
+    D.all_reduce_sum(usage)
+    return float((usage > 0).sum())
+
+
+class VQGANTask(_Task):
+    """Stage 1: the VQGAN, LlamaGen's losses (reconstruction, codebook, commitment, perceptual, hinge GAN)."""
+
+    stage = 1
+
+    def __init__(self, model: VQGAN, teacher_vision: nn.Module, train: TokenizerTrainConfig, device, world: int):
+        super().__init__(train, device)
+        self.model = model.to(device)
+        self.perceptual = build_perceptual(train.perceptual, teacher_vision.to(device))
+        self.run_info["perceptual"] = "none" if self.perceptual is None else self.perceptual.kind
+        disc = PatchDiscriminator().to(device)
+        self.vq, self.disc = _wrap(model, world), _wrap(disc, world)
+        self.optimizers = {"vqgan": self._optimizer(model.parameters(), train.lr),
+                           "disc": self._optimizer(disc.parameters(), train.disc_lr)}
+        self.schedulers = self._schedulers({"vqgan": train.max_steps, "disc": max(1, train.max_steps - train.disc_start)})
+        self.extra_modules = {"discriminator": disc}
+
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
+        t, zero = self.train_cfg, torch.zeros((), device=self.device)
+        self.vq.train()
+        gan_on = step >= t.disc_start
+        with self.autocast:
+            recon, ids, codebook, commit = self.vq(images)
+            l1 = (recon.float() - images).abs().mean()
+            perc = self.perceptual(recon, images) if self.perceptual is not None else zero
+            g_adv = hinge_g_loss(self.disc(recon)) if gan_on else zero
+        loss = (t.l1_weight * l1 + t.codebook_weight * codebook + t.commit_weight * commit
+                + t.perceptual_weight * perc + t.gan_weight * g_adv)
+        norm = self._step("vqgan", loss, self.model.parameters())
+        metrics = {"loss": loss.item(), "l1_loss": l1.item(), "codebook_loss": codebook.item(),
+                   "commit_loss": commit.item(), "perceptual_loss": perc.item(), "g_adv_loss": g_adv.item(),
+                   "grad_norm": norm, "train_psnr": float(psnr(recon.detach().float().clamp(-1, 1), images)),
+                   "codes_used": _codes_used(ids, self.model.config.codebook_size)}
+        if gan_on:
+            with self.autocast:
+                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
+            metrics["d_loss"] = d_loss.item()
+            self._step("disc", d_loss, self.disc.parameters())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+        self.model.eval()
+        ids = self.model.encode(images)
+        return {"holdout_psnr": float(psnr(self.model.decode(ids), images)),
+                "holdout_codes_used": float(torch.unique(ids).numel())}
+
+    @torch.no_grad()
+    def picture(self, images: torch.Tensor):
+        """inputs over their reconstructions"""
+        self.model.eval()
+        return image_grid([images.cpu(), self.model.decode(self.model.encode(images)).cpu()])
+
+
+def info_nce(z_img: torch.Tensor, z_text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z_img, z_text [B, c] (pair i matches i) -> symmetric InfoNCE [] on cosine similarities / temperature"""
+    logits = F.normalize(z_img.float(), dim=-1) @ F.normalize(z_text.float(), dim=-1).t() / temperature  # [B, B]
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class CaptionTokenizer:
+    """captions -> input_ids [B, T] for the teacher's text tower (padded to text_max_length, as SigLIP is)."""
+
+    def __init__(self, cfg: TokLIPConfig):
+        self.max_length, self.hf = cfg.text_max_length, None
+        if cfg.text_tokenizer != "bytes":
+            from transformers import AutoTokenizer  # noqa: PLC0415
+
+            self.hf = AutoTokenizer.from_pretrained(cfg.text_tokenizer or cfg.teacher)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.hf is not None:
+            return self.hf(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                           return_tensors="pt")["input_ids"]
+        rows = [[BYTE_BOS, *c.encode("utf-8")][: self.max_length - 1] + [BYTE_EOS] for c in captions]
+        return torch.tensor([r + [BYTE_PAD] * (self.max_length - len(r)) for r in rows])
+
+
+def list_captions(sources: list[str]) -> list[str]:
+    """The caption of every image tokenizer.data.list_images finds in `sources`, in the same order (jsonl
+    sources with "image" and "caption" fields; the encoder stage cannot train on images without text)."""
+    captions: list[str] = []
+    for source in map(Path, sources):
+        if source.suffix != ".jsonl" or source.is_dir():
+            raise ValueError(f"{source}: the TokLIP encoder stage needs captions: pass jsonl files of image + caption")
+        with open(source) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    record["image"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # list_images skips it too (and says so)
+                caption = record.get("caption")
+                if not isinstance(caption, str) or not caption:
+                    raise ValueError(f"{source}:{lineno}: no \"caption\" text for the TokLIP encoder stage")
+                captions.append(caption)
+    return captions
+
+
+class EncoderTask(_Task):
+    """Stage 2: only the MLP, token encoder and pooling head train; the VQGAN and both teacher towers are frozen."""
+
+    stage = 2
+    needs_index = True
+
+    def __init__(self, model: TokLIP, text_model: nn.Module, train: TokenizerTrainConfig, device, world: int):
+        super().__init__(train, device)
+        cfg = model.config
+        self.model, self.text_model = model.to(device), text_model.to(device).eval()
+        self.captions, self.tokenize = list_captions(train.train_data), CaptionTokenizer(cfg)
+        model.requires_grad_(False)
+        self.trained = [model.encoder, model.head]
+        for module in self.trained:
+            module.requires_grad_(True)
+        self.params = [p for m in self.trained for p in m.parameters()]
+        self.net = _wrap(model, world)
+        self.optimizers = {"encoder": torch.optim.AdamW(self.params, lr=train.lr, betas=(0.9, 0.98),
+                                                        weight_decay=train.weight_decay)}  # Table A1
+        self.schedulers = self._schedulers({"encoder": train.max_steps})
+        self.extra_modules = {}
+
+    def train_step(self, images: torch.Tensor, step: int, index: torch.Tensor) -> dict[str, float]:
+        cfg = self.model.config
+        self.model.eval()  # the frozen parts stay in eval mode
+        for module in self.trained:
+            module.train()
+        with torch.no_grad(), self.autocast:
+            ids = self.model.encode(images).flatten(1)  # [B, N]
+            z_img = self.model.teacher_features(images)  # [B, c]
+            tokens = self.tokenize([self.captions[i] for i in index.tolist()]).to(self.device)
+            z_text = self.text_model(input_ids=tokens).pooler_output  # [B, c]
+        with self.autocast:
+            _, z = self.net(ids)
+        contrast = info_nce(z, z_text, cfg.temperature)
+        distill = F.mse_loss(z.float(), z_img.float())
+        loss = cfg.contrast_weight * contrast + cfg.distill_weight * distill
+        norm = self._step("encoder", loss, self.params)
+        return {"loss": loss.item(), "contrast_loss": contrast.item(), "distill_loss": distill.item(), "grad_norm": norm,
+                "teacher_cosine": float(F.cosine_similarity(z.detach().float(), z_img.float(), dim=-1).mean())}
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+        self.model.eval()
+        pred, target = self.model.semantic_alignment(images)
+        return {"holdout_teacher_cosine": float(F.cosine_similarity(pred.float(), target.float(), dim=-1).mean())}
+
+    @torch.no_grad()
+    def picture(self, images: torch.Tensor):
+        """inputs over the VQGAN's reconstructions"""
+        self.model.eval()
+        return image_grid([images.cpu(), self.model.decode(self.model.encode(images)).cpu()])
+
+
+# -- stages and the kind's entry points (tokenizer/interface.py TRAINERS) -------------------------------
+def stage_train(cfg, stage: int) -> TokenizerTrainConfig:
+    """tokenizer_train with this stage's steps (and, for the encoder, its optimiser settings)"""
+    k, t = cfg.toklip, cfg.tokenizer_train
+    if stage == 1:
+        return dataclasses.replace(t, stage=1, max_steps=k.vqgan_steps)
+    return dataclasses.replace(t, stage=2, max_steps=k.encoder_steps, lr=k.encoder_lr, weight_decay=k.encoder_weight_decay,
+                               warmup_steps=k.encoder_warmup_steps, batch_size=k.encoder_batch_size or t.batch_size)
+
+
+def vqgan_dir(cfg) -> Path:
+    """The trained VQGAN the encoder stage reads: toklip.vqgan_dir, else this run's stage 1."""
+    return Path(cfg.toklip.vqgan_dir) if cfg.toklip.vqgan_dir else Path(cfg.run_dir) / "tokenizer" / "toklip_vqgan" / "final"
+
+
+def final_dir(cfg) -> Path:
+    return Path(cfg.run_dir) / "tokenizer" / "toklip" / "final"
+
+
+def build_task(cfg, stage: int, device: torch.device, world: int) -> _Task:
+    train = stage_train(cfg, stage)
+    torch.manual_seed(train.seed)  # the same (random) teacher in both stages and on every rank
+    siglip = load_siglip(cfg.toklip)
+    if stage == 1:
+        return VQGANTask(VQGAN(cfg.toklip.vqgan), siglip.vision_model, train, device, world)
+    where = vqgan_dir(cfg)
+    if not (where / "config.json").is_file():
+        raise FileNotFoundError(f"the TokLIP encoder stage needs a trained VQGAN; none at {where} (run stage 1 first)")
+    model = TokLIP.from_teacher(cfg.toklip, VQGAN.from_pretrained(where), siglip)
+    return EncoderTask(model, siglip.text_model, train, device, world)
+
+
+def train_stage(cfg, stage: int) -> nn.Module:
+    """Run (or resume) one stage; return its model, also saved to <stage dir>/final."""
+    info = D.init_distributed()
+    out = (vqgan_dir(cfg) if stage == 1 else final_dir(cfg)).parent
+    task = build_task(cfg, stage, D.default_device(info.local_rank), info.world_size)
+    return Trainer(task, task.train_cfg, out, info).fit()
+
+
+def train(cfg) -> Path:
+    """The VQGAN (unless toklip.vqgan_dir names one), then the token encoder; a finished stage is skipped."""
+    for stage, done in ((1, vqgan_dir(cfg)), (2, final_dir(cfg))):
+        if (done / "config.json").is_file():
+            log.info("== toklip stage %d already finished at %s; skipping", stage, done)
+            continue
+        log.info("== toklip stage %d -> %s", stage, done.parent)
+        train_stage(cfg, stage)
+    return final_dir(cfg)
