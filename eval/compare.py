@@ -121,9 +121,28 @@ def mllm_scores(summary: dict) -> dict:
             "gfid": (summary.get("gfid") or {}).get("gfid")}
 
 
-def kind_overrides(overrides: list[str], kind: str, out: Path) -> list[str]:
-    """The user's overrides + this kind's run directory and tokenizer.kind."""
-    return [*overrides, f"run_dir={out / kind}", f"tokenizer.kind={kind}"]
+# Kinds whose stages take their step counts from their own config section: compare sets those to
+# tokenizer_train.max_steps (before the user's overrides, which still win), so every stage of every kind trains
+# that many steps at tokenizer_train.batch_size.
+STAGE_STEPS = {"toklip": ("toklip.vqgan_steps", "toklip.encoder_steps")}
+
+
+def kind_overrides(config: str, overrides: list[str], kind: str, out: Path) -> list[str]:
+    """The equal-budget steps, the user's overrides, then this kind's run directory and tokenizer.kind."""
+    steps = load_project_config(config, overrides).tokenizer_train.max_steps
+    return [*(f"{key}={steps}" for key in STAGE_STEPS.get(kind, ())), *overrides, f"run_dir={out / kind}",
+            f"tokenizer.kind={kind}"]
+
+
+def trained_stages(run_dir: Path) -> dict[str, int]:
+    """The tokenizer stages a run trained (<run_dir>/tokenizer/<stage>/metrics.jsonl) -> their last step, in
+    the order they finished."""
+    stages = []
+    for metrics in (Path(run_dir) / "tokenizer").glob("*/metrics.jsonl"):
+        steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
+        done = metrics.parent / "final" / "config.json"
+        stages.append((done.stat().st_mtime if done.is_file() else math.inf, metrics.parent.name, max(steps, default=0)))
+    return {name: step for _, name, step in sorted(stages)}
 
 
 def run_pipeline(config: str, overrides: list[str], log_file: Path) -> None:
@@ -145,7 +164,7 @@ def compare_kind(kind: str, config: str, overrides: list[str], out: Path, fid: b
     when nothing failed. Failures land in row["errors"]."""
     row: dict = {"kind": kind, "overrides": overrides, "errors": []}
     try:
-        kind_args = kind_overrides(overrides, kind, out)
+        kind_args = kind_overrides(config, overrides, kind, out)
         cfg = load_project_config(config, kind_args)
     except Exception as err:  # noqa: BLE001 (the row shows it)
         row["errors"].append(f"config: {err}")
@@ -160,6 +179,7 @@ def compare_kind(kind: str, config: str, overrides: list[str], out: Path, fid: b
     except KindFailed as err:
         row["errors"].append(f"pipeline: {err}")
     row["pipeline_seconds"] = round(time.time() - start, 1)
+    row["tokenizer_stages"] = trained_stages(Path(cfg.run_dir))  # stage -> steps trained
     try:
         log.info("== compare %s: tokenizer on %s", kind, t.holdout_data)
         fields, recons = measure_tokenizer(cfg.tokenizer_dir, t.holdout_data, fid, keep, t.seed)
@@ -204,7 +224,7 @@ def write_report(out: Path, config: str, overrides: list[str], rows: dict[str, d
     write_json(out / "compare.json", report)
     with atomic_path(out / "compare.md") as tmp:
         tmp.write_text(render(report))
-    holdout = next((load_project_config(config, kind_overrides(overrides, k, out)).tokenizer_train.holdout_data
+    holdout = next((load_project_config(config, kind_overrides(config, overrides, k, out)).tokenizer_train.holdout_data
                     for k, r in rows.items() if "budget" in r), None)
     if holdout is not None:
         figure(out, rows, holdout, figure_images)
@@ -220,7 +240,7 @@ def uniform_loss(row: dict) -> float | None:
     return sum(math.log(v) for v in sizes) if sizes else None
 
 
-COLUMNS = ["kind", "ids / image (N x L)", "tokenizer params", "PSNR", "SSIM", "rFID", "codebook usage", "teacher cos",
+COLUMNS = ["kind", "tok. steps", "ids / image (N x L)", "tokenizer params", "PSNR", "SSIM", "rFID", "codebook usage", "teacher cos",
            "und. loss", "gen. loss (uniform)", "POPE acc", "gFID", "status"]
 
 
@@ -231,7 +251,7 @@ def render(report: dict) -> str:
     lines = ["# Tokenizer comparison at equal budget", "",
              f"`semhitok compare --config {report['config']}" + "".join(f" {o}" for o in report["overrides"]) + "`", ""]
     for b in map(json.loads, sorted(budgets)):
-        lines.append(f"Budget: tokenizer {b['tokenizer_steps']} steps per stage, batch {b['tokenizer_batch']}, lr "
+        lines.append(f"Budget: tokenizer {b['tokenizer_steps']} steps per stage (tok. steps: per stage trained), batch {b['tokenizer_batch']}, lr "
                      f"{b['tokenizer_lr']}; MLLM {b['mllm_steps']} steps, micro-batch {b['mllm_micro_batch']}, lr {b['mllm_lr']}.")
     if len(budgets) > 1:
         lines.append("**The kinds were not trained at one budget** (rows from runs with other overrides).")
@@ -241,7 +261,8 @@ def render(report: dict) -> str:
         n, L = r.get("positions"), r.get("codes_per_position")
         gen, uni = r.get("generation_loss"), uniform_loss(r)
         status = "ok" if not r.get("errors") else "FAILED: " + "; ".join(r["errors"]).replace("|", "\\|").replace("\n", " ")
-        cells = [kind, "-" if n is None else f"{n} x {L} = {n * L}",
+        stages = r.get("tokenizer_stages")
+        cells = [kind, "+".join(map(str, stages.values())) if stages else "-", "-" if n is None else f"{n} x {L} = {n * L}",
                  "-" if r.get("tokenizer_params") is None else f"{r['tokenizer_params'] / 1e6:.2f}M",
                  _f(r.get("psnr"), ".2f"), _f(r.get("ssim"), ".3f"), _f(r.get("rfid"), ".2f"),
                  "-" if not usage else " / ".join(f"{100 * u:.1f}%" for u in usage), _f(r.get("teacher_cosine"), ".3f"),

@@ -11,7 +11,7 @@ from PIL import Image
 
 from semhitok.cli import main
 from semhitok.config import load_project_config
-from semhitok.eval.compare import ROW_FILE, render
+from semhitok.eval.compare import ROW_FILE, STAGE_STEPS, group_usage, kind_overrides, render
 from tests.conftest import SAMPLE
 
 BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",
@@ -75,9 +75,10 @@ def test_table_matches_independent_recomputation(compared):
     assert row["budget"]["tokenizer_steps"] == 3 and row["budget"]["mllm_steps"] == 2
     table = (compared / "compare.md").read_text()
     line = next(ln for ln in table.splitlines() if ln.startswith("| semhitok |"))
-    assert f"| {row['psnr']:.2f} |" in line and "| 64 x 1 = 64 |" in line and line.endswith("| ok |")
+    assert f"| {row['psnr']:.2f} |" in line and "| semhitok | 3+3 | 64 x 1 = 64 |" in line and line.endswith("| ok |")
+    assert row["tokenizer_stages"] == {"stage1": 3, "stage2": 3}
     assert f"{row['generation_loss']:.3f} ({np.log(tok.vocab_size):.2f})" in line
-    assert "Budget: tokenizer 3 steps per stage, batch 16" in table
+    assert "Budget: tokenizer 3 steps per stage (tok. steps: per stage trained), batch 16" in table
     # the figure: a row of held-out images, a row of reconstructions, 4 images each
     with Image.open(compared / "compare.png") as fig:
         assert fig.size == (96 + 4 * 66 + 2, 2 * 68)
@@ -108,13 +109,32 @@ def test_a_failing_kind_is_a_row_not_a_crash(tmp_path, capsys):
 def test_render_marks_missing_values_and_unequal_budgets():
     budget = {"tokenizer_steps": 3, "tokenizer_batch": 16, "tokenizer_lr": 0.001, "mllm_steps": 2, "mllm_micro_batch": 2,
               "mllm_lr": 0.002}
-    rows = {"a": {"errors": [], "budget": budget, "positions": 64, "codes_per_position": 16, "codebook_usage": [0.5, 0.25],
+    rows = {"a": {"errors": [], "budget": budget, "tokenizer_stages": {"vq": 5, "enc": 7}, "positions": 64, "codes_per_position": 16, "codebook_usage": [0.5, 0.25],
                   "code_vocab_sizes": [8] * 16, "generation_loss": 30.0, "psnr": 20.0},
             "b": {"errors": ["pipeline: boom | bang"], "budget": {**budget, "mllm_steps": 4}}}
     table = render({"config": "tiny", "overrides": [], "kinds": rows})
     a = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
-    assert "| 64 x 16 = 1024 |" in a and "| 50.0% / 25.0% |" in a and f"| 30.000 ({16 * np.log(8):.2f}) |" in a
+    assert "| a | 5+7 | 64 x 16 = 1024 |" in a and "| 50.0% / 25.0% |" in a and f"| 30.000 ({16 * np.log(8):.2f}) |" in a
     assert "| 20.00 | - |" in a  # PSNR, then no SSIM
     b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
     assert b.endswith("| FAILED: pipeline: boom \\| bang |")
     assert "not trained at one budget" in table
+
+
+def test_group_usage_weights_each_slot_by_its_vocabulary():
+    # two groups: slots (0, 1) with 8 and 4 codes, slot 2 alone with 16
+    assert group_usage([0.5, 1.0, 0.25], (8, 4, 16), (2, 1)) == [pytest.approx((4 + 4) / 12), 0.25]
+
+
+def test_every_kind_trains_each_stage_tokenizer_train_max_steps():
+    from semhitok.tokenizer.interface import KINDS
+
+    for kind in KINDS:
+        cfg = load_project_config("tiny", kind_overrides("tiny", ["tokenizer_train.max_steps=7"], kind, Path("/x")))
+        assert cfg.tokenizer.kind == kind and cfg.run_dir == f"/x/{kind}"
+        for key in STAGE_STEPS.get(kind, ()):
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == 7, key
+    # the user's own override of a stage's steps still wins
+    cfg = load_project_config("tiny", kind_overrides("tiny", ["toklip.vqgan_steps=2"], "toklip", Path("/x")))
+    assert cfg.toklip.vqgan_steps == 2 and cfg.toklip.encoder_steps == cfg.tokenizer_train.max_steps
