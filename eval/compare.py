@@ -100,8 +100,8 @@ def measure_tokenizer(tok_dir: Path, holdout: list[str], fid: bool, keep: int, s
     sizes, groups = tuple(tok.code_vocab_sizes), tuple(tok.code_groups)
     row = {
         "psnr": recon["psnr"], "ssim": recon["ssim"], "rfid": recon.get("rfid"), "held_out_images": recon["images"],
-        "codebook_usage": group_usage(recon.get("code_usage") or [recon["visual_id_usage"]], sizes, groups), "code_groups": list(groups), "code_vocab_sizes": list(sizes),
-        "teacher_cosine": probe.teacher_cosine(), "positions": tok.grid * tok.grid, "codes_per_position": len(sizes),
+        "codebook_usage": group_usage(recon.get("code_usage") or [recon["visual_id_usage"]], sizes, groups),
+        "code_groups": list(groups), "code_vocab_sizes": list(sizes), "teacher_cosine": probe.teacher_cosine(), "positions": tok.grid * tok.grid, "codes_per_position": len(sizes),
         "image_size": tok.image_size,
         "tokenizer_params": sum(p.numel() for p in tok.parameters()) if isinstance(tok, torch.nn.Module) else None,
     }
