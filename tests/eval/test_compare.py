@@ -138,3 +138,25 @@ def test_every_kind_trains_each_stage_tokenizer_train_max_steps():
     # the user's own override of a stage's steps still wins
     cfg = load_project_config("tiny", kind_overrides("tiny", ["toklip.vqgan_steps=2"], "toklip", Path("/x")))
     assert cfg.toklip.vqgan_steps == 2 and cfg.toklip.encoder_steps == cfg.tokenizer_train.max_steps
+
+
+def test_usage_per_code_group_of_a_residual_tokenizer(tmp_path):
+    """DualToken (L = 16: 8 semantic then 8 pixel residual codes), untrained: compare's usage per group against
+    the ids counted here; ids per image N x L; its reconstructions kept for the figure."""
+    from semhitok.eval.compare import measure_tokenizer
+    from semhitok.tokenizer.dualtoken.model import DualToken
+    from semhitok.tokenizer.model import load_teacher
+
+    cfg = load_project_config("tiny", [])
+    torch.manual_seed(0)
+    DualToken.from_teacher(cfg.dualtoken, load_teacher(cfg.dualtoken)).save_pretrained(tmp_path / "tok")
+    row, recons = measure_tokenizer(tmp_path / "tok", [str(SAMPLE / "holdout.jsonl")], fid=False, keep=3)
+    tok = DualToken.from_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        codes = tok.encode(holdout_images(tok.image_size)).reshape(-1, 16)  # [12 * 64, L]
+    sizes = tok.code_vocab_sizes
+    expected = [sum(len(codes[:, s].unique()) for s in slots) / sum(sizes[s] for s in slots) for slots in (range(8), range(8, 16))]
+    assert row["codebook_usage"] == pytest.approx(expected)
+    assert (row["positions"], row["codes_per_position"], row["code_groups"]) == (64, 16, [8, 8])
+    assert recons.shape == (3, 3, tok.image_size, tok.image_size)
+    assert row["teacher_cosine"] is not None and -1 <= row["teacher_cosine"] <= 1
