@@ -302,6 +302,7 @@ def cmd_compare(args) -> int:
     cfg = _load(args)  # the config and overrides are checked before any kind runs
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "compare"
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    _record(out, cfg, "compare", args)
     report = run_comparison(args.config, args.overrides, out, kinds, fid=not args.no_fid, figure_images=args.figure_images)
     print((out / "compare.md").read_text())
     print(f"table: {out / 'compare.md'} (and compare.json); reconstructions side by side: {out / 'compare.png'}")

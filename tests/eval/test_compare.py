@@ -93,6 +93,7 @@ def test_rerun_skips_the_finished_kind(compared, caplog):
     assert compare(compared) == 0
     assert log_file.read_text() == before  # no pipeline run
     assert "finished already" in caplog.text
+    assert json.loads((compared / "run.json").read_text())["job"] == "compare"
 
 
 def test_a_failing_kind_is_a_row_not_a_crash(tmp_path, capsys):
