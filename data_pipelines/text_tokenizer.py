@@ -124,8 +124,12 @@ def load_text_tokenizer(name_or_path: str):
     local path, with the image delimiters present and a chat template of its family."""
     from transformers import AutoTokenizer
 
+    from semhitok.common.hub import export_base_config
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        # an MLLM export's config.json needs remote code: its tokenizer is the base LLM's (semhitok.common.hub)
+        base = export_base_config(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"config": base} if base is not None else {}))
     except OSError as err:
         raise TextTokenizerUnavailable(
             f"text tokenizer {name_or_path!r} is not available offline: run `hf download "

@@ -25,9 +25,16 @@ class MLLMConfig:
     # Inputs of a visual token: both = concat(semantic MLP, pixel MLP) (SemHiTok's dual adapter); semantic =
     # the semantic MLP alone, [d] (the paper's semantic-only comparison for understanding).
     adapter_inputs: Literal["both", "semantic"] = "both"
+    # Depth heads (mllm/depth_head.py), built when the tokenizer has L > 1 codes per position (DualToken): layers
+    # per code group's depth transformer (the paper's 3), its width (0: the LLM's hidden size), attention heads
+    # (0: width // 64).
+    depth_layers: int = 3
+    depth_width: int = 0
+    depth_heads: int = 0
 
     def __post_init__(self) -> None:
-        check_min(self, 0, "adapter_hidden")
+        check_min(self, 0, "adapter_hidden", "depth_width", "depth_heads")
+        check_min(self, 1, "depth_layers")
 
 
 @dataclass
@@ -41,7 +48,7 @@ class MLLMTrainConfig:
     deepspeed_config: str = "configs/deepspeed/zero3.json"  # "none": plain PyTorch (single process)
     max_steps: int = 10_000
     lr: float = 2e-5
-    adapter_lr: float = 1e-4  # the adapter and the visual head rows
+    adapter_lr: float = 1e-4  # the adapter, the visual head rows and the depth heads (L > 1: visual_head)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     weight_decay: float = 0.0

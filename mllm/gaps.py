@@ -35,7 +35,7 @@ CONDITIONS = {"understanding": ("true", "shuffled", "no_image"), "generation": (
 @dataclass
 class HeldoutPairs:
     captions: list[str]
-    ids: torch.Tensor  # [N, h, w] visual ids in [0, K*m), CPU
+    ids: torch.Tensor  # [N, h, w] visual ids in [0, K*m) (L > 1: [N, h, w, L] codes), CPU
 
 
 def load_pairs(path: str | Path, visual: VisualTokenizer, limit: int = 0) -> HeldoutPairs:
@@ -63,43 +63,59 @@ def derangement(n: int) -> list[int]:
     return [(i + 1) % n for i in range(n)]
 
 
-def documents(builder: SequenceBuilder, pairs: HeldoutPairs, task: str, condition: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt tokens, target tokens) per pair for one task and condition."""
-    n, offset = len(pairs.captions), builder.layout.visual_offset
+def documents(builder: SequenceBuilder, pairs: HeldoutPairs, task: str, condition: str) -> list[tuple[list[int], list[int], np.ndarray | None]]:
+    """(prompt tokens, target tokens, the row's codes [T, L] when L > 1 else None) per pair for one task and condition."""
+    n = len(pairs.captions)
     other = derangement(n)
     docs = []
     for i in range(n):
         if task == "understanding":
             ids = {"true": pairs.ids[i], "shuffled": pairs.ids[other[i]], "no_image": None}[condition]
             text = builder.cfg.caption_prompt if ids is None else f"<image>\n{builder.cfg.caption_prompt}"
-            prompt = builder.chat_prompt([("user", text)], None if ids is None else ids.flatten().numpy())
+            image = None if ids is None else ids.flatten().numpy()
+            prompt = builder.chat_prompt([("user", text)], image)
             target = builder.encode_text(pairs.captions[i]) + [builder.layout.im_end]
         else:
             caption = {"true": pairs.captions[i], "shuffled": pairs.captions[other[i]], "uncond": builder.cfg.uncond_prompt}[condition]
             prompt = builder.generation_prompt(caption)
-            target = (pairs.ids[i].flatten() + offset).tolist()
-        docs.append((prompt, target))
+            image = pairs.ids[i].flatten().numpy()
+            target = builder.visual_tokens(image)
+        docs.append((prompt, target, builder.codes_of(prompt + target, [] if image is None else [image])))
     return docs
 
 
 @torch.no_grad()
-def score(model, docs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, target) pairs -> per-sample mean target loss [N] and teacher-forced token accuracy [N].
+def score(model, docs: list[tuple[list[int], list[int], np.ndarray | None]], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt, target, codes) rows -> per-sample mean target loss [N] and teacher-forced token accuracy [N].
 
+    L > 1 (model.visual_head): a visual target's loss adds its L codes' summed NLL to the placeholder's, as in
+    training, and it is a hit when the placeholder and every code (teacher-forced argmax) are right.
     Rows are right-padded: causal attention never lets a real token see the padding behind it."""
     losses, accs = [], []
     for start in range(0, len(docs), batch_size):
         batch = docs[start : start + batch_size]
-        rows = [p + t for p, t in batch]
+        rows = [p + t for p, t, _ in batch]
         ids = torch.full((len(rows), max(map(len, rows))), model.layout.eos, dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
-        hidden = model.hidden_states(ids.to(model.device)).last_hidden_state  # [B, T, d]
-        for r, (prompt, target) in enumerate(batch):
+        codes = None
+        if batch[0][2] is not None:  # L > 1: each row's codes, -1 at text and padding
+            codes = torch.full((*ids.shape, batch[0][2].shape[1]), -1, dtype=torch.long)
+            for r, (_, _, c) in enumerate(batch):
+                codes[r, : len(c)] = torch.from_numpy(c)
+            codes = codes.to(model.device)
+        hidden = model.hidden_states(ids.to(model.device), visual_codes=codes).last_hidden_state  # [B, T, d]
+        for r, (prompt, target, _) in enumerate(batch):
             h = hidden[r, len(prompt) - 1 : len(prompt) + len(target) - 1]  # [t, d]: positions predicting the target
             wanted = torch.tensor(target, device=h.device)
             loss = model.lm.lm_head(h, wanted)  # [t] chunked CE, no [t, V] logits kept
             hits = torch.cat([model.lm.lm_head(h[c : c + 256]).argmax(-1) == wanted[c : c + 256] for c in range(0, len(h), 256)])
+            visual = wanted == model.layout.visual_offset
+            if model.visual_head is not None and bool(visual.any()):
+                want = codes[r, len(prompt) : len(prompt) + len(target)][visual]  # [m, L]
+                loss = loss.float().masked_scatter(visual, loss.float()[visual] + model.visual_head.loss(h[visual], want))
+                guess = torch.stack([x.argmax(-1) for x in model.visual_head.logits(h[visual], want)], dim=-1)  # [m, L]
+                hits = hits.masked_scatter(visual, hits[visual] & (guess == want).all(-1))
             losses.append(loss.float().mean().item())
             accs.append(hits.float().mean().item())
     return np.array(losses), np.array(accs)

@@ -15,6 +15,7 @@ per logit, 0.53 GiB, i.e. 2.1 GiB at 1,024 tokens (the old out-of-place version:
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 
 def logit_bytes(dtype: torch.dtype) -> int:
@@ -78,3 +79,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     frozen_rows: weight rows [0, frozen_rows) receive a zero gradient (adapter-only training keeps the text
     rows of the head fixed while its visual rows learn)."""
     return _ChunkedCE.apply(hidden, weight, targets, chunk, frozen_rows)
+
+
+class ChunkedLMHead(nn.Linear):
+    """The LM head; given targets it returns per-token losses through the chunked cross-entropy.
+
+    Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
+
+    chunk = 1024  # tokens per chunk; the trainer sets it from its config (mllm.loss.chunk_for_budget)
+    frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk, self.frozen_rows)

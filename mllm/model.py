@@ -14,7 +14,7 @@ How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/inte
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
     <= 3B) the embedding table's visual rows are these head rows and are never read as inputs; an untied
     model (7B) keeps only its T text rows in the input table (196,608 unread rows = 704.6M parameters at
-    7B are never allocated) and its export pads them with zeros so plain from_pretrained loads it.
+    7B are never allocated) and its export pads them with zeros (the export's table has every row).
 
 Memory: under ZeRO-3 (mllm/partition.py) the LLM is built and loaded partitioned in the training dtype; the
 vocabulary is extended one partitioned matrix at a time.
@@ -39,12 +39,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import atomic_dir
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
-from semhitok.mllm.loss import chunked_cross_entropy
+from semhitok.mllm.depth_head import DepthHeads
+from semhitok.mllm.hf_export import finish_export, push_export, text_config
+from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
@@ -53,6 +56,7 @@ from semhitok.tokenizer.model import SemHiTokFeatures
 log = logging.getLogger("semhitok")
 MLLM_CONFIG = "semhitok_mllm.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
+VISUAL_HEAD_WEIGHTS = "visual_head.safetensors"  # L > 1 only: the depth heads (mllm/depth_head.py)
 VISUAL_TOKENIZER = "visual_tokenizer"
 
 
@@ -87,7 +91,7 @@ class VisualAdapter(nn.Module):
         mlps = [getattr(self, f"{name}_mlp") for name in self.mlp_names]
         dtype = mlps[0][0].weight.dtype
         parts = feats.to(dtype).split(list(self.splits), dim=-1)
-        return torch.cat([mlp(x) for mlp, x in zip(mlps, parts)], dim=-1)
+        return torch.cat([mlp(x.contiguous()) for mlp, x in zip(mlps, parts)], dim=-1)
 
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [n, N', L] (whole images; any N' for per-id features) -> [n, N', d]"""
@@ -96,21 +100,6 @@ class VisualAdapter(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """per-id features with one code per position: visual ids [...] -> [..., d]"""
         return self.images(ids.reshape(1, -1, 1)).reshape(*ids.shape, -1)
-
-
-class ChunkedLMHead(nn.Linear):
-    """The LM head; given targets it returns per-token losses through the chunked cross-entropy.
-
-    Computing the loss inside the head's own forward keeps ZeRO-3's gather of its weight in effect."""
-
-    chunk = 1024  # tokens per chunk; the trainer sets it from its config (mllm.loss.chunk_for_budget)
-    frozen_rows = 0  # rows [0, frozen_rows) get no gradient (set by SemHiTokLM.freeze_text)
-
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V]; with targets [N]: per-token loss [N] fp32"""
-        if targets is None:
-            return super().forward(hidden)
-        return chunked_cross_entropy(hidden, self.weight, targets, self.chunk, self.frozen_rows)
 
 
 class SemHiTokLM(nn.Module):
@@ -267,10 +256,11 @@ class SemHiTokLM(nn.Module):
         one code per position: table()), else as random rows; both rescaled to the mean norm of the text rows."""
         d = lm.config.hidden_size
         adapter = VisualAdapter(features, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
+        visual_head = DepthHeads.for_ids(cfg, d, ids.code_vocab_sizes, ids.code_groups)  # L > 1: the depth heads; else None
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank
+            # every rank fills its own shard of the head from this adapter: rank 0's, on every rank (and its depth heads)
             on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            for p in adapter.parameters():
+            for p in [*adapter.parameters(), *(visual_head.parameters() if visual_head is not None else ())]:
                 sent = p.data.to(on)
                 torch.distributed.broadcast(sent, 0)
                 p.data.copy_(sent)
@@ -296,14 +286,16 @@ class SemHiTokLM(nn.Module):
         if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
             lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
         extend_head(lm, layout.vocab_size, visual_rows)
-        return cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
+        model = cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
+        model.visual_head = visual_head.to(lm.get_input_embeddings().weight.dtype) if visual_head is not None else None
+        return model
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """A plain HF directory (AutoModelForCausalLM.from_pretrained loads it) plus the adapter, the layout,
-        the text tokenizer and a copy of the visual tokenizer, in the weights' own dtype. `state_dict`: this
-        model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
+        """An HF directory (AutoModelForCausalLM/AutoProcessor with trust_remote_code, see mllm/hf_export.py): the
+        LLM, the adapter, the layout, the text tokenizer and a copy of the visual tokenizer, in the weights' own
+        dtype. `state_dict`: this model's full weights, when they live elsewhere (gathered from ZeRO-3). An untied input table holds
         text rows only: it is written padded with zero visual rows, which from_pretrained drops again."""
         state = state_dict if state_dict is not None else self.state_dict()
         with atomic_dir(path) as tmp:
@@ -313,27 +305,38 @@ class SemHiTokLM(nn.Module):
             if table.shape[0] < self.layout.vocab_size:
                 lm_state[key] = torch.cat([table, table.new_zeros(self.layout.vocab_size - table.shape[0], table.shape[1])])
             self.lm.save_pretrained(tmp, state_dict=lm_state)
-            save_file({k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")},
-                      str(tmp / ADAPTER_WEIGHTS))
+            adapter = {k[len("adapter."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("adapter.")}
+            save_file({SEMHITOK_TABLES.get(k, k): v for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS))
+            if self.visual_head is not None:
+                save_file({k[len("visual_head."):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("visual_head.")},
+                          str(tmp / VISUAL_HEAD_WEIGHTS))
             text_tokenizer.save_pretrained(tmp)
             shutil.copytree(visual_tokenizer_dir, tmp / VISUAL_TOKENIZER)
             meta = {"model_type": "semhitok_mllm", "layout": dataclasses.asdict(self.layout), "image_grid": self.image_grid,
                     "ids": self.ids.to_dict(), "codes_per_group": self.adapter.codes_per_group, "adapter_hidden": self.adapter.hidden,
                     "config": dataclasses.asdict(self.config), "sequence_config": dataclasses.asdict(self.sequence_config)}
+            if self.visual_head is not None:
+                meta["visual_head"] = self.visual_head.spec
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            finish_export(tmp, self, text_tokenizer, Path(path))  # generation config, card; remote code for SemHiTok only
+
+    def push_to_hub(self, repo_id: str, text_tokenizer, visual_tokenizer_dir: str | Path, private: bool | None = None,
+                    token: str | None = None) -> str:
+        """Upload a fresh export (save_pretrained's arguments) to the Hub repo `repo_id` -> the commit URL."""
+        return push_export(lambda out: self.save_pretrained(out, text_tokenizer, visual_tokenizer_dir), repo_id, private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None) -> SemHiTokLM:
-        """attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
-        path = Path(path)
+        """`path`: a directory or a Hub id. attn_implementation: overrides the saved config's (e.g. sdpa for decoding)."""
+        path = resolve_pretrained(path)
         meta_file = path / MLLM_CONFIG
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta, layout = _read_meta(meta_file)
         check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+        lm = AutoModelForCausalLM.from_pretrained(path, config=text_config(path), dtype=dtype or torch.float32,
                                                   attn_implementation=attention_kernel(attn_implementation or cfg.attn_implementation))
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
@@ -347,6 +350,9 @@ class SemHiTokLM(nn.Module):
             raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
                              f"layout needs {layout.vocab_size}")
         model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg, ids)
+        if "visual_head" in meta:  # L > 1: the depth heads
+            model.visual_head = DepthHeads.from_spec(meta["visual_head"], str(meta_file)).to(dtype or torch.float32)
+            model.visual_head.load_state_dict(load_file(str(path / VISUAL_HEAD_WEIGHTS)))
         return model.to(device).eval()
 
 
@@ -359,9 +365,15 @@ def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
     return load_visual_tokenizer(path / VISUAL_TOKENIZER).input_features()
 
 
+# adapter.safetensors keeps SemHiTok's code tables at its top level (as before tokenizer kinds, and as the
+# remote code in mllm/hf_remote reads them); in the module they live in adapter.features
+SEMHITOK_TABLES = {"features.sem_codes": "sem_codes", "features.pix_codes": "pix_codes"}
+
+
 def _adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exports from before tokenizer kinds kept SemHiTok's code tables at the adapter's top level."""
-    return {f"features.{k}" if k in ("sem_codes", "pix_codes") else k: v for k, v in state.items()}
+    """adapter.safetensors -> the adapter's state_dict"""
+    back = {v: k for k, v in SEMHITOK_TABLES.items()}
+    return {back.get(k, k): v for k, v in state.items()}
 
 
 MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")

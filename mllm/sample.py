@@ -8,6 +8,9 @@ eager step is bound by kernel launches, not by the GPU.
     SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
     span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
     top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
+  - images with L > 1 codes per position (DualToken; `Decoder.decode_codes`, eager, KV-cached): each step's
+    last hidden state, cond and uncond rows, goes to the depth heads (mllm/depth_head.py), which draw the L
+    codes one at a time with CFG mixed at every depth; the codes' adapter embedding is the next input.
   - text: logits over the text tokenizer's ids only, until the turn's end (<|im_end|>; Vicuna: </s>) or
     max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
@@ -27,11 +30,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import StaticCache
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
+from semhitok.common.hub import resolve_pretrained
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
@@ -121,6 +126,14 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return ids.to(device), mask.to(device)
 
 
+def left_pad_codes(codes: list[np.ndarray], width: int, device) -> torch.Tensor:
+    """per-row codes [T_r, L] -> [B, width, L] aligned with left_pad's rows (-1 in the padding)"""
+    out = torch.full((len(codes), width, codes[0].shape[1]), -1, dtype=torch.long)
+    for i, row in enumerate(codes):
+        out[i, width - len(row) :] = torch.as_tensor(row)
+    return out.to(device)
+
+
 class Decoder:
     """compile: capture the decoding step with torch.compile (CUDA graphs on GPUs); the first call per
     batch size compiles (tens of seconds), later ones replay.
@@ -163,21 +176,27 @@ class Decoder:
                      lo: int, hi: int) -> torch.Tensor:
         """One new token per row: ids [B, 1], positions [B, 1], padding mask [B, L] -> logits [B, hi - lo]
         fp32 over vocabulary rows [lo, hi); the token's keys/values are written into `cache` in place."""
-        out = self.model.lm.model(inputs_embeds=self.model.embed_static(ids), position_ids=pos, attention_mask=mask,
-                                  past_key_values=cache, use_cache=True)
+        return self._step_from_embeds(self.model.embed_static(ids), pos, mask, cache, lo, hi)
+
+    def _step_from_embeds(self, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
+                          lo: int, hi: int) -> torch.Tensor:
+        """_step_logits from the new token's input embeddings [B, 1, d]"""
+        out = self.model.lm.model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self._head_rows(out.last_hidden_state[:, -1], lo, hi)
 
     def _head_rows(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """hidden [B, d] -> fp32 logits [B, hi - lo] of vocabulary rows [lo, hi) only"""
         return (hidden @ self.model.lm.lm_head.weight[lo:hi].t()).float()
 
-    def _prompt_logits(self, ids: torch.Tensor, mask: torch.Tensor, vocab: tuple[int, int],
-                       cache: StaticCache | None = None) -> torch.Tensor:
-        """Whole left-padded rows ids [B, T] with their padding mask [B, >= T] -> logits [B, hi - lo] of the
-        last position (fp32, rows [lo, hi) only); with a cache, their keys/values fill it."""
+    def _prompt_logits(self, ids: torch.Tensor, mask: torch.Tensor, vocab: tuple[int, int] | None,
+                       cache: StaticCache | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole left-padded rows ids [B, T] with their padding mask [B, >= T] (codes [B, T, L] when L > 1) ->
+        logits [B, hi - lo] of the last position (fp32, rows [lo, hi) only; vocab None: its hidden state [B, d]);
+        with a cache, their keys/values fill it."""
         pos = (mask[:, : ids.shape[1]].cumsum(-1) - 1).clamp(min=0)
-        out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
-        return self._head_rows(out.last_hidden_state[:, -1], *vocab)
+        out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
+                                       visual_codes=codes)
+        return out.last_hidden_state[:, -1] if vocab is None else self._head_rows(out.last_hidden_state[:, -1], *vocab)
 
     @torch.no_grad()
     def first_logits(self, prompts: list[list[int]], vocab: tuple[int, int], cfg_scale: float | None = None) -> torch.Tensor:
@@ -189,10 +208,11 @@ class Decoder:
     @torch.no_grad()
     def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
                guided: bool = False, stop: int | None = None, use_cache: bool = True,
-               keys: list[int] | None = None) -> torch.Tensor:
+               keys: list[int] | None = None, codes: list[np.ndarray] | None = None) -> torch.Tensor:
         """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
         new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
-        keys: each output row's noise key (row_key); default row_key(sampling.seed, row index)."""
+        keys: each output row's noise key (row_key); default row_key(sampling.seed, row index).
+        codes: L > 1, each prompt's visual codes [len(prompt), L] (SequenceBuilder.codes_of)."""
         sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
         device = self.model.device
         context = self.model.lm.config.max_position_embeddings
@@ -202,6 +222,7 @@ class Decoder:
             raise ValueError(f"the prompt is {max(map(len, prompts))} tokens; with {steps} new tokens that exceeds the "
                              f"model's context of {context} tokens")
         ids, mask = left_pad(prompts, self.layout.eos, device)
+        prompt_codes = left_pad_codes(codes, ids.shape[1], device) if codes is not None else None
         lo, hi = vocab
         n = len(prompts) // 2 if guided else len(prompts)
         keys = keys if keys is not None else [row_key(sampling.seed, r) for r in range(n)]
@@ -213,10 +234,12 @@ class Decoder:
         if use_cache:
             cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
             cache_mask[:, : ids.shape[1]] = mask  # later slots stay 1: causality hides those not yet written
-            logits = self._prompt_logits(ids, cache_mask, vocab, cache)
+            logits = self._prompt_logits(ids, cache_mask, vocab, cache, prompt_codes)
             next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: the position of each row's first new token
         else:
-            logits = self._prompt_logits(ids, mask, vocab)
+            logits = self._prompt_logits(ids, mask, vocab, codes=prompt_codes)
+        # contextual visual features (per_id False): a new image token's input depends on the image so far
+        contextual = lo >= self.layout.visual_offset and not self.model.adapter.features.per_id
         for step in range(steps):
             if guided:
                 logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
@@ -234,25 +257,91 @@ class Decoder:
                 break
             step_ids = token.repeat(2)[:, None] if guided else token[:, None]
             if use_cache:
+                if contextual:
+                    prefix = (out.repeat(2, 1) if guided else out) - self.layout.visual_offset  # [B, step + 1]
+                    embeds = self.model.adapter.images(prefix[..., None])[:, -1:]
+                    logits = self._step_from_embeds(embeds.to(self.model.lm.dtype), next_pos + step, cache_mask, cache, lo, hi)
+                    continue
                 if self.compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
                 logits = self._step(step_ids, next_pos + step, cache_mask, cache, lo, hi)
             else:  # the whole sequence again: the reference the cache must reproduce
                 ids = torch.cat([ids, step_ids], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = self._prompt_logits(ids, mask, vocab)
+                if prompt_codes is not None:  # new text tokens carry no codes
+                    prompt_codes = torch.cat([prompt_codes, prompt_codes.new_full((len(ids), 1, prompt_codes.shape[2]), -1)], dim=1)
+                logits = self._prompt_logits(ids, mask, vocab, codes=prompt_codes)
+        return out
+
+    @torch.no_grad()
+    def decode_codes(self, prompts: list[list[int]], steps: int, sampling: SamplingConfig, guided: bool = False,
+                     use_cache: bool = True, keys: list[int] | None = None) -> torch.Tensor:
+        """L > 1 (mllm/depth_head.py): prompts as in `decode` -> codes [n, steps, L] of `steps` visual positions.
+
+        Each step the last hidden state of every row (cond and uncond rows when guided) goes to the depth heads,
+        which draw the L codes one at a time: CFG mixes cond/uncond logits at every depth, then temperature,
+        top-k, top-p and the row's noise (counter step * L + l); both rows of a pair get the guided code. The
+        codes' adapter embedding is the next input (a visual placeholder token carrying them)."""
+        sampling = dataclasses.replace(sampling)
+        heads, device = self.model.visual_head, self.model.device
+        if heads is None:
+            raise ValueError("decode_codes needs a model with depth heads (a tokenizer with L > 1 codes per position)")
+        context = self.model.lm.config.max_position_embeddings
+        if steps < 1 or not prompts or max(map(len, prompts)) + steps > context:
+            raise ValueError(f"cannot decode {steps} visual position(s) after {len(prompts)} prompt(s) of up to "
+                             f"{max(map(len, prompts), default=0)} tokens in a context of {context}")
+        ids, mask = left_pad(prompts, self.layout.eos, device)
+        n = len(prompts) // 2 if guided else len(prompts)
+        keys = keys if keys is not None else [row_key(sampling.seed, r) for r in range(n)]
+        if len(keys) != n:
+            raise ValueError(f"decode_codes: {len(keys)} noise keys for {n} rows")
+        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
+        vocabs = heads.code_vocab_sizes
+        L, width = len(vocabs), max(vocabs)
+        codes = torch.full((len(prompts), ids.shape[1], L), -1, dtype=torch.long, device=device)  # the prompts carry none
+        if use_cache:
+            cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
+            cache_mask[:, : ids.shape[1]] = mask
+            hidden = self._prompt_logits(ids, cache_mask, None, cache, codes)  # [B, d]
+            next_pos = mask.sum(-1, keepdim=True)
+        else:
+            hidden = self._prompt_logits(ids, mask, None, codes=codes)
+        out = torch.empty((n, steps, L), dtype=torch.long, device=device)
+        for step in range(steps):
+            def pick(logits: torch.Tensor, l: int) -> torch.Tensor:  # [B, V_l] -> [B]
+                if guided:
+                    logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
+                if sampling.temperature == 0:
+                    token = logits.argmax(-1)
+                else:
+                    logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+                    token = (logp.double() + gumbel_noise(row_keys, step * L + l, width)[:, : logp.shape[1]]).argmax(-1)
+                return token.repeat(2) if guided else token
+
+            step_codes = heads.sample(hidden, pick)  # [B, L]
+            out[:, step] = step_codes[:n]
+            if step + 1 == steps:
+                break
+            placeholder = torch.full((len(prompts), 1), self.layout.visual_offset, dtype=torch.long, device=device)
+            if use_cache:
+                embeds = self.model.embed(placeholder, step_codes[:, None])
+                hidden = self.model.lm.model(inputs_embeds=embeds, position_ids=next_pos + step, attention_mask=cache_mask,
+                                             past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            else:  # the whole sequence again: the reference the cache must reproduce
+                ids, codes = torch.cat([ids, placeholder], dim=1), torch.cat([codes, step_codes[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                hidden = self._prompt_logits(ids, mask, None, codes=codes)
         return out
 
     # -- the two uses ------------------------------------------------------------------------------------
     def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True,
                   samples: list[int] | None = None) -> torch.Tensor:
-        """captions -> visual ids [B, h, w] in [0, K*m). Image r is keyed by (sampling.seed, samples[r],
+        """captions -> visual ids [B, h, w] in [0, K*m) (L > 1: codes [B, h, w, L] from the depth heads, as the
+        tokenizer encodes them). Image r is keyed by (sampling.seed, samples[r],
         captions[r]); samples defaults to each caption's occurrence count in `captions` (0, 1, ...), so a
         repeated caption gives distinct images and a batch gives the images its rows give alone."""
         if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}")
-        if self.model.ids.codes > 1:  # mllm/depth_head.py samples the L codes of each position
-            raise NotImplementedError(f"{self.model.ids.kind}: sampling {self.model.ids.codes} codes per position needs the depth head")
         captions = [c if c.strip() else self.seq_cfg.uncond_prompt for c in captions]  # "": the unconditional prompt
         if samples is None:
             samples = [captions[:r].count(c) for r, c in enumerate(captions)]
@@ -261,6 +350,9 @@ class Decoder:
         lo = self.layout.visual_offset
         grid = self.model.image_grid
         keys = [row_key(sampling.seed, j, c) for j, c in zip(samples, captions)]
+        if self.model.visual_head is not None:  # L > 1: [B, h, w, L], as the tokenizer's encode gives them
+            codes = self.decode_codes(rows, grid * grid, sampling, guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
+            return codes.view(len(captions), grid, grid, -1)
         tokens = self.decode(rows, grid * grid, (lo, lo + self.layout.visual_vocab_size), sampling,
                              guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
         return (tokens - lo).view(len(captions), grid, grid)
@@ -270,7 +362,9 @@ class Decoder:
         """[(role, text), ...] ending in a user turn (its <image> is replaced by the image) -> the reply"""
         ids = None if image_ids is None else image_ids.flatten().cpu().numpy()
         prompt = self.builder.chat_prompt(turns, ids)
-        tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end)
+        codes = self.builder.codes_of(prompt, [] if ids is None else [ids])  # L > 1: [T, L]; else None
+        tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end,
+                             codes=None if codes is None else [codes])
         return self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
 
 
@@ -296,7 +390,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool = False) -> tuple[Decoder, VisualTokenizer]:
-    """A model directory (SemHiTokLM.save_pretrained) -> (decoder, its visual tokenizer)."""
+    """A model directory (SemHiTokLM.save_pretrained) or Hub id -> (decoder, its visual tokenizer)."""
+    model_dir = resolve_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = SemHiTokLM.from_pretrained(model_dir, device, dtype, attn_implementation="sdpa")

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from semhitok.common import dist as D
+from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
@@ -38,6 +39,7 @@ from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_
 from semhitok.mllm.ds_config import load_deepspeed_config
 from semhitok.mllm.flops import batch_flops, numel
 from semhitok.mllm.gaps import conditioning_gaps, flat_metrics, load_pairs, plot_training
+from semhitok.mllm.hf_export import text_config
 from semhitok.mllm.loss import chunk_for_budget
 from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_config
 from semhitok.mllm.partition import zero3_build
@@ -82,10 +84,11 @@ def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
     `dtype`; inside mllm.partition.zero3_build every rank holds only its ZeRO-3 shard."""
     t = cfg.mllm_train
     if t.init_from:
-        model = SemHiTokLM.from_pretrained(t.init_from, dtype=dtype).train()  # train(): activation checkpointing acts
+        init_from = resolve_pretrained(t.init_from)  # a directory or a Hub id
+        model = SemHiTokLM.from_pretrained(init_from, dtype=dtype).train()  # train(): activation checkpointing acts
         model.sequence_config = cfg.data
-        return model, load_text_tokenizer(t.init_from), Path(t.init_from) / "visual_tokenizer"
-    tokenizer_dir = Path(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
+        return model, load_text_tokenizer(str(init_from)), init_from / "visual_tokenizer"
+    tokenizer_dir = resolve_pretrained(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
     if main:  # "tiny" trains a tokenizer once; the other ranks wait for it
         resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
     D.barrier()
@@ -108,11 +111,11 @@ def base_hidden_size(cfg) -> int | None:
 
     try:
         if cfg.mllm_train.init_from:
-            return AutoConfig.from_pretrained(cfg.mllm_train.init_from).hidden_size
+            return text_config(resolve_pretrained(cfg.mllm_train.init_from)).hidden_size  # an export's base LLM
         if cfg.mllm.base_model == "random":
             return random_base_config(cfg.mllm).hidden_size
         return AutoConfig.from_pretrained(cfg.mllm.base_model).hidden_size
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a Hub id offline (WeightsUnavailable)
         return None
 
 
@@ -222,6 +225,8 @@ def train_mllm(cfg) -> Path:
     dtype = torch.bfloat16 if bf16 and not plain else torch.float32  # plain: fp32 weights (PlainEngine's own bf16)
     model, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, dtype)
     model.lm.lm_head.chunk = chunk_for_budget(t.loss_chunk, t.loss_memory_gb, model.layout.vocab_size, dtype)
+    if model.visual_head is not None:  # L > 1: the depth heads' classifiers (mllm/depth_head.py)
+        model.visual_head.set_loss_chunk(chunk_for_budget(t.loss_chunk, t.loss_memory_gb, max(model.visual_head.code_vocab_sizes), dtype))
     if t.trainable == "adapter":
         model.freeze_text()
     model.enable_activation_checkpointing(t.activation_checkpointing)
@@ -229,8 +234,9 @@ def train_mllm(cfg) -> Path:
         log.info("Liger-Kernel RMSNorm/RoPE/SwiGLU: %s", "applied" if apply_fused_kernels(model) else "not applied (needs CUDA and liger-kernel)")
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dist.rank, dist.world_size, model.ids)
 
-    adapter_params = [p for p in model.adapter.parameters() if p.requires_grad]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter.")]
+    new_modules = ("adapter.", "visual_head.")  # randomly initialised: adapter_lr
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(new_modules)]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(new_modules)]
     # Frozen text rows sit in the trainable head in adapter mode: no weight decay there, or they would shrink.
     optimizer = torch.optim.AdamW([{"params": adapter_params, "lr": t.adapter_lr},
                                    {"params": other_params, "lr": t.lr, "weight_decay": 0.0 if model.text_frozen else t.weight_decay}],

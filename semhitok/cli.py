@@ -8,6 +8,7 @@
     semhitok sample --model DIR --prompt "a red bus"    # CFG text-to-image
     semhitok eval --model DIR                           # POPE, GenEval, gFID, tokenizer metrics
     semhitok chat --model DIR                           # web demo
+    semhitok push --model DIR --repo ORG/NAME           # upload an export to the Hugging Face Hub
     semhitok config --config 256 [key.sub=value ...]    # print the resolved config
 
 Presets are bare names (`tiny`, `256`, `384`, `recipes/...`) read from the package's configs folder
@@ -57,6 +58,13 @@ def _record(job_dir, cfg, job: str, args) -> None:
     from semhitok.common.run_dir import record_run
 
     record_run(job_dir, cfg, job, getattr(args, "config", None), getattr(args, "overrides", None))
+
+
+def _model_dir(name_or_path: str) -> Path:
+    """--model: a directory, or a Hub id (org/name) fetched into huggingface_hub's cache."""
+    from semhitok.common.hub import resolve_pretrained
+
+    return resolve_pretrained(name_or_path)
 
 
 def cmd_config(args) -> None:
@@ -218,6 +226,7 @@ def cmd_sample(args) -> None:
     from semhitok.common.run_dir import record_run
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
+    args.model = str(_model_dir(args.model))
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
     sampling = _sampling(args)  # checked before the model loads
     if args.samples_per_prompt < 1 or args.batch_size < 1:
@@ -240,6 +249,7 @@ def cmd_eval(args) -> None:
     from semhitok.common.run_dir import find_run_config
     from semhitok.eval.summary import evaluate_model
 
+    args.model = str(_model_dir(args.model))
     if args.config is None:
         recorded = find_run_config(args.model)
         if recorded is None:
@@ -268,6 +278,27 @@ def cmd_chat(args) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         server.server_close()
+
+
+def cmd_push(args) -> None:
+    """Refresh the export's model card (metrics of its eval summary, the repo id) and upload the directory."""
+    from semhitok.common.hub import push_folder
+
+    model = Path(args.model)
+    if (model / "semhitok_mllm.json").is_file():
+        from semhitok.mllm.hf_export import write_mllm_card as write_card
+    elif (model / "config.json").is_file() and json.loads((model / "config.json").read_text()).get("model_type") == "semhitok":
+        from semhitok.tokenizer.hub import write_tokenizer_card as write_card
+    else:
+        raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json)")
+    card = write_card(model, model, repo=args.repo)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        url = push_folder(model, args.repo, private=args.private or None, token=args.token)
+    except (HfHubHTTPError, OSError) as err:  # no network, no token, no write access: one line
+        raise ValueError(f"upload of {model} to {args.repo} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    print(f"{model} -> {args.repo} ({card.name} refreshed): {url}")
 
 
 # -- ablations ---------------------------------------------------------------------------------------
@@ -408,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = command(sub, "sample", "text-to-image with classifier-free guidance", cmd_sample)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
@@ -425,20 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = command(sub, "eval", "every score of a model: POPE, GenEval, gFID, tokenizer reconstruction", cmd_eval)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     p.add_argument("--out", default=None, help="output folder; lmms-eval scores under <out>/lmms_eval join the table "
                    "(None: <run>/mllm/eval for <run>/mllm/final, else <model>-eval; where eval/run_lmms.sh writes)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     _config_args(p, default=None)
 
     p = command(sub, "chat", "web chat demo: ask about an uploaded image, or ask for one", cmd_chat)
-    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final)")
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+    p = command(sub, "push", "upload an MLLM or tokenizer export to the Hugging Face Hub (its model card refreshed)", cmd_push)
+    p.add_argument("--model", required=True, help="an export directory (<run_dir>/mllm/final or a tokenizer's final/)")
+    p.add_argument("--repo", required=True, help="Hub repo id, org/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s)")
 
     _ablate_parser(sub)
     _compare_parser(sub)
@@ -453,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output)")
+        p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output) or a Hub id (org/name)")
         p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
         p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
 

@@ -12,8 +12,8 @@ from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
-from semhitok.tokenizer.interface import kind_trainer
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.interface import kind_trainer
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 
 
@@ -27,8 +27,8 @@ class ProjectConfig:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     mllm_train: MLLMTrainConfig = field(default_factory=MLLMTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    dualtoken: DualTokenConfig = field(default_factory=DualTokenConfig)  # tokenizer.kind=dualtoken's architecture
     toklip: TokLIPConfig = field(default_factory=TokLIPConfig)  # tokenizer.kind=toklip's architecture and stages
+    dualtoken: DualTokenConfig = field(default_factory=DualTokenConfig)  # tokenizer.kind=dualtoken's architecture
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"

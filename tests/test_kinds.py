@@ -27,6 +27,7 @@ from semhitok.data_pipelines.sequences import IGNORE
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.model import SemHiTokLM
+from semhitok.mllm.sample import Decoder, SamplingConfig
 from semhitok.tokenizer import interface
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, load_visual_tokenizer
 from semhitok.tokenizer.vit import patchify, unpatchify
@@ -127,6 +128,17 @@ class PatchRVQ(PatchVQ):
 
     def __init__(self, groups: tuple[int, ...] = (2, 2), **kw):
         super().__init__(groups=groups, **kw)
+
+
+class PerCodeHead(nn.Module):
+    """A minimal visual head for L > 1: one linear classifier per code, summed NLL per position."""
+
+    def __init__(self, d: int, vocab: tuple[int, ...]):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(d, v) for v in vocab)
+
+    def loss(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:  # [M, d], [M, L] -> [M]
+        return sum(nn.functional.cross_entropy(h(hidden), codes[:, l], reduction="none") for l, h in enumerate(self.heads))
 
 
 # -- the kinds' trainer (TRAINERS): a few reconstruction steps on the configured images --------------------------
@@ -245,6 +257,18 @@ def test_pretokenize_loader_and_one_training_step(kind, kinds, text_tokenizer, t
         shard_rows = {tuple(r) for s in (pretok / "shards").glob("*.npz") for r in load_shard(s)[0].tolist()}
         assert all(tuple(r) in shard_rows for r in codes[visual].view(-1, N * L).tolist())
 
+    if L > 1:  # the hook mllm/depth_head.py plugs into: its per-position loss over the L codes joins the loss
+        assert type(model.visual_head).__name__ == "DepthHeads"  # what build() swaps in for L > 1
+        model.visual_head = None
+        flat = model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels", "visual_codes")})["loss"]
+        model.visual_head = PerCodeHead(TINY_QWEN["hidden_size"], tok.code_vocab_sizes)
+        mask, targets = model.visual_targets(batch["labels"], batch["visual_codes"])
+        assert len(targets) == (batch["labels"] == model.layout.visual_offset).sum() and (targets >= 0).all()
+        hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], visual_codes=batch["visual_codes"]).last_hidden_state
+        extra = model.visual_head.loss(hidden[:, :-1][mask], targets).sum() / (batch["labels"][:, 1:] != IGNORE).sum()
+        with_head = model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels", "visual_codes")})["loss"]
+        torch.testing.assert_close(with_head, flat + extra)
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels", "task_ids", "visual_codes") if k in batch}
@@ -295,3 +319,12 @@ def test_contextual_features_see_whole_images_and_exports_reload(kinds, text_tok
     again = SemHiTokLM.from_pretrained(tmp_path / "mllm")
     assert again.ids == model.ids and not again.adapter.features.per_id
     torch.testing.assert_close(again.embed(row), emb)
+    # sampling: a cached step feeds the image generated so far to the features, as the full recomputation does
+    with torch.no_grad():  # sharp visual logits: a changed input embedding changes the sampled ids
+        again.lm.lm_head.weight[off:] *= 300
+    decoder = Decoder(again, text_tokenizer)
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=30.0, seed=3)  # varied ids, each draw still input-sensitive
+    captions = ["a dog on a beach", "two cats", "a red bus", "a plate of food"]
+    cached = decoder.image_ids(captions, sampling)
+    assert cached.shape == (4, tok.grid, tok.grid) and len(cached.unique()) > 4
+    torch.testing.assert_close(decoder.image_ids(captions, sampling, use_cache=False), cached)

@@ -83,8 +83,8 @@ class VisualTokenizer(Protocol):
 # kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
 KINDS: dict[str, str] = {
     "semhitok": "semhitok.tokenizer.model:SemHiTok",
-    "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
     "toklip": "semhitok.tokenizer.toklip.model:TokLIP",
+    "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
 }
 
 
@@ -94,8 +94,8 @@ KINDS: dict[str, str] = {
 # names that directory without training (what pre-tokenization and the MLLM consume).
 TRAINERS: dict[str, tuple[str, str]] = {
     "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
-    "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
     "toklip": ("semhitok.tokenizer.toklip.train:train", "semhitok.tokenizer.toklip.train:final_dir"),
+    "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
 }
 
 
@@ -133,7 +133,10 @@ def saved_kind(path: str | Path) -> str:
 
 
 def load_visual_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VisualTokenizer:
-    """Any saved visual tokenizer, by the kind its directory declares; eval mode on `device`."""
+    """Any saved visual tokenizer (a directory or a Hub id), by the kind its directory declares; eval mode on `device`."""
+    from semhitok.common.hub import resolve_pretrained
+
+    path = resolve_pretrained(path)
     return tokenizer_class(saved_kind(path)).from_pretrained(path, device=device)
 
 

@@ -317,17 +317,26 @@ class SemHiTok(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json + model.safetensors into `path` atomically."""
+        """Write config.json + model.safetensors + a model card (README.md) into `path` atomically."""
+        from semhitok.tokenizer.hub import write_tokenizer_card
+
         with atomic_dir(path) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
             meta = {"model_type": "semhitok", "trained_stages": self.trained_stages, **dataclasses.asdict(self.config)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            write_tokenizer_card(tmp, Path(path))
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+        """Upload a fresh export (weights, config, model card) to the Hub repo `repo_id` -> the commit URL."""
+        from semhitok.tokenizer.hub import push_tokenizer
+
+        return push_tokenizer(self, repo_id, private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":
         """Check config.json and the weights against each other before allocating anything (a skeleton of
-        the model on the meta device gives every expected shape), then load."""
+        the model on the meta device gives every expected shape), then load. `path`: a directory or a Hub id."""
         meta, config_file, weights = read_config(path, "semhitok", cls.__name__)
         stages = meta.pop("trained_stages", None)
         if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):

@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from semhitok.common.hub import resolve_pretrained
+
 
 def read_config(path: str | Path, kind: str, cls_name: str) -> tuple[dict, Path, Path]:
-    """path -> (config.json's fields without model_type, config file, weights file); one-line errors."""
-    path = Path(path)
+    """path (a directory, or a Hub id: semhitok.common.hub) -> (config.json's fields without model_type, config
+    file, weights file); one-line errors."""
+    path = resolve_pretrained(path)
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass a directory written by {cls_name}.save_pretrained")

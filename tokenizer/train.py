@@ -90,6 +90,13 @@ class _Task:
         self.schedulers[name].step()
         return float(norm)
 
+    def _disc_step(self, images: torch.Tensor, recon: torch.Tensor) -> float:
+        """One hinge step of self.disc (optimizer "disc") on real images vs detached reconstructions; its loss."""
+        with self.autocast:
+            d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
+        self._step("disc", d_loss, self.disc.parameters())
+        return d_loss.item()
+
 
 class Stage1Task(_Task):
     """Distil the frozen teacher's patch features through the semantic codebook (cosine + L1 + commitment)."""
@@ -221,10 +228,7 @@ class Stage2Task(_Task):
             "pix_codes_used": float(torch.unique(self.model.join_ids(sem, pix)).numel()),
         }
         if gan_on:
-            with self.autocast:
-                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
-            metrics["d_loss"] = d_loss.item()
-            self._step("disc", d_loss, self.disc.parameters())
+            metrics["d_loss"] = self._disc_step(images, recon)
         return metrics
 
     @torch.no_grad()

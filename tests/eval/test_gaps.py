@@ -31,14 +31,14 @@ def builder(tiny_mllm, text_tokenizer):
 def test_gap_documents_are_the_training_documents_with_the_condition_swapped(pairs, builder):
     n, grid = len(pairs.captions), pairs.ids.shape[1]
     assert n == 5 and sorted(derangement(n)) == list(range(n)) and all(j != i for i, j in enumerate(derangement(n)))
-    for i, (prompt, target) in enumerate(documents(builder, pairs, "understanding", "true")):
+    for i, (prompt, target, _) in enumerate(documents(builder, pairs, "understanding", "true")):
         doc = builder.understanding({"text": pairs.captions[i]}, pairs.ids[i].flatten().numpy())
         assert prompt + target == doc.tokens[: len(prompt) + len(target)].tolist()
         assert target == [t for t in doc.labels.tolist() if t != IGNORE]  # exactly what training supervises
     shuffled = documents(builder, pairs, "understanding", "shuffled")
     assert shuffled[0][0] == documents(builder, pairs, "understanding", "true")[1][0]  # pair 0 gets pair 1's image
-    assert all(t < builder.layout.visual_offset for p, _ in documents(builder, pairs, "understanding", "no_image") for t in p)
-    for i, (prompt, target) in enumerate(documents(builder, pairs, "generation", "true")):
+    assert all(t < builder.layout.visual_offset for p, _, _ in documents(builder, pairs, "understanding", "no_image") for t in p)
+    for i, (prompt, target, _) in enumerate(documents(builder, pairs, "generation", "true")):
         doc = builder.generation({"text": pairs.captions[i]}, pairs.ids[i].flatten().numpy(), uncond=False)
         assert prompt + target == doc.tokens[: len(prompt) + grid * grid].tolist() and len(target) == grid * grid
     uncond = documents(builder, pairs, "generation", "uncond")[0][0]
@@ -51,7 +51,7 @@ def test_scored_loss_is_the_training_loss_and_independent_of_batching(tiny_mllm,
     loss8, acc8 = score(tiny_mllm, docs, batch_size=8)  # right-padded rows of different lengths
     np.testing.assert_allclose(loss8, loss1, rtol=1e-4)
     np.testing.assert_array_equal(acc8, acc1)
-    prompt, target = docs[0]
+    prompt, target, _ = docs[0]
     tokens = torch.tensor([prompt + target])
     labels = torch.tensor([[IGNORE] * len(prompt) + target])
     with torch.no_grad():

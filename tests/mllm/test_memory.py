@@ -42,9 +42,10 @@ def test_export_in_the_training_dtype_round_trips_tied_and_untied(tied, tmp_path
     model.save_pretrained(tmp_path / "m", TEXT_TOKENIZER, tmp_path / "vt")
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # not fp32: half the bytes
-        assert f.get_slice("model.embed_tokens.weight").get_shape() == [1280, 64]  # padded: plain HF loads it
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert plain.dtype == torch.bfloat16 and plain.config.vocab_size == 1280
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [1280, 64]  # padded: transformers loads it
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)  # the export's own model code
+    assert hf.dtype == torch.bfloat16 and hf.config.text_config.vocab_size == 1280
+    assert (hf.get_input_embeddings().weight is hf.lm_head.weight) == tied
     loaded = SemHiTokLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert loaded.lm.get_input_embeddings().weight.shape[0] == (1280 if tied else 1024)
     assert (loaded.lm.get_input_embeddings().weight is loaded.lm.lm_head.weight) == tied
@@ -52,6 +53,8 @@ def test_export_in_the_training_dtype_round_trips_tied_and_untied(tied, tmp_path
     pos = torch.arange(30)[None]
     with torch.no_grad():
         assert loaded(ids, pos, ids)["loss"] == model(ids, pos, ids)["loss"]
+        # the transformers model (remote code) reads visual ids through the adapter, tied or not
+        torch.testing.assert_close(hf(ids).logits, loaded.logits(loaded.hidden_states(ids).last_hidden_state))
 
 
 def test_loss_chunk_is_picked_from_the_memory_budget():

@@ -1,8 +1,9 @@
 """DualToken: residual quantization invariants, the VisualTokenizer contract at tiny scale and at SigLIP
 so400m/14-384's real vision config (depth cut), save/load, and its training task."""
 
-import dataclasses
+import importlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ import torch.nn as nn
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
-from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.interface import TRAINERS, VisualTokenizer, load_visual_tokenizer, tokenizer_class
 from semhitok.tokenizer.model import load_teacher
-from tests.tokenizer.siglip_dirs import siglip_model_dir, vision_config
+from tests.conftest import tiny_config as conftest_tiny_config
+from tests.tokenizer.siglip_dirs import vision_config
 
 TINY_SIGLIP = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    image_size=64, patch_size=8)
@@ -161,19 +163,80 @@ def test_save_load_round_trip_and_shape_check(tiny, tmp_path):
         DualToken.from_pretrained(tmp_path / "tok")
 
 
-def test_real_so400m_vision_config_depth_cut(tmp_path):
-    """A full SiglipModel directory with so400m/14-384's real vision config (2 layers, random weights):
-    27x27 positions of 16 codes, 384 px out."""
+def test_real_so400m_vision_config_depth_cut():
+    """SigLIP so400m/14-384's real vision config cut to 2 layers (random weights; loading a real SiglipModel
+    directory is load_teacher's, tested in test_teacher_load): 27x27 positions of 16 codes, 384 px out."""
     so400m = "google/siglip-so400m-patch14-384"
-    siglip_model_dir(so400m, tmp_path / "siglip", layers=2)
-    cfg = DualTokenConfig(teacher=str(tmp_path / "siglip"), **SMALL)
+    cfg = DualTokenConfig(teacher="random", siglip_config=vision_config(so400m, 2), **SMALL)
     torch.manual_seed(0)
     model = DualToken.from_teacher(cfg, load_teacher(cfg))
-    assert model.config.siglip_config["hidden_size"] == vision_config(so400m)["hidden_size"] == 1152
+    assert model.config.siglip_config["hidden_size"] == 1152 and model.grid == 27
     x = torch.rand(1, 3, 384, 384) * 2 - 1
-    model.train().quantize(x)
-    ids = model.eval().encode(x)
+    ids = model.eval().encode(x)  # (codebooks unfitted: shapes only)
     assert ids.shape == (1, 27, 27, 16)
     assert model.decode(ids).shape == (1, 3, 384, 384)
     pred, target = model.semantic_alignment(x)
     assert pred.shape == target.shape == (1, 729, 1152)
+
+
+# -- training ---------------------------------------------------------------------------------------------
+def run_config(run_dir, *overrides):
+    small = [f"dualtoken.{k}={v}" for k, v in SMALL.items()]
+    return conftest_tiny_config(run_dir, "tokenizer_train.batch_size=2", *small, *overrides)
+
+
+def test_training_steps_lower_the_loss(tmp_path):
+    from semhitok.tokenizer import list_images, load_rgb, preprocess
+    from semhitok.tokenizer.dualtoken.train import DualTokenTask
+    from tests.conftest import SAMPLE
+
+    cfg = run_config(tmp_path, "tokenizer_train.disc_start=5", "tokenizer_train.warmup_steps=1")
+    torch.manual_seed(0)
+    model = DualToken.from_teacher(cfg.dualtoken, load_teacher(cfg.dualtoken))
+    task = DualTokenTask(model, cfg.tokenizer_train, torch.device("cpu"), world=1)
+    assert task.run_info["perceptual"] == "semantic"
+    x = preprocess([load_rgb(p) for p in list_images([SAMPLE / "train.jsonl"])[:2]], 64)
+    steps = [task.train_step(x, step) for step in range(6)]
+    assert steps[-1]["l2_loss"] < 0.8 * steps[0]["l2_loss"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "d_loss" in steps[-1] and "d_loss" not in steps[0]  # the GAN from disc_start on
+    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.initial.parameters())
+    torch.manual_seed(0)
+    fresh = load_teacher(cfg.dualtoken).state_dict()  # the same seed gives the same random tower
+    for k, v in model.initial.state_dict().items():
+        assert torch.equal(v, fresh[k]), k  # the initial copy never trains
+
+
+def test_train_entry_point_resumes_from_checkpoints_and_skips_when_done(tmp_path, caplog):
+    train, final_dir = (getattr(importlib.import_module(m), f) for m, f in (s.split(":") for s in TRAINERS["dualtoken"]))
+    assert tokenizer_class("dualtoken") is DualToken
+    cfg = run_config(tmp_path, "tokenizer_train.max_steps=3", "tokenizer_train.ckpt_every=2",
+                     "tokenizer_train.perceptual=none")
+    final = train(cfg)
+    assert final == final_dir(cfg) == tmp_path / "tokenizer" / "dualtoken" / "final"
+    ckpt = final.parent / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE.json").is_file()
+    first = DualToken.from_pretrained(final)
+    assert first.trained_stages == [1]
+    # an interrupted longer run: the final directory gone, max_steps raised -> resumes from step 2
+    shutil.rmtree(final)
+    cfg.tokenizer_train.max_steps = 4
+    with caplog.at_level("INFO", logger="semhitok"):
+        train(cfg)
+    assert "resumed from" in caplog.text and "step 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="semhitok"):
+        assert train(cfg) == final
+    assert "already trained" in caplog.text
+
+
+def test_presets():
+    from semhitok.config import load_project_config
+
+    paper = load_project_config("384").dualtoken  # arXiv 2503.14324 sec. 3.2, 4.1
+    assert (paper.teacher, paper.pixel_layer, paper.semantic_layer, paper.depth) == (
+        "google/siglip-so400m-patch14-384", 6, 26, 8)
+    tiny = load_project_config("tiny").dualtoken
+    assert tiny.depth == 8 and tiny.pixel_layer < tiny.semantic_layer <= tiny.siglip_config["num_hidden_layers"]
+    model = DualToken(tiny)
+    assert model.code_groups == (8, 8) and model.code_vocab_sizes == (256,) * 16 and model.grid == 8

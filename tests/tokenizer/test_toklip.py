@@ -87,6 +87,7 @@ def test_token_encoder_is_causal(cfg, siglip, batch):
     assert torch.equal(a[:, : t + 1], b[:, : t + 1])  # positions <= t never see what follows
     assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().amax(-1).min() > 1e-4  # every later position does
     assert torch.allclose(a, model.features(ids[..., 0])[0], atol=1e-6)  # the copy computes the model's features
+    assert torch.allclose(feats(ids[:, : t + 1]), a[:, : t + 1], atol=1e-5)  # a partial image (while generated)
     model.encoder.causal = False  # bidirectional: earlier positions would change, so the mask is what holds them
     assert not torch.allclose(model.features(ids[..., 0])[0][:, :t], model.features(changed[..., 0])[0][:, :t])
 
@@ -117,7 +118,8 @@ def test_vqgan_steps_lower_the_loss(cfg, siglip, batch):
     train_cfg = stage_train(cfg, 1)
     train_cfg.disc_start = 3  # the GAN terms run too
     task = VQGANTask(VQGAN(cfg.toklip.vqgan), siglip.vision_model, train_cfg, torch.device("cpu"), 1)
-    metrics = [task.train_step(batch[0], step) for step in range(6)]
+    images = batch[0][:2]  # two photos: the PatchGAN dominates the step's time
+    metrics = [task.train_step(images, step) for step in range(5)]
     assert "d_loss" in metrics[-1] and "d_loss" not in metrics[0]
     assert metrics[-1]["l1_loss"] < metrics[0]["l1_loss"], [m["l1_loss"] for m in metrics]
     assert metrics[-1]["commit_loss"] > 0
@@ -153,3 +155,48 @@ def test_train_runs_both_stages_and_skips_finished_ones(tmp_path, caplog):
     caplog.clear()
     assert train(cfg) == out
     assert "stage 1 already finished" in caplog.text and "stage 2 already finished" in caplog.text
+
+
+def test_encoder_stage_from_a_vqgan_dir_resumes_exactly(tmp_path, caplog):
+    """toklip.vqgan_dir skips stage 1; a run resumed from a step-2 checkpoint ends bit-identical to one that was not."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    vq = VQGAN(tiny_config(tmp_path).toklip.vqgan)
+    vq.trained_stages = [1]
+    vq.save_pretrained(tmp_path / "vq")
+    over = ["tokenizer_train.batch_size=4", "toklip.encoder_steps=3", "tokenizer_train.ckpt_every=1",
+            f"toklip.vqgan_dir={tmp_path / 'vq'}"]
+    straight = tiny_config(tmp_path / "a", *over)
+    out = train(straight)
+    assert not (tmp_path / "a" / "tokenizer" / "toklip_vqgan").exists()  # stage 1 skipped
+    resumed = tiny_config(tmp_path / "b", *over)
+    ckpts = final_dir(resumed).parent / "checkpoints"
+    shutil.copytree(final_dir(straight).parent / "checkpoints" / "step_00000002", ckpts / "step_00000002")
+    caplog.clear()
+    out_b = train(resumed)
+    assert "(step 2)" in caplog.text  # it resumed rather than starting over
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(out_b / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(str(ckpts / "step_00000002" / "model.safetensors"))[k]) for k in a)
+
+
+def test_paper_384_shapes_on_the_meta_device():
+    """configs/384.yaml: LlamaGen-sized VQ-16 (16,384 x 8 codes, 24x24 ids) under a so400m-wide token encoder
+    (SigLIP2 so400m/16-384's vision config, depth cut to 1: no download)."""
+    import dataclasses
+
+    from semhitok.config import load_project_config
+
+    so400m = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
+                  image_size=384, patch_size=16)
+    cfg = dataclasses.replace(load_project_config("384").toklip, vision_config=so400m, text_config={})
+    with torch.device("meta"):
+        model = TokLIP(cfg)
+    assert model.grid == 24 and model.code_vocab_sizes == (16384,)
+    assert model.vqgan.quantizer.embedding.shape == (16384, 8)
+    assert model.encoder.pos.shape == (1, 576, 1152)  # the teacher's 24x24 positions, no interpolation needed
+    assert [m.weight.shape for m in model.encoder.mlp if hasattr(m, "weight")] == [(4608, 8), (1152, 4608)]
+    assert 60e6 < sum(p.numel() for p in model.vqgan.parameters()) < 75e6  # LlamaGen's VQ-16: ~72M

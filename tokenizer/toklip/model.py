@@ -24,7 +24,7 @@ from semhitok.common.config_io import from_dict
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.model import WeightsUnavailable
 from semhitok.tokenizer.toklip.config import TokLIPConfig
-from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_config, save_dir
+from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_dir, save_dir
 from semhitok.tokenizer.vit import resize
 
 RANDOM_TEACHER = "random"
@@ -75,7 +75,11 @@ class TokenEncoder(nn.Module):
         self.post_layernorm = nn.LayerNorm(c, eps=vision.layer_norm_eps)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(codes) + self.pos  # [n, N, c]
+        """codes [n, N', d] of the first N' <= N positions (a partial image while it is generated) -> [n, N', c];
+        causal: equal to the whole image's features at those positions"""
+        if codes.shape[1] > self.pos.shape[1]:
+            raise ValueError(f"{codes.shape[1]} positions, the token encoder has {self.pos.shape[1]}")
+        x = self.mlp(codes) + self.pos[:, : codes.shape[1]]  # [n, N', c]
         mask = causal_mask(x.shape[1], x.device).to(x.dtype) if self.causal else None
         return self.post_layernorm(self.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state)
 
@@ -93,7 +97,8 @@ class TokenEncoder(nn.Module):
 
 
 class TokLIPFeatures(VisualFeatures):
-    """The adapter's input: ids [n, N, 1] -> token-encoder features [n, N, c] (contextual: causal over N)."""
+    """The adapter's input: ids [n, N', 1] (whole images, N' = N, or the first N' positions of partial ones) ->
+    token-encoder features [n, N', c] (contextual: position t depends on positions <= t)."""
 
     per_id = False
 
@@ -194,8 +199,8 @@ class TokLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TokLIP":
-        meta, stages, config_file = read_config(path, cls.kind)
+        meta, stages, config_file, weights = read_dir(path, cls)
         cfg = from_dict(TokLIPConfig, meta, where=str(config_file))
-        model = load_checked(lambda: cls(cfg), path)
+        model = load_checked(lambda: cls(cfg), config_file, weights)
         model.trained_stages = list(stages)
         return model.to(device).eval()

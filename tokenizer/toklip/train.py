@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from semhitok.common import dist as D
 from semhitok.tokenizer.config import TokenizerTrainConfig
 from semhitok.tokenizer.data import image_grid
-from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_d_loss, hinge_g_loss
+from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.model import TokLIP, load_siglip
@@ -75,10 +75,7 @@ class VQGANTask(_Task):
                    "grad_norm": norm, "train_psnr": float(psnr(recon.detach().float().clamp(-1, 1), images)),
                    "codes_used": _codes_used(ids, self.model.config.codebook_size)}
         if gan_on:
-            with self.autocast:
-                d_loss = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
-            metrics["d_loss"] = d_loss.item()
-            self._step("disc", d_loss, self.disc.parameters())
+            metrics["d_loss"] = self._disc_step(images, recon)
         return metrics
 
     @torch.no_grad()

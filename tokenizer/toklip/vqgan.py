@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from semhitok.common.config_io import from_dict
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.quantizers import fp32, l2norm
+from semhitok.tokenizer.saved import check_weights, read_config
 from semhitok.tokenizer.toklip.config import VQGANConfig
 
 
@@ -173,9 +173,9 @@ class VQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VQGAN":
-        meta, stages, config_file = read_config(path, cls.kind)
+        meta, stages, config_file, weights = read_dir(path, cls)
         cfg = from_dict(VQGANConfig, meta, where=str(config_file))
-        model = load_checked(lambda: cls(cfg), path)
+        model = load_checked(lambda: cls(cfg), config_file, weights)
         model.trained_stages = stages
         return model.to(device).eval()
 
@@ -188,43 +188,18 @@ def save_dir(model: nn.Module, path: str | Path, meta: dict) -> None:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read_config(path: str | Path, kind: str) -> tuple[dict, list[int], Path]:
-    """config.json of a `kind` directory -> (its config fields, its trained stages, the file)"""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: pass a directory written by a {kind} save_pretrained")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.pop("model_type", None) != kind:
-        raise ValueError(f"{config_file}: model_type is not {kind!r}")
+def read_dir(path: str | Path, cls) -> tuple[dict, list[int], Path, Path]:
+    """A `cls.kind` directory -> (its config fields, its trained stages, config file, weights file); one-line errors."""
+    meta, config_file, weights = read_config(path, cls.kind, cls.__name__)
     stages = meta.pop("trained_stages", None)
     if not isinstance(stages, list) or not all(s in (1, 2) and not isinstance(s, bool) for s in stages):
         raise ValueError(f"{config_file}: trained_stages must be a list of stages (1, 2), got {stages!r}")
-    return meta, stages, config_file
+    return meta, stages, config_file, weights
 
 
-def load_checked(build, path: str | Path) -> nn.Module:
-    """build() -> a model whose every weight shape is checked against path/model.safetensors before loading
-    (a skeleton on the meta device gives the expected shapes); a mismatch is a one-line error."""
-    weights = Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found")
-    try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-    except Exception as err:  # a config that describes no model
-        raise ValueError(f"{Path(path) / 'config.json'}: describes no buildable model ({type(err).__name__}: {err})") from None
-    try:
-        with safe_open(str(weights), "pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-    problems = [f"{k} missing" for k in expected if k not in found] + [f"{k} unexpected" for k in found if k not in expected]
-    problems += [f"{k} is {list(found[k])}, config says {list(s)}" for k, s in expected.items() if k in found and found[k] != s]
-    if problems:
-        raise ValueError(f"{weights} does not match its config.json: {len(problems)} problem(s), first: {problems[0]}")
+def load_checked(build, config_file: Path, weights: Path) -> nn.Module:
+    """build() -> a model, loaded from `weights` once every name and shape is checked (tokenizer/saved.py)."""
+    check_weights(build, config_file, weights)
     model = build()
     model.load_state_dict(load_file(str(weights)))
     return model

@@ -1,0 +1,105 @@
+"""SemHiTok MLLM for transformers' remote code: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True).
+
+Self-contained (torch, transformers, safetensors). The base LLM is built from `config.text_config` with the
+same weight names as a plain causal LM (model.*, lm_head.*); visual ids (>= text_vocab_size) enter through
+the dual-MLP adapter, whose weights are the export's adapter.safetensors. The head scores text and visual
+ids alike, so `generate` may emit visual ids (an image after <|vision_start|>): decode them with the visual
+tokenizer in visual_tokenizer/ (semhitok), they are not text.
+"""
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
+
+from .configuration_semhitok import SemHiTokMLLMConfig
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+class VisualAdapter(nn.Module):
+    """visual ids [N] -> input embeddings [N, d]: concat(MLP_sem(sem code), MLP_pix(pix code)) (semantic: MLP_sem alone)."""
+
+    def __init__(self, config: SemHiTokMLLMConfig):
+        super().__init__()
+        d, hidden, m = config.text_config.hidden_size, config.adapter_hidden, config.codes_per_group
+        self.codes_per_group = m
+        self.register_buffer("sem_codes", torch.zeros(config.visual_vocab_size // m, config.sem_code_dim))
+        self.register_buffer("pix_codes", torch.zeros(config.visual_vocab_size, config.pix_code_dim))
+        both = config.adapter_inputs == "both"
+        self.sem_mlp = nn.Sequential(nn.Linear(config.sem_code_dim, hidden), nn.GELU(), nn.Linear(hidden, d - d // 2 if both else d))
+        self.pix_mlp = nn.Sequential(nn.Linear(config.pix_code_dim, hidden), nn.GELU(), nn.Linear(hidden, d // 2)) if both else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        dtype = self.sem_mlp[0].weight.dtype
+        sem = self.sem_mlp(self.sem_codes[ids // self.codes_per_group].to(dtype))
+        return sem if self.pix_mlp is None else torch.cat([sem, self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
+
+
+class SemHiTokForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SemHiTokMLLMConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _keys_to_ignore_on_load_missing = [r"^adapter\."]  # read from adapter.safetensors after loading
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: SemHiTokMLLMConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.model = AutoModel.from_config(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.adapter = VisualAdapter(config)
+        self.post_init()
+
+    def _init_weights(self, module):  # every weight comes from the export
+        pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        path = cached_file(pretrained_model_name_or_path, ADAPTER_WEIGHTS, _raise_exceptions_for_missing_entries=False, **hub)
+        if path is not None:  # a semhitok export; a directory saved by this class has adapter.* in its weights
+            device = model.lm_head.weight.device
+            # (exports since tokenizer kinds keep the code tables under features.)
+            model.adapter.load_state_dict({k.removeprefix("features."): v.to(device) for k, v in load_file(path).items()})
+            model.adapter.to(model.lm_head.weight.dtype)
+        return model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (text and visual) -> input embeddings [B, T, d]"""
+        visual = input_ids >= self.config.text_vocab_size
+        embeds = self.model.get_input_embeddings()(input_ids.masked_fill(visual, 0))
+        if visual.any():
+            image = self.adapter(input_ids[visual] - self.config.text_vocab_size).to(embeds.dtype)
+            embeds = embeds.masked_scatter(visual[..., None], image)
+        return embeds
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        """input_ids [B, T] -> logits [B, T', V]; the KV cache (`cache`, formerly `past_key_values`) rides in kwargs."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, **kwargs)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        cache = {k: v for k, v in out.items() if k in ("cache", "past_key_values")}  # the field's name in this version
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                                      **cache)

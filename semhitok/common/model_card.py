@@ -1,0 +1,87 @@
+"""The model card (README.md with Hub metadata) written into every tokenizer and MLLM export.
+
+Metadata (YAML front matter, huggingface_hub.ModelCardData): license, library_name, pipeline_tag,
+base_model, tags, datasets, metrics. Body: what the model is built from, the data it was trained on (the
+sources in the run's recorded config.yaml), the scores of its eval summary (summary.json) when one exists
+beside the export, and how to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+CARD = "README.md"
+LICENSE = "apache-2.0"
+
+
+def find_eval_summary(model_dir: str | Path) -> Path | None:
+    """summary.json of `semhitok eval` for a model directory: in it, or where eval writes by default
+    (<run>/mllm/final -> <run>/mllm/eval, DIR -> DIR-eval)."""
+    model_dir = Path(model_dir).resolve()
+    for candidate in (model_dir / "summary.json", model_dir.parent / "eval" / "summary.json",
+                      model_dir.parent / f"{model_dir.name}-eval" / "summary.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def summary_metrics(summary: dict, prefix: str = "", depth: int = 2) -> dict[str, float]:
+    """Numeric leaves of an eval summary, up to `depth` levels: {"pope.accuracy": 0.81, "gfid.fid": 96.2, ...}."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+        elif isinstance(value, dict) and depth > 0:
+            out.update(summary_metrics(value, name + ".", depth - 1))
+    return out
+
+
+def training_sources(model_dir: str | Path) -> list[str]:
+    """Names of the pre-tokenized sources in the config.yaml recorded for the run that made `model_dir`."""
+    from semhitok.common.run_dir import find_run_config
+
+    config = find_run_config(model_dir)
+    if config is None:
+        return []
+    try:
+        sources = (yaml.safe_load(config.read_text()) or {}).get("pretokenize", {}).get("sources") or []
+    except (yaml.YAMLError, AttributeError):
+        return []
+    return [str(s["name"]) for s in sources if isinstance(s, dict) and s.get("name")]
+
+
+def write_model_card(folder: str | Path, *, title: str, about: list[str], usage: str, pipeline_tag: str,
+                     base_model: str | None, tags: list[str], datasets: list[str], run_dir: str | Path | None = None) -> Path:
+    """folder/README.md; metrics come from the eval summary found for `run_dir` (default: folder) when present."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    summary_file = find_eval_summary(run_dir or folder)
+    metrics: dict[str, float] = {}
+    if summary_file is not None:
+        try:
+            metrics = summary_metrics(json.loads(summary_file.read_text()))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            metrics = {}
+    data = ModelCardData(license=LICENSE, library_name="semhitok", pipeline_tag=pipeline_tag,
+                         base_model=base_model or None, tags=["semhitok", *tags], datasets=datasets or None,
+                         metrics=sorted(metrics) or None)
+    lines = [f"# {title}", "", *about, ""]
+    lines += ["## Training data", ""]
+    lines += [f"- {name}" for name in datasets] if datasets else ["Not recorded with this export."]
+    lines += ["", "## Evaluation", ""]
+    if metrics:
+        lines += [f"From `{summary_file.name}` of `semhitok eval`:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    else:
+        lines += ["No eval summary (summary.json of `semhitok eval`) was found beside this export."]
+    lines += ["", "## How to load", "", usage.strip(), ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    card.save(Path(folder) / CARD)
+    return Path(folder) / CARD

@@ -1,0 +1,212 @@
+"""Hugging Face artifacts: loading by Hub id from a local mirror of the Hub cache (offline), the transformers-only
+round trip of an MLLM export (remote code), model cards, generation config and push_to_hub (a recording HfApi)."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import SAMPLE
+
+IMAGE = SAMPLE / "images" / "coco_000000000790.jpg"
+MLLM_REPO, TOKENIZER_REPO = "semhitok-test/tiny-mllm", "semhitok-test/tiny-tokenizer"
+
+
+def mirror(cache: Path, repo_id: str, folder: Path) -> str:
+    """Write `folder` as huggingface_hub's cache holds a downloaded repo: models--org--name/{blobs/<sha256>,
+    snapshots/<commit>/<path> -> ../../blobs/<sha256> (relative links), refs/main = <commit>}. Returns the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1("".join(str(p.relative_to(folder)) for p in files).encode()).hexdigest()
+    for path in files:
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tiny_mllm_dir, trained_tokenizer, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("hf_cache")
+    mirror(cache, MLLM_REPO, tiny_mllm_dir)
+    mirror(cache, TOKENIZER_REPO, trained_tokenizer)
+    return cache
+
+
+def test_loads_by_hub_id_from_the_cache_offline(hub_cache, tiny_mllm, trained_tokenizer, monkeypatch, capsys):
+    from semhitok.cli import main
+    from semhitok.common.hub import resolve_pretrained
+    from semhitok.mllm.model import SemHiTokLM
+    from semhitok.tokenizer import SemHiTok, WeightsUnavailable
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest: no network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    assert {r.repo_id for r in huggingface_hub.scan_cache_dir(hub_cache).repos} == {MLLM_REPO, TOKENIZER_REPO}  # the library's layout
+    tok = SemHiTok.from_pretrained(TOKENIZER_REPO)
+    local = SemHiTok.from_pretrained(trained_tokenizer)
+    assert all(torch.equal(v, local.state_dict()[k]) for k, v in tok.state_dict().items())
+    model = SemHiTokLM.from_pretrained(MLLM_REPO)
+    assert all(torch.equal(v, tiny_mllm.state_dict()[k]) for k, v in model.state_dict().items())
+    assert resolve_pretrained(MLLM_REPO).parent.parent == hub_cache / "models--semhitok-test--tiny-mllm"
+    with pytest.raises(WeightsUnavailable, match=r"hf download semhitok-test/absent --local-dir") as err:
+        resolve_pretrained("semhitok-test/absent")
+    assert "\n" not in str(err.value)
+    assert main(["sample", "--model", "semhitok-test/absent", "--prompt", "a bus", "--out", str(hub_cache / "x")]) == 2
+    assert "hf download semhitok-test/absent" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        resolve_pretrained(hub_cache / "not" / "here")
+
+
+# Imports only transformers, torch and PIL; loads the export by Hub id from the mirrored cache.
+ROUND_TRIP = """
+import sys, torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+repo, image, out = sys.argv[1:]
+try:
+    AutoModelForCausalLM.from_pretrained(repo)  # no trust_remote_code: refused
+    refused = ""
+except ValueError as err:
+    refused = str(err)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
+prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat is in the picture?"}])
+inputs = processor(text=prompt, images=Image.open(image))
+batch = processor(text=[prompt, "no image here"], images=[Image.open(image)])  # padded rows
+try:
+    processor(text=prompt)
+    missing = ""
+except ValueError as err:
+    missing = str(err)
+with torch.no_grad():
+    logits = model(**inputs).logits
+    model.model.norm.weight.zero_()  # every logit 0: greedy decoding picks id 0, <|endoftext|>
+stopped = model.generate(**inputs, max_new_tokens=6)
+unstopped = model.generate(**inputs, max_new_tokens=6, eos_token_id=None)
+torch.save({"ids": inputs["input_ids"], "logits": logits, "batch": dict(batch), "missing": missing, "refused": refused, "stopped": stopped, "unstopped": unstopped,
+            "eos": model.generation_config.eos_token_id, "semhitok": [m for m in sys.modules if m.startswith("semhitok")]}, out)
+"""
+
+
+def test_transformers_only_round_trip_matches_semhitok(hub_cache, tiny_mllm, tmp_path):
+    from semhitok.data_pipelines.sequences import SequenceBuilder
+    from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+    from semhitok.mllm.model import VISUAL_TOKENIZER
+    from semhitok.tokenizer import SemHiTok, encode_images
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS="1", PYTHONPATH="")
+    (tmp_path / "round_trip.py").write_text(ROUND_TRIP)
+    proc = subprocess.run([sys.executable, "round_trip.py", MLLM_REPO, str(IMAGE), "out.pt"], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["semhitok"] == []  # transformers ran only the exported code
+    assert "trust_remote_code=True" in got["refused"]  # a plain load is refused, not silently wrong
+
+    export = huggingface_hub.snapshot_download(MLLM_REPO, cache_dir=hub_cache)
+    visual = SemHiTok.from_pretrained(Path(export) / VISUAL_TOKENIZER)
+    ids = encode_images(visual, [Image.open(IMAGE)], tiny_mllm.sequence_config.understanding_image)[0].flatten().numpy()
+    builder = SequenceBuilder(load_text_tokenizer(export), tiny_mllm.layout, tiny_mllm.sequence_config)
+    tokens = torch.tensor([builder.chat_prompt([("user", "<image>\nWhat is in the picture?")], ids)])
+    assert torch.equal(got["ids"], tokens)  # the processor's image ids and chat format are semhitok's
+    assert (tokens >= tiny_mllm.layout.visual_offset).sum() == ids.size
+    assert torch.equal(got["batch"]["input_ids"][0], tokens[0]) and got["batch"]["attention_mask"][1].sum() < tokens.shape[1]
+    assert "1 image place(s)" in got["missing"] and "0 image(s) given" in got["missing"]
+    with torch.no_grad():
+        expected = tiny_mllm.logits(tiny_mllm.hidden_states(tokens).last_hidden_state)
+    torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)  # visual ids went through the adapter
+
+    layout, n = tiny_mllm.layout, tokens.shape[1]
+    assert set(got["eos"]) == {layout.im_end, layout.eos}
+    assert got["stopped"][0, n:].tolist() == [layout.eos]  # stopped at <|endoftext|> (generation_config.json)
+    assert got["unstopped"].shape[1] == n + 6  # without eos it runs on
+
+
+def test_export_carries_card_generation_config_and_self_contained_code(tiny_mllm_dir, trained_tokenizer):
+    from huggingface_hub import ModelCard
+
+    config = json.loads((tiny_mllm_dir / "config.json").read_text())
+    assert config["model_type"] == "semhitok_mllm" and config["text_config"]["model_type"] == "qwen2"
+    for name in set(config["auto_map"].values()):
+        source = (tiny_mllm_dir / f"{name.split('.')[0]}.py").read_text()
+        assert not re.search(r"^\s*(from|import)\s+semhitok", source, re.M)  # self-contained
+    generation = json.loads((tiny_mllm_dir / "generation_config.json").read_text())
+    assert set(generation["eos_token_id"]) == {2, 0} and generation["pad_token_id"] == 0  # <|im_end|>, <|endoftext|>
+    for folder, pipeline in ((tiny_mllm_dir, "image-text-to-text"), (trained_tokenizer, "image-feature-extraction")):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "semhitok" and card.data.license == "apache-2.0"
+        assert card.data.pipeline_tag == pipeline and "semhitok" in card.data.tags
+        assert "No eval summary" in card.text and "## How to load" in card.text
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records create_repo and what upload_folder would send."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kw):
+        RecordingApi.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        folder = Path(folder_path)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        RecordingApi.calls.append(("upload_folder", repo_id, files, (folder / "README.md").read_text(), kw))
+        return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
+
+
+def test_push_uploads_a_fresh_export_with_its_card(tiny_mllm, tiny_mllm_dir, text_tokenizer, trained_tokenizer, tmp_path,
+                                                   monkeypatch, capsys):
+    from semhitok.cli import main
+    from semhitok.tokenizer import SemHiTok
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    url = tiny_mllm.push_to_hub("org/mllm", text_tokenizer, trained_tokenizer, private=True, token="t0k")
+    assert url == "https://hub.test/org/mllm/commit/1"
+    (_, repo, kw), (_, repo2, files, card, _) = RecordingApi.calls
+    assert repo == repo2 == "org/mllm" and kw["private"] is True and kw["exist_ok"] and kw["token"] == "t0k"
+    assert {"config.json", "model.safetensors", "adapter.safetensors", "generation_config.json", "processor_config.json",
+            "modeling_semhitok.py", "visual_tokenizer/model.safetensors", "README.md"} <= set(files)
+    assert 'from_pretrained("org/mllm", trust_remote_code=True)' in card
+
+    RecordingApi.calls = []
+    SemHiTok.from_pretrained(trained_tokenizer).push_to_hub("org/tok")
+    (_, _, kw), (_, repo, files, card, _) = RecordingApi.calls
+    assert repo == "org/tok" and kw["private"] is None and {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert 'load_tokenizer("org/tok")' in card
+
+    # the CLI uploads an existing export, its card refreshed with the eval summary found beside it
+    final = tmp_path / "mllm" / "final"
+    shutil.copytree(tiny_mllm_dir, final)
+    (tmp_path / "mllm" / "eval").mkdir()
+    (tmp_path / "mllm" / "eval" / "summary.json").write_text(json.dumps(
+        {"model": str(final), "pope": {"accuracy": 0.625, "f1": 0.5, "n": 16}, "gfid": {"fid": 201.5, "images": "gfid_images"}}))
+    RecordingApi.calls = []
+    assert main(["push", "--model", str(final), "--repo", "org/pushed"]) == 0
+    assert "org/pushed" in capsys.readouterr().out
+    (_, _, kw), (_, repo, files, card, _) = RecordingApi.calls
+    assert repo == "org/pushed" and "semhitok_mllm.json" in files
+    assert "| pope.accuracy | 0.625 |" in card and "| gfid.fid | 201.5 |" in card
+    assert huggingface_hub.ModelCard(card).data.metrics == ["gfid.fid", "pope.accuracy", "pope.f1", "pope.n"]
+    assert main(["push", "--model", str(tmp_path), "--repo", "org/x"]) == 2
+    assert "not a semhitok export" in capsys.readouterr().err
