@@ -1,37 +1,27 @@
-"""`semhitok chat`: a small web chat over one model, no framework (stdlib HTTP server + one page).
+"""The model side of `semhitok chat` (the Gradio page is mllm/chat_app.py): sessions, limits, context fitting.
 
-    semhitok chat --model runs/tiny/mllm/final --port 7860      # open http://127.0.0.1:7860
+Upload a photo and ask about it; ask for a picture ("draw a red bus", "can you generate ...", "show me a
+photo of ...", "/image ...", or the page's "Generate image" button) and it is generated with CFG; every
+session keeps its turns and its current image (an uploaded one, or the last one generated), so follow-up
+questions work. Answers stream: `message_stream` yields the reply as it grows.
 
-Upload a photo and ask about it; ask for a picture ("/image ...", "draw ...", "generate an image of ...")
-and it is generated with CFG; every session keeps its turns and its current image (an uploaded one, or the
-last one generated), so follow-up questions work. Uploads above --max-upload-mb or --max-pixels, and files
-that are not images, get a message in the chat, never a crash. Requests run one at a time on the model.
-
-Limits the server holds: Content-Length is checked before a body is read (missing, malformed, negative or
-over the limit: refused without buffering it); every socket has a timeout; connections are served by a
-fixed pool of worker threads with a bounded queue (beyond it: 503 at once); a message longer than
+Limits held here: uploads above max_upload_bytes or max_pixels, and files that are not images, are refused
+with a message (bounded loading: size and aspect ratio checked before decoding); a message longer than
 max_prompt_tokens is refused, and a conversation that outgrows the model's context forgets its oldest
-turns; a turn that fails leaves its session as it was; sessions idle longer than session_ttl_s are
-evicted, and at most max_sessions are kept (the least recently used goes first).
-
-API (JSON): POST /api/upload (body: the file; header X-Session) -> {"message"} or {"error"};
-            POST /api/message {"session", "text"} -> {"kind": "text", "text"} | {"kind": "image", "image": data URL}
+turns; a turn that fails (or is abandoned mid-stream) leaves its session as it was; sessions idle longer
+than session_ttl_s are evicted, and at most max_sessions are kept (the least recently used goes first).
+The model runs on one thread, one request at a time.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import logging
+import queue
 import re
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
@@ -39,8 +29,21 @@ from semhitok.mllm.sample import Decoder, SamplingConfig
 from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
 from semhitok.tokenizer.interface import VisualTokenizer
 
-log = logging.getLogger("semhitok")
-IMAGE_REQUEST = re.compile(r"^\s*(?:/image\s+|draw\s+|generate (?:an? )?(?:image|picture) of\s+)(?P<caption>.+)$", re.I | re.S)
+_NOUN = r"(?:image|picture|pic|photo(?:graph)?|drawing|painting|illustration|sketch|render(?:ing)?)s?"
+_ASK = r"(?:(?:please|hey|ok(?:ay)?)[\s,]+)?(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?)?"
+_NOT_AN_IMAGE = r"(?:an?\s+|the\s+|some\s+)?(?:caption|description|summary|answer|text|story|poem|list|question|title)s?\b"
+IMAGE_REQUEST = re.compile(rf"""^\s*(?:
+    /image\s+
+  | {_ASK}(?:draw|paint|sketch|render|illustrate)\s+(?:me\s+)?(?:(?:an?|the|some|one)\s+{_NOUN}\s+of\s+)?
+  | {_ASK}(?:generate|create|make|show|give|produce|imagine)\s+(?:me\s+|us\s+)?(?:an?\s+|the\s+|some\s+|one\s+)?{_NOUN}\s+(?:of|showing|with)\s+
+  | {_ASK}(?:generate|imagine)\s+(?!{_NOT_AN_IMAGE})
+)(?P<caption>.+?)[\s.!?]*$""", re.I | re.S | re.X)
+
+
+def image_caption(text: str) -> str | None:
+    """The caption of an image request ("draw a red bus" -> "a red bus"), or None for anything else."""
+    match = IMAGE_REQUEST.match(text)
+    return match["caption"].strip() if match else None
 
 
 class UploadRejected(ValueError):
@@ -53,25 +56,27 @@ class Session:
     image_ids: torch.Tensor | None = None  # [h, w], the image questions refer to
     image_is_new: bool = False  # the next user turn carries <image>
     last_used: float = field(default_factory=time.monotonic)
+    before_last: tuple | None = None  # (turns, image_ids, image_is_new) before the last turn: `undo`
 
 
 class ChatEngine:
-    """The model side of the chat, independent of HTTP (the handler only moves JSON and bytes)."""
+    """The model side of the chat, independent of the web page."""
 
     MAX_SESSION_ID = 128  # characters
 
     def __init__(self, decoder: Decoder, visual: VisualTokenizer, max_upload_bytes: int, max_pixels: int,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
-                 max_sessions: int = 1000, session_ttl_s: float = 3600.0):
+                 max_sessions: int = 1000, session_ttl_s: float = 3600.0, answer_sampling: SamplingConfig | None = None):
         self.decoder, self.visual = decoder, visual
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
         self.max_prompt_tokens, self.max_sessions, self.session_ttl_s = max_prompt_tokens, max_sessions, session_ttl_s
         self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
-        self.sampling = sampling or SamplingConfig(temperature=1.0, top_k=0)  # CFG scale 2, the paper's
+        self.sampling = sampling or SamplingConfig()  # images: CFG scale 2 (the paper's), temperature 1
+        self.answer_sampling = answer_sampling or SamplingConfig(temperature=0.0)  # answers: greedy
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._sessions_lock = threading.Lock()
         # The model runs on one thread, one request at a time: the decoder's static cache is shared, and
-        # compiled CUDA graphs are recorded per thread (the HTTP server makes a thread per request).
+        # compiled CUDA graphs are recorded per thread (the web server runs handlers on a pool of threads).
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semhitok-model")
 
     def session(self, sid: str) -> Session:
@@ -90,6 +95,20 @@ class ChatEngine:
                 self.sessions.popitem(last=False)
             return state
 
+    def reset(self, sid: str) -> None:
+        """Forget the session (its turns and its image)."""
+        self.model_thread.submit(lambda: self.sessions.pop(sid, None)).result()
+
+    def undo(self, sid: str) -> bool:
+        """Take back the last turn (for regenerating it); False when there is none to take back."""
+        def run() -> bool:
+            state = self.session(sid)
+            if state.before_last is None:
+                return False
+            (state.turns, state.image_ids, state.image_is_new), state.before_last = state.before_last, None
+            return True
+        return self.model_thread.submit(run).result()
+
     def upload(self, sid: str, data: bytes) -> str:
         if len(data) > self.max_upload_bytes:
             raise UploadRejected(f"the file is {len(data) / 2**20:.1f} MB; the limit is {self.max_upload_bytes / 2**20:.1f} MB")
@@ -99,12 +118,28 @@ class ChatEngine:
             if err.kind == "corrupt_image":
                 raise UploadRejected(f"that file is not an image I can read ({err})") from None
             raise UploadRejected(f"the image cannot be used: {err}") from None
-        ids = self.model_thread.submit(encode_images, self.visual, [img], self.decoder.seq_cfg.understanding_image).result()[0]
-        state = self.session(sid)
-        state.image_ids, state.image_is_new = ids.cpu(), True
+
+        def run():
+            ids = encode_images(self.visual, [img], self.decoder.seq_cfg.understanding_image)[0]
+            state = self.session(sid)
+            state.before_last = None  # a new picture: the last answer is not regenerated about it
+            state.image_ids, state.image_is_new = ids.cpu(), True
+        self.model_thread.submit(run).result()
         return f"got your {img.width}x{img.height} image; ask me about it"
 
-    def message(self, sid: str, text: str) -> dict:
+    def message(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
+                answer_sampling: SamplingConfig | None = None) -> dict:
+        """The whole reply: {"kind": "text", "text"} or {"kind": "image", "image": PIL image, "seed", "caption"}."""
+        reply = None
+        for reply in self.message_stream(sid, text, sampling, make_image, answer_sampling):
+            pass
+        return reply
+
+    def message_stream(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
+                       answer_sampling: SamplingConfig | None = None):
+        """Yields the reply as it grows ({"kind": "text", "text": the answer so far}, ...), or one image reply.
+        An image request (image_caption), or any text with make_image, generates a picture with `sampling`;
+        an answer is drawn with answer_sampling (defaults: the engine's). The work runs on the model thread."""
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
@@ -112,27 +147,73 @@ class ChatEngine:
         # tokenized), then the token count
         if len(text) > 32 * self.max_prompt_tokens or len(self.decoder.tokenizer.encode(text)) > self.max_prompt_tokens:
             raise UploadRejected(f"the message is too long: the limit is {self.max_prompt_tokens} tokens")
-        return self.model_thread.submit(self._reply, self.session(sid), text).result()
+        caption = image_caption(text)
+        if make_image and caption is None:
+            caption = text
+        sampling = (sampling or self.sampling) if caption is not None else (answer_sampling or self.answer_sampling)
+        for item in self._on_model_thread(self._reply, self.session(sid), text, caption, sampling):
+            if callable(item):  # the turn is complete and its reply delivered: the session takes it
+                self.model_thread.submit(item).result()
+            else:
+                yield item
 
-    @torch.no_grad()
-    def _reply(self, state: Session, text: str) -> dict:
-        """On the model thread: a generated image for an image request, else the model's answer."""
-        if request := IMAGE_REQUEST.match(text):
-            ids = self.decoder.image_ids([request["caption"].strip()], self.sampling)
-            image = self.visual.decode(ids.to(self.visual.device))[0]
-            state.image_ids, state.image_is_new = ids[0].cpu(), True
-            buf = io.BytesIO()
-            to_pil(image).save(buf, format="PNG")
-            return {"kind": "image", "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+    def _on_model_thread(self, generator, *args):
+        """Run generator(*args) on the model thread; yield its items here as they come. Abandoning this
+        generator (a closed page) stops that one at its next item."""
+        items, abandoned = queue.Queue(), threading.Event()
+
+        def run():
+            try:
+                with torch.no_grad():
+                    for item in generator(*args):
+                        if abandoned.is_set():
+                            return
+                        items.put((True, item))
+                items.put((False, None))
+            except BaseException as err:  # handed to the caller
+                items.put((False, err))
+
+        self.model_thread.submit(run)
+        try:
+            while True:
+                more, item = items.get()
+                if not more:
+                    if item is not None:
+                        raise item
+                    return
+                yield item
+        finally:
+            abandoned.set()
+
+    def _reply(self, state: Session, text: str, caption: str | None, sampling: SamplingConfig):
+        """On the model thread: a generated image for an image request, else the model's answer, streamed;
+        then the function that stores the turn in the session, run once the reply was delivered (a failed or
+        abandoned turn must not change the session, nor poison the next)."""
+        before = (state.turns, state.image_ids, state.image_is_new)
+        if caption is not None:
+            ids = self.decoder.image_ids([caption], sampling)
+            image = to_pil(self.visual.decode(ids.to(self.visual.device))[0])
+            yield {"kind": "image", "image": image, "seed": sampling.seed, "caption": caption}
+
+            def store_image():
+                state.image_ids, state.image_is_new, state.before_last = ids[0].cpu(), True, before
+            yield store_image
+            return
         text = text.replace("<image>", "")  # only an upload or a generated picture places the image
         attach = state.image_ids is not None and state.image_is_new
         turns = [*state.turns, ("user", "<image>\n" + text if attach else text)]
         turns = self._fit_context(turns, state.image_ids)
         image = state.image_ids if any("<image>" in t for _, t in turns) else None
-        reply = self.decoder.answer(self._visible_turns(turns), image, SamplingConfig(temperature=0.0), self.max_new_tokens)
-        # only a turn that succeeded changes the session (a failed one must not poison the next)
-        state.turns, state.image_is_new = [*turns, ("assistant", reply)], state.image_is_new and not attach
-        return {"kind": "text", "text": reply}
+        reply = ""
+        for reply in self.decoder.answer_stream(self._visible_turns(turns), image, sampling, self.max_new_tokens):
+            yield {"kind": "text", "text": reply}
+        if not reply:
+            yield {"kind": "text", "text": ""}
+
+        def store_answer():
+            state.turns, state.image_is_new = [*turns, ("assistant", reply)], state.image_is_new and not attach
+            state.before_last = before
+        yield store_answer
 
     def _fit_context(self, turns: list[tuple[str, str]], image_ids) -> list[tuple[str, str]]:
         """Drop the oldest exchanges until the prompt plus the answer fit the model's context."""
@@ -151,192 +232,3 @@ class ChatEngine:
         """One image per conversation: only the latest upload keeps its <image> tag."""
         last = max((i for i, (_, t) in enumerate(turns) if "<image>" in t), default=-1)
         return [(r, t if i == last else t.replace("<image>\n", "")) for i, (r, t) in enumerate(turns)]
-
-
-def make_handler(engine: ChatEngine):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt, *args):
-            log.debug("chat: " + fmt, *args)
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, obj: dict) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def do_GET(self):
-            if self.path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
-            else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
-        def _body(self, limit: int) -> bytes | None:
-            """The request body, or None after answering the error (the length is checked before reading)."""
-            raw = self.headers.get("Content-Length")
-            if raw is None:
-                self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
-                return None
-            if not raw.strip().isdigit():
-                self.close_connection = True
-                self._json(HTTPStatus.BAD_REQUEST, {"error": f"bad Content-Length {raw[:40]!r}"})
-                return None
-            length = int(raw)
-            if length > limit:
-                self._drain(length)
-                what = "file" if self.path == "/api/upload" else "request"
-                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"error": f"the {what} is {length / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB"})
-                return None
-            return self.rfile.read(length)
-
-        def _drain(self, length: int) -> None:
-            """Discard a refused body in small pieces (nothing buffered) so the client reads the answer; a body
-            far over the limit is not read at all: the connection is closed after the answer."""
-            self.close_connection = True
-            if length > DRAIN_LIMIT:
-                return
-            try:
-                while length > 0:
-                    piece = self.rfile.read(min(length, 2**16))
-                    if not piece:
-                        break
-                    length -= len(piece)
-            except OSError:
-                pass
-
-        def do_POST(self):
-            limit = engine.max_upload_bytes if self.path == "/api/upload" else MAX_MESSAGE_BYTES
-            body = self._body(limit)
-            if body is None:
-                return
-            try:
-                if self.path == "/api/upload":
-                    return self._json(HTTPStatus.OK, {"message": engine.upload(self.headers.get("X-Session", ""), body)})
-                if self.path == "/api/message":
-                    request = json.loads(body or b"{}")
-                    if not isinstance(request, dict):
-                        raise UploadRejected("expected a JSON object {\"session\", \"text\"}")
-                    return self._json(HTTPStatus.OK, engine.message(str(request.get("session", "")), str(request.get("text", ""))))
-                self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-            except (UploadRejected, ValueError) as err:  # ValueError: bad JSON or UTF-8, a prompt the decoder refuses
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
-            except Exception as err:  # a reply, not a dead server
-                log.exception("chat request failed")
-                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(err).__name__}"})
-
-    return Handler
-
-
-MAX_MESSAGE_BYTES = 256 * 2**10  # a /api/message body (the text is capped in tokens after that)
-DRAIN_LIMIT = 64 * 2**20  # a refused body up to this size is read and discarded so the client sees the answer
-BUSY = json.dumps({"error": "the server is busy; try again"}).encode()
-
-
-class BoundedHTTPServer(HTTPServer):
-    """Connections are served by a fixed pool of `workers` threads; at most `queue` more wait for one, and
-    any beyond that get 503 at once. Every connection's socket times out after `timeout` seconds."""
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, workers: int = 8, queue: int = 32, timeout: float = 30.0):
-        handler.timeout = timeout  # StreamRequestHandler applies it to the socket
-        super().__init__(address, handler)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="semhitok-http")
-        self.slots = threading.BoundedSemaphore(workers + queue)
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(BUSY), BUSY))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        self.pool.submit(self._serve, request, client_address)
-
-    def _serve(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            self.slots.release()
-
-    def server_close(self):
-        super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 7860, workers: int = 8, queue: int = 32,
-                timeout: float = 30.0) -> BoundedHTTPServer:
-    """The HTTP server (call serve_forever); port 0 picks a free one (see server.server_address)."""
-    return BoundedHTTPServer((host, port), make_handler(engine), workers, queue, timeout)
-
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>SemHiTok chat</title>
-<style>
- body { font-family: system-ui, sans-serif; max-width: 760px; margin: 2em auto; }
- #log { border: 1px solid #ccc; border-radius: 6px; padding: 1em; min-height: 300px; }
- .msg { margin: .4em 0; padding: .4em .6em; border-radius: 6px; }
- .user { background: #e8f0fe; } .bot { background: #f1f3f4; } .error { background: #fde8e8; color: #a00; }
- img.generated, img.uploaded { width: 256px; image-rendering: pixelated; display: block; }
- form { display: flex; gap: .5em; margin-top: 1em; } #message { flex: 1; }
-</style></head>
-<body>
-<h2>SemHiTok chat</h2>
-<div id="log"></div>
-<form id="form">
- <input type="file" id="upload" accept="image/*">
- <input type="text" id="message" placeholder="ask about the image, or: /image a red bus">
- <button type="submit" id="send">Send</button>
-</form>
-<script>
-const session = Math.random().toString(36).slice(2);
-const log = document.getElementById("log");
-function add(cls, text, src) {
-  const div = document.createElement("div");
-  div.className = "msg " + cls;
-  if (text) div.textContent = text;
-  if (src) { const img = document.createElement("img"); img.src = src; img.className = cls === "user" ? "uploaded" : "generated"; div.appendChild(img); }
-  log.appendChild(div);
-  return div;
-}
-async function call(path, body, headers) {
-  try {
-    const r = await fetch(path, {method: "POST", body: body, headers: headers});
-    return await r.json();
-  } catch (e) { return {error: "request failed: " + e}; }
-}
-document.getElementById("upload").addEventListener("change", async (ev) => {
-  const file = ev.target.files[0];
-  if (!file) return;
-  add("user", "uploaded " + file.name, URL.createObjectURL(file));
-  const res = await call("/api/upload", file, {"X-Session": session});
-  if (res.error) add("error", res.error); else add("bot", res.message);
-  ev.target.value = "";
-});
-document.getElementById("form").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const box = document.getElementById("message");
-  const text = box.value.trim();
-  if (!text) return;
-  box.value = "";
-  add("user", text);
-  const pending = add("bot pending", "...");
-  const res = await call("/api/message", JSON.stringify({session: session, text: text}), {"Content-Type": "application/json"});
-  pending.remove();
-  if (res.error) add("error", res.error);
-  else if (res.kind === "image") add("bot", "", res.image);
-  else add("bot answer", res.text || "(empty answer)");
-});
-</script>
-</body></html>
-"""

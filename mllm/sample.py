@@ -213,6 +213,13 @@ class Decoder:
         new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
         keys: each output row's noise key (row_key); default row_key(sampling.seed, row index).
         codes: L > 1, each prompt's visual codes [len(prompt), L] (SequenceBuilder.codes_of)."""
+        return torch.stack(list(self.stream(prompts, steps, vocab, sampling, guided, stop, use_cache, keys, codes)), dim=1)
+
+    @torch.no_grad()  # (applied around every step of the generator)
+    def stream(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
+               guided: bool = False, stop: int | None = None, use_cache: bool = True, keys: list[int] | None = None,
+               codes: list[np.ndarray] | None = None):
+        """`decode` one step at a time: yields each step's new tokens [B] as soon as they are drawn."""
         sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
         device = self.model.device
         context = self.model.lm.config.max_position_embeddings
@@ -229,7 +236,7 @@ class Decoder:
         if len(keys) != n:
             raise ValueError(f"decode: {len(keys)} noise keys for {n} rows")
         row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        out = torch.empty((n, 0), dtype=torch.long, device=device)
+        out = torch.empty((n, 0), dtype=torch.long, device=device)  # the tokens so far (contextual features)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         if use_cache:
             cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
@@ -253,6 +260,7 @@ class Decoder:
                 token = token.masked_fill(finished, stop)
                 finished |= token == stop
             out = torch.cat([out, token[:, None]], dim=1)
+            yield token
             if stop is not None and finished.all():
                 break
             step_ids = token.repeat(2)[:, None] if guided else token[:, None]
@@ -271,7 +279,6 @@ class Decoder:
                 if prompt_codes is not None:  # new text tokens carry no codes
                     prompt_codes = torch.cat([prompt_codes, prompt_codes.new_full((len(ids), 1, prompt_codes.shape[2]), -1)], dim=1)
                 logits = self._prompt_logits(ids, mask, vocab, codes=prompt_codes)
-        return out
 
     @torch.no_grad()
     def decode_codes(self, prompts: list[list[int]], steps: int, sampling: SamplingConfig, guided: bool = False,
@@ -357,15 +364,35 @@ class Decoder:
                              guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
         return (tokens - lo).view(len(captions), grid, grid)
 
-    def answer(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
-               max_new_tokens: int = 128) -> str:
-        """[(role, text), ...] ending in a user turn (its <image> is replaced by the image) -> the reply"""
+    def _chat_prompt(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None) -> tuple[list[int], list | None]:
+        """turns (+ the image's ids) -> the prompt's tokens and, L > 1, its codes ([[T, L]]; else None)"""
         ids = None if image_ids is None else image_ids.flatten().cpu().numpy()
         prompt = self.builder.chat_prompt(turns, ids)
         codes = self.builder.codes_of(prompt, [] if ids is None else [ids])  # L > 1: [T, L]; else None
-        tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end,
-                             codes=None if codes is None else [codes])
+        return prompt, None if codes is None else [codes]
+
+    def answer(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
+               max_new_tokens: int = 128) -> str:
+        """[(role, text), ...] ending in a user turn (its <image> is replaced by the image) -> the reply"""
+        prompt, codes = self._chat_prompt(turns, image_ids)
+        tokens = self.decode([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end, codes=codes)
         return self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+    def answer_stream(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
+                      max_new_tokens: int = 128):
+        """`answer`, streamed: yields the reply so far each time it grows (never a half-decoded character); the
+        last text yielded is `answer`'s (same tokens: the same decoding loop, step by step)."""
+        prompt, codes = self._chat_prompt(turns, image_ids)
+        tokens, shown = [], ""
+        for token in self.stream([prompt], max_new_tokens, (0, len(self.tokenizer)), sampling, stop=self.layout.im_end,
+                                 codes=codes):
+            tokens.append(int(token[0]))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if text != shown and not text.endswith("\ufffd"):
+                shown = text
+                yield text
+        if text != shown:  # a reply ending in an undecodable byte, as `answer` gives it
+            yield text
 
 
 # -- files -----------------------------------------------------------------------------------------------

@@ -217,6 +217,15 @@ def _sampling(args):
     return SamplingConfig(**given)
 
 
+def _sampling_args(p, seed_default, seed_help: str) -> None:
+    """The image sampling flags (sample, chat)."""
+    p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"), help="classifier-free guidance scale (1: off)")
+    p.add_argument("--temperature", type=float, default=SamplingDefault("temperature"), help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=SamplingDefault("top_k"), help="keep the k most likely ids (0: off)")
+    p.add_argument("--top-p", type=float, default=SamplingDefault("top_p"), help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+
+
 COMPILE_HELP = "compile the decoding step (CUDA graphs on GPUs): a one-off compilation per batch size, then fast steps"
 
 
@@ -267,17 +276,20 @@ def cmd_eval(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from semhitok.mllm.chat import ChatEngine, make_server
-    from semhitok.mllm.sample import load_sampler
+    from semhitok.mllm.chat import ChatEngine
+    from semhitok.mllm.sample import SamplingConfig, load_sampler
 
+    random_seed = args.seed is None  # no --seed: a fresh seed for every picture
+    if random_seed:
+        args.seed = SamplingDefault("seed")
+    sampling, answer = _sampling(args), SamplingConfig(temperature=args.answer_temperature)  # checked before the model loads
     decoder, visual = load_sampler(args.model, args.device, args.compile)
-    engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels)
-    server = make_server(engine, args.host, args.port)
-    print(f"chat on http://{server.server_address[0]}:{server.server_address[1]}  (Ctrl-C stops it)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
+    engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels, sampling,
+                        max_new_tokens=args.max_new_tokens, answer_sampling=answer)
+    from semhitok.mllm.chat_app import serve
+
+    print(f"chat on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    serve(engine, args.host, args.port, random_seed, args.queue_size)
 
 
 def cmd_push(args) -> None:
@@ -444,12 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
     p.add_argument("--out", required=True, help="output folder (images/, prompts.jsonl, grid.png, config.yaml, run.json)")
-    p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"), help="classifier-free guidance scale (1: off)")
-    p.add_argument("--temperature", type=float, default=SamplingDefault("temperature"), help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=SamplingDefault("top_k"), help="keep the k most likely ids (0: off)")
-    p.add_argument("--top-p", type=float, default=SamplingDefault("top_p"), help="nucleus sampling mass (1: off)")
-    p.add_argument("--seed", type=int, default=SamplingDefault("seed"),
-                   help="an image depends on (seed, prompt, sample index) only, not on the batch")
+    _sampling_args(p, SamplingDefault("seed"), "an image depends on (seed, prompt, sample index) only, not on the batch")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (does not change them)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
@@ -464,10 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "chat", "web chat demo: ask about an uploaded image, or ask for one", cmd_chat)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface, no authentication)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="answers' sampling temperature (0: greedy)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (more are refused)")
+    _sampling_args(p, None, "the page's starting seed for pictures (None: a fresh random seed for every picture)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 

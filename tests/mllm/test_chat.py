@@ -1,32 +1,56 @@
-"""The chat demo end to end in a real headless Chromium (Debian's chromium + chromedriver, via Selenium)."""
+"""The Gradio chat page end to end in a real headless Chromium (Debian's chromium + chromedriver, via Selenium),
+offline. Screenshots go to $SEMHITOK_ARTIFACTS (else the test's tmp dir); the path is printed."""
 
 import io
 import json
-import threading
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from semhitok.mllm.chat import ChatEngine, make_server
-from semhitok.mllm.sample import load_sampler
+from semhitok.mllm.chat import ChatEngine
+from semhitok.mllm.chat_app import serve
+from semhitok.mllm.sample import SamplingConfig, load_sampler
 from tests.conftest import SAMPLE
 
 PHOTO = next((SAMPLE / "images").glob("*.jpg"))
+PACE_S = 0.15  # per answer token: slow enough that the page shows partial answers (the tiny model is instant)
 
 
 @pytest.fixture(scope="module")
-def chat_url(tiny_mllm_dir):
+def engine(tiny_mllm_dir):
     decoder, visual = load_sampler(tiny_mllm_dir, "cpu")
-    engine = ChatEngine(decoder, visual, max_upload_bytes=200_000, max_pixels=1_000_000, max_new_tokens=8)
-    server = make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    stream = decoder.stream
+
+    def paced(prompts, steps, vocab, *args, **kwargs):
+        for token in stream(prompts, steps, vocab, *args, **kwargs):
+            if vocab[0] == 0:  # text: the answer's tokens, not an image's
+                time.sleep(PACE_S)
+            yield token
+    decoder.stream = paced
+    # answers sampled (temperature 1): the random tiny model's greedy answer is empty
+    return ChatEngine(decoder, visual, max_upload_bytes=200_000, max_pixels=1_000_000, max_new_tokens=12,
+                      answer_sampling=SamplingConfig(temperature=1.0, seed=3))
+
+
+@pytest.fixture(scope="module")
+def chat_url(engine):
+    app = serve(engine, "127.0.0.1", 0, block=False)
+    yield f"http://127.0.0.1:{app.server_port}"
+    app.close()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +58,7 @@ def browser(tmp_path_factory):
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
@@ -42,74 +66,177 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def messages(browser, css: str):
-    return browser.find_elements(By.CSS_SELECTOR, css)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("SEMHITOK_ARTIFACTS") or tmp_path_factory.mktemp("screenshots")) / "chat"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"chat screenshots: {out}")
+    return out
 
 
-def send(browser, text: str) -> None:
-    box = browser.find_element(By.ID, "message")
+def bot_texts(b) -> list[str]:
+    return [m.text for m in b.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")]
+
+
+def ask(b, text: str, button: str = "send") -> None:
+    box = b.find_element(By.CSS_SELECTOR, "#message textarea")
+    box.send_keys(Keys.CONTROL, "a")
     box.send_keys(text)
-    browser.find_element(By.ID, "send").click()
+    b.find_element(By.ID, button).click()
 
 
-def test_upload_ask_and_generate_in_a_browser(chat_url, browser, tmp_path):
-    browser.get(chat_url)
-    wait = WebDriverWait(browser, 120)
-    browser.find_element(By.ID, "upload").send_keys(str(PHOTO))
-    wait.until(lambda b: any("ask me about it" in m.text for m in messages(b, ".msg.bot")))
+def idle(b) -> bool:
+    """no request running: the Send button is enabled again and no progress indicator shows"""
+    return not b.find_elements(By.CSS_SELECTOR, "#chat .generating, .progress-text, .eta-bar")
 
-    send(browser, "What is in this photo?")
-    wait.until(lambda b: len(messages(b, ".msg.answer")) == 1)
-    send(browser, "And what colour is it?")  # a second turn of the same conversation
-    wait.until(lambda b: len(messages(b, ".msg.answer")) == 2)
 
-    send(browser, "/image a red bus on a street")
-    wait.until(lambda b: messages(b, "img.generated") and b.execute_script(
-        "const i = document.querySelector('img.generated'); return i.complete && i.naturalWidth > 0;"))
-    assert browser.execute_script("return document.querySelector('img.generated').naturalWidth") == 64
-    browser.save_screenshot(str(tmp_path / "chat.png"))
+def generated(b, wait, previous: str | None = None) -> str:
+    """Wait for a generated image other than `previous` in the picture panel -> its URL."""
+    wait.until(lambda b: (src := b.execute_script("const i = document.querySelector('#generated img');"
+                                                  "return i && i.complete && i.naturalWidth > 0 ? i.src : null;")) and src != previous)
+    return b.find_element(By.CSS_SELECTOR, "#generated img").get_attribute("src")
 
-    # a bad file is a message in the chat, and the page keeps working
+
+def seed_used(b) -> int | None:
+    match = re.search(r"seed used: (\d+)", b.find_element(By.ID, "seed-used").text)
+    return int(match[1]) if match else None
+
+
+def pixels(url: str) -> np.ndarray:
+    with urllib.request.urlopen(url) as r:
+        return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+
+def set_number(b, css: str, value) -> None:
+    field = b.find_element(By.CSS_SELECTOR, css)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
+
+
+def test_upload_stream_generate_regenerate_clear_in_a_browser(chat_url, browser, engine, shots, tmp_path):
+    b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
+    b.get(chat_url)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+
+    b.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(PHOTO))
+    wait.until(lambda b: any("ask me about it" in t for t in bot_texts(b)))
+    wait.until(lambda b: b.execute_script("const i = document.querySelector('#photo img'); return i && i.naturalWidth > 0;"))
+
+    # the answer streams: record every text the last bot message shows while it grows
+    b.execute_script("""
+        window.seen = [];
+        new MutationObserver(() => {
+            const m = [...document.querySelectorAll("#chat [data-testid='bot']")].pop();
+            const t = m ? m.innerText.trim() : "";
+            if (t && t !== window.seen[window.seen.length - 1]) window.seen.push(t);
+        }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});""")
+    ask(b, "What is in this photo?")
+    wait.until(lambda b: len(engine.sessions) == 1 and len(next(iter(engine.sessions.values())).turns) == 2 and idle(b))
+    answer = next(iter(engine.sessions.values())).turns[-1][1]
+    wait.until(lambda b: bot_texts(b)[-1].strip() == answer.strip())
+    downloads = tmp_path / "downloads"  # the transcript, as the browser downloads it
+    b.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    b.find_element(By.ID, "transcript").click()
+    wait.until(lambda b: list(downloads.glob("chat-*.md")))
+    transcript = next(downloads.glob("chat-*.md")).read_text()
+    assert "**You:** What is in this photo?" in transcript and answer.strip() in transcript
+    partial = [t for t in b.execute_script("return window.seen") if t != "…" and "ask me about it" not in t and t != answer.strip()]
+    assert answer and partial and all(len(t) < len(answer) for t in partial), (answer, partial)  # shown before it was whole
+
+    # a picture from the button, at a fixed seed; another seed gives another picture
+    b.find_element(By.CSS_SELECTOR, "#settings button, #settings .label-wrap").click()
+    b.find_element(By.CSS_SELECTOR, "#random-seed input").click()  # untick: the seed field is used
+    set_number(b, "#seed input", 1)
+    ask(b, "a red bus on a street", "generate")
+    first = generated(b, wait)
+    wait.until(lambda b: seed_used(b) == 1)
+    assert "a red bus on a street (seed 1)" in " ".join(bot_texts(b)[-2:])  # the caption, then the picture
+    set_number(b, "#seed input", 2)
+    ask(b, "a red bus on a street", "generate")
+    second = generated(b, wait, first)
+    wait.until(lambda b: seed_used(b) == 2)
+    assert pixels(first).shape == pixels(second).shape == (64, 64, 3) and not np.array_equal(pixels(first), pixels(second))
+    wait.until(idle)
+    b.execute_script("window.scrollTo(0, 0)")
+    b.save_screenshot(str(shots / "desktop.png"))
+
+    # Regenerate with a random seed: the last exchange is replaced by a new picture, not added
+    b.find_element(By.CSS_SELECTOR, "#random-seed input").click()
+    messages = len(b.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot], #chat [data-testid=user]"))
+    b.find_element(By.ID, "regenerate").click()
+    third = generated(b, wait, second)
+    wait.until(lambda b: seed_used(b) not in (None, 2))
+    wait.until(idle)
+    assert len(b.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot], #chat [data-testid=user]")) == messages
+    assert not np.array_equal(pixels(second), pixels(third))
+
+    # a typed request also makes a picture; a file that is not an image is a message, and the page goes on
+    ask(b, "Can you draw a bowl of fruit?")
+    generated(b, wait, third)
     bad = tmp_path / "not_a_photo.jpg"
     bad.write_text("this is text")
-    browser.find_element(By.ID, "upload").send_keys(str(bad))
-    wait.until(lambda b: any("not an image" in m.text for m in messages(b, ".msg.error")))
-    send(browser, "still there?")
-    wait.until(lambda b: len(messages(b, ".msg.answer")) == 3)
+    b.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(bad))
+    wait.until(lambda b: any("not an image" in t for t in bot_texts(b)))
+
+    b.find_element(By.ID, "clear").click()
+    wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot], #chat [data-testid=user]") and not b.find_elements(By.CSS_SELECTOR, "#generated img"))
+    assert not engine.sessions
+
+    # offline: everything the page loaded came from this server
+    loaded = b.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(chat_url) or u.startswith(("data:", "blob:")) for u in loaded), \
+        [u for u in loaded if not u.startswith(chat_url)]
 
 
-def post(url: str, data: bytes, headers: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+def test_the_page_fits_a_phone_screen(chat_url, browser, shots):
+    b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
+    b.set_window_size(390, 844)
     try:
-        with urllib.request.urlopen(request) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        b.get(chat_url)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        width = b.execute_script("return window.innerWidth")
+        ask(b, "draw a red bus")
+        generated(b, wait)
+        wait.until(idle)
+        assert b.execute_script("return document.documentElement.scrollWidth") <= width  # no sideways scrolling
+        for element in ("send", "generate", "regenerate", "clear", "transcript", "photo", "generated", "chat", "message"):
+            box = b.find_element(By.ID, element).rect
+            assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["width"] > 0, (element, box, width)
+        chat, photo = b.find_element(By.ID, "chat").rect, b.find_element(By.ID, "photo").rect
+        assert photo["y"] >= chat["y"] + chat["height"]  # the columns stack
+        b.save_screenshot(str(shots / "phone.png"))
+        b.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        b.save_screenshot(str(shots / "phone_bottom.png"))
+    finally:
+        b.set_window_size(1280, 1000)
 
 
-def test_uploads_over_the_size_or_pixel_limit_are_refused(chat_url):
-    status, body = post(f"{chat_url}/api/upload", b"x" * 300_000, {"X-Session": "s"})
-    assert status == 413 and "limit is 0.2 MB" in body["error"]
-    big = io.BytesIO()
-    Image.new("RGB", (1500, 1000)).save(big, format="PNG")  # small file, 1.5 M pixels
-    status, body = post(f"{chat_url}/api/upload", big.getvalue(), {"X-Session": "s"})
-    assert status == 400 and "1,000,000 pixels" in body["error"]
-    status, body = post(f"{chat_url}/api/message", b"{not json", {"Content-Type": "application/json"})
-    assert status == 400
-
-
-def test_concurrent_requests_run_the_model_on_one_thread(tiny_mllm_dir):
-    """The HTTP server answers each request on a new thread; the model must still see one thread (a shared
-    static cache, CUDA graphs recorded per thread)."""
-    decoder, visual = load_sampler(tiny_mllm_dir, "cpu")
-    engine = ChatEngine(decoder, visual, max_upload_bytes=200_000, max_pixels=1_000_000, max_new_tokens=4)
-    seen, decode = set(), decoder.decode
-    decoder.decode = lambda *a, **k: seen.add(threading.get_ident()) or decode(*a, **k)
-    replies = {}
-    clients = [threading.Thread(target=lambda i=i: replies.update({i: engine.message(f"s{i}", "hello?")})) for i in range(4)]
-    for c in clients:
-        c.start()
-    for c in clients:
-        c.join()
-    assert sorted(replies) == [0, 1, 2, 3] and all(r["kind"] == "text" for r in replies.values())
-    assert len(seen) == 1 and threading.get_ident() not in seen
+def test_chat_cli_serves_on_loopback_with_its_sampling_flags(tiny_mllm_dir, tmp_path):
+    """`semhitok chat` as a user starts it: 127.0.0.1 unless --host says otherwise; the flags are the page's defaults."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    cmd = [sys.executable, "-m", "semhitok.cli", "chat", "--model", str(tiny_mllm_dir), "--device", "cpu", "--port", str(port),
+           "--cfg-scale", "3.5", "--top-k", "7", "--seed", "11"]
+    log = tmp_path / "chat.log"
+    with open(log, "w") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
+        try:
+            deadline, page = time.monotonic() + 90, None
+            while page is None and time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read().decode()
+                except OSError:
+                    time.sleep(0.5)
+            assert page is not None and f"chat on http://127.0.0.1:{port}" in log.read_text(), log.read_text()[-3000:]
+            values = {c["props"].get("elem_id"): c["props"].get("value") for c in json.loads(page)["components"]}
+            assert values["cfg"] == 3.5 and values["seed"] == 11 and values["random-seed"] is False
+            other = socket.gethostbyname(socket.gethostname())  # another address of this machine, when it has one
+            if not other.startswith("127."):
+                with pytest.raises(OSError):
+                    socket.create_connection((other, port), timeout=2).close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    bad = subprocess.run([*cmd[:6], "--top-p", "1.5"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "top_p" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr

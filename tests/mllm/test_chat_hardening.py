@@ -1,13 +1,13 @@
-"""The chat server holds its limits, over HTTP on 127.0.0.1 (bounded loops, short socket timeouts)."""
+"""The chat engine holds its limits whatever page drives it (the Gradio page is tested in test_chat.py)."""
 
-import json
-import socket
+import io
 import threading
 import time
 
 import pytest
+from PIL import Image
 
-from semhitok.mllm.chat import ChatEngine, make_server
+from semhitok.mllm.chat import ChatEngine, UploadRejected, image_caption
 from semhitok.mllm.sample import load_sampler
 
 
@@ -18,81 +18,70 @@ def engine(tiny_mllm_dir):
                       max_prompt_tokens=64, max_sessions=3)
 
 
-@pytest.fixture
-def server(engine):
-    srv = make_server(engine, "127.0.0.1", 0, workers=2, queue=0, timeout=1.5)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
+def test_image_requests_are_recognised_in_many_phrasings_and_questions_are_not():
+    asks = {"/image a red bus": "a red bus", "draw a red bus": "a red bus", "Draw me a picture of two dogs.": "two dogs",
+            "paint a bowl of fruit": "a bowl of fruit", "show me a photo of a cat on a sofa": "a cat on a sofa",
+            "Can you generate a red bus on a street?": "a red bus on a street",
+            "could you please create an image of a lighthouse": "a lighthouse",
+            "make a picture of a mountain lake!": "a mountain lake", "generate an image of a bus": "a bus",
+            "please draw a tree": "a tree", "give me an illustration of a robot": "a robot"}
+    for text, caption in asks.items():
+        assert image_caption(text) == caption, text
+    for text in ("What is in this photo?", "show me what is in the picture", "make it shorter",
+                 "can you generate a caption for this image?", "generate a description of the photo",
+                 "Is there a drawing of a bus here?", "what does the painting show?"):
+        assert image_caption(text) is None, text
 
 
-def exchange(port: int, request: bytes) -> tuple[int, dict]:
-    """Send raw bytes, read the whole answer (the server closes); (status, JSON body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body or b"{}")
+def test_uploads_over_the_size_or_pixel_limit_or_not_images_are_refused(engine):
+    with pytest.raises(UploadRejected, match="limit is 0.1 MB"):
+        engine.upload("s", b"x" * 200_000)
+    big = io.BytesIO()
+    Image.new("RGB", (1500, 1000)).save(big, format="PNG")  # a small file of 1.5 M pixels
+    with pytest.raises(UploadRejected, match="1,000,000 pixels"):
+        engine.upload("s", big.getvalue())
+    with pytest.raises(UploadRejected, match="not an image"):
+        engine.upload("s", b"this is text")
 
 
-def post(port: int, path: str, body: bytes, length: str | None = None) -> tuple[int, dict]:
-    header = f"Content-Length: {len(body) if length is None else length}\r\n" if length != "omit" else ""
-    return exchange(port, f"POST {path} HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode() + body)
+def test_a_too_long_prompt_is_refused_and_the_session_still_answers(engine):
+    with pytest.raises(UploadRejected, match="64 tokens"):
+        engine.message("long", "word " * 24_000)  # 120K characters: refused before tokenizing
+    assert "long" not in engine.sessions or engine.sessions["long"].turns == []
+    assert engine.message("long", "what is this?")["kind"] == "text"
 
 
-def message(port: int, session: str, text: str) -> tuple[int, dict]:
-    return post(port, "/api/message", json.dumps({"session": session, "text": text}).encode())
-
-
-def test_content_length_is_checked_before_the_body_is_read(server):
-    assert post(server, "/api/message", b"", "abc")[0] == 400
-    assert post(server, "/api/message", b"", "-1")[0] == 400
-    assert post(server, "/api/message", b"{}", "omit")[0] == 411
-    start = time.monotonic()
-    status, body = post(server, "/api/upload", b"", str(300 * 2**20))  # announced, never sent: not waited for
-    assert status == 413 and "limit is 0.1 MB" in body["error"] and time.monotonic() - start < 5
-    assert post(server, "/api/message", b"[1, 2]")[0] == 400  # JSON but not an object
-    assert post(server, "/api/message", b'{"text": "\xff\xfe"}')[0] == 400  # not UTF-8
-
-
-def test_idle_connections_time_out_and_the_pool_is_bounded(server):
-    idle = [socket.create_connection(("127.0.0.1", server), timeout=10) for _ in range(2)]  # hold both workers
-    try:
-        time.sleep(0.2)
-        status, body = exchange(server, b"GET / HTTP/1.1\r\n\r\n")
-        assert status == 503 and "busy" in body["error"]
-        deadline = time.monotonic() + 10  # the workers free themselves after the 1.5 s socket timeout
-        while time.monotonic() < deadline and exchange(server, b"GET /nothing HTTP/1.1\r\n\r\n")[0] == 503:
-            time.sleep(0.2)
-        assert exchange(server, b"GET /nothing HTTP/1.1\r\n\r\n")[0] == 404
-    finally:
-        for s in idle:
-            s.close()
-
-
-def test_a_too_long_prompt_is_refused_and_the_session_still_answers(server, engine):
-    status, body = message(server, "long", "word " * 24_000)  # 120K characters
-    assert status == 400 and "64 tokens" in body["error"]
-    assert engine.sessions["long"].turns == [] if "long" in engine.sessions else True
-    status, body = message(server, "long", "what is this?")
-    assert status == 200 and body["kind"] == "text"
-
-
-def test_a_failed_turn_leaves_the_session_as_it_was(server, engine):
-    assert message(server, "fail", "hello")[0] == 200
+def test_a_failed_turn_leaves_the_session_as_it_was(engine):
+    assert engine.message("fail", "hello")["kind"] == "text"
     before = list(engine.sessions["fail"].turns)
-    answer = engine.decoder.answer
-    engine.decoder.answer = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected"))
+    answer_stream = engine.decoder.answer_stream
+
+    def broken(*a, **k):
+        yield "half an answer"
+        raise RuntimeError("injected")
+    engine.decoder.answer_stream = broken
     try:
-        status, body = message(server, "fail", "this turn fails")
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.message("fail", "this turn fails")
     finally:
-        engine.decoder.answer = answer
-    assert status == 500 and engine.sessions["fail"].turns == before
-    status, body = message(server, "fail", "and this one works")
-    assert status == 200 and len(engine.sessions["fail"].turns) == len(before) + 2
+        engine.decoder.answer_stream = answer_stream
+    assert engine.sessions["fail"].turns == before
+    assert engine.message("fail", "and this one works")["kind"] == "text"
+    assert len(engine.sessions["fail"].turns) == len(before) + 2
+
+
+def test_an_abandoned_stream_changes_nothing_and_undo_takes_the_last_turn_back(engine):
+    assert engine.message("undo", "first question")["kind"] == "text"
+    first = list(engine.sessions["undo"].turns)
+    stream = engine.message_stream("undo", "second question")
+    next(stream)  # the page went away after the first partial answer
+    stream.close()
+    assert engine.sessions["undo"].turns == first
+    assert engine.message("undo", "third question")["kind"] == "text" and len(engine.sessions["undo"].turns) == 4
+    assert engine.undo("undo") and engine.sessions["undo"].turns == first
+    assert not engine.undo("undo")  # one step back only
+    engine.reset("undo")
+    assert "undo" not in engine.sessions
 
 
 def test_a_long_conversation_forgets_its_oldest_turns_instead_of_failing(engine):
@@ -100,6 +89,30 @@ def test_a_long_conversation_forgets_its_oldest_turns_instead_of_failing(engine)
         assert engine.message("chatty", f"question {i}: " + "tell me more about the bus " * 5)["kind"] == "text"
     turns = engine.sessions["chatty"].turns
     assert turns[-2][1].startswith("question 11") and not any(t.startswith("question 0:") for _, t in turns)
+
+
+def test_concurrent_requests_run_the_model_on_one_thread(engine):
+    """The web server runs handlers on a pool of threads; the model must still see one thread (a shared
+    static cache, CUDA graphs recorded per thread), also while answers stream."""
+    seen, stream = set(), engine.decoder.stream
+
+    def spy(*a, **k):
+        for token in stream(*a, **k):
+            seen.add(threading.get_ident())
+            yield token
+    engine.decoder.stream = spy
+    replies = {}
+    try:
+        clients = [threading.Thread(target=lambda i=i: replies.update({i: engine.message(f"t{i}", "hello?")})) for i in range(3)]
+        clients.append(threading.Thread(target=lambda: replies.update({3: engine.message("t3", "draw a bus")})))
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+    finally:
+        engine.decoder.stream = stream
+    assert [replies[i]["kind"] for i in range(4)] == ["text", "text", "text", "image"]
+    assert len(seen) == 1 and threading.get_ident() not in seen
 
 
 def test_sessions_are_capped_and_idle_ones_evicted(engine):
