@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,12 +18,14 @@ log = logging.getLogger("semhitok")
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: VisualTokenizer, sources: list[str | Path], batch_size: int = 32, fid: bool = True
+    model: VisualTokenizer, sources: list[str | Path], batch_size: int = 32, fid: bool = True,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
     """Encode -> decode every readable image of `sources`; return metrics (rfid None with a reason when
     the Inception weights are unavailable). Usage: visual_id_usage is the share of each code's vocabulary used,
     averaged over the L codes of a position (code_usage lists them when L > 1); SemHiTok adds its semantic
-    codebook's usage."""
+    codebook's usage. observe(images, ids, recon), when given, sees every batch (eval/compare.py measures more
+    on the same pass)."""
     paths = list_images(sources)
     features = None
     result: dict = {"rfid": None}
@@ -50,6 +53,8 @@ def evaluate_reconstruction(
             used[column] = True
         if split:
             sem_used[split(ids)[0].flatten().cpu()] = True
+        if observe is not None:
+            observe(images, ids, recon)
         if features:
             real.update(features(images))
             fake.update(features(recon))

@@ -181,6 +181,8 @@ class SemHiTokLM(nn.Module):
         and CUDA graphs can capture it. Runs the adapter at every position: meant for decoding steps."""
         visual = input_ids >= self.layout.visual_offset
         text = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
+        if self.ids.codes > 1:  # a placeholder id carries no codes: text decoding steps only (depth heads draw images)
+            return text
         image = self.adapter((input_ids - self.layout.visual_offset).clamp(min=0)).to(text.dtype)
         return torch.where(visual[..., None], image, text)
 

@@ -338,6 +338,39 @@ def _ablate_parser(sub) -> None:
     p.set_defaults(func=cmd_ablate)
 
 
+# -- comparison --------------------------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    from semhitok.eval.compare import run_comparison
+
+    cfg = _load(args)  # the config and overrides are checked before any kind runs
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / "compare"
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    _record(out, cfg, "compare", args)
+    report = run_comparison(args.config, args.overrides, out, kinds, fid=not args.no_fid, figure_images=args.figure_images)
+    print((out / "compare.md").read_text())
+    print(f"table: {out / 'compare.md'} (and compare.json); reconstructions side by side: {out / 'compare.png'}")
+    failed = [kind for kind, row in report["kinds"].items() if row.get("errors")]
+    if failed:
+        print(f"semhitok: error: {len(failed)} of {len(report['kinds'])} kinds failed ({', '.join(failed)}): see their "
+              "rows; a rerun retries them and skips the finished ones", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="every tokenizer kind through the same pipeline at equal budget: a side-by-side table",
+                       description="Run `semhitok pipeline` once per tokenizer kind (same config and overrides, "
+                       "run_dir=<out>/<kind>, tokenizer.kind=<kind>),\nmeasure each on the held-out images and write "
+                       "<out>/compare.md, compare.json and compare.png.\nFinished kinds are not rerun.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--kinds", default=None, help="comma-separated tokenizer kinds (None: every registered kind)")
+    p.add_argument("--out", default=None, help="output folder, a run directory per kind inside (None: <run_dir>/compare)")
+    p.add_argument("--figure-images", type=int, default=8, help="held-out images in compare.png")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    _config_args(p)
+    p.set_defaults(func=cmd_compare)
+
+
 # -- pipeline ----------------------------------------------------------------------------------------
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
@@ -457,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`'s)")
 
     _ablate_parser(sub)
+    _compare_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="the visual tokenizer (tokenizer.kind): train, encode, decode, reconstruct, eval",
                          description="the visual tokenizer (tokenizer.kind): train, encode, decode, reconstruct, eval",
@@ -509,11 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     from semhitok.tokenizer.model import WeightsUnavailable
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, WeightsUnavailable, TextTokenizerUnavailable, NonFiniteLoss, FileNotFoundError, ValueError) as err:
         print(f"semhitok: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

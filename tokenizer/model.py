@@ -296,6 +296,20 @@ class SemHiTok(nn.Module):
             images = self.pixel.decode(self.semantic.codebook.lookup(sem), self.pixel.lookup(sem, pix))
         return images.float().clamp(-1, 1)
 
+    @torch.no_grad()
+    def semantic_alignment(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (the semantic branch's prediction of the teacher's features from the quantized
+        codes, the teacher's features), both [B, N, D] (interface.py; eval's comparison table). The teacher is
+        rebuilt from the config as stage 1 built it: a random (tiny) one after seeding with tokenizer_train.seed."""
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                teacher = load_teacher(self.config).to(self.device)
+            self.__dict__["_teacher"] = teacher  # not a submodule: stays out of state_dict and save_pretrained
+        images = images.to(self.device)
+        return self.semantic(images)[0].float(), teacher(pixel_values=images).last_hidden_state.float()
+
     def _require_stage(self, stage: int) -> None:
         if stage not in self.trained_stages:
             raise RuntimeError(f"this tokenizer has trained stages {self.trained_stages}; stage {stage} is needed")

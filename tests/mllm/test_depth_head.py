@@ -267,3 +267,6 @@ def test_real_dualtoken_through_the_mllm(text_tokenizer, tmp_path):
     ids = decoder.image_ids(["a photo"], SamplingConfig(cfg_scale=3.0, temperature=1.0, seed=1))
     assert ids.shape == (1, 8, 8, 16) and (ids >= 0).all() and (ids < 256).all()
     assert visual.decode(ids).shape == (1, 3, 64, 64)
+    # understanding: a greedy answer about a DualToken image (the decoding steps embed text tokens only)
+    reply = decoder.answer([("user", "<image>\nWhat is this?")], codes[0], SamplingConfig(temperature=0.0), max_new_tokens=4)
+    assert isinstance(reply, str)
