@@ -235,11 +235,11 @@ def cmd_sample(args) -> None:
     from semhitok.common.run_dir import record_run
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
-    args.model = str(_model_dir(args.model))
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
-    sampling = _sampling(args)  # checked before the model loads
+    sampling = _sampling(args)  # checked before the model is resolved (perhaps downloaded) and loaded
     if args.samples_per_prompt < 1 or args.batch_size < 1:
         raise ValueError(f"samples per prompt and batch size must be >= 1, got {args.samples_per_prompt} and {args.batch_size}")
+    args.model = str(_model_dir(args.model))
     record_run(args.out, {"model": str(Path(args.model).resolve()), "prompt": args.prompt, "prompts": args.prompts,
                           "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
                           "samples_per_prompt": args.samples_per_prompt}, "sample")
