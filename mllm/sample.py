@@ -110,9 +110,18 @@ def gumbel_noise(keys: torch.Tensor, step: int, n: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def sample_rows(logp: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """log-probabilities [B, V] (-inf: excluded) -> one index per row [B], drawn with each row's noise."""
-    return (logp.double() + gumbel_noise(keys, step, logp.shape[-1])).argmax(-1)
+def sample_rows(logp: torch.Tensor, keys: torch.Tensor, step: int, width: int | None = None) -> torch.Tensor:
+    """log-probabilities [B, V] (-inf: excluded) -> one index per row [B], drawn with each row's noise (the
+    first V of `width` draws at counter `step`; width defaults to V)."""
+    return (logp.double() + gumbel_noise(keys, step, width or logp.shape[-1])[:, : logp.shape[-1]]).argmax(-1)
+
+
+def choose(logits: torch.Tensor, sampling: "SamplingConfig", keys: torch.Tensor, step: int, width: int | None = None) -> torch.Tensor:
+    """logits [B, V] -> token indices [B]: greedy at temperature 0, else temperature/top-k/top-p filtered and
+    drawn with each row's noise at counter `step` (sample_rows)."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    return sample_rows(filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p), keys, step, width)
 
 
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,12 +259,7 @@ class Decoder:
         for step in range(steps):
             if guided:
                 logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
-            if sampling.temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-                token = sample_rows(logp, row_keys, step)
-            token = token + lo
+            token = choose(logits, sampling, row_keys, step) + lo
             if stop is not None:
                 token = token.masked_fill(finished, stop)
                 finished |= token == stop
@@ -318,11 +322,7 @@ class Decoder:
             def pick(logits: torch.Tensor, l: int) -> torch.Tensor:  # [B, V_l] -> [B]
                 if guided:
                     logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
-                if sampling.temperature == 0:
-                    token = logits.argmax(-1)
-                else:
-                    logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-                    token = (logp.double() + gumbel_noise(row_keys, step * L + l, width)[:, : logp.shape[1]]).argmax(-1)
+                token = choose(logits, sampling, row_keys, step * L + l, width)
                 return token.repeat(2) if guided else token
 
             step_codes = heads.sample(hidden, pick)  # [B, L]
