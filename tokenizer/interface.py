@@ -27,13 +27,14 @@ its head rows.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
+
+from semhitok.tokenizer.saved import read_meta
 
 
 class VisualFeatures(nn.Module):
@@ -118,15 +119,9 @@ def kind_trainer(kind: str) -> tuple[Callable, Callable]:
 
 
 def saved_kind(path: str | Path) -> str:
-    """The kind a saved tokenizer directory declares (config.json's model_type)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: pass a directory written by a tokenizer's save_pretrained")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-    kind = meta.get("model_type") if isinstance(meta, dict) else None
+    """The kind a saved tokenizer directory (or Hub id) declares (config.json's model_type)."""
+    meta, config_file, _ = read_meta(path)
+    kind = meta.get("model_type")
     if kind not in KINDS:
         raise ValueError(f"{config_file}: model_type {kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
     return kind
@@ -136,7 +131,7 @@ def load_visual_tokenizer(path: str | Path, device: str | torch.device = "cpu") 
     """Any saved visual tokenizer (a directory or a Hub id), by the kind its directory declares; eval mode on `device`."""
     from semhitok.common.hub import resolve_pretrained
 
-    path = resolve_pretrained(path)
+    path = resolve_pretrained(path)  # once: saved_kind and from_pretrained then read the same local directory
     return tokenizer_class(saved_kind(path)).from_pretrained(path, device=device)
 
 

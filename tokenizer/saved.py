@@ -17,18 +17,24 @@ from semhitok.common.config_io import from_dict
 from semhitok.common.hub import resolve_pretrained
 
 
-def read_config(path: str | Path, kind: str, cls_name: str) -> tuple[dict, Path, Path]:
-    """path (a directory, or a Hub id: semhitok.common.hub) -> (config.json's fields without model_type, config
-    file, weights file); one-line errors."""
+def read_meta(path: str | Path, writer: str = "a tokenizer's save_pretrained") -> tuple[dict, Path, Path]:
+    """path (a directory, or a Hub id: semhitok.common.hub) -> (config.json's fields ({} when it holds no
+    object), config file, weights file); one-line errors naming `writer`, what should have written it."""
     path = resolve_pretrained(path)
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: pass a directory written by {cls_name}.save_pretrained")
+        raise FileNotFoundError(f"{config_file} not found: pass a directory written by {writer}")
     try:
         meta = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.pop("model_type", None) != kind:
+    return (meta if isinstance(meta, dict) else {}), config_file, weights
+
+
+def read_config(path: str | Path, kind: str, cls_name: str) -> tuple[dict, Path, Path]:
+    """read_meta for a tokenizer of `kind` -> (config.json's fields without model_type, config file, weights file)."""
+    meta, config_file, weights = read_meta(path, f"{cls_name}.save_pretrained")
+    if meta.pop("model_type", None) != kind:
         raise ValueError(f"{config_file}: model_type is not {kind!r}")
     return meta, config_file, weights
 
