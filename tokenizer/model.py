@@ -43,22 +43,27 @@ def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
             raise ValueError("tokenizer.teacher=random needs tokenizer.siglip_config (SiglipVisionConfig fields)")
         teacher = SiglipVisionModel(SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False}))
     else:
-        try:
-            teacher, info = SiglipVisionModel.from_pretrained(
-                cfg.teacher, vision_use_head=False, dtype=torch.float32, output_loading_info=True
-            )
-        except OSError as err:
-            raise WeightsUnavailable(
-                f"cannot load SigLIP teacher {cfg.teacher!r} ({type(err).__name__}): on a machine with network run "
-                f"`hf download {cfg.teacher} --local-dir /path/siglip` and pass tokenizer.teacher=/path/siglip"
-            ) from None
-        missing = sorted(info["missing_keys"]) + [str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"]]
-        if missing:
-            raise ValueError(
-                f"SigLIP teacher {cfg.teacher!r}: {len(missing)} vision weights missing or mis-shaped "
-                f"(first: {missing[0]}); the directory is incomplete or not a SigLIP checkpoint"
-            )
+        teacher = load_complete(SiglipVisionModel, cfg.teacher, "tokenizer.teacher", "vision weights", vision_use_head=False)
     return teacher.eval().requires_grad_(False)
+
+
+def load_complete(cls, name: str, option: str, what: str = "weights", **kwargs) -> nn.Module:
+    """cls.from_pretrained(name) in fp32 with every weight loaded: offline and not cached, WeightsUnavailable
+    naming the download and `option` to point at it; a missing or mis-shaped key, a one-line error."""
+    try:
+        model, info = cls.from_pretrained(name, dtype=torch.float32, output_loading_info=True, **kwargs)
+    except OSError as err:
+        raise WeightsUnavailable(
+            f"cannot load SigLIP teacher {name!r} ({type(err).__name__}): on a machine with network run "
+            f"`hf download {name} --local-dir /path/siglip` and pass {option}=/path/siglip"
+        ) from None
+    missing = sorted(info["missing_keys"]) + [str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"]]
+    if missing:
+        raise ValueError(
+            f"SigLIP teacher {name!r}: {len(missing)} {what} missing or mis-shaped "
+            f"(first: {missing[0]}); the directory is incomplete or not a SigLIP checkpoint"
+        )
+    return model
 
 
 class SemanticBranch(nn.Module):

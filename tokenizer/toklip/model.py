@@ -22,7 +22,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipMult
 
 from semhitok.common.config_io import from_dict
 from semhitok.tokenizer.interface import VisualFeatures
-from semhitok.tokenizer.model import WeightsUnavailable
+from semhitok.tokenizer.model import load_complete
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_dir, save_dir
 from semhitok.tokenizer.vit import resize
@@ -36,16 +36,7 @@ def load_siglip(cfg: TokLIPConfig) -> SiglipModel:
     if cfg.teacher == RANDOM_TEACHER:
         model = SiglipModel(SiglipConfig(text_config=cfg.text_config, vision_config=cfg.vision_config))
     else:
-        try:
-            model, info = SiglipModel.from_pretrained(cfg.teacher, dtype=torch.float32, output_loading_info=True)
-        except OSError as err:
-            raise WeightsUnavailable(
-                f"cannot load SigLIP teacher {cfg.teacher!r} ({type(err).__name__}): on a machine with network run "
-                f"`hf download {cfg.teacher} --local-dir /path/siglip` and pass toklip.teacher=/path/siglip"
-            ) from None
-        missing = sorted(info["missing_keys"]) + [str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"]]
-        if missing:
-            raise ValueError(f"SigLIP teacher {cfg.teacher!r}: {len(missing)} weights missing or mis-shaped (first: {missing[0]})")
+        model = load_complete(SiglipModel, cfg.teacher, "toklip.teacher")
     return model.eval().requires_grad_(False)
 
 
