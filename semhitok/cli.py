@@ -8,6 +8,7 @@
     semhitok sample --model DIR --prompt "a red bus"    # CFG text-to-image
     semhitok eval --model DIR                           # POPE, GenEval, gFID, tokenizer metrics
     semhitok chat --model DIR                           # web demo
+    semhitok ask --model DIR --image PATH "What color is the circle?"   # one answer, printed
     semhitok push --model DIR --repo ORG/NAME           # upload an export to the Hugging Face Hub
     semhitok config --config 256 [key.sub=value ...]    # print the resolved config
 
@@ -283,13 +284,48 @@ def cmd_chat(args) -> None:
     if random_seed:
         args.seed = SamplingDefault("seed")
     sampling, answer = _sampling(args), SamplingConfig(temperature=args.answer_temperature)  # checked before the model loads
+    args.model = str(_model_dir(args.model))
     decoder, visual = load_sampler(args.model, args.device, args.compile)
     engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels, sampling,
                         max_new_tokens=args.max_new_tokens, answer_sampling=answer)
-    from semhitok.mllm.chat_app import serve
+    from semhitok.mllm.chat_app import chat_examples, serve
 
+    examples = chat_examples(run_world(args.model))
+    log.info("chat examples: %s", examples.source or "none")
     print(f"chat on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    serve(engine, args.host, args.port, random_seed, args.queue_size)
+    serve(engine, args.host, args.port, random_seed, args.queue_size, examples=examples)
+
+
+def run_world(model: str | Path) -> Path | None:
+    """The shapes world of the run that trained `model` (its recorded config's world_dir, found as `eval` finds
+    the config; else a world/ folder beside the model or up to two levels above), when it has one."""
+    from semhitok.common.config_io import ConfigError
+    from semhitok.common.run_dir import find_run_config
+    from semhitok.config import load_project_config
+
+    model = Path(model).resolve()
+    candidates = [model.parent / "world", model.parent.parent / "world"]
+    recorded = find_run_config(model)
+    if recorded is not None:
+        try:
+            candidates.insert(0, load_project_config(recorded).world_dir)
+        except ConfigError as err:
+            log.warning("%s: %s (looking for the run's world beside the model instead)", recorded, err)
+    return next((w for w in candidates if (w / "questions.jsonl").is_file() and (w / "prompts.jsonl").is_file()), None)
+
+
+def cmd_ask(args) -> None:
+    from semhitok.mllm.ask import ask, read_image
+    from semhitok.mllm.sample import SamplingConfig, load_sampler
+
+    if len(args.image) > 1:
+        raise ValueError(f"{len(args.image)} --image flags: a question is about one image (the chat prompt holds one)")
+    image = read_image(args.image[0]) if args.image else None  # checked before the model is resolved and loaded
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    decoder, visual = load_sampler(args.model, args.device)
+    print(ask(decoder, visual, args.question, image, sampling, args.max_new_tokens))
 
 
 def cmd_push(args) -> None:
@@ -482,6 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, None, "the page's starting seed for pictures (None: a fresh random seed for every picture)")
     p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+    p = command(sub, "ask", "answer one question about an image (or a text-only one) and print the answer", cmd_ask)
+    p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
+    p.add_argument("--image", action="append", default=[], help="the image the question is about (none: a text-only question)")
+    p.add_argument("question", help='the question, e.g. "What color is the circle?"')
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature above 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
 
     p = command(sub, "push", "upload an MLLM or tokenizer export to the Hugging Face Hub (its model card refreshed)", cmd_push)
     p.add_argument("--model", required=True, help="an export directory (<run_dir>/mllm/final or a tokenizer's final/)")

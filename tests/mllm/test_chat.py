@@ -1,5 +1,6 @@
 """The Gradio chat page end to end in a real headless Chromium (Debian's chromium + chromedriver, via Selenium),
-offline. Screenshots go to $SEMHITOK_ARTIFACTS (else the test's tmp dir); the path is printed."""
+offline, with an examples row from a small shapes world. Screenshots go to $SEMHITOK_ARTIFACTS (else the
+test's tmp dir); the path is printed."""
 
 import io
 import json
@@ -21,10 +22,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from semhitok.cli import run_world
+from semhitok.common.run_dir import record_run
+from semhitok.data_pipelines.world import WorldConfig, write_world
 from semhitok.mllm.chat import ChatEngine
-from semhitok.mllm.chat_app import serve
+from semhitok.mllm.chat_app import chat_examples, serve
 from semhitok.mllm.sample import SamplingConfig, load_sampler
-from tests.conftest import SAMPLE
+from semhitok.tokenizer import encode_images, open_rgb
+from tests.conftest import SAMPLE, tiny_config
 
 PHOTO = next((SAMPLE / "images").glob("*.jpg"))
 PACE_S = 0.15  # per answer token: slow enough that the page shows partial answers (the tiny model is instant)
@@ -47,8 +52,17 @@ def engine(tiny_mllm_dir):
 
 
 @pytest.fixture(scope="module")
-def chat_url(engine):
-    app = serve(engine, "127.0.0.1", 0, block=False)
+def examples(tmp_path_factory):
+    """The examples of a run whose world is a small shapes world (held-out images, questions and prompts)."""
+    world = write_world(WorldConfig(train_scenes=4, holdout_scenes=16, text_rows=4), tmp_path_factory.mktemp("run") / "world")
+    found = chat_examples(world)
+    assert len(found.questions) == len(found.prompts) == 4 and "shapes world" in found.source
+    return found
+
+
+@pytest.fixture(scope="module")
+def chat_url(engine, examples):
+    app = serve(engine, "127.0.0.1", 0, block=False, examples=examples)
     yield f"http://127.0.0.1:{app.server_port}"
     app.close()
 
@@ -188,6 +202,72 @@ def test_upload_stream_generate_regenerate_clear_in_a_browser(chat_url, browser,
         [u for u in loaded if not u.startswith(chat_url)]
 
 
+def box_value(b) -> str:
+    return b.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value")
+
+
+def test_examples_fill_the_photo_and_the_box_and_go_to_the_model(chat_url, browser, engine, examples, shots):
+    b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
+    b.get(chat_url)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#ask-examples tbody tr"))
+    assert "shapes world" in b.find_element(By.ID, "examples-source").text
+    rows = b.find_elements(By.CSS_SELECTOR, "#ask-examples tbody tr")
+    assert [r.text.strip() for r in rows] == [q for _, q in examples.questions]
+    wait.until(lambda b: b.execute_script("return [...document.querySelectorAll('#ask-examples tbody img')]"
+                                          ".filter(i => i.complete && i.naturalWidth > 0).length") == len(examples.questions))
+    drawings = b.find_elements(By.CSS_SELECTOR, "#draw-examples button")
+    assert [d.text.strip() for d in drawings] == examples.prompts
+
+    # a picture example: the preview shows it, the box holds its question, and the model has it as an upload
+    image, question = examples.questions[2]
+    rows[2].find_element(By.CSS_SELECTOR, "td").click()
+    wait.until(lambda b: box_value(b) == question)
+    wait.until(lambda b: b.execute_script("const i = document.querySelector('#photo img'); return i && i.naturalWidth > 0;"))
+    wait.until(lambda b: any("ask me about it" in t for t in bot_texts(b)))
+    [state] = engine.sessions.values()
+    want = encode_images(engine.visual, [open_rgb(image)], engine.decoder.seq_cfg.understanding_image)[0].cpu()
+    assert state.image_ids is not None and state.image_ids.equal(want)
+    b.find_element(By.ID, "send").click()
+    wait.until(lambda b: len(state.turns) == 2 and idle(b))
+    assert state.turns[0] == ("user", "<image>\n" + question)
+
+    # a drawing example fills the box; Generate image draws it
+    drawings[1].click()
+    wait.until(lambda b: box_value(b) == examples.prompts[1])
+    b.find_element(By.ID, "generate").click()
+    generated(b, wait)
+    wait.until(idle)
+    assert f"{examples.prompts[1]} (seed" in " ".join(bot_texts(b)[-2:])
+    b.execute_script("document.getElementById('examples').scrollIntoView()")
+    b.save_screenshot(str(shots / "examples.png"))
+    b.find_element(By.ID, "clear").click()
+    wait.until(lambda b: not engine.sessions)
+
+
+def test_examples_come_from_the_runs_world_else_the_shipped_sample(tmp_path):
+    """`semhitok chat` finds the world of the run that trained the model as `eval` finds its config; a model
+    with no world nearby gets the shipped sample's photos and captions."""
+    run = tmp_path / "run"
+    record_run(run / "mllm", tiny_config(run), "mllm-train")
+    write_world(WorldConfig(train_scenes=2, holdout_scenes=9, text_rows=2), run / "world")
+    (run / "mllm" / "final").mkdir()
+    assert run_world(run / "mllm" / "final") == run / "world"
+    found = chat_examples(run_world(run / "mllm" / "final"))
+    questions = [json.loads(line) for line in (run / "world" / "questions.jsonl").read_text().splitlines()]
+    assert {(str(run / "world" / q["image"]), q["question"]) for q in questions} >= set(found.questions)
+    assert len({image for image, _ in found.questions}) == len(found.questions) == 4  # one question per image
+    prompts = {json.loads(line)["prompt"]: json.loads(line)["category"] for line in (run / "world" / "prompts.jsonl").open()}
+    assert found.prompts and {prompts[p] for p in found.prompts} <= {"single_object", "position"}
+    assert found.pixel_art  # 64 px flat colours: thumbnails scaled up unsmoothed
+
+    assert run_world(tmp_path / "elsewhere" / "final") is None
+    fallback = chat_examples(None)
+    holdout = [json.loads(line) for line in (SAMPLE / "holdout.jsonl").read_text().splitlines()]
+    assert len(fallback.questions) == 4 and all(Path(image).is_file() for image, _ in fallback.questions)
+    assert "What is in this picture?" in [q for _, q in fallback.questions]
+    assert fallback.prompts and set(fallback.prompts) <= {r["caption"] for r in holdout} and not fallback.pixel_art
+
+
 def test_the_page_fits_a_phone_screen(chat_url, browser, shots):
     b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
     b.set_window_size(390, 844)
@@ -199,7 +279,8 @@ def test_the_page_fits_a_phone_screen(chat_url, browser, shots):
         generated(b, wait)
         wait.until(idle)
         assert b.execute_script("return document.documentElement.scrollWidth") <= width  # no sideways scrolling
-        for element in ("send", "generate", "regenerate", "clear", "transcript", "photo", "generated", "chat", "message"):
+        for element in ("send", "generate", "regenerate", "clear", "transcript", "photo", "generated", "chat", "message",
+                        "ask-examples", "draw-examples"):
             box = b.find_element(By.ID, element).rect
             assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["width"] > 0, (element, box, width)
         chat, photo = b.find_element(By.ID, "chat").rect, b.find_element(By.ID, "photo").rect
