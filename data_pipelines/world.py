@@ -210,7 +210,7 @@ def yes_no_question(scene: Scene, rng: random.Random, allowed: list[tuple[str, s
 
 def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(type, question, answer) about the scene: colour of a shape that occurs once, shape of a colour that
-    occurs once, count, one yes/no (yes or no with equal odds), left/right for two objects or more."""
+    occurs once, count, two yes/no (one yes, one no: POPE's balance), two left/right for two objects or more."""
     out = []
     shapes = [o.shape for o in scene.objects]
     colours = [o.colour for o in scene.objects]
@@ -220,10 +220,10 @@ def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) 
         if colours.count(o.colour) == 1:
             out.append(("shape", f"What shape is the {o.colour} object?", o.shape))
     out.append(("count", "How many shapes are there?", NUMBERS[len(scene.objects)]))
-    out.append(("yes_no", *yes_no_question(scene, rng, allowed, rng.random() < 0.5)))
+    out += [("yes_no", *yes_no_question(scene, rng, allowed, answer)) for answer in (True, False)]
     if len(scene.objects) >= 2:
-        p, q = rng.sample(list(scene.objects), 2)
-        out.append(("left_right", f"Is the {p.name} left or right of the {q.name}?", "left" if p.x < q.x else "right"))
+        for p, q in rng.sample([(p, q) for p in scene.objects for q in scene.objects if p is not q], 2):
+            out.append(("left_right", f"Is the {p.name} left or right of the {q.name}?", "left" if p.x < q.x else "right"))
     return out
 
 

@@ -18,6 +18,8 @@ class MLLMConfig:
     qwen2_config: dict | None = None  # older name of base_config (model_type qwen2)
     # Text tokenizer by HF name or local path; empty: base_model's; "tiny": a BPE trained on data/sample.
     text_tokenizer: str = ""
+    # The folder whose text (captions.jsonl, text.jsonl, llava.json: data/sample's layout) trains `tiny`.
+    text_corpus: str = "data/sample"
     # Attention kernel: auto = flash_attention_2 (varlen over the packed documents) when flash-attn and CUDA
     # are present, else sdpa; or any transformers attn_implementation (sdpa, flex_attention, eager).
     attn_implementation: str = "auto"

@@ -90,9 +90,9 @@ def build_model(cfg, out: Path, main: bool, dtype: torch.dtype = torch.float32):
         return model, load_text_tokenizer(str(init_from)), init_from / "visual_tokenizer"
     tokenizer_dir = resolve_pretrained(t.tokenizer) if t.tokenizer else cfg.tokenizer_dir
     if main:  # "tiny" trains a tokenizer once; the other ranks wait for it
-        resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
+        resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer", cfg.mllm.text_corpus)
     D.barrier()
-    text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer")
+    text_tokenizer = resolve_text_tokenizer(cfg.mllm.text_tokenizer or cfg.mllm.base_model, out / "text_tokenizer", cfg.mllm.text_corpus)
     model = SemHiTokLM.build(cfg.mllm, load_visual_tokenizer(tokenizer_dir), text_tokenizer, cfg.data, dtype=dtype)
     return model, text_tokenizer, tokenizer_dir
 

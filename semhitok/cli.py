@@ -408,6 +408,9 @@ def _compare_parser(sub) -> None:
 
 
 # -- pipeline ----------------------------------------------------------------------------------------
+PIPELINE_SAMPLES = 64  # held-out prompts the pipeline draws (the first ones of the file)
+
+
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
     from semhitok.common.io import write_json
@@ -421,6 +424,11 @@ def cmd_pipeline(args) -> None:
 
     cfg = _load(args)
     _record(cfg.run_dir, cfg, "pipeline", args)
+    if cfg.world.enabled:
+        from semhitok.data_pipelines.world import write_world
+
+        log.info("== shapes world -> %s", cfg.world_dir)
+        write_world(cfg.world, cfg.world_dir)
     log.info("== %s tokenizer -> %s", cfg.tokenizer.kind, Path(cfg.run_dir) / "tokenizer")
     _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
     kind_trainer(cfg.tokenizer.kind)[0](cfg)
@@ -441,16 +449,20 @@ def cmd_pipeline(args) -> None:
         _record(cfg.mllm_dir, cfg, "mllm-train", args)
         train_mllm(cfg)
     model_dir = cfg.mllm_dir / "final"
-    log.info("== text-to-image samples for the held-out captions")
-    decoder, visual = load_sampler(model_dir)
-    captions = read_prompts(cfg.eval.gfid_captions)
-    _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
-    grid = sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
+    prompts_file = cfg.eval.gfid_captions or (str(cfg.world_dir / "prompts.jsonl") if cfg.world.enabled else "")
+    grid = None
+    if prompts_file:
+        log.info("== text-to-image samples for the held-out prompts of %s", prompts_file)
+        decoder, visual = load_sampler(model_dir)
+        captions = read_prompts(prompts_file)[:PIPELINE_SAMPLES]
+        _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
+        grid = sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
     log.info("== evaluation -> %s", Path(cfg.run_dir) / "eval")
     _record(Path(cfg.run_dir) / "eval", cfg, "eval", args)
     evaluate_model(model_dir, cfg.eval, Path(cfg.run_dir) / "eval")
     print((Path(cfg.run_dir) / "eval" / "summary.md").read_text())
-    print(f"generated from held-out captions: {grid}")
+    if grid:
+        print(f"generated from held-out prompts: {grid}")
     print(f"chat with the model: semhitok chat --model {model_dir}")
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import load_config
 from semhitok.common.resources import resolve_shipped
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
+from semhitok.data_pipelines.world import WorldConfig
 from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
@@ -19,7 +21,8 @@ from semhitok.tokenizer.toklip.config import TokLIPConfig
 
 @dataclass
 class ProjectConfig:
-    run_dir: str = "runs/default"  # every job writes under here
+    run_dir: str = "runs/default"  # every job writes under here; "{run_dir}" in any other string field means it
+    world: WorldConfig = field(default_factory=WorldConfig)  # the procedural shapes world (data_pipelines/world.py)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
@@ -53,6 +56,10 @@ class ProjectConfig:
 
 
     @property
+    def world_dir(self) -> Path:
+        return Path(self.world.out_dir) if self.world.out_dir else Path(self.run_dir) / "world"
+
+    @property
     def mllm_dir(self) -> Path:
         return Path(self.run_dir) / "mllm"
 
@@ -61,4 +68,22 @@ def load_project_config(preset: str | Path | None, overrides: list[str] | None =
     """Preset (or YAML path) + overrides -> the config, with relative paths into the shipped files
     (`data/...`, `configs/...`) resolved to the repository's or the installed package's copy when the
     current directory has none (semhitok.common.resources)."""
-    return resolve_shipped(load_config(ProjectConfig, preset, overrides))
+    return resolve_shipped(expand_run_dir(load_config(ProjectConfig, preset, overrides)))
+
+
+def expand_run_dir(obj, run_dir: str | None = None):
+    """Replace "{run_dir}" in every string field of the (nested) config by cfg.run_dir, in place (presets name
+    files a run makes, such as the world's, as "{run_dir}/world/train.jsonl")."""
+    if run_dir is None:
+        run_dir = obj.run_dir
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, expand_run_dir(getattr(obj, f.name), run_dir))
+        return obj
+    if isinstance(obj, str):
+        return obj.replace("{run_dir}", run_dir)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(expand_run_dir(v, run_dir) for v in obj)
+    if isinstance(obj, dict):
+        return {k: expand_run_dir(v, run_dir) for k, v in obj.items()}
+    return obj
