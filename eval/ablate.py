@@ -1,18 +1,28 @@
 """The paper's tokenizer ablations (Tables 4 and 5) as runnable variants, with their published numbers.
 
     semhitok ablate --table 5 --config tiny           # every variant at equal budget -> <out>/table5.md
+    semhitok ablate --table 4 --config shapes         # + each variant's LLM, scored on the shapes world
 
 Each table trains its stage-1 runs once (shared by the variants that need the same one), then a stage 2 per
 variant with the same steps, batch and learning rate, and measures on the held-out images: rFID (when the
-Inception weights load, else '-'), PSNR, SSIM, codebook usage and the teacher cosine of the semantic branch
-(our stand-in for the understanding scores of Table 4). A variant whose metrics.json exists is skipped, an
-interrupted one resumes from its checkpoints, so the command can simply be run again.
+Inception weights load, else '-'), PSNR, SSIM, codebook usage and the teacher cosine of the semantic branch.
+
+With the LLM path (default when the config has world.enabled; the shapes world, data_pipelines/world.py),
+each variant's tokenizer then goes through the rest of the pipeline as `semhitok pipeline` runs it: the
+config's pre-tokenize sources encoded with it, the unified LLM trained on them (the config's mllm_train
+schedule), and the LLM scored on the world's held-out questions and prompts (eval/world_eval.py score_world):
+understanding and generation accuracy, our measure of what Table 4's understanding scores (GQA, POPE, SEED)
+measure. Everything a variant writes lies under <out>/<variant> (the LLM's part under <out>/<variant>/llm).
+
+A variant whose metrics.json (and, with the LLM path, llm.json) exists is skipped, an interrupted one resumes
+from its checkpoints (tokenizer, pre-tokenized shards, LLM), so the command can simply be run again.
 
 Lives in eval/ (not tokenizer/) because rFID does: nothing in tokenizer/ may import eval.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -24,6 +34,8 @@ import torch
 
 from semhitok.common.config_io import deep_merge, from_dict, parse_overrides
 from semhitok.common.io import write_json
+from semhitok.common.run_dir import record_run
+from semhitok.eval.compare import world_cells, world_scores
 from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import SemHiTok, TokenizerConfig, TokenizerTrainConfig, iter_image_batches, list_images
 from semhitok.tokenizer.data import ImageDataset, collate_images
@@ -88,6 +100,7 @@ TABLES = {
 }
 
 OUR_COLUMNS = ["rFID", "PSNR", "SSIM", "Sem usage", "Sub-code usage", "Teacher cos"]
+LLM_FILE = "llm.json"  # a variant's finished LLM path, beside its tokenizer's metrics.json
 
 
 def _apply(tok: TokenizerConfig, train: TokenizerTrainConfig, overrides: list[str]):
@@ -133,25 +146,98 @@ def _fmt(value, kind: str) -> str:
     return {"pct": f"{100 * value:.1f}%", "db": f"{value:.2f}", "3": f"{value:.3f}", "2": f"{value:.2f}"}[kind]
 
 
-def render(table: Table, results: dict[str, dict], budget: str) -> str:
-    """The markdown table: the paper's leading columns, ours, then the published numbers."""
-    head = table.columns + [f"{c} (ours)" for c in OUR_COLUMNS] + [f"{c} (paper)" for c in table.paper_columns]
+LLM_COLUMNS = ["World und. (ours)", "World gen. (ours)"]
+LLM_NOTE = ("World und.: the variant's LLM's exact-match accuracy on the shapes world's held-out questions (in "
+            "brackets: colour / shape questions); World gen.: the share of its images for the held-out prompts that "
+            "pass the world's checker, the mean over the prompt categories (in brackets: single objects).")
+
+
+def render(table: Table, results: dict[str, dict], budget: str, llm: bool = False) -> str:
+    """The markdown table: the paper's leading columns, ours (with `llm`, the world scores of each variant's
+    LLM, results[name]["llm"]), then the published numbers."""
+    ours_head = OUR_COLUMNS + (LLM_COLUMNS if llm else [])
+    head = table.columns + [f"{c} (ours)" for c in OUR_COLUMNS] + (LLM_COLUMNS if llm else []) + [f"{c} (paper)" for c in table.paper_columns]
     lines = [f"Table {table.number}: {table.title}. {budget}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for v in table.variants:
         r = results.get(v.name)
-        ours = ["(not run)"] + [""] * (len(OUR_COLUMNS) - 1) if r is None else [
+        ours = ["(not run)"] + [""] * (len(ours_head) - 1) if r is None else [
             _fmt(r.get("rfid"), "2"), _fmt(r["psnr"], "db"), _fmt(r["ssim"], "3"), _fmt(r["semantic_usage"], "pct"),
             _fmt(r["subcode_usage"], "pct"), _fmt(r["teacher_cosine"], "3")]
+        if r is not None and llm:
+            ours += ["(LLM not run)", ""] if r.get("llm") is None else world_cells(r["llm"]["scores"])
         lines.append("| " + " | ".join(v.cells + ours + v.paper) + " |")
-    if table.note:
-        lines += ["", table.note]
+    notes = [n for n in (LLM_NOTE if llm else "", table.note) if n]
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
-def run_table(number: int, tok: TokenizerConfig, train: TokenizerTrainConfig, out: Path, stage1_steps: int,
-              steps: int, only: list[str] | None = None, fid: bool = True) -> Path:
-    """Train and measure every variant of table `number` (or those named in `only`); write <out>/table<N>.md."""
+def prepare_world(cfg) -> None:
+    """The stage the tokenizer trains on when the config has the shapes world: the world itself (kept when it
+    exists with the same config; `semhitok pipeline` writes the same one)."""
+    if cfg.world.enabled:
+        from semhitok.data_pipelines.world import write_world
+
+        log.info("ablation: shapes world -> %s", cfg.world_dir)
+        write_world(cfg.world, cfg.world_dir)
+
+
+def _require_world(cfg) -> None:
+    if not cfg.world.enabled:
+        raise ValueError("the ablations' LLM columns are scores on the shapes world: use a config with "
+                         "world.enabled=true (e.g. --config shapes), or --no-llm")
+
+
+def variant_llm_config(cfg, tokenizer_dir: Path, out: Path):
+    """A copy of the run's config whose LLM stages use the variant's tokenizer and write under `out`: the
+    pre-tokenize sources encoded with tokenizer_dir into out/pretokenized, the LLM trained into out/mllm.
+    Paths a preset names with "{run_dir}" (the world, the teacher) were expanded when the config loaded and
+    stay the run's: every variant reads the same world."""
+    if cfg.mllm_train.init_from:
+        raise ValueError(f"mllm_train.init_from={cfg.mllm_train.init_from}: an ablation's LLM starts from base_model "
+                         "with the variant's tokenizer (an export carries its own)")
+    c = copy.deepcopy(cfg)
+    c.run_dir = str(out)  # mllm_dir = out/mllm
+    c.pretokenize.tokenizer = c.mllm_train.tokenizer = str(tokenizer_dir)
+    c.pretokenize.output_dir = c.data.pretokenized = str(out / "pretokenized")
+    return c
+
+
+def train_and_score_llm(cfg, tokenizer_dir: Path, out: Path) -> dict:
+    """The pipeline's downstream stages with one tokenizer, in this process: pre-tokenize the config's sources,
+    train the LLM (resuming from its checkpoints; an existing export is kept), score it on the world
+    (out/world_eval) -> {"world": score_world's result, "scores": world_scores, the budget, seconds}."""
+    from semhitok.data_pipelines.pretokenize import run_pretokenize
+    from semhitok.eval.world_eval import score_world
+    from semhitok.mllm.sample import load_sampler
+    from semhitok.mllm.train import train_mllm
+
+    _require_world(cfg)
+    start = time.time()
+    c = variant_llm_config(cfg, tokenizer_dir, out)
+    record_run(out, c, "ablate-llm")
+    log.info("ablation LLM: pretokenize %s with %s -> %s", [s.name for s in c.pretokenize.sources], tokenizer_dir, c.pretokenized_dir)
+    run_pretokenize(c.pretokenize, tokenizer_dir, c.pretokenized_dir)
+    final = c.mllm_dir / "final"
+    if (final / "semhitok_mllm.json").is_file():
+        log.info("ablation LLM: trained already at %s", final)
+    else:
+        log.info("ablation LLM: %d steps -> %s", c.mllm_train.max_steps, c.mllm_dir)
+        train_mllm(c)
+    e = cfg.eval
+    decoder, visual = load_sampler(final)
+    world = score_world(decoder, visual, cfg.world_dir, out / "world_eval", e.sampling, e.world_questions_limit,
+                        e.world_prompts_limit, e.batch_size)
+    return {"world": world, "scores": world_scores(world, e.sampling.cfg_scale), "mllm_steps": c.mllm_train.max_steps,
+            "mllm_micro_batch": c.data.micro_batch_size, "mllm_lr": c.mllm_train.lr, "seconds": round(time.time() - start, 1)}
+
+
+def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: list[str] | None = None,
+              fid: bool = True, llm: bool = False) -> Path:
+    """Train and measure every variant of table `number` (or those named in `only`) from the run's config
+    `cfg` (ProjectConfig; the variants override its tokenizer and tokenizer_train); with `llm`, each variant's
+    LLM too (train_and_score_llm). Writes <out>/table<N>.md, after every variant."""
     if number not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {number}")
     table = TABLES[number]
@@ -159,13 +245,28 @@ def run_table(number: int, tok: TokenizerConfig, train: TokenizerTrainConfig, ou
     if only is not None and len(variants) != len(only):
         raise ValueError(f"unknown variant(s) {sorted(set(only) - {v.name for v in variants})}; "
                          f"table {number} has {[v.name for v in table.variants]}")
+    if llm:
+        _require_world(cfg)
+    tok, train = cfg.tokenizer, cfg.tokenizer_train
     out.mkdir(parents=True, exist_ok=True)
+    prepare_world(cfg)
     budget = (f"Each variant: stage 1 {stage1_steps} steps (shared), stage 2 {steps} steps, batch {train.batch_size}, "
               f"lr {train.lr}; metrics on {len(list_images(train.holdout_data))} held-out images.")
+    if llm:
+        e = cfg.eval
+        budget += (f" Then its LLM: {cfg.mllm_train.max_steps} steps, micro-batch {cfg.data.micro_batch_size}, lr "
+                   f"{cfg.mllm_train.lr}; world scores on {e.world_questions_limit or 'all'} held-out questions and "
+                   f"{e.world_prompts_limit or 'all'} prompts per category, generation at CFG {e.sampling.cfg_scale:g}.")
     path = out / f"table{number}.md"
 
     def finished() -> dict[str, dict]:
-        return {v.name: json.loads(f.read_text()) for v in table.variants if (f := out / v.name / "metrics.json").is_file()}
+        results = {}
+        for v in table.variants:
+            if (f := out / v.name / "metrics.json").is_file():
+                results[v.name] = json.loads(f.read_text())
+                if llm and (g := out / v.name / LLM_FILE).is_file():
+                    results[v.name]["llm"] = json.loads(g.read_text())
+        return results
 
     for v in variants:
         done = out / v.name / "metrics.json"
@@ -175,20 +276,32 @@ def run_table(number: int, tok: TokenizerConfig, train: TokenizerTrainConfig, ou
             if (old.get("stage1_steps"), old.get("steps"), old.get("batch_size")) != (stage1_steps, steps, train.batch_size):
                 log.warning("ablation %s was trained at another budget (stage 1 %s, stage 2 %s steps, batch %s): delete "
                             "%s to retrain it", v.name, old.get("stage1_steps"), old.get("steps"), old.get("batch_size"), done.parent)
-            continue
-        start = time.time()
-        tok1, train1 = _apply(tok, train, STAGE1[v.stage1])
-        stage1 = out / f"stage1_{v.stage1}"
-        if not (stage1 / "final" / "config.json").is_file():
-            log.info("ablation: stage 1 (%s) -> %s", v.stage1, stage1)
-            train_tokenizer(tok1, dataclasses.replace(train1, stage=1, max_steps=stage1_steps), stage1)
-        tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides)
-        log.info("ablation %s: stage 2 %s", v.name, v.overrides)
-        model = train_tokenizer(tok2, dataclasses.replace(train2, stage=2, max_steps=steps), out / v.name, stage1 / "final")
-        result = {**measure(model, tok2, train2, fid), "variant": v.name, "overrides": v.overrides,
-                  "stage1_steps": stage1_steps, "steps": steps, "batch_size": train.batch_size, "lr": train.lr,
-                  "seconds": round(time.time() - start, 1)}
-        write_json(done, result)
-        path.write_text(render(table, finished(), budget))  # after every variant: a partial table to read
-    path.write_text(render(table, finished(), budget))
+        else:
+            start = time.time()
+            tok1, train1 = _apply(tok, train, STAGE1[v.stage1])
+            stage1 = out / f"stage1_{v.stage1}"
+            if not (stage1 / "final" / "config.json").is_file():
+                log.info("ablation: stage 1 (%s) -> %s", v.stage1, stage1)
+                train_tokenizer(tok1, dataclasses.replace(train1, stage=1, max_steps=stage1_steps), stage1)
+            tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides)
+            log.info("ablation %s: stage 2 %s", v.name, v.overrides)
+            model = train_tokenizer(tok2, dataclasses.replace(train2, stage=2, max_steps=steps), out / v.name, stage1 / "final")
+            result = {**measure(model, tok2, train2, fid), "variant": v.name, "overrides": v.overrides,
+                      "stage1_steps": stage1_steps, "steps": steps, "batch_size": train.batch_size, "lr": train.lr,
+                      "seconds": round(time.time() - start, 1)}
+            write_json(done, result)
+            path.write_text(render(table, finished(), budget, llm))  # after every variant: a partial table to read
+        if llm:
+            llm_done = out / v.name / LLM_FILE
+            if llm_done.is_file():
+                old = json.loads(llm_done.read_text())
+                log.info("ablation %s: LLM done already (%s)", v.name, llm_done)
+                if old.get("mllm_steps") != cfg.mllm_train.max_steps:
+                    log.warning("ablation %s's LLM was trained %s steps, not %s: delete %s and %s to retrain it", v.name,
+                                old.get("mllm_steps"), cfg.mllm_train.max_steps, llm_done, out / v.name / "llm")
+            else:
+                log.info("ablation %s: the LLM path with %s", v.name, out / v.name / "final")
+                write_json(llm_done, train_and_score_llm(cfg, out / v.name / "final", out / v.name / "llm"))
+                path.write_text(render(table, finished(), budget, llm))
+    path.write_text(render(table, finished(), budget, llm))
     return path

@@ -112,13 +112,51 @@ def measure_tokenizer(tok_dir: Path, holdout: list[str], fid: bool, keep: int, s
     return row, torch.cat(probe.recons)
 
 
-def mllm_scores(summary: dict) -> dict:
-    """The pipeline's eval summary -> held-out loss per task (gaps, true condition), POPE accuracy, gFID."""
+def mllm_scores(summary: dict, cfg_scale: float | None = None) -> dict:
+    """The pipeline's eval summary -> held-out loss per task (gaps, true condition), POPE accuracy, gFID and,
+    when the world was scored, world_scores."""
     gaps = summary.get("gaps") or {}
     return {"understanding_loss": (gaps.get("understanding") or {}).get("loss_true"),
             "generation_loss": (gaps.get("generation") or {}).get("loss_true"),
             "pope_accuracy": (summary.get("pope") or {}).get("accuracy"),
-            "gfid": (summary.get("gfid") or {}).get("gfid")}
+            "gfid": (summary.get("gfid") or {}).get("gfid"), **world_scores(summary.get("world"), cfg_scale)}
+
+
+UNDERSTANDING_TYPES = ("colour", "shape")  # the question types with a column of their own
+
+
+def world_scores(world: dict | None, cfg_scale: float | None = None) -> dict:
+    """The shapes world's scores (eval/world_eval.py score_world, summary.json's "world") -> the tables' world
+    columns: held-out question accuracy (overall, colour and shape questions), and prompt-checker accuracy
+    (overall: the mean of the categories; single_object) at CFG `cfg_scale` (None, or a scale not scored: the
+    last one scored, which is the sampling default). {} when the world was not scored (absent or skipped)."""
+    if not world or "understanding" not in world:
+        return {}
+    und, gens = world["understanding"], world.get("generation") or {}
+    gen = gens.get(f"cfg_{cfg_scale:g}") if cfg_scale is not None else None
+    gen = gen or (list(gens.values())[-1] if gens else {})
+    by_type, by_category = und.get("by_type") or {}, gen.get("by_category") or {}
+    return {"world_understanding": und.get("accuracy"),
+            **{f"world_understanding_{t}": (by_type.get(t) or {}).get("accuracy") for t in UNDERSTANDING_TYPES},
+            "world_generation": gen.get("accuracy"),
+            "world_generation_single_object": (by_category.get("single_object") or {}).get("accuracy"),
+            "world_cfg_scale": gen.get("cfg_scale")}
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+WORLD_COLUMNS = ["world und. (colour / shape)", "world gen. (single obj.)"]
+
+
+def world_cells(scores: dict) -> list[str]:
+    """world_scores -> the WORLD_COLUMNS cells, "62.5% (80.0% / 50.0%)" and "25.0% (50.0%)"; "-" when absent."""
+    if "world_understanding" not in scores:
+        return ["-", "-"]
+    und = _pct(scores["world_understanding"]) + " (" + " / ".join(
+        _pct(scores.get(f"world_understanding_{t}")) for t in UNDERSTANDING_TYPES) + ")"
+    return [und, f"{_pct(scores.get('world_generation'))} ({_pct(scores.get('world_generation_single_object'))})"]
 
 
 # Kinds whose stages take their step counts from their own config section: compare sets those to
@@ -189,7 +227,7 @@ def compare_kind(kind: str, config: str, overrides: list[str], out: Path, fid: b
         row["errors"].append(f"tokenizer: {type(err).__name__}: {err}".splitlines()[0])
     summary = Path(cfg.run_dir) / "eval" / "summary.json"
     if summary.is_file():
-        row.update(mllm_scores(json.loads(summary.read_text())))
+        row.update(mllm_scores(json.loads(summary.read_text()), cfg.eval.sampling.cfg_scale))
     elif not row["errors"]:
         row["errors"].append(f"mllm: {summary} not written")
     if not row["errors"]:
@@ -247,6 +285,9 @@ COLUMNS = ["kind", "tok. steps", "ids / image (N x L)", "tokenizer params", "PSN
 def render(report: dict) -> str:
     """compare.json -> the markdown table, with the budget every kind trained at."""
     rows = report["kinds"]
+    world = any("world_understanding" in r for r in rows.values())  # the world's columns only when it was scored
+    scales = sorted({r["world_cfg_scale"] for r in rows.values() if r.get("world_cfg_scale") is not None})
+    columns = COLUMNS[:-1] + (WORLD_COLUMNS if world else []) + COLUMNS[-1:]
     budgets = {json.dumps(r.get("budget"), sort_keys=True) for r in rows.values() if r.get("budget")}
     lines = ["# Tokenizer comparison at equal budget", "",
              f"`semhitok compare --config {report['config']}" + "".join(f" {o}" for o in report["overrides"]) + "`", ""]
@@ -255,7 +296,7 @@ def render(report: dict) -> str:
                      f"{b['tokenizer_lr']}; MLLM {b['mllm_steps']} steps, micro-batch {b['mllm_micro_batch']}, lr {b['mllm_lr']}.")
     if len(budgets) > 1:
         lines.append("**The kinds were not trained at one budget** (rows from runs with other overrides).")
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for kind, r in rows.items():
         usage = r.get("codebook_usage")
         n, L = r.get("positions"), r.get("codes_per_position")
@@ -267,14 +308,18 @@ def render(report: dict) -> str:
                  _f(r.get("psnr"), ".2f"), _f(r.get("ssim"), ".3f"), _f(r.get("rfid"), ".2f"),
                  "-" if not usage else " / ".join(f"{100 * u:.1f}%" for u in usage), _f(r.get("teacher_cosine"), ".3f"),
                  _f(r.get("understanding_loss"), ".3f"), "-" if gen is None else f"{gen:.3f} ({uni:.2f})",
-                 _f(r.get("pope_accuracy"), ".3f"), _f(r.get("gfid"), ".1f"), status]
+                 _f(r.get("pope_accuracy"), ".3f"), _f(r.get("gfid"), ".1f"), *(world_cells(r) if world else []), status]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Held-out images: tokenizer_train.holdout_data. Codebook usage: share of the codebook entries that occur "
               "in the held-out ids, per code group (semantic / pixel when there are two). Teacher cos: cosine between the "
               "tokenizer's prediction of its teacher's features from the ids and the teacher's features (the kinds have "
               "different teachers). und./gen. loss: the MLLM's held-out loss of the caption given the image, and of the "
               "image's codes given the caption (nats per token / per image position; in brackets a uniform guess's loss, "
-              "which differs between kinds with different vocabularies). '-': not available (see compare.json).", ""]
+              "which differs between kinds with different vocabularies)."
+              + (" world und.: the MLLM's exact-match accuracy on the shapes world's held-out questions (in brackets: "
+                 "colour and shape questions); world gen.: the share of its images for the held-out prompts that pass "
+                 "the checker, the mean over the prompt categories (in brackets: single objects), at CFG "
+                 + " / ".join(f"{c:g}" for c in scales) + "." if world else "") + " '-': not available (see compare.json).", ""]
     return "\n".join(lines)
 
 

@@ -356,8 +356,10 @@ def cmd_ablate(args) -> None:
     cfg = _load(args)
     t = cfg.tokenizer_train
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "ablate" / f"table{args.table}"
-    path = run_table(args.table, cfg.tokenizer, t, out, args.stage1_steps or t.max_steps, args.steps or t.max_steps,
-                     args.only.split(",") if args.only else None, fid=not args.no_fid)
+    llm = cfg.world.enabled if args.llm is None else args.llm
+    _record(out, cfg, "ablate", args)
+    path = run_table(args.table, cfg, out, args.stage1_steps or t.max_steps, args.steps or t.max_steps,
+                     args.only.split(",") if args.only else None, fid=not args.no_fid, llm=llm)
     print(path.read_text())
     print(f"table: {path}")
 
@@ -370,6 +372,10 @@ def _ablate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: tokenizer_train.max_steps)")
     p.add_argument("--only", default=None, help="comma-separated variants to run (names as in the output folders)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--llm", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train each variant's LLM (the config's pretokenize sources and mllm_train schedule) and "
+                   "score it on the shapes world: understanding and generation accuracy columns (default: on when the "
+                   "config has world.enabled)")
     _config_args(p)
     p.set_defaults(func=cmd_ablate)
 

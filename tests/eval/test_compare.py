@@ -11,7 +11,7 @@ from PIL import Image
 
 from semhitok.cli import main
 from semhitok.config import load_project_config
-from semhitok.eval.compare import ROW_FILE, STAGE_STEPS, group_usage, kind_overrides, render
+from semhitok.eval.compare import ROW_FILE, STAGE_STEPS, group_usage, kind_overrides, mllm_scores, render, world_scores
 from tests.conftest import SAMPLE
 
 BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",
@@ -120,6 +120,50 @@ def test_render_marks_missing_values_and_unequal_budgets():
     b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
     assert b.endswith("| FAILED: pipeline: boom \\| bang |")
     assert "not trained at one budget" in table
+
+
+def world_summary(und: float, colour: float, gen1: float, gen2: float, single2: float) -> dict:
+    """summary.json's "world" as eval/world_eval.py score_world writes it (the fields compare reads, and others)."""
+    def gen(scale, acc, single):
+        return {"cfg_scale": scale, "accuracy": acc, "images": 8,
+                "by_category": {"single_object": {"accuracy": single, "n": 2}, "counting": {"accuracy": 2 * acc - single, "n": 2}},
+                "by_combo": {"seen": {"accuracy": acc, "n": 6}, "heldout": {"accuracy": None, "n": 0}}}
+
+    return {"world": "/w", "understanding": {"accuracy": und, "questions": 20, "by_type": {
+                "colour": {"accuracy": colour, "n": 5}, "shape": {"accuracy": 0.2, "n": 5}, "count": {"accuracy": 0.0, "n": 10}}},
+            "generation": {"cfg_1": gen(1.0, gen1, 0.0), "cfg_2": gen(2.0, gen2, single2)}}
+
+
+def test_world_scores_from_the_summary_at_the_default_cfg():
+    world = world_summary(0.45, 0.8, 0.25, 0.5, 1.0)
+    expected = {"world_understanding": 0.45, "world_understanding_colour": 0.8, "world_understanding_shape": 0.2,
+                "world_generation": 0.5, "world_generation_single_object": 1.0, "world_cfg_scale": 2.0}
+    assert world_scores(world, 2.0) == expected
+    assert world_scores(world, None) == expected  # the last scale scored: the sampling default
+    assert world_scores(world, 1.0)["world_generation"] == 0.25 and world_scores(world, 1.0)["world_cfg_scale"] == 1.0
+    assert world_scores(world, 3.0) == expected  # a scale not scored: the last one
+    del world["understanding"]["by_type"]["shape"]
+    assert world_scores(world, 2.0)["world_understanding_shape"] is None
+    # summaries without a scored world: no world fields at all (the table shows no world columns)
+    for summary in ({}, {"world": {"skipped": "/w not found"}}):
+        assert world_scores(summary.get("world")) == {}
+        assert set(mllm_scores(summary)) == {"understanding_loss", "generation_loss", "pope_accuracy", "gfid"}
+    scores = mllm_scores({"gaps": {"understanding": {"loss_true": 1.5}}, "world": world_summary(0.45, 0.8, 0.25, 0.5, 1.0)}, 2.0)
+    assert scores["understanding_loss"] == 1.5 and scores["world_understanding"] == 0.45 and scores["pope_accuracy"] is None
+
+
+def test_render_adds_the_world_columns_when_a_kind_was_scored_on_it():
+    rows = {"a": {"errors": [], **mllm_scores({"world": world_summary(0.45, 0.8, 0.25, 0.5, 1.0)}, 2.0)},
+            "b": {"errors": ["pipeline: boom"]}}
+    table = render({"config": "shapes", "overrides": [], "kinds": rows})
+    head = next(ln for ln in table.splitlines() if ln.startswith("| kind |"))
+    assert head.endswith("| gFID | world und. (colour / shape) | world gen. (single obj.) | status |")
+    a = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
+    assert a.endswith("| 45.0% (80.0% / 20.0%) | 50.0% (100.0%) | ok |")
+    b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
+    assert "| - | - | FAILED: pipeline: boom |" in b
+    assert "at CFG 2." in table
+    assert len({ln.count("|") for ln in table.splitlines() if ln.startswith("|")}) == 1  # every row as wide as the head
 
 
 def test_group_usage_weights_each_slot_by_its_vocabulary():
