@@ -29,6 +29,12 @@ class EvalConfig:
     # Conditioning gaps (semhitok.mllm.gaps) on these held-out {"image", "caption"} pairs; limit 0 = all.
     gaps_data: str = field(default_factory=lambda: shipped("data/sample/holdout.jsonl"))
     gaps_limit: int = 0
+    # The procedural shapes world (a directory written by data_pipelines.world.write_world; empty: off): its
+    # held-out questions answered and prompts drawn and checked (eval/world_eval.py); limits 0 = all
+    # (questions: the first N; prompts: the first N of each category).
+    world: str = ""
+    world_questions_limit: int = 0
+    world_prompts_limit: int = 0
     # A requested benchmark whose data is missing fails the command (exit 1) unless this is true; then it is
     # listed as skipped, with a warning.
     allow_skip: bool = False
@@ -37,5 +43,5 @@ class EvalConfig:
     compile: bool = False  # compile the decoding step (CUDA graphs on GPUs); see mllm/sample.py Decoder
 
     def __post_init__(self) -> None:
-        check_min(self, 0, "geneval_limit", "gaps_limit")
+        check_min(self, 0, "geneval_limit", "gaps_limit", "world_questions_limit", "world_prompts_limit")
         check_min(self, 1, "geneval_samples", "batch_size")

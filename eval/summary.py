@@ -3,7 +3,9 @@
 A benchmark whose scorer is missing is listed with the reason instead of a number. A benchmark whose data
 is missing raises BenchmarkUnavailable (exit 1) unless eval.allow_skip=true, which lists it as skipped with a
 warning; an empty path (e.g. eval.pope_questions=) turns a benchmark off. lmms-eval results written under
-<out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table.
+<out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table. eval.world=<a directory
+written by data_pipelines.world.write_world> adds the world's scores (eval/world_eval.py), written under
+<out>/world, with their own section after the table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from semhitok.eval.fid import FIDUnavailable
 from semhitok.eval.generation import GenEvalUnavailable, generate_geneval, generation_fid, read_metadata, score_geneval
 from semhitok.eval.pope import load_pope, run_pope
 from semhitok.eval.recon import evaluate_reconstruction
+from semhitok.eval.world_eval import score_world, world_table
 from semhitok.mllm.gaps import conditioning_gaps, load_pairs
 from semhitok.mllm.sample import load_sampler
 
@@ -28,7 +31,9 @@ class BenchmarkUnavailable(FileNotFoundError):
     """A requested benchmark cannot run (its data is missing) and eval.allow_skip is false (the CLI exits non-zero)."""
 
 
-BENCHMARK_DATA = {"pope": "pope_questions", "geneval": "geneval_metadata", "gaps": "gaps_data"}  # benchmark -> its config field
+# benchmark -> its config field (and, for a directory, the file in it that must exist)
+BENCHMARK_DATA = {"pope": "pope_questions", "geneval": "geneval_metadata", "gaps": "gaps_data", "world": "world"}
+DATA_FILE = {"world": "questions.jsonl"}
 
 
 def runnable(cfg: EvalConfig, summary: dict) -> set[str]:
@@ -37,10 +42,11 @@ def runnable(cfg: EvalConfig, summary: dict) -> set[str]:
     run, missing = set(), []
     for name, field in BENCHMARK_DATA.items():
         path = getattr(cfg, field)
-        if path and Path(path).is_file():
+        if path and (Path(path) / DATA_FILE.get(name, "")).is_file():
             run.add(name)
         elif path:
-            missing.append(f"{name}: eval.{field}={path} not found")
+            holds = f" (or holds no {DATA_FILE[name]})" if name in DATA_FILE else ""
+            missing.append(f"{name}: eval.{field}={path} not found{holds}")
             summary[name] = {"skipped": f"{path} not found"}
     if missing and not cfg.allow_skip:
         raise BenchmarkUnavailable("; ".join(missing) + " (fix the path, turn the benchmark off with an empty path, "
@@ -76,6 +82,11 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     if "gaps" in todo:
         log.info("== conditioning gaps: %s", cfg.gaps_data)
         summary["gaps"] = conditioning_gaps(decoder.model, decoder.builder, load_pairs(cfg.gaps_data, visual, cfg.gaps_limit), cfg.batch_size)
+
+    if "world" in todo:
+        log.info("== world: %s", cfg.world)
+        summary["world"] = score_world(decoder, visual, cfg.world, out / "world", cfg.sampling, cfg.world_questions_limit,
+                                       cfg.world_prompts_limit, cfg.batch_size)
 
     log.info("== gFID: %s", cfg.gfid_captions)
     rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
@@ -139,6 +150,8 @@ def markdown_table(summary: dict) -> str:
     if "gaps" in summary:
         lines += ["", "gaps: loss(shuffled / no image / unconditional) - loss(true) per held-out pair, mean [95% interval];",
                   "clearly positive = the model uses the image (understanding) and the caption (generation)."]
+    if "world" in summary:
+        lines += world_table(summary["world"])
     return "\n".join(lines) + "\n"
 
 
