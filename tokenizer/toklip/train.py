@@ -21,14 +21,13 @@ from semhitok.tokenizer.config import TokenizerTrainConfig
 from semhitok.tokenizer.data import image_grid
 from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
+from semhitok.tokenizer.text import byte_caption_ids
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.model import TokLIP, load_siglip
 from semhitok.tokenizer.toklip.vqgan import VQGAN
 from semhitok.tokenizer.train import Trainer, _Task
 
 log = logging.getLogger("semhitok")
-
-BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
 
 
 def _wrap(module: nn.Module, world: int) -> nn.Module:
@@ -113,8 +112,7 @@ class CaptionTokenizer:
         if self.hf is not None:
             return self.hf(captions, padding="max_length", truncation=True, max_length=self.max_length,
                            return_tensors="pt")["input_ids"]
-        rows = [[BYTE_BOS, *c.encode("utf-8")][: self.max_length - 1] + [BYTE_EOS] for c in captions]
-        return torch.tensor([r + [BYTE_PAD] * (self.max_length - len(r)) for r in rows])
+        return byte_caption_ids(captions, self.max_length)
 
 
 def list_captions(sources: list[str]) -> list[str]:
