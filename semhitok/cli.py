@@ -435,6 +435,12 @@ def cmd_pipeline(args) -> None:
 
         log.info("== shapes world -> %s", cfg.world_dir)
         write_world(cfg.world, cfg.world_dir)
+    if cfg.teacher_train.enabled:
+        from semhitok.tokenizer.teacher import train_teacher
+
+        log.info("== stage 0: SigLIP teacher -> %s", cfg.teacher_dir)
+        result = train_teacher(cfg.teacher_train, cfg.teacher_dir)
+        print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
     log.info("== %s tokenizer -> %s", cfg.tokenizer.kind, Path(cfg.run_dir) / "tokenizer")
     _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
     kind_trainer(cfg.tokenizer.kind)[0](cfg)

@@ -13,7 +13,7 @@ from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.data_pipelines.world import WorldConfig
 from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
-from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
+from semhitok.tokenizer.config import TeacherTrainConfig, TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.interface import kind_trainer
 from semhitok.tokenizer.toklip.config import TokLIPConfig
@@ -23,6 +23,7 @@ from semhitok.tokenizer.toklip.config import TokLIPConfig
 class ProjectConfig:
     run_dir: str = "runs/default"  # every job writes under here; "{run_dir}" in any other string field means it
     world: WorldConfig = field(default_factory=WorldConfig)  # the procedural shapes world (data_pipelines/world.py)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)  # stage 0 (tokenizer/teacher.py)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
@@ -54,6 +55,11 @@ class ProjectConfig:
         """The pre-tokenized corpus the LLM trains on."""
         return Path(self.data.pretokenized) if self.data.pretokenized else self.pretokenized_dir
 
+
+    @property
+    def teacher_dir(self) -> Path:
+        """Where stage 0 writes its SigLIP teacher (presets point tokenizer.teacher at "{run_dir}/teacher")."""
+        return Path(self.run_dir) / "teacher"
 
     @property
     def world_dir(self) -> Path:

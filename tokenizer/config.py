@@ -171,6 +171,7 @@ class TeacherTrainConfig:
     (image, caption) pairs, the teacher the tokenizers distil when no pretrained SigLIP fits (the shapes world).
     Captions go through the byte tokenizer (tokenizer/text.py), so text_config's vocab_size must be >= 259."""
 
+    enabled: bool = False  # `semhitok pipeline` trains it into <run_dir>/teacher before the visual tokenizer
     # SiglipVisionConfig fields: the tiny preset's tower (configs/tiny.yaml tokenizer.siglip_config)
     vision_config: dict = field(default_factory=_tiny_vision)
     # SiglipTextConfig fields; projection_size = the vision width (the two towers' pooled features are compared)
