@@ -50,6 +50,12 @@ def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
 def load_complete(cls, name: str, option: str, what: str = "weights", **kwargs) -> nn.Module:
     """cls.from_pretrained(name) in fp32 with every weight loaded: offline and not cached, WeightsUnavailable
     naming the download and `option` to point at it; a missing or mis-shaped key, a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    # (quiet: a full SiglipModel's text tower and head are "unexpected" in a vision tower, listed key by key;
+    # what matters, a missing or mis-shaped vision key, is checked below)
+    hf_logging.set_verbosity_error()
     try:
         model, info = cls.from_pretrained(name, dtype=torch.float32, output_loading_info=True, **kwargs)
     except OSError as err:
@@ -57,6 +63,8 @@ def load_complete(cls, name: str, option: str, what: str = "weights", **kwargs) 
             f"cannot load SigLIP teacher {name!r} ({type(err).__name__}): on a machine with network run "
             f"`hf download {name} --local-dir /path/siglip` and pass {option}=/path/siglip"
         ) from None
+    finally:
+        hf_logging.set_verbosity(level)
     missing = sorted(info["missing_keys"]) + [str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"]]
     if missing:
         raise ValueError(
