@@ -173,14 +173,20 @@ def render(table: Table, results: dict[str, dict], budget: str, llm: bool = Fals
     return "\n".join(lines) + "\n"
 
 
-def prepare_world(cfg) -> None:
-    """The stage the tokenizer trains on when the config has the shapes world: the world itself (kept when it
-    exists with the same config; `semhitok pipeline` writes the same one)."""
+def prepare_stage0(cfg) -> None:
+    """What the variants train on and distil, made as `semhitok pipeline` makes it before its tokenizer: the
+    shapes world (world.enabled) and the stage-0 SigLIP teacher (teacher_train.enabled). Either is kept when it
+    exists, made with the same config (a pipeline run in the same run_dir shares them)."""
     if cfg.world.enabled:
         from semhitok.data_pipelines.world import write_world
 
         log.info("ablation: shapes world -> %s", cfg.world_dir)
         write_world(cfg.world, cfg.world_dir)
+    if cfg.teacher_train.enabled:
+        from semhitok.tokenizer.teacher import train_teacher
+
+        log.info("ablation: stage 0, SigLIP teacher -> %s", cfg.teacher_dir)
+        train_teacher(cfg.teacher_train, cfg.teacher_dir)
 
 
 def _require_world(cfg) -> None:
@@ -249,7 +255,7 @@ def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: 
         _require_world(cfg)
     tok, train = cfg.tokenizer, cfg.tokenizer_train
     out.mkdir(parents=True, exist_ok=True)
-    prepare_world(cfg)
+    prepare_stage0(cfg)
     budget = (f"Each variant: stage 1 {stage1_steps} steps (shared), stage 2 {steps} steps, batch {train.batch_size}, "
               f"lr {train.lr}; metrics on {len(list_images(train.holdout_data))} held-out images.")
     if llm:

@@ -9,7 +9,13 @@ steps, batch and learning rate, the same MLLM trainer and steps, the same eval. 
 held-out images (tokenizer_train.holdout_data), compare measures the kind's tokenizer: PSNR, SSIM, rFID (when
 the Inception weights load), codebook usage per code group, the teacher-feature cosine (semantic_alignment,
 when the kind has it) and the ids per image; from the pipeline's eval (<out>/<kind>/eval/summary.json) it
-reads the MLLM's held-out loss per task (the conditioning gaps' true-condition losses), POPE accuracy and gFID.
+reads the MLLM's held-out loss per task (the conditioning gaps' true-condition losses), POPE accuracy and gFID,
+and, when the eval scored the shapes world (eval.world), the MLLM's accuracy on its held-out questions and
+prompts (world_scores).
+
+With a preset whose world and stage-0 teacher live under "{run_dir}" (shapes), each kind makes its own copies
+in <out>/<kind>: both are deterministic, so every kind trains on the same world and distils the same teacher
+(the teacher's training time is paid once per kind).
 
 Writes <out>/compare.md, compare.json and compare.png (the same held-out images reconstructed by each kind).
 A finished kind (<out>/<kind>/compare_row.json) is not rerun; a kind that fails shows its error in its row

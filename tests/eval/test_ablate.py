@@ -40,10 +40,9 @@ def test_tables_carry_the_papers_rows():
         run_table(5, None, None, 1, 1, only=["dim_m99"])
 
 
-# The shapes preset at a tiny budget: a small world, a random teacher (no stage 0), two steps per stage.
-TINY_TEACHER = "{hidden_size: 96, intermediate_size: 192, num_hidden_layers: 3, num_attention_heads: 4, image_size: 64, patch_size: 8}"
-SHAPES_BUDGET = ["tokenizer.teacher=random", f"tokenizer.siglip_config={TINY_TEACHER}", "world.train_scenes=32",
-                 "world.holdout_scenes=8", "world.text_rows=16", "tokenizer_train.eval_every=1000",
+# The shapes preset at a tiny budget: a small world, two steps per stage (stage 0, the teacher, included).
+SHAPES_BUDGET = ["world.train_scenes=32", "world.holdout_scenes=8", "world.text_rows=16", "teacher_train.steps=2",
+                 "tokenizer_train.eval_every=1000",
                  "tokenizer_train.image_every=1000", "tokenizer_train.ckpt_every=1000", "tokenizer_train.holdout_images=4",
                  "mllm_train.max_steps=2", "mllm_train.eval_every=0", "eval.world_questions_limit=12",
                  "eval.world_prompts_limit=1", "eval.batch_size=8"]
@@ -58,6 +57,7 @@ def test_a_semantic_only_variant_through_the_llm_path_scores_the_world(tmp_path,
     # the LLM trained on the variant's ids (m = 1: K semantic ids) and was scored on the run's world
     assert json.loads((variant / "llm" / "mllm" / "final" / "visual_tokenizer" / "config.json").read_text())["fusion"] == "semantic_only"
     assert llm["mllm_steps"] == 2 and llm["world"]["world"] == str(tmp_path / "world")
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()  # stage 0, which the variants distilled
     answers = [json.loads(line) for line in (variant / "llm" / "world_eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 12 and llm["scores"]["world_understanding"] == pytest.approx(sum(a["correct"] for a in answers) / 12)
     colour = [a["correct"] for a in answers if a["type"] == "colour"]
