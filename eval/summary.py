@@ -32,7 +32,8 @@ class BenchmarkUnavailable(FileNotFoundError):
 
 
 # benchmark -> its config field (and, for a directory, the file in it that must exist)
-BENCHMARK_DATA = {"pope": "pope_questions", "geneval": "geneval_metadata", "gaps": "gaps_data", "world": "world"}
+BENCHMARK_DATA = {"pope": "pope_questions", "geneval": "geneval_metadata", "gaps": "gaps_data", "world": "world",
+                  "gfid": "gfid_captions"}
 DATA_FILE = {"world": "questions.jsonl"}
 
 
@@ -88,10 +89,11 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
         summary["world"] = score_world(decoder, visual, cfg.world, out / "world", cfg.sampling, cfg.world_questions_limit,
                                        cfg.world_prompts_limit, cfg.batch_size)
 
-    log.info("== gFID: %s", cfg.gfid_captions)
-    rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
-    summary["gfid"] = generation_fid(decoder, visual, [r["caption"] for r in rows], [cfg.gfid_captions],
-                                     out / "gfid_images", cfg.sampling, cfg.batch_size)
+    if "gfid" in todo:
+        log.info("== gFID: %s", cfg.gfid_captions)
+        rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
+        summary["gfid"] = generation_fid(decoder, visual, [r["caption"] for r in rows], [cfg.gfid_captions],
+                                         out / "gfid_images", cfg.sampling, cfg.batch_size)
 
     log.info("== tokenizer reconstruction: %s", cfg.recon_images)
     try:
