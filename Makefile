@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(VENV)/bin/pip uninstall -y -q torchvision
 	touch $(STAMP)
 
-# The main job on its embedded default: the whole pipeline, tiny preset, shipped sample (data/sample).
+# The main job on its embedded default: the whole pipeline on the procedural shapes world (configs/shapes.yaml):
+# world, stage-0 teacher, both tokenizer stages, pre-tokenization, the unified LLM, sampling and evaluation.
+# The shipped photo sample is one flag away: semhitok pipeline --config tiny
 demo: $(STAMP)
-	$(VENV)/bin/semhitok pipeline --config tiny
+	$(VENV)/bin/semhitok pipeline --config shapes
 
 # A wheel carrying the presets, the DeepSpeed JSONs and the shipped sample (semhitok/configs, semhitok/data).
 wheel:

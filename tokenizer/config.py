@@ -39,6 +39,10 @@ class TokenizerConfig:
     # Stage 2, semantic-guided hierarchical codebook: K sub-codebooks of m pixel codes.
     pix_codes_per_group: int = 12  # m: 8, 12 or 16 in the paper's ablation
     pix_code_dim: int = 8
+    # Restart pixel codes no patch uses (quantizers.HierarchicalCodebook; the shapes preset turns it on: without
+    # it each group there collapses onto a code or two and shapes come back as blocks of patches). Off by default:
+    # the paper does not say, and the 256/384 recipes keep what they were run with.
+    pix_restart_dead: bool = False
     # The paper (sec. 4.1): ViT-B pixel encoder and decoder, the decoder enlarged to ViT-L (1024 wide,
     # 16 heads, 24 layers) in the last stage-2 phase (configs/recipes/*_stage2c_*.yaml).
     pix_encoder_width: int = 768

@@ -128,7 +128,8 @@ class PixelBranch(nn.Module):
             self.patch_embed = nn.Linear(patch * patch * 3, enc)
             self.encoder = Transformer(enc, cfg.pix_encoder_layers, cfg.pix_encoder_heads, n)
             self.to_code = nn.Linear(enc, cfg.pix_code_dim)
-            self.codebook = HierarchicalCodebook(cfg.sem_codebook_size, cfg.pix_codes_per_group, cfg.pix_code_dim)
+            self.codebook = HierarchicalCodebook(cfg.sem_codebook_size, cfg.pix_codes_per_group, cfg.pix_code_dim,
+                                                 cfg.pix_restart_dead)
         width = cfg.pix_decoder_width
         if cfg.fusion == "concat":
             self.fuse = nn.Linear(cfg.sem_code_dim + cfg.pix_code_dim, width)

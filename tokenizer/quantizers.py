@@ -149,10 +149,16 @@ class EMACodebook(nn.Module):
 class HierarchicalCodebook(nn.Module):
     """K groups of m learned, l2-normalised codes; quantization restricted to the group of the semantic id."""
 
-    def __init__(self, num_groups: int, codes_per_group: int, dim: int):
+    def __init__(self, num_groups: int, codes_per_group: int, dim: int, restart: bool = False):
         super().__init__()
         self.num_groups, self.codes_per_group, self.dim = num_groups, codes_per_group, dim
         self.codes = nn.Parameter(torch.randn(num_groups, codes_per_group, dim))  # [K, m, d]
+        # restart: in training, a code of a group seen in the batch whose EMA use (decay 0.99) fell below 1e-3
+        # takes a random feature of that group's patches in the batch. Without it, codes that no patch picks at
+        # first never get a gradient (only the chosen code moves), and a group collapses onto one or two codes.
+        self.restart = restart
+        if restart:
+            self.register_buffer("usage", torch.zeros(num_groups, codes_per_group))  # [K, m]
 
     def lookup(self, sem_idx: torch.Tensor, pix_idx: torch.Tensor) -> torch.Tensor:
         """sem_idx, pix_idx [...] -> codes [..., d]"""
@@ -168,6 +174,23 @@ class HierarchicalCodebook(nn.Module):
             # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
             group = l2norm(torch.index_select(self.codes.float(), 0, sem_idx))
             pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
+            if self.restart and self.training and self.codes.requires_grad:  # (frozen codebooks keep their ids)
+                self._restart_dead(z.detach(), sem_idx, pix_idx)
             q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
             loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
         return z + (q - z).detach(), pix_idx, loss
+
+    @torch.no_grad()
+    def _restart_dead(self, z: torch.Tensor, sem_idx: torch.Tensor, pix_idx: torch.Tensor) -> None:
+        """z [n, d] (normalised), sem_idx, pix_idx [n]: update the use EMA; dead codes of seen groups take a
+        random z of their group (the codes the assignment just chose stay as they are for this step's loss)."""
+        counts = torch.zeros_like(self.usage).index_put_((sem_idx, pix_idx), torch.ones_like(z[:, 0]), accumulate=True)
+        self.usage.mul_(0.99).add_(counts, alpha=0.01)
+        seen = counts.sum(1) > 0  # [K]
+        dead = (self.usage < 1e-3) & seen[:, None]  # [K, m]
+        for g in dead.any(1).nonzero().flatten().tolist():
+            rows = (sem_idx == g).nonzero().flatten()
+            slots = dead[g].nonzero().flatten()
+            pick = rows[torch.randint(len(rows), (len(slots),), device=rows.device)]
+            self.codes.data[g, slots] = z[pick].to(self.codes.dtype)
+            self.usage[g, slots] = 1e-2  # a grace period before it can be restarted again

@@ -61,3 +61,23 @@ def test_hierarchical_quantization_stays_inside_the_semantic_group():
     assert torch.allclose(q[0], l2norm(hc.codes[0, pix[0]]), atol=1e-5)
     loss.backward()
     assert hc.codes.grad is not None
+
+
+def test_hierarchical_restart_revives_dead_codes_from_their_own_group():
+    """Codes no patch picks take features of their group's patches (in training, trainable codebook only)."""
+    torch.manual_seed(0)
+    hc = HierarchicalCodebook(num_groups=3, codes_per_group=4, dim=8, restart=True).train()
+    z = torch.randn(64, 8)
+    sem = torch.zeros(64, dtype=torch.long)  # every patch in group 0
+    before = hc.codes.detach().clone()
+    _, pix, _ = hc(z, sem, beta=0.25)
+    assert torch.equal(hc.codes[1:], before[1:])  # unseen groups untouched
+    moved = (hc.codes[0] != before[0]).any(dim=1)
+    assert moved.sum() == 4 - len(pix.unique())  # exactly the codes nobody chose were restarted
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    for j in moved.nonzero().flatten():  # each restarted code is one of the group's features
+        assert torch.isclose(zn, hc.codes[0, j].expand_as(zn), atol=1e-6).all(dim=1).any()
+    frozen = HierarchicalCodebook(3, 4, 8, restart=True).train().requires_grad_(False)
+    kept = frozen.codes.detach().clone()
+    frozen(z, sem, beta=0.25)
+    assert torch.equal(frozen.codes, kept)  # a frozen codebook keeps every id
