@@ -44,7 +44,10 @@ def test_tables_carry_the_papers_rows():
 SHAPES_BUDGET = ["world.train_scenes=32", "world.holdout_scenes=8", "world.text_rows=16", "teacher_train.steps=2",
                  "tokenizer_train.eval_every=1000",
                  "tokenizer_train.image_every=1000", "tokenizer_train.ckpt_every=1000", "tokenizer_train.holdout_images=4",
-                 "mllm_train.max_steps=2", "mllm_train.eval_every=0", "eval.world_questions_limit=12",
+                 "mllm_train.max_steps=2", "mllm_train.eval_every=0",
+                 # plain engine: an in-process DeepSpeed run would keep a process group (and its port, exported as
+                 # MASTER_PORT) for the rest of the session, which later torchrun subprocesses then fail to bind
+                 "mllm_train.deepspeed_config=none", "eval.world_questions_limit=12",
                  "eval.world_prompts_limit=1", "eval.batch_size=8"]
 
 

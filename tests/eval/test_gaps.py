@@ -86,7 +86,7 @@ def test_eval_defaults_are_shipped_in_the_repository_from_any_directory(tmp_path
     rows = load_pope(cfg.pope_questions, cfg.pope_image_root)
     assert len(rows) == 18 and {r["category"] for r in rows} == {"random", "popular", "adversarial"}
     assert len(read_metadata(cfg.geneval_metadata)) == 553
-    assert runnable(cfg, {}) == {"pope", "geneval", "gaps"}
+    assert runnable(cfg, {}) == {"pope", "geneval", "gaps", "gfid"}
 
 
 def test_a_requested_benchmark_without_data_fails_unless_skipping_is_allowed(tmp_path, caplog, capsys):
@@ -95,7 +95,7 @@ def test_a_requested_benchmark_without_data_fails_unless_skipping_is_allowed(tmp
         runnable(cfg, {})
     cfg.allow_skip = True
     summary = {}
-    assert runnable(cfg, summary) == {"gaps"}  # geneval turned off by the empty path, pope skipped
+    assert runnable(cfg, summary) == {"gaps", "gfid"}  # geneval turned off by the empty path, pope skipped
     assert "not found" in summary["pope"]["skipped"] and "geneval" not in summary
     assert "skipped pope" in caplog.text
     # the command fails before loading anything, naming the field

@@ -38,7 +38,7 @@ def test_detect_finds_colour_shape_and_place(image):
 @pytest.mark.parametrize("spec,reason", [
     ({"objects": [["green", "circle"], ["blue", "square"]], "count": 2}, "no green circle"),  # colour swapped
     ({"objects": [["red", "triangle"], ["blue", "square"]], "count": 2}, "no red triangle"),  # shape swapped
-    ({"objects": PAIR[::-1], "count": 2, "left_of": [0, 1]}, "blue square (x=46.0) is not left of red circle"),  # relation
+    ({"objects": PAIR[::-1], "count": 2, "left_of": [0, 1]}, "blue square (x=45.5) is not left of red circle"),  # relation (pixel centres: x - 0.5)
     ({"objects": [], "count": 3}, "found 2 object(s) (red circle, blue square), wanted 3"),  # count
     ({"objects": [["red", "circle"]], "count": 1}, "found 2 object(s)"),  # one object asked, two drawn
 ])
@@ -178,7 +178,7 @@ def test_a_missing_world_is_named():
     from semhitok.eval.config import EvalConfig
     from semhitok.eval.summary import BenchmarkUnavailable, runnable
 
-    cfg = EvalConfig(pope_questions="", geneval_metadata="", gaps_data="", world="/nonexistent/world")
+    cfg = EvalConfig(pope_questions="", geneval_metadata="", gaps_data="", gfid_captions="", world="/nonexistent/world")
     with pytest.raises(BenchmarkUnavailable, match="world: eval.world=/nonexistent/world not found"):
         runnable(cfg, {})
     cfg.allow_skip = True
