@@ -159,7 +159,8 @@ def test_upload_stream_generate_regenerate_clear_in_a_browser(chat_url, browser,
 
     # a picture from the button, at a fixed seed; another seed gives another picture
     b.find_element(By.CSS_SELECTOR, "#settings button, #settings .label-wrap").click()
-    b.find_element(By.CSS_SELECTOR, "#random-seed input").click()  # untick: the seed field is used
+    # (the accordion opens with an animation: wait for the box, a loaded box is slow to draw it)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#random-seed input"))[0].click()  # untick: the seed field is used
     set_number(b, "#seed input", 1)
     ask(b, "a red bus on a street", "generate")
     first = generated(b, wait)
