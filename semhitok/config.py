@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import load_config
-from semhitok.common.resources import resolve_shipped
+from semhitok.common.resources import map_strings, resolve_shipped
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.data_pipelines.world import WorldConfig
 from semhitok.eval.config import EvalConfig
@@ -77,19 +76,8 @@ def load_project_config(preset: str | Path | None, overrides: list[str] | None =
     return resolve_shipped(expand_run_dir(load_config(ProjectConfig, preset, overrides)))
 
 
-def expand_run_dir(obj, run_dir: str | None = None):
-    """Replace "{run_dir}" in every string field of the (nested) config by cfg.run_dir, in place (presets name
-    files a run makes, such as the world's, as "{run_dir}/world/train.jsonl")."""
-    if run_dir is None:
-        run_dir = obj.run_dir
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            setattr(obj, f.name, expand_run_dir(getattr(obj, f.name), run_dir))
-        return obj
-    if isinstance(obj, str):
-        return obj.replace("{run_dir}", run_dir)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(expand_run_dir(v, run_dir) for v in obj)
-    if isinstance(obj, dict):
-        return {k: expand_run_dir(v, run_dir) for k, v in obj.items()}
-    return obj
+def expand_run_dir(cfg: ProjectConfig) -> ProjectConfig:
+    """Replace "{run_dir}" in every string field of the config by cfg.run_dir, in place (presets name files a
+    run makes, such as the world's, as "{run_dir}/world/train.jsonl")."""
+    run_dir = cfg.run_dir
+    return map_strings(cfg, lambda text: text.replace("{run_dir}", run_dir))

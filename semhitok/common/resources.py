@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from semhitok import RESOURCE_ROOT
 
@@ -29,18 +29,23 @@ def shipped(path: str | Path) -> str:
     return str(RESOURCE_ROOT / text)
 
 
-def resolve_shipped(obj: Any) -> Any:
-    """Apply `shipped` to every string field of a (nested) dataclass config, in place; returns it."""
+def map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
+    """Apply `fn` to every string field of a (nested) dataclass config, in place; returns it."""
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            setattr(obj, f.name, resolve_shipped(getattr(obj, f.name)))
+            setattr(obj, f.name, map_strings(getattr(obj, f.name), fn))
         return obj
     if isinstance(obj, str):
-        return shipped(obj)
+        return fn(obj)
     if isinstance(obj, list):
-        return [resolve_shipped(v) for v in obj]
+        return [map_strings(v, fn) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(resolve_shipped(v) for v in obj)
+        return tuple(map_strings(v, fn) for v in obj)
     if isinstance(obj, dict):
-        return {k: resolve_shipped(v) for k, v in obj.items()}
+        return {k: map_strings(v, fn) for k, v in obj.items()}
     return obj
+
+
+def resolve_shipped(obj: Any) -> Any:
+    """Apply `shipped` to every string field of a (nested) dataclass config, in place; returns it."""
+    return map_strings(obj, shipped)
