@@ -51,7 +51,7 @@ MARGIN = 0.45  # above chance: working runs clear it by 0.25 or more; each broke
 # The shapes preset at a test's budget (the preset itself trains for tens of minutes).
 BUDGET = [
     "world.train_scenes=400", "world.holdout_scenes=100", "world.max_objects=1", "world.text_rows=100",
-    "world.min_size=0.35", "world.max_size=0.5",  # objects of 3-4 lattice cells: more of each image says its colour
+    "world.single_min_size=0.375",  # objects of 3-4 lattice cells: more of each image says its colour
     "teacher_train.steps=100",
     "tokenizer.sem_codebook_size=32", "tokenizer.pix_codes_per_group=4",  # 128 visual ids (the world uses ~30): a small LLM head
     "tokenizer_train.max_steps=120", "tokenizer_train.lr=0.001", "tokenizer_train.log_every=1000",
