@@ -25,6 +25,7 @@ scenes contain them, and the scores report them apart (compositional generalisat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -72,12 +73,16 @@ class WorldConfig:
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
     text_rows: int = 500  # rows of the text-only source
+    # The share of all possible scenes that only the held-out split draws (by a hash of the scene): a one-object
+    # scene has 10 seen combinations x 25 places on the lattice, so splits drawn independently would share most.
+    holdout_share: float = 0.2
 
     def __post_init__(self) -> None:
         check_min(self, 16, "image_size")
         check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene")
         check_min(self, 0, "seed", "text_rows", "snap")
         check_range(self, 1, 3, "max_objects")
+        check_range(self, 0.01, 0.99, "holdout_share")
         check_range(self, 0.05, 0.5, "min_size", "max_size", "single_min_size", "single_max_size")
         for lo, hi in (("min_size", "max_size"), ("single_min_size", "single_max_size")):
             if getattr(self, lo) > getattr(self, hi):
@@ -161,16 +166,29 @@ def random_scene(rng: random.Random, cfg: WorldConfig, pool: list[tuple[str, str
     raise RuntimeError(f"could not place {n} objects in {side} px (sizes {lo}-{hi}): lower max_size")
 
 
+def held_out(scene: Scene, share: float) -> bool:
+    """Whether the scene belongs to the held-out split: a hash of its objects (not Python's salted hash()) below
+    `share`, so no held-out image is ever a training image."""
+    key = json.dumps([scene.size, *sorted(sorted(asdict(o).items()) for o in scene.objects)]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") < share * 2**64
+
+
 def make_scenes(cfg: WorldConfig, split: str) -> list[Scene]:
     """The split's scenes: train from the training combinations only; holdout, a third of them containing a
-    held-out combination. Deterministic in (cfg.seed, split)."""
+    held-out combination. Each split draws only its own scenes (held_out). Deterministic in (cfg.seed, split)."""
     rng = random.Random(f"{cfg.seed}:{split}")
     train_pool, held = combos(cfg)
     scenes = []
     for i in range(cfg.train_scenes if split == "train" else cfg.holdout_scenes):
         n = rng.randint(1, cfg.max_objects)
         must = held[i % len(held)] if split == "holdout" and held and i % 3 == 2 else None
-        scenes.append(random_scene(rng, cfg, train_pool, n, must))
+        for _ in range(1000):
+            scene = random_scene(rng, cfg, train_pool, n, must)
+            if held_out(scene, cfg.holdout_share) == (split == "holdout"):
+                break
+        else:
+            raise RuntimeError(f"no {split} scene of {n} objects in 1000 draws: raise or lower world.holdout_share")
+        scenes.append(scene)
     return scenes
 
 
@@ -301,7 +319,7 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
     """Render the world into `out` (atomically: a half-written world is never seen). An existing world made
     with the same config is kept; one made with another config is refused with one line."""
     out = Path(out)
-    record = {"world": asdict(cfg) | {"enabled": True, "out_dir": ""}, "format": 2}  # 2: one question per conversation
+    record = {"world": asdict(cfg) | {"enabled": True, "out_dir": ""}, "format": 3}  # 2: one question per conversation; 3: disjoint splits
     if (out / "WORLD.json").is_file():
         old = json.loads((out / "WORLD.json").read_text())
         if old != record:
@@ -327,8 +345,9 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                     llava += conversations(scene, rng, train_pool, image, f"train_{i}")
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
+                        names = heldout or any(f"{c} {s}" in q for c, s in held)  # ("Is there a green circle?" "no")
                         rows["questions"].append({"image": image, "question": q, "answer": ans, "type": kind,
-                                                  "heldout_combo": heldout})
+                                                  "heldout_combo": names})
                     for p in prompts(scene, rng):
                         rows["prompts"].append({**p, "heldout_combo": heldout})
         rng = random.Random(f"{cfg.seed}:text")
