@@ -256,6 +256,10 @@ def question_metrics(rows: list[dict], replies: list[str]) -> dict:
     out = {"accuracy": float(np.mean(correct)), "questions": len(rows),
            "by_type": {t: _accuracy(by(lambda r, t=t: r["type"] == t)) for t in QUESTION_TYPES if any(r["type"] == t for r in rows)},
            "by_combo": {"seen": _accuracy(by(lambda r: not r["heldout_combo"])), "heldout": _accuracy(by(lambda r: r["heldout_combo"]))}}
+    # each type on seen and on held-out combinations apart: the held-out scenes are new images either way, the
+    # held-out combinations also new compositions (whose visual ids a training scene never showed)
+    out["by_type_combo"] = {t: {combo: _accuracy(by(lambda r, t=t, h=h: r["type"] == t and r["heldout_combo"] == h))
+                                for combo, h in (("seen", False), ("heldout", True))} for t in out["by_type"]}
     yes_no = [(p, row["answer"] == "yes") for p, row in zip(pred, rows) if row["type"] == "yes_no"]
     if yes_no:
         tp = sum(p == "yes" and g for p, g in yes_no)
@@ -507,10 +511,13 @@ def world_table(world: dict) -> list[str]:
     if "skipped" in world:
         return ["", "## World", "", f"skipped: {world['skipped']}"]
     u, gen = world["understanding"], world["generation"]
+    split = u.get("by_type_combo", {})
     lines = ["", f"## World `{world['world']}`", "", "Understanding (exact match; in brackets: questions)", "",
-             "| questions | accuracy |", "|---|---|", f"| all | {pct({'accuracy': u['accuracy'], 'n': u['questions']})} |"]
-    lines += [f"| {t} | {pct(v)} |" for t, v in u["by_type"].items()]
-    lines += [f"| seen combinations | {pct(u['by_combo']['seen'])} |", f"| held-out combinations | {pct(u['by_combo']['heldout'])} |"]
+             "| questions | all | seen combinations | held-out combinations |", "|---|---|---|---|",
+             f"| all | {pct({'accuracy': u['accuracy'], 'n': u['questions']})} | {pct(u['by_combo']['seen'])} | "
+             f"{pct(u['by_combo']['heldout'])} |"]
+    lines += [f"| {t} | {pct(v)} | {pct(split.get(t, {}).get('seen'))} | {pct(split.get(t, {}).get('heldout'))} |"
+              for t, v in u["by_type"].items()]
     if "yes_no" in u:
         yn = u["yes_no"]
         ratio = "n/a" if yn["yes_ratio"] is None else f"{yn['yes_ratio']:.3f}"

@@ -80,6 +80,9 @@ def test_question_metrics_by_hand():
     assert m["by_type"]["yes_no"] == {"accuracy": pytest.approx(2 / 5), "n": 5} and m["by_type"]["left_right"]["accuracy"] == 0.0
     assert m["by_combo"]["seen"] == {"accuracy": pytest.approx(4 / 6), "n": 6}
     assert m["by_combo"]["heldout"] == {"accuracy": pytest.approx(1 / 4), "n": 4}
+    assert m["by_type_combo"]["colour"] == {"seen": {"accuracy": 1.0, "n": 1}, "heldout": {"accuracy": 0.0, "n": 1}}
+    assert m["by_type_combo"]["yes_no"]["heldout"] == {"accuracy": 0.0, "n": 1}
+    assert m["by_type_combo"]["shape"]["seen"] == {"accuracy": None, "n": 0}
     yn = m["yes_no"]  # truth yes yes no no yes; said yes no yes no (maybe): TP 1, FP 1, FN 2 (the no and the maybe)
     assert yn["precision"] == pytest.approx(1 / 2) and yn["recall"] == pytest.approx(1 / 3)
     assert yn["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
