@@ -70,6 +70,7 @@ class WorldConfig:
     # sub-patch geometry it does not learn at that budget (shapes come back as blocks of patches).
     snap: int = 8
     captions_per_scene: int = 2  # rows per training scene in captions.jsonl
+    caption_requests: float = 0.5  # share of training scenes with a "Describe the image." conversation
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
     text_rows: int = 500  # rows of the text-only source
@@ -83,6 +84,7 @@ class WorldConfig:
         check_min(self, 0, "seed", "text_rows", "snap")
         check_range(self, 1, 3, "max_objects")
         check_range(self, 0.01, 0.99, "holdout_share")
+        check_range(self, 0.0, 1.0, "caption_requests")
         check_range(self, 0.05, 0.5, "min_size", "max_size", "single_min_size", "single_max_size")
         for lo, hi in (("min_size", "max_size"), ("single_min_size", "single_max_size")):
             if getattr(self, lo) > getattr(self, hi):
@@ -265,13 +267,14 @@ def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) 
     return out
 
 
-def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str) -> list[dict]:
-    """The scene's questions as LLaVA-format conversations of one turn each (and, half the time, a caption request
-    as one more). One turn each, because in a multi-turn conversation later answers can be read off earlier turns'
+def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str,
+                  caption_share: float = 0.5) -> list[dict]:
+    """The scene's questions as LLaVA-format conversations of one turn each (and, a share `caption_share` of the
+    time, a caption request as one more). One turn each, because in a multi-turn conversation later answers can be read off earlier turns'
     text ("What color is the circle?" "blue" ... "Is there a blue circle?"; a left/right question names two
     objects): measured, a model trained so answered such questions at chance when asked alone."""
     qa = [(q, a_) for _, q, a_ in questions(scene, rng, allowed)]
-    if rng.random() < 0.5:
+    if rng.random() < caption_share:
         qa.append(("Describe the image.", caption(scene, rng)))
     return [{"id": f"{ident}_{k}", "image": image,
              "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]}
@@ -342,7 +345,7 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                 rows[split].append({"image": image, "caption": caption(scene, rng)})
                 if split == "train":
                     rows["captions"] += [{"image": image, "caption": caption(scene, rng)} for _ in range(cfg.captions_per_scene)]
-                    llava += conversations(scene, rng, train_pool, image, f"train_{i}")
+                    llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests)
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
                         names = heldout or any(f"{c} {s}" in q for c, s in held)  # ("Is there a green circle?" "no")

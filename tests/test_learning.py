@@ -7,7 +7,11 @@ trained on it for 100 steps; both tokenizer stages for 120 steps; pre-tokenizati
 (mllm_train.deepspeed_config=none). A random teacher (tokenizer.teacher=random) does not do: its features barely
 depend on the image, the tokenizer's ids collapse onto one or two, and nothing downstream can learn.
 
-Broken on purpose once each (seed 0; then reverted), and what the asserted scores became:
+Re-measured once (seed 0) after the world's splits were made disjoint and its conversations one question each
+(without caption requests here: with them, 700 steps answer every question with a caption): understanding 0.81,
+generation at CFG 2 0.76, the id checker 0.71. The margins are thinner than in the runs below.
+
+Broken on purpose once each (seed 0; then reverted; the world before those changes), and what the asserted scores became:
     CFG mix with its sign flipped (mllm/sample.py cfg_mix)         generation at CFG 2: 0.15 (CFG 1, no mix: 0.97)
     labels shifted by one position (data_pipelines/loader.py)      understanding 0.18, generation 0.33 (it learns to copy)
     visual ids on other embedding rows in training (the ids of     understanding 0.28 (blind to the image; generation
@@ -51,7 +55,7 @@ MARGIN = 0.45  # above chance: working runs clear it by 0.25 or more; each broke
 # The shapes preset at a test's budget (the preset itself trains for tens of minutes).
 BUDGET = [
     "world.train_scenes=400", "world.holdout_scenes=100", "world.max_objects=1", "world.text_rows=100",
-    "world.single_min_size=0.375",  # objects of 3-4 lattice cells: more of each image says its colour
+    "world.single_min_size=0.375", "world.caption_requests=0",  # objects of 3-4 lattice cells: more of each image says its colour
     "teacher_train.steps=100",
     "tokenizer.sem_codebook_size=32", "tokenizer.pix_codes_per_group=4",  # 128 visual ids (the world uses ~30): a small LLM head
     "tokenizer_train.max_steps=120", "tokenizer_train.lr=0.001", "tokenizer_train.log_every=1000",
@@ -129,8 +133,10 @@ def test_the_world_is_the_intended_one(learned, capsys):
 
 
 def test_the_id_colour_checker_names_real_scenes(learned):
-    # the rule that judges generated ids finds the colour of the held-out scenes' own ids (measured 1.0, seeds 0-2)
-    assert learned["checker"] >= 0.95, learned["checker"]
+    # the rule that judges generated ids finds the colour of the held-out scenes' own ids: measured 1.0 (seeds 0-2)
+    # while held-out scenes could repeat training ones; 0.88 and 0.71 (seed 0, two runs) since the splits are
+    # disjoint (world.holdout_share): ids of new places are less often named
+    assert learned["checker"] >= 0.6, learned["checker"]
 
 
 def test_understanding_reads_the_colour_from_the_image(learned):
