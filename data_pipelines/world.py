@@ -139,7 +139,10 @@ def random_scene(rng: random.Random, cfg: WorldConfig, pool: list[tuple[str, str
     """n objects of distinct (colour, shape) from pool (plus `must`), placed without overlap."""
     side = cfg.image_size
     min_dx = MIN_DX * side / 64
-    lo, hi = (cfg.single_min_size, cfg.single_max_size) if n == 1 else (cfg.min_size, cfg.max_size)
+    if n == 1:
+        lo, hi, bound = cfg.single_min_size, cfg.single_max_size, "single_max_size"
+    else:
+        lo, hi, bound = cfg.min_size, cfg.max_size, "max_size"
     for _ in range(1000):
         picked = rng.sample(pool, n - (must is not None))
         if must is not None:
@@ -165,7 +168,7 @@ def random_scene(rng: random.Random, cfg: WorldConfig, pool: list[tuple[str, str
         if len(objs) == n:
             rng.shuffle(objs)
             return Scene(tuple(objs), side)
-    raise RuntimeError(f"could not place {n} objects in {side} px (sizes {lo}-{hi}): lower max_size")
+    raise RuntimeError(f"could not place {n} objects in {side} px (sizes {lo}-{hi}): lower world.{bound}")
 
 
 def held_out(scene: Scene, share: float) -> bool:
@@ -268,11 +271,12 @@ def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) 
 
 
 def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str,
-                  caption_share: float = 0.5) -> list[dict]:
-    """The scene's questions as LLaVA-format conversations of one turn each (and, a share `caption_share` of the
-    time, a caption request as one more). One turn each, because in a multi-turn conversation later answers can be read off earlier turns'
-    text ("What color is the circle?" "blue" ... "Is there a blue circle?"; a left/right question names two
-    objects): measured, a model trained so answered such questions at chance when asked alone."""
+                  caption_share: float) -> list[dict]:
+    """The scene's questions as LLaVA-format conversations of one turn each, and for a share `caption_share` of
+    the scenes a caption request as one more. One turn each, because in a multi-turn conversation later answers
+    can be read off earlier turns' text ("What color is the circle?" "blue" ... "Is there a blue circle?"; a
+    left/right question names two objects): measured, a model trained so answered such questions at chance when
+    asked alone."""
     qa = [(q, a_) for _, q, a_ in questions(scene, rng, allowed)]
     if rng.random() < caption_share:
         qa.append(("Describe the image.", caption(scene, rng)))
@@ -348,9 +352,9 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                     llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests)
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
-                        names = heldout or any(f"{c} {s}" in q for c, s in held)  # ("Is there a green circle?" "no")
+                        named = any(f"{c} {s}" in q for c, s in held)  # "Is there a green circle?" "no"
                         rows["questions"].append({"image": image, "question": q, "answer": ans, "type": kind,
-                                                  "heldout_combo": names})
+                                                  "heldout_combo": heldout or named})
                     for p in prompts(scene, rng):
                         rows["prompts"].append({**p, "heldout_combo": heldout})
         rng = random.Random(f"{cfg.seed}:text")

@@ -514,8 +514,8 @@ def world_table(world: dict) -> list[str]:
     split = u.get("by_type_combo", {})
     lines = ["", f"## World `{world['world']}`", "", "Understanding (exact match; in brackets: questions)", "",
              "| questions | all | seen combinations | held-out combinations |", "|---|---|---|---|",
-             f"| all | {pct({'accuracy': u['accuracy'], 'n': u['questions']})} | {pct(u['by_combo']['seen'])} | "
-             f"{pct(u['by_combo']['heldout'])} |"]
+             (f"| all | {pct({'accuracy': u['accuracy'], 'n': u['questions']})} | {pct(u['by_combo']['seen'])} | "
+              f"{pct(u['by_combo']['heldout'])} |")]
     lines += [f"| {t} | {pct(v)} | {pct(split.get(t, {}).get('seen'))} | {pct(split.get(t, {}).get('heldout'))} |"
               for t, v in u["by_type"].items()]
     if "yes_no" in u:
