@@ -10,7 +10,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(2)
 

@@ -1,9 +1,12 @@
+import json
+import re
+
 import pytest
 
 from semhitok.eval.pope import load_pope, pope_answer, pope_metrics
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SAMPLE
 
-POPE = SHARED_DATA / "llava_instruct" / "pope_on_shipped_images.jsonl"
+SHIPPED = REPO / "data" / "eval" / "pope.jsonl"
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -26,9 +29,9 @@ def test_metrics_with_yes_as_the_positive_class():
     assert all_no["precision"] == 0.0 and all_no["f1"] == 0.0 and all_no["accuracy"] == 0.5
 
 
-def test_shared_pope_questions_load_with_their_images():
-    rows = load_pope(POPE, SHARED_DATA / "images_captions")
-    assert len(rows) == 54 and {r["category"] for r in rows} == {"random", "popular", "adversarial"}
+def test_shipped_pope_questions_load_with_their_photos():
+    rows = load_pope(SHIPPED, SAMPLE)  # every image exists under data/sample
+    assert len(rows) == 18 and {r["category"] for r in rows} == {"random", "popular", "adversarial"}
     assert {r["label"] for r in rows} == {"yes", "no"}
 
 
@@ -42,22 +45,18 @@ def test_missing_images_and_bad_rows_are_named(tmp_path):
         load_pope(bad, tmp_path)
 
 
-def test_shipped_pope_questions_are_popes_own_about_the_shipped_photos():
-    import json
-    import re
-
-    from tests.conftest import REPO, SAMPLE
-
-    shipped_ids = {int(re.search(r"(\d+)\.jpg$", p.name).group(1)) for p in (SAMPLE / "images").glob("*.jpg")}
-    originals = {}
-    for category in ("random", "popular", "adversarial"):
-        for line in open(SHARED_DATA / "llava_instruct" / "pope_original" / f"coco_pope_{category}.json"):
-            q = json.loads(line)
-            if int(re.search(r"(\d+)\.jpg$", q["image"]).group(1)) in shipped_ids:
-                originals[f"{category}_{q['question_id']}"] = q
-    rows = load_pope(REPO / "data" / "eval" / "pope.jsonl", SAMPLE)  # every image exists under data/sample
-    assert len(rows) == len(originals) == 18
-    for r in rows:
-        q = originals[r["question_id"]]
-        assert (r["question"], r["label"], r["category"]) == (q["text"], q["label"], r["question_id"].split("_")[0])
-        assert re.search(r"(\d+)\.jpg$", q["image"]).group(1).lstrip("0") in r["image_path"]
+def test_shipped_pope_rows_keep_popes_fields_and_name_their_own_photo():
+    # data/make_eval.py builds the file from POPE's COCO files (the data share, absent from a user's clone): each
+    # row keeps POPE's image name, text and label; the added category and local photo must agree with them
+    raw = [json.loads(line) for line in open(SHIPPED)]
+    rows = {r["question_id"]: r for r in load_pope(SHIPPED, SAMPLE)}
+    assert len(raw) == len(rows) == 18
+    for q in raw:
+        category, _, number = q["question_id"].partition("_")
+        assert category == q["category"] and number.isdigit() and q["label"] in ("yes", "no")
+        assert re.fullmatch(r"COCO_val2014_\d{12}\.jpg", q["image"])  # POPE's own name for the photo
+        coco_id = re.search(r"(\d+)\.jpg$", q["image"]).group(1)
+        assert q["local_image"] == f"images/coco_{coco_id}.jpg"  # val2014 id = the 2017 id of the shipped photo
+        r = rows[q["question_id"]]
+        assert (r["question"], r["label"], r["category"]) == (q["text"], q["label"], category)
+        assert r["image_path"].endswith(q["local_image"])
