@@ -182,10 +182,10 @@ def _turns_problem(conv) -> tuple[str, str] | None:
 
 
 def _tags_match(conv: list, n_images: int) -> bool:
-    """One image per <image> tag in the user/system turns (a lone image may have no tag: it goes before
-    the first user turn, so there must be one)."""
+    """One image per <image> tag in the user turns, where the sequence builder places images (a lone image
+    may have no tag: it goes before the first user turn, so there must be one)."""
     roles = [ROLES[t.get("from", t.get("role"))] for t in conv]
-    tags = sum(t.get("value", t.get("content")).count(IMAGE_TAG) for t, role in zip(conv, roles) if role != "assistant")
+    tags = sum(t.get("value", t.get("content")).count(IMAGE_TAG) for t, role in zip(conv, roles) if role == "user")
     return tags == n_images or (n_images == 1 and tags == 0 and "user" in roles)
 
 

@@ -179,8 +179,11 @@ class SequenceBuilder:
             turns = [(ROLES.get(t.get("from", t.get("role")), ""), t.get("value", t.get("content", ""))) for t in meta["conversations"]]
             if any(role == "" for role, _ in turns):
                 raise UnsuitableSample("a conversation turn has an unknown role")
-            if not any("<image>" in text for role, text in turns if role == "user"):
-                first = next(i for i, (role, _) in enumerate(turns) if role == "user")
+            users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+            if not users:
+                raise UnsuitableSample("the conversation has no user turn")
+            if not any("<image>" in turns[i][1] for i in users):
+                first = users[0]
                 turns[first] = ("user", "<image>\n" + turns[first][1])  # LLaVA convention: image before the first turn
         else:
             turns = [("user", f"<image>\n{self.cfg.caption_prompt}"), ("assistant", meta["text"])]

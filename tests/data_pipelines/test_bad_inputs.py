@@ -73,14 +73,16 @@ def test_bad_llava_turns_are_counted_and_skipped(tmp_path, caplog):
         {"conversations": [{"role": "user", "content": "text-only chat"}, {"role": "assistant", "content": "fine"}]},
         ["not", "an", "object"],
         {"image": PHOTOS[0], "conversations": [{"from": "gpt", "value": "an image but no user turn to hold it"}]},
+        # the tag in a system turn, which the sequence builder never fills (hypothesis found it)
+        {"image": PHOTOS[0], "conversations": [{"from": "system", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
     ]
     path = tmp_path / "llava.json"
     path.write_text(json.dumps(rows))
     records, errors = read_all(SourceConfig("l", "llava_json", str(path), image_root=str(SAMPLE)))
     assert [r.conversations for r in records] == [ok, rows[9]["conversations"]]
     assert records[0].images == [str(SAMPLE / PHOTOS[0])] and records[1].images == []
-    assert errors == {"bad_text": 3, "bad_json": 4, "image_tag_mismatch": 3}
-    for i in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11):
+    assert errors == {"bad_text": 3, "bad_json": 4, "image_tag_mismatch": 4}
+    for i in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12):
         assert f"{path}[{i}]: skipped" in caplog.text
 
 
