@@ -71,6 +71,10 @@ class WorldConfig:
     snap: int = 8
     captions_per_scene: int = 2  # rows per training scene in captions.jsonl
     caption_requests: float = 0.5  # share of training scenes with a "Describe the image." conversation
+    # Questions asked per training scene, drawn from all it answers (0: all of them, about 7). Fewer questions
+    # over more scenes: the same number of conversations shows the LLM more images to learn from, not the same
+    # images again to memorise.
+    questions_per_scene: int = 0
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
     text_rows: int = 500  # rows of the text-only source
@@ -81,7 +85,7 @@ class WorldConfig:
     def __post_init__(self) -> None:
         check_min(self, 16, "image_size")
         check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene")
-        check_min(self, 0, "seed", "text_rows", "snap")
+        check_min(self, 0, "seed", "text_rows", "snap", "questions_per_scene")
         check_range(self, 1, 3, "max_objects")
         check_range(self, 0.01, 0.99, "holdout_share")
         check_range(self, 0.0, 1.0, "caption_requests")
@@ -271,13 +275,15 @@ def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) 
 
 
 def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str,
-                  caption_share: float) -> list[dict]:
+                  caption_share: float, per_scene: int = 0) -> list[dict]:
     """The scene's questions as LLaVA-format conversations of one turn each, and for a share `caption_share` of
     the scenes a caption request as one more. One turn each, because in a multi-turn conversation later answers
     can be read off earlier turns' text ("What color is the circle?" "blue" ... "Is there a blue circle?"; a
     left/right question names two objects): measured, a model trained so answered such questions at chance when
-    asked alone."""
+    asked alone. `per_scene` > 0 keeps that many questions, drawn at random (yes and no equally likely)."""
     qa = [(q, a_) for _, q, a_ in questions(scene, rng, allowed)]
+    if 0 < per_scene < len(qa):
+        qa = rng.sample(qa, per_scene)
     if rng.random() < caption_share:
         qa.append(("Describe the image.", caption(scene, rng)))
     return [{"id": f"{ident}_{k}", "image": image,
@@ -349,7 +355,8 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                 rows[split].append({"image": image, "caption": caption(scene, rng)})
                 if split == "train":
                     rows["captions"] += [{"image": image, "caption": caption(scene, rng)} for _ in range(cfg.captions_per_scene)]
-                    llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests)
+                    llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests,
+                                           cfg.questions_per_scene)
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
                         named = any(f"{c} {s}" in q for c, s in held)  # "Is there a green circle?" "no"

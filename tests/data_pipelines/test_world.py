@@ -238,6 +238,23 @@ def test_conversations_ask_one_question_each_with_the_right_answer(world):
     assert 0.3 < len(described) / CFG.train_scenes < 0.7  # a caption request for about half the scenes
 
 
+def test_questions_per_scene_draws_that_many_true_questions_of_every_kind(tmp_path):
+    cfg = replace(CFG, train_scenes=400, questions_per_scene=2, caption_requests=0.0)
+    world = write_world(cfg, tmp_path / "world")
+    scenes = {image: scene for image, scene, _ in read_scenes(world, "train")}
+    per_image, answers = Counter(), Counter()
+    for c in json.loads((world / "llava.json").read_text()):
+        human, gpt = c["conversations"]
+        kind, answer = truth(scenes[c["image"]], human["value"].removeprefix("<image>\n"))
+        assert gpt["value"] == answer
+        per_image[c["image"]] += 1
+        answers[kind, answer] += 1
+    assert set(per_image.values()) == {2} and len(per_image) == cfg.train_scenes
+    assert {kind for kind, _ in answers} == {"colour", "shape", "count", "yes_no", "left_right"}
+    yes, no = answers["yes_no", "yes"], answers["yes_no", "no"]
+    assert abs(yes - no) < 0.25 * (yes + no)  # drawn, so balanced on average only
+
+
 def test_captions_and_heldout_questions_are_true_of_their_scenes(world):
     scenes = {image: scene for image, scene, _ in read_scenes(world)}
     for name in ("captions.jsonl", "train.jsonl", "holdout.jsonl"):
