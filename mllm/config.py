@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from semhitok.common.config_io import check_min, check_positive, check_range
+from semhitok.common.config_io import ConfigError, check_min, check_positive, check_range
 from semhitok.common.resources import shipped
 
 
@@ -56,6 +56,10 @@ class MLLMTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gradient_accumulation: int = 1
+    # Loss weight per task ({"understanding": 10}; a task not named: 1). The loss is the weighted mean over
+    # supervised tokens, so by default a task counts by its tokens: a one-word answer is 2 tokens beside an
+    # image's 64+, and where answers are that short understanding gets a few percent of the gradient.
+    task_loss_weights: dict[str, float] = field(default_factory=dict)
     # Recompute activations of every n-th decoder layer in backward (1: all layers, 0: off); larger n buys
     # speed with the memory the chunked loss frees.
     activation_checkpointing: int = 1
@@ -83,3 +87,9 @@ class MLLMTrainConfig:
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off
         check_min(self, 0, "eval_every", "eval_limit")
+        from semhitok.data_pipelines.sequences import TASKS
+        for task, weight in self.task_loss_weights.items():
+            if task not in TASKS:
+                raise ConfigError(f"task_loss_weights: unknown task {task!r} (one of {list(TASKS)})")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < float("inf"):
+                raise ConfigError(f"task_loss_weights.{task}: must be a number >= 0, got {weight!r}")

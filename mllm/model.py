@@ -207,9 +207,11 @@ class SemHiTokLM(nn.Module):
         return self.lm.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                task_ids: torch.Tensor | None = None, visual_codes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                task_ids: torch.Tensor | None = None, visual_codes: torch.Tensor | None = None,
+                task_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Packed rows [B, T] (visual_codes [B, T, L] when L > 1) -> {"loss": mean next-token loss over supervised
-        positions, "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, for logging).
+        positions, "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, unweighted, for
+        logging). task_weights [n_tasks] (needs task_ids): the mean weighted by each token's task.
 
         L > 1: the flat head predicts the placeholder (that an image position comes); with a visual_head its
         per-position loss over the L codes is added at those positions."""
@@ -221,10 +223,14 @@ class SemHiTokLM(nn.Module):
             at, codes = self.visual_targets(labels, visual_codes)
             extra = torch.zeros_like(losses).masked_scatter(at[mask], self.visual_head.loss(hidden[:, :-1][at], codes).float())
             losses = losses + extra
-        loss = losses.sum() / mask.sum().clamp(min=1)
+        tasks = task_ids[:, 1:][mask] if task_ids is not None else None
+        if task_weights is not None:
+            weights = task_weights.to(losses.dtype)[tasks]  # [N]
+            loss = (losses * weights).sum() / weights.sum().clamp(min=torch.finfo(losses.dtype).tiny)
+        else:
+            loss = losses.sum() / mask.sum().clamp(min=1)
         out = {"loss": loss}
-        if task_ids is not None:
-            tasks = task_ids[:, 1:][mask]
+        if tasks is not None:
             out["task_loss_sum"] = torch.zeros(len(TASKS), device=loss.device).index_add_(0, tasks, losses.detach())
             out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
         return out

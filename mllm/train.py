@@ -258,6 +258,7 @@ def train_mllm(cfg) -> Path:
              cfg.mllm.base_model, sum(numel(p) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
+    weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
     tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
     batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
     loader_state = loader.state_dict()
@@ -268,7 +269,7 @@ def train_mllm(cfg) -> Path:
             loader_state = batch.pop("loader_state")
             result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                             labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
-                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}))
+                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}), **weighted)
             bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
             if bad.item() > 0:
                 where = f"this rank's batch: {batch['origins'][:4]}" if not torch.isfinite(result["loss"]) else "another rank's batch"

@@ -20,6 +20,8 @@ def test_overrides_are_typed_and_nested():
     assert cfg.tokenizer_train.lr == pytest.approx(3e-4)
     assert cfg.tokenizer.pix_codes_per_group == 16
     assert cfg.tokenizer_train.log_backends == ["jsonl", "tensorboard"]
+    cfg = load_project_config("tiny", ["mllm_train.task_loss_weights={understanding: 10}"])
+    assert cfg.mllm_train.task_loss_weights == {"understanding": 10}
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,8 @@ def test_overrides_are_typed_and_nested():
         ("tokenizer.fusion=sideways", "sideways"),
         ("tokenizer_train.max_steps=lots", "max_steps"),
         ("no_equals_sign", "key.sub=value"),
+        ("mllm_train.task_loss_weights={understnding: 2}", "unknown task 'understnding'"),
+        ("mllm_train.task_loss_weights={text: -1}", "task_loss_weights.text"),
     ],
 )
 def test_bad_overrides_name_the_field(override, message):

@@ -90,6 +90,26 @@ def test_loss_equals_the_plain_transformers_loss(model):
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_task_loss_weights_weigh_each_token_by_its_task(model):
+    torch.manual_seed(2)
+    ids = torch.randint(0, model.layout.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    pos = torch.arange(40).repeat(2, 1)
+    tasks = torch.zeros(2, 40, dtype=torch.long)  # row 0: understanding (0), row 1: generation (1)
+    tasks[1] = 1
+    plain = model(ids, pos, labels, task_ids=tasks)
+    per_task = plain["task_loss_sum"] / plain["task_tokens"].clamp(min=1)
+    ones = model(ids, pos, labels, task_ids=tasks, task_weights=torch.ones(3))["loss"]
+    torch.testing.assert_close(ones, plain["loss"])
+    only_gen = model(ids, pos, labels, task_ids=tasks, task_weights=torch.tensor([0.0, 1.0, 1.0]))
+    torch.testing.assert_close(only_gen["loss"], per_task[1])
+    torch.testing.assert_close(only_gen["task_loss_sum"], plain["task_loss_sum"])  # logs stay unweighted
+    three = model(ids, pos, labels, task_ids=tasks, task_weights=torch.tensor([3.0, 1.0, 1.0]))["loss"]
+    n = plain["task_tokens"]
+    torch.testing.assert_close(three, (3 * plain["task_loss_sum"][0] + plain["task_loss_sum"][1]) / (3 * n[0] + n[1]))
+
+
 def test_packed_rows_attend_within_documents_only(model):
     torch.manual_seed(2)
     docs = [torch.randint(0, model.layout.vocab_size, (n,)) for n in (7, 12, 5)]
