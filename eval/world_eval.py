@@ -360,10 +360,13 @@ def generation_metrics(results: list[dict]) -> dict:
     categories, as GenEval reports it), and over the images with a seen / held-out combination."""
     by_category = {c: _accuracy([r["ok"] for r in results if r["category"] == c])
                    for c in CATEGORIES if any(r["category"] == c for r in results)}
+    def by_combo(rows: list[dict]) -> dict:
+        return {"seen": _accuracy([r["ok"] for r in rows if not r["heldout_combo"]]),
+                "heldout": _accuracy([r["ok"] for r in rows if r["heldout_combo"]])}
+
     return {"accuracy": float(np.mean([v["accuracy"] for v in by_category.values()])) if by_category else None,
-            "images": len(results), "by_category": by_category,
-            "by_combo": {"seen": _accuracy([r["ok"] for r in results if not r["heldout_combo"]]),
-                         "heldout": _accuracy([r["ok"] for r in results if r["heldout_combo"]])}}
+            "images": len(results), "by_category": by_category, "by_combo": by_combo(results),
+            "by_category_combo": {c: by_combo([r for r in results if r["category"] == c]) for c in by_category}}
 
 
 @torch.no_grad()
@@ -525,14 +528,17 @@ def world_table(world: dict) -> list[str]:
                        f"yes-ratio {ratio}, unparseable {yn['unparseable']} of {yn['questions']}")]
     lines.append(f"({u['questions_per_s']} questions/s; picture: {u.get('picture', 'n/a')})")
     scales = list(gen.values())
-    lines += ["", "Generation (checked against the prompt; in brackets: images)", "",
-              "| prompts | " + " | ".join(f"CFG {g['cfg_scale']:g}" for g in scales) + " |", "|---|" + "---|" * len(scales)]
+    lines += ["", "Generation (checked against the prompt; in brackets: images; seen / held-out: prompts whose scene has "
+                  "no held-out / a held-out combination)", "",
+              "| prompts | " + " | ".join(f"CFG {g['cfg_scale']:g} | seen | held-out" for g in scales) + " |",
+              "|---|" + "---|" * 3 * len(scales)]
     categories = [c for c in CATEGORIES if any(c in g["by_category"] for g in scales)]
     for c in categories:
-        lines.append(f"| {c} | " + " | ".join(pct(g["by_category"].get(c)) for g in scales) + " |")
-    lines.append("| overall (mean of categories) | " + " | ".join("n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%"
-                                                                  for g in scales) + " |")
-    for key, label in (("seen", "seen combinations"), ("heldout", "held-out combinations")):
-        lines.append(f"| {label} | " + " | ".join(pct(g["by_combo"][key]) for g in scales) + " |")
+        lines.append(f"| {c} | " + " | ".join(
+            " | ".join(pct(x) for x in (g["by_category"].get(c), *(g.get("by_category_combo", {}).get(c, {}).get(k) for k in ("seen", "heldout"))))
+            for g in scales) + " |")
+    lines.append("| all (categories' mean; seen, held-out: of images) | " + " | ".join(
+        ("n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%") + f" | {pct(g['by_combo']['seen'])} | {pct(g['by_combo']['heldout'])}"
+        for g in scales) + " |")
     lines += [""] + [f"CFG {g['cfg_scale']:g}: {g['images_per_s']} images/s; grid: {g['grid']}" for g in scales]
     return lines

@@ -99,6 +99,8 @@ def test_generation_metrics_average_the_categories():
     assert m["by_category"]["single_object"] == {"accuracy": 0.5, "n": 2} and m["by_category"]["counting"]["accuracy"] == 1.0
     assert "two_objects" not in m["by_category"] and m["accuracy"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert m["by_combo"]["heldout"] == {"accuracy": 0.0, "n": 2} and m["by_combo"]["seen"] == {"accuracy": 1.0, "n": 4}
+    assert m["by_category_combo"]["single_object"] == {"seen": {"accuracy": 1.0, "n": 1}, "heldout": {"accuracy": 0.0, "n": 1}}
+    assert m["by_category_combo"]["counting"]["heldout"] == {"accuracy": None, "n": 0}
 
 
 # -- end to end on a tiny model ------------------------------------------------------------------------
