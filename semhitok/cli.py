@@ -365,7 +365,12 @@ def cmd_ablate(args) -> None:
 
 
 def _ablate_parser(sub) -> None:
-    p = sub.add_parser("ablate", help="the paper's tokenizer ablations (Tables 4, 5): train each variant, write the table")
+    p = sub.add_parser("ablate", help="the paper's tokenizer ablations (Tables 4, 5): train each variant, write the table",
+                       description="Train every variant of the paper's Table 4 (design choices) or Table 5 (fusion type, "
+                       "sub-codebook size)\nat one budget, measure each on the held-out images (rFID, PSNR, SSIM, "
+                       "codebook usage) and write\n<out>/table<N>.md beside the paper's numbers; with --llm each "
+                       "variant's LLM is trained and scored\non the shapes world too. Finished variants are not rerun.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--table", type=int, choices=(4, 5), required=True, help="the paper's table to reproduce (4 or 5)")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/ablate/table<N>); reruns skip finished variants")
     p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default: tokenizer_train.max_steps)")
@@ -479,7 +484,13 @@ def cmd_pipeline(args) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's help ends with its default; descriptions keep their line breaks."""
+    """A flag's help ends with its default, except where there is none to show (a required flag, None, an empty
+    list: the help says what None means) or the help already names it; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

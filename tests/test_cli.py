@@ -29,18 +29,29 @@ def test_every_flag_has_help_and_shows_its_default():
     parsers = dict(_parsers(build_parser()))
     assert {"semhitok config", "semhitok tokenizer eval", "semhitok sample", "semhitok eval"} <= set(parsers)
     for name, parser in parsers.items():
-        text = parser.format_help()
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
                 continue
             if action.help == argparse.SUPPRESS:
                 continue
             assert action.help, f"{name} {action.dest}: no help text"
-            if action.option_strings:
-                assert "(default:" in text, name
+            if action.option_strings and not action.required and action.default not in (None, []):
+                assert "default" in parser._get_formatter()._get_help_string(action), f"{name} {action.dest}"
     sample = parsers["semhitok sample"].format_help()
     assert "--batch-size BATCH_SIZE" in sample and "(default: 8)" in sample and "SamplingConfig.cfg_scale" in sample
 
+
+
+def test_help_shows_a_default_only_where_there_is_one_and_once():
+    parsers = dict(_parsers(build_parser()))
+    for name, parser in parsers.items():  # required flags, None (the help says what None means) and [] show none
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and "(default: [])" not in text, name
+    stage = " ".join(parsers["semhitok tokenizer train"].format_help().split())
+    stage = stage[stage.index("--stage {1,2} SemHiTok's"):stage.index("--config CONFIG preset")]
+    assert stage.count("default") == 1 and "(default: every stage of tokenizer.kind)" in stage
+    ablate = parsers["semhitok ablate"]
+    assert ablate.description and "table<N>.md" in ablate.format_help() and "(default: False)" in ablate.format_help()
 
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
