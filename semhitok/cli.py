@@ -61,6 +61,28 @@ def _record(job_dir, cfg, job: str, args) -> None:
     record_run(job_dir, cfg, job, getattr(args, "config", None), getattr(args, "overrides", None))
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+
+
+def check_device(device: str | None) -> None:
+    """A --device this torch can use, checked before a command writes or loads anything."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False); pass --device cpu, or leave --device out")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
 def _model_dir(name_or_path: str) -> Path:
     """--model: a directory, or a Hub id (org/name) fetched into huggingface_hub's cache."""
     from semhitok.common.hub import resolve_pretrained
@@ -516,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--num-shards", type=int, default=None, help="jobs splitting the work (None: from SLURM, else 1)")
     p.add_argument("--shard-index", type=int, default=None, help="this job's index in [0, num-shards) (None: from SLURM, else 0)")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _device_arg(p)
 
     p = command(sub, "train", "train the unified LLM with DeepSpeed (run under torchrun for several ranks)", cmd_train)
     _config_args(p)
@@ -530,14 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, SamplingDefault("seed"), "an image depends on (seed, prompt, sample index) only, not on the batch")
     p.add_argument("--batch-size", type=int, default=8, help="images decoded together (does not change them)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _device_arg(p)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = command(sub, "eval", "every score of a model: POPE, GenEval, gFID, tokenizer reconstruction", cmd_eval)
     p.add_argument("--model", required=True, help="a trained model directory (<run_dir>/mllm/final) or a Hub id (org/name)")
     p.add_argument("--out", default=None, help="output folder; lmms-eval scores under <out>/lmms_eval join the table "
                    "(None: <run>/mllm/eval for <run>/mllm/final, else <model>-eval; where eval/run_lmms.sh writes)")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _device_arg(p)
     _config_args(p, default=None)
 
     p = command(sub, "chat", "web chat demo: ask about an uploaded image, or ask for one", cmd_chat)
@@ -551,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-temperature", type=float, default=0.0, help="answers' sampling temperature (0: greedy)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (more are refused)")
     _sampling_args(p, None, "the page's starting seed for pictures (None: a fresh random seed for every picture)")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _device_arg(p)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = command(sub, "ask", "answer one question about an image (or a text-only one) and print the answer", cmd_ask)
@@ -562,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature above 0)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
-    p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    _device_arg(p)
 
     p = command(sub, "push", "upload an MLLM or tokenizer export to the Hugging Face Hub (its model card refreshed)", cmd_push)
     p.add_argument("--model", required=True, help="an export directory (<run_dir>/mllm/final or a tokenizer's final/)")
@@ -584,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output) or a Hub id (org/name)")
-        p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+        _device_arg(p)
         p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
 
     inputs_help = "image files, folders of images, or .jsonl files with an `image` field"
@@ -624,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     from semhitok.tokenizer.model import WeightsUnavailable
 
     try:
+        check_device(getattr(args, "device", None))
         code = args.func(args)
     except (ConfigError, WeightsUnavailable, TextTokenizerUnavailable, NonFiniteLoss, FileNotFoundError, ValueError) as err:
         print(f"semhitok: error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
 
 import semhitok
@@ -52,6 +53,26 @@ def test_help_shows_a_default_only_where_there_is_one_and_once():
     assert stage.count("default") == 1 and "(default: every stage of tokenizer.kind)" in stage
     ablate = parsers["semhitok ablate"]
     assert ablate.description and "table<N>.md" in ablate.format_help() and "(default: False)" in ablate.format_help()
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--model", "{model}", "--prompt", "a red bus", "--out", "{out}"],
+    ["eval", "--model", "{model}", "--out", "{out}"],
+    ["chat", "--model", "{model}"],
+    ["ask", "--model", "{model}", "What color is the circle?"],
+    ["pretokenize", "--config", "tiny", "run_dir={out}"],
+    ["tokenizer", "encode", "--model", "{model}", "--out", "{out}/ids.npz", "{model}"],
+], ids=["sample", "eval", "chat", "ask", "pretokenize", "tokenizer-encode"])
+def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, on any machine
+    model = tmp_path / "model"
+    model.mkdir()
+    assert main([a.format(model=model, out=tmp_path / "out") for a in argv] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err and "pass --device cpu" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and not list(model.iterdir())
+    assert main(["sample", "--model", str(model), "--prompt", "x", "--out", str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert "--device gpu: not a torch device" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
