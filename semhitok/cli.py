@@ -351,8 +351,9 @@ def cmd_ask(args) -> None:
 
 
 def cmd_push(args) -> None:
-    """Refresh the export's model card (metrics of its eval summary, the repo id) and upload the directory."""
-    from semhitok.common.hub import push_folder
+    """Upload an export with its model card refreshed (metrics of its eval summary, the repo id); the export's
+    README.md becomes that card once the upload succeeded."""
+    from semhitok.common.hub import push_export
 
     model = Path(args.model)
     if (model / "semhitok_mllm.json").is_file():
@@ -361,13 +362,7 @@ def cmd_push(args) -> None:
         from semhitok.tokenizer.hub import write_tokenizer_card as write_card
     else:
         raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json)")
-    card = write_card(model, model, repo=args.repo)
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        url = push_folder(model, args.repo, private=args.private or None, token=args.token)
-    except (HfHubHTTPError, OSError) as err:  # no network, no token, no write access: one line
-        raise ValueError(f"upload of {model} to {args.repo} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    url, card = push_export(model, args.repo, write_card, private=args.private or None, token=args.token)
     print(f"{model} -> {args.repo} ({card.name} refreshed): {url}")
 
 
@@ -641,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = build_parser().parse_args(argv)
     from semhitok.common.config_io import ConfigError
+    from semhitok.common.hub import PushFailed
     from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable
     from semhitok.mllm.train import NonFiniteLoss
     from semhitok.tokenizer.model import WeightsUnavailable
@@ -648,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(getattr(args, "device", None))
         code = args.func(args)
-    except (ConfigError, WeightsUnavailable, TextTokenizerUnavailable, NonFiniteLoss, FileNotFoundError, ValueError) as err:
+    except (ConfigError, WeightsUnavailable, TextTokenizerUnavailable, NonFiniteLoss, PushFailed, FileNotFoundError,
+            ValueError) as err:
         print(f"semhitok: error: {err}", file=sys.stderr)
         return 2
     return code or 0

@@ -210,3 +210,38 @@ def test_push_uploads_a_fresh_export_with_its_card(tiny_mllm, tiny_mllm_dir, tex
     assert huggingface_hub.ModelCard(card).data.metrics == ["gfid.fid", "pope.accuracy", "pope.f1", "pope.n"]
     assert main(["push", "--model", str(tmp_path), "--repo", "org/x"]) == 2
     assert "not a semhitok export" in capsys.readouterr().err
+
+
+def tokenizer_export(folder: Path) -> Path:
+    """A tokenizer export as `semhitok push` reads it (config.json, the card it replaces); no weights needed."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "semhitok", "sem_codebook_size": 4, "pix_codes_per_group": 2,
+                                                    "siglip_config": {"image_size": 16, "patch_size": 4}}))
+    (folder / "README.md").write_text("the card before the push\n")
+    return folder
+
+
+def test_push_without_the_hub_is_one_line_and_the_export_is_unchanged(tmp_path, monkeypatch, capsys):
+    from semhitok.cli import main
+
+    final = tokenizer_export(tmp_path / "final")
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_test", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE")  # online, with nothing listening on the endpoint
+    proc = subprocess.run([sys.executable, "-m", "semhitok.cli", "push", "--model", str(final), "--repo", "org/x"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "http://127.0.0.1:9 is not reachable" in proc.stderr and "ConnectError" in proc.stderr
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # tests/conftest.py
+    assert main(["push", "--model", str(final), "--repo", "org/x"]) == 2
+    assert capsys.readouterr().err == "semhitok: error: upload to org/x: HF_HUB_OFFLINE is set; unset it to upload\n"
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)  # an upload that succeeds: then the card is replaced
+    RecordingApi.calls = []
+    assert main(["push", "--model", str(final), "--repo", "org/x"]) == 0
+    (_, _, files, card, _) = RecordingApi.calls[1]
+    assert files == ["README.md", "config.json"] and 'load_tokenizer("org/x")' in card
+    assert (final / "README.md").read_text() == card and sorted(p.name for p in final.iterdir()) == ["README.md", "config.json"]

@@ -4,15 +4,23 @@
     resolve_pretrained("org/semhitok-tiny")       # a Hub repo: huggingface_hub's cache (HF_HOME, HF_HUB_CACHE,
                                                   # HF_ENDPOINT, HF_HUB_OFFLINE honoured), downloaded when online
     push_folder(export_dir, "org/name")           # create the repo (if needed) and upload the directory
+    push_export(export_dir, "org/name", write_card)   # the same with a fresh card; the export's README.md
+                                                      # becomes that card only once the upload succeeded
 
-Offline with the repo not in the cache, loading fails with one line naming the download to run elsewhere.
+Offline with the repo not in the cache, loading fails with one line naming the download to run elsewhere; an
+upload that cannot reach the Hub (or that the Hub refuses) raises PushFailed, one line saying what to do.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 MLLM_MODEL_TYPE = "semhitok_mllm"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -61,17 +69,78 @@ def export_base_config(path: str | Path):
     return AutoConfig.for_model(base.pop("model_type"), **base)
 
 
+class PushFailed(Exception):
+    """An upload that did not happen: the Hub unreachable (no network, HF_HUB_OFFLINE set) or refusing (token)."""
+
+
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub lets through when the Hub cannot be reached: ConnectionError (OfflineModeIsEnabled
+    too), timeouts, and the errors of its HTTP client (requests, httpx for huggingface_hub 1.x, httpx2 for 2.x)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for client, name in (("requests", "RequestException"), ("httpx", "RequestError"), ("httpx2", "RequestError")):
+        try:
+            errors.append(getattr(importlib.import_module(client), name))
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def push_failure(err: BaseException, repo_id: str) -> str:
+    """One line: why an upload to repo_id failed and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    if isinstance(err, OfflineModeIsEnabled):
+        return f"upload to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload"
+    if isinstance(err, LocalTokenNotFoundError):
+        return f"upload to {repo_id}: no Hub token; pass --token, set HF_TOKEN or run `hf auth login`"
+    if isinstance(err, HfHubHTTPError):
+        return f"upload to {repo_id} refused ({reason}): check the repo id and the token (--token, HF_TOKEN)"
+    if isinstance(err, connection_errors()):
+        return (f"upload to {repo_id}: the Hub at {constants.ENDPOINT} is not reachable ({reason}); check the network "
+                "(or HF_ENDPOINT)")
+    return f"upload to {repo_id} failed ({reason})"
+
+
 def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str | None = None, api=None) -> str:
     """Create `repo_id` (a model repo; kept if it exists) and upload `folder` in one commit -> the commit URL.
-    `api`: an HfApi (default: a new one with `token`)."""
+    `api`: an HfApi (default: a new one with `token`). Raises PushFailed when the Hub is unreachable or refuses."""
     if not REPO_ID.match(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id of the form org/name")
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
-                             commit_message=commit_message or f"Upload {Path(folder).name} (semhitok export)")
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
+                                 commit_message=commit_message or f"Upload {Path(folder).name} (semhitok export)")
+    except (OSError, *connection_errors()) as err:  # huggingface_hub's own errors are OSErrors
+        raise PushFailed(push_failure(err, repo_id)) from err
     return str(getattr(info, "commit_url", info))
+
+
+def push_export(folder: str | Path, repo_id: str, write_card: Callable[..., Path], private: bool | None = None,
+                token: str | None = None, api=None) -> tuple[str, Path]:
+    """Upload an export with a fresh model card -> (commit URL, the export's card).
+
+    The card (write_card(staging, folder, repo=repo_id), as write_mllm_card and write_tokenizer_card) is written
+    into a staging folder of links to the export's files and uploaded from there; the export's own README.md is
+    replaced by it only after the upload succeeded."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="semhitok-push-") as tmp:
+        staging = Path(tmp) / folder.name
+        staging.mkdir()
+        for path in sorted(folder.rglob("*")):
+            link = staging / path.relative_to(folder)
+            if path.is_dir():
+                link.mkdir(parents=True, exist_ok=True)
+            elif path.parent != folder or path.name != "README.md":  # the card is written here, not through a link
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(path.resolve(), link)
+        card = write_card(staging, folder, repo=repo_id)
+        url = push_folder(staging, repo_id, private, token, api=api)
+        shutil.copyfile(card, folder / card.name)
+    return url, folder / card.name
