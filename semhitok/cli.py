@@ -439,6 +439,45 @@ def _compare_parser(sub) -> None:
 PIPELINE_SAMPLES = 64  # held-out prompts the pipeline draws (the first ones of the file)
 
 
+def pipeline_prompts(cfg) -> str:
+    """The file of held-out prompts the pipeline draws samples for ("": none, and no samples stage)."""
+    return cfg.eval.gfid_captions or (str(cfg.world_dir / "prompts.jsonl") if cfg.world.enabled else "")
+
+
+def pipeline_stages(cfg) -> list[str]:
+    """The stages `semhitok pipeline` runs for this config, in order; its headers count through them."""
+    stages = ["world"] if cfg.world.enabled else []
+    stages += ["teacher"] if cfg.teacher_train.enabled else []
+    stages += ["tokenizer", "tokenizer eval", "pretokenize", "mllm"]
+    stages += ["samples"] if pipeline_prompts(cfg) else []
+    return stages + ["eval"]
+
+
+def pipeline_outputs(cfg) -> list[tuple[str, Path]]:
+    """What a reader opens after the pipeline, in stage order: (label, path) of those that exist."""
+    run, evaluation = Path(cfg.run_dir), Path(cfg.run_dir) / "eval"
+    outputs = [("world", cfg.world_dir),
+               ("teacher retrieval", cfg.teacher_dir / "teacher_eval.json"),
+               ("tokenizer", cfg.tokenizer_dir),
+               ("tokenizer metrics", run / "tokenizer_eval.json"),
+               ("held-out reconstructions (inputs above)", run / "reconstructions" / "grid.png"),
+               ("pre-tokenized data", cfg.pretokenized_dir / "manifest.json"),
+               ("model", cfg.mllm_dir / "final"),
+               ("loss curves", cfg.mllm_dir / "loss_curves.png"),
+               ("conditioning gaps", cfg.mllm_dir / "gaps.png"),
+               ("samples", run / "samples" / "grid.png"),
+               ("eval summary", evaluation / "summary.md"),
+               ("world questions", evaluation / "world" / "questions.png")]
+    outputs += [(f"world generation {grid.parent.name}", grid)
+                for grid in sorted((evaluation / "world" / "generation").glob("cfg_*/grid.png"))]
+    return [(label, path) for label, path in outputs if path.exists()]
+
+
+def _stage(stages: list[str], stage: str, text: str, *text_args) -> None:
+    """The header of one pipeline stage: `== stage 3/6: text`."""
+    log.info("== stage %d/%d: " + text, stages.index(stage) + 1, len(stages), *text_args)
+
+
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
     from semhitok.common.io import write_json
@@ -451,52 +490,53 @@ def cmd_pipeline(args) -> None:
     from semhitok.tokenizer.interface import kind_trainer
 
     cfg = _load(args)
+    stages = pipeline_stages(cfg)
     _record(cfg.run_dir, cfg, "pipeline", args)
     if cfg.world.enabled:
         from semhitok.data_pipelines.world import write_world
 
-        log.info("== shapes world -> %s", cfg.world_dir)
+        _stage(stages, "world", "shapes world -> %s", cfg.world_dir)
         write_world(cfg.world, cfg.world_dir)
     if cfg.teacher_train.enabled:
         from semhitok.tokenizer.teacher import train_teacher
 
-        log.info("== stage 0: SigLIP teacher -> %s", cfg.teacher_dir)
+        _stage(stages, "teacher", "SigLIP teacher (the tokenizer's stage 0) -> %s", cfg.teacher_dir)
         result = train_teacher(cfg.teacher_train, cfg.teacher_dir)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
-    log.info("== %s tokenizer -> %s", cfg.tokenizer.kind, Path(cfg.run_dir) / "tokenizer")
+    _stage(stages, "tokenizer", "%s tokenizer -> %s", cfg.tokenizer.kind, Path(cfg.run_dir) / "tokenizer")
     _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
     kind_trainer(cfg.tokenizer.kind)[0](cfg)
     model = load_tokenizer(cfg.tokenizer_dir)
-    log.info("== tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
+    _stage(stages, "tokenizer eval", "tokenizer eval on %s", cfg.tokenizer_train.holdout_data)
     result = evaluate_reconstruction(model, cfg.tokenizer_train.holdout_data, fid=False)
     write_json(Path(cfg.run_dir) / "tokenizer_eval.json", result)
-    grid = reconstruct_to_dir(model, list_images(cfg.tokenizer_train.holdout_data), Path(cfg.run_dir) / "reconstructions")
+    reconstruct_to_dir(model, list_images(cfg.tokenizer_train.holdout_data), Path(cfg.run_dir) / "reconstructions")
     print(json.dumps(result))
-    print(f"held-out reconstructions (input above reconstruction): {grid}")
-    log.info("== pretokenize %s -> %s", [src.name for src in cfg.pretokenize.sources], cfg.pretokenized_dir)
+    _stage(stages, "pretokenize", "pretokenize %s -> %s", [src.name for src in cfg.pretokenize.sources], cfg.pretokenized_dir)
     _record(cfg.pretokenized_dir, cfg, "pretokenize", args)
-    print(json.dumps(run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)))
+    run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)  # logs its summary
     if (cfg.mllm_dir / "final" / "semhitok_mllm.json").is_file():
-        log.info("== mllm already trained at %s; skipping", cfg.mllm_dir / "final")
+        _stage(stages, "mllm", "mllm already trained at %s; skipping", cfg.mllm_dir / "final")
     else:
-        log.info("== mllm training -> %s", cfg.mllm_dir)
+        _stage(stages, "mllm", "mllm training -> %s", cfg.mllm_dir)
         _record(cfg.mllm_dir, cfg, "mllm-train", args)
         train_mllm(cfg)
     model_dir = cfg.mllm_dir / "final"
-    prompts_file = cfg.eval.gfid_captions or (str(cfg.world_dir / "prompts.jsonl") if cfg.world.enabled else "")
-    grid = None
+    prompts_file = pipeline_prompts(cfg)
     if prompts_file:
-        log.info("== text-to-image samples for the held-out prompts of %s", prompts_file)
+        _stage(stages, "samples", "text-to-image samples for the held-out prompts of %s", prompts_file)
         decoder, visual = load_sampler(model_dir)
         captions = read_prompts(prompts_file)[:PIPELINE_SAMPLES]
         _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
-        grid = sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
-    log.info("== evaluation -> %s", Path(cfg.run_dir) / "eval")
+        sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
+    _stage(stages, "eval", "evaluation -> %s", Path(cfg.run_dir) / "eval")
     _record(Path(cfg.run_dir) / "eval", cfg, "eval", args)
     evaluate_model(model_dir, cfg.eval, Path(cfg.run_dir) / "eval")
     print((Path(cfg.run_dir) / "eval" / "summary.md").read_text())
-    if grid:
-        print(f"generated from held-out prompts: {grid}")
+    outputs = pipeline_outputs(cfg)
+    print(f"outputs of {cfg.run_dir}:")
+    for label, path in outputs:
+        print(f"  {label + ':':<{max(len(label) for label, _ in outputs) + 1}} {path}")
     print(f"chat with the model: semhitok chat --model {model_dir}")
 
 

@@ -4,6 +4,7 @@ paths, shipped paths from any directory, run-directory records and the eval conf
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,57 @@ def test_wandb_runs_are_named_and_resume_the_stored_id(tmp_path, monkeypatch):
     logger.log(1, {"loss": 0.5})
     logger.close()
     assert json.loads((run_dir / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
+def test_pipeline_stages_are_those_the_config_runs():
+    from semhitok.cli import pipeline_stages
+
+    core = ["tokenizer", "tokenizer eval", "pretokenize", "mllm"]
+    assert pipeline_stages(load_project_config("shapes")) == ["world", "teacher", *core, "samples", "eval"]
+    assert pipeline_stages(load_project_config("tiny")) == [*core, "samples", "eval"]
+    assert pipeline_stages(load_project_config("tiny", ["eval.gfid_captions="])) == [*core, "eval"]
+
+
+def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_lists_the_outputs(tmp_path, monkeypatch,
+                                                                                              capsys, caplog):
+    """Every stage's work stubbed (each is tested elsewhere): what is left is the pipeline's own log and output."""
+    import semhitok.data_pipelines.pretokenize
+    import semhitok.eval.recon
+    import semhitok.eval.summary
+    import semhitok.mllm.sample
+    import semhitok.mllm.train
+    import semhitok.tokenizer
+    import semhitok.tokenizer.interface
+
+    def train_mllm(cfg):
+        (cfg.mllm_dir / "final").mkdir(parents=True)
+        (cfg.mllm_dir / "loss_curves.png").write_bytes(b"png")  # and no gaps.png: not listed
+
+    def evaluate_model(model_dir, eval_cfg, out, device=None):
+        Path(out, "summary.md").write_text("| metric | value |\n")
+
+    def sample_images(decoder, visual, prompts, out, *rest):
+        Path(out, "grid.png").write_bytes(b"png")
+
+    for module, name, fake in [
+        (semhitok.tokenizer.interface, "kind_trainer", lambda kind: (lambda cfg: None,)),
+        (semhitok.tokenizer, "load_tokenizer", lambda path: None),
+        (semhitok.tokenizer, "reconstruct_to_dir", lambda *a: None),
+        (semhitok.eval.recon, "evaluate_reconstruction", lambda *a, **kw: {"psnr": 20.0}),
+        (semhitok.data_pipelines.pretokenize, "run_pretokenize", lambda *a: {"units_done_now": 7}),
+        (semhitok.mllm.train, "train_mllm", train_mllm),
+        (semhitok.mllm.sample, "load_sampler", lambda model_dir: (None, None)),
+        (semhitok.mllm.sample, "sample_images", sample_images),
+        (semhitok.eval.summary, "evaluate_model", evaluate_model),
+    ]:
+        monkeypatch.setattr(module, name, fake)
+    assert main(["pipeline", "--config", "tiny", f"run_dir={tmp_path}"]) in (0, None)
+    headers = [m for m in caplog.messages if m.startswith("== stage")]
+    assert [h.split(":")[0] for h in headers] == [f"== stage {i}/6" for i in range(1, 7)]
+    assert "pretokenize ['coco_captions'" in headers[2] and headers[5].startswith("== stage 6/6: evaluation")
+    out = capsys.readouterr().out
+    assert "units_done_now" not in out  # run_pretokenize logs its summary; the pipeline does not print it again
+    listed = out[out.index(f"outputs of {tmp_path}:"):].splitlines()[1:-1]
+    assert [line.split(":")[0].strip() for line in listed] == ["tokenizer metrics", "model", "loss curves", "samples",
+                                                                "eval summary"]
+    assert listed[-1].endswith(str(tmp_path / "eval" / "summary.md"))
