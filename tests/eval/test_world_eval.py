@@ -164,7 +164,7 @@ def test_semhitok_eval_scores_the_world_into_the_summary(tiny_mllm_dir, world, t
     assert (tmp_path / "world" / "generation" / "cfg_2" / "grid.png").is_file()
     table = (tmp_path / "summary.md").read_text()
     assert table == markdown_table(summary) and "## World" in table and "| held-out combinations |" in table
-    assert "| counting |" in table and "CFG 1 | CFG 2" in table and "yes/no: precision" in table
+    assert "| counting |" in table and "CFG 1 | seen | held-out | CFG 2 | seen | held-out" in table and "yes/no: precision" in table
 
 
 def test_labels_wrap_in_their_cell_whatever_the_text():
