@@ -243,6 +243,12 @@ def _accuracy(correct: list[bool]) -> dict:
     return {"accuracy": float(np.mean(correct)) if correct else None, "n": len(correct)}
 
 
+def _by_combo(correct: list[bool], heldout: list[bool]) -> dict:
+    """Accuracy on seen and on held-out combinations apart (heldout: each item's flag)."""
+    return {"seen": _accuracy([c for c, h in zip(correct, heldout) if not h]),
+            "heldout": _accuracy([c for c, h in zip(correct, heldout) if h])}
+
+
 def question_metrics(rows: list[dict], replies: list[str]) -> dict:
     """Questions ({"answer", "type", "heldout_combo"}) and the model's replies -> exact-match accuracy after
     normalize_answer: overall, by type, by combination (seen / held-out), and for yes/no questions precision,
@@ -255,11 +261,11 @@ def question_metrics(rows: list[dict], replies: list[str]) -> dict:
     by = lambda keep: [c for c, row in zip(correct, rows) if keep(row)]
     out = {"accuracy": float(np.mean(correct)), "questions": len(rows),
            "by_type": {t: _accuracy(by(lambda r, t=t: r["type"] == t)) for t in QUESTION_TYPES if any(r["type"] == t for r in rows)},
-           "by_combo": {"seen": _accuracy(by(lambda r: not r["heldout_combo"])), "heldout": _accuracy(by(lambda r: r["heldout_combo"]))}}
+           "by_combo": _by_combo(correct, [r["heldout_combo"] for r in rows])}
     # each type on seen and on held-out combinations apart: the held-out scenes are new images either way, the
     # held-out combinations also new compositions (whose visual ids a training scene never showed)
-    out["by_type_combo"] = {t: {combo: _accuracy(by(lambda r, t=t, h=h: r["type"] == t and r["heldout_combo"] == h))
-                                for combo, h in (("seen", False), ("heldout", True))} for t in out["by_type"]}
+    out["by_type_combo"] = {t: _by_combo(by(lambda r, t=t: r["type"] == t), [r["heldout_combo"] for r in rows if r["type"] == t])
+                            for t in out["by_type"]}
     yes_no = [(p, row["answer"] == "yes") for p, row in zip(pred, rows) if row["type"] == "yes_no"]
     if yes_no:
         tp = sum(p == "yes" and g for p, g in yes_no)
@@ -361,8 +367,7 @@ def generation_metrics(results: list[dict]) -> dict:
     by_category = {c: _accuracy([r["ok"] for r in results if r["category"] == c])
                    for c in CATEGORIES if any(r["category"] == c for r in results)}
     def by_combo(rows: list[dict]) -> dict:
-        return {"seen": _accuracy([r["ok"] for r in rows if not r["heldout_combo"]]),
-                "heldout": _accuracy([r["ok"] for r in rows if r["heldout_combo"]])}
+        return _by_combo([r["ok"] for r in rows], [r["heldout_combo"] for r in rows])
 
     return {"accuracy": float(np.mean([v["accuracy"] for v in by_category.values()])) if by_category else None,
             "images": len(results), "by_category": by_category, "by_combo": by_combo(results),
@@ -528,17 +533,18 @@ def world_table(world: dict) -> list[str]:
                        f"yes-ratio {ratio}, unparseable {yn['unparseable']} of {yn['questions']}")]
     lines.append(f"({u['questions_per_s']} questions/s; picture: {u.get('picture', 'n/a')})")
     scales = list(gen.values())
-    lines += ["", "Generation (checked against the prompt; in brackets: images; seen / held-out: prompts whose scene has "
-                  "no held-out / a held-out combination)", "",
+    lines += ["", ("Generation (checked against the prompt; in brackets: images; seen / held-out: prompts whose scene has "
+                   "no held-out / a held-out combination)"), "",
               "| prompts | " + " | ".join(f"CFG {g['cfg_scale']:g} | seen | held-out" for g in scales) + " |",
               "|---|" + "---|" * 3 * len(scales)]
     categories = [c for c in CATEGORIES if any(c in g["by_category"] for g in scales)]
+    def cells(whole: str, split: dict) -> str:  # "all | seen | held-out" of one CFG scale
+        return " | ".join([whole, pct(split.get("seen")), pct(split.get("heldout"))])
+
     for c in categories:
-        lines.append(f"| {c} | " + " | ".join(
-            " | ".join(pct(x) for x in (g["by_category"].get(c), *(g.get("by_category_combo", {}).get(c, {}).get(k) for k in ("seen", "heldout"))))
-            for g in scales) + " |")
+        lines.append(f"| {c} | " + " | ".join(cells(pct(g["by_category"].get(c)), g.get("by_category_combo", {}).get(c, {}))
+                                             for g in scales) + " |")
     lines.append("| all (categories' mean; seen, held-out: of images) | " + " | ".join(
-        ("n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%") + f" | {pct(g['by_combo']['seen'])} | {pct(g['by_combo']['heldout'])}"
-        for g in scales) + " |")
+        cells("n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%", g["by_combo"]) for g in scales) + " |")
     lines += [""] + [f"CFG {g['cfg_scale']:g}: {g['images_per_s']} images/s; grid: {g['grid']}" for g in scales]
     return lines
