@@ -135,5 +135,5 @@ def write_mllm_card(folder: Path, target: Path | None = None, repo: str | None =
     ]
     return write_model_card(folder, title="SemHiTok unified MLLM", about=about, pipeline_tag="image-text-to-text",
                             usage=USAGE.format(repo=repo or "ORG/NAME"), base_model=base,
-                            tags=["multimodal", "image-generation", "custom_code"], datasets=training_sources(target or folder),
+                            tags=["multimodal", "image-generation", "custom_code"], sources=training_sources(target or folder),
                             run_dir=target or folder)

@@ -156,6 +156,34 @@ def test_export_carries_card_generation_config_and_self_contained_code(tiny_mllm
         assert "No eval summary" in card.text and "## How to load" in card.text
 
 
+def test_card_metadata_lists_hub_datasets_only(tiny_mllm_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from semhitok.common.run_dir import record_run
+    from semhitok.config import load_project_config
+    from semhitok.data_pipelines.config import SourceConfig
+    from semhitok.mllm.hf_export import write_mllm_card
+
+    final = tmp_path / "mllm" / "final"
+    shutil.copytree(tiny_mllm_dir, final)
+    cfg = load_project_config("tiny", [f"run_dir={tmp_path}"])
+    hub = "https://huggingface.co/datasets/pixparse/cc3m-wds/resolve/main/cc3m-train-{0000..0575}.tar"
+    cfg.pretokenize.sources = [SourceConfig("shapes_captions", "caption_jsonl", "data/shapes/train.jsonl"),
+                               SourceConfig("cc3m", "wds", hub + "::" + hub.replace("train", "validation")),
+                               SourceConfig("laion", "wds", "pipe:curl -sL hf://datasets/org/laion-sub@main/00.tar")]
+    record_run(tmp_path / "mllm", cfg, "mllm-train", "tiny")
+    card = ModelCard.load(write_mllm_card(final, final))
+    assert card.data.datasets == ["pixparse/cc3m-wds", "org/laion-sub"]  # Hub ids; a local name is no Hub dataset
+    assert "- shapes_captions\n- cc3m ([pixparse/cc3m-wds](https://huggingface.co/datasets/pixparse/cc3m-wds))\n" in card.text
+
+    local = SourceConfig("coco_captions", "caption_jsonl", "data/sample/train.jsonl")
+    cfg.pretokenize.sources = [cfg.pretokenize.sources[0], local]
+    record_run(tmp_path / "mllm", cfg, "mllm-train", "tiny")
+    card = ModelCard.load(write_mllm_card(final, final))
+    assert card.data.datasets is None and "datasets:" not in card.content.split("---")[1]  # the key is left out
+    assert "## Training data\n\n- shapes_captions\n- coco_captions\n" in card.text
+
+
 class RecordingApi:
     """Stands in for huggingface_hub.HfApi: records create_repo and what upload_folder would send."""
 

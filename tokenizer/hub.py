@@ -39,7 +39,7 @@ def write_tokenizer_card(folder: Path, target: Path | None = None, repo: str | N
     ]
     return write_model_card(folder, title="SemHiTok image tokenizer", about=about, pipeline_tag="image-feature-extraction",
                             usage=USAGE.format(repo=repo or "ORG/NAME"), base_model=teacher, tags=["image-tokenizer", "vq"],
-                            datasets=training_sources(target or folder), run_dir=target or folder)
+                            sources=training_sources(target or folder), run_dir=target or folder)
 
 
 def push_tokenizer(model, repo_id: str, private: bool | None = None, token: str | None = None, api=None) -> str:

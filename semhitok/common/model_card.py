@@ -1,15 +1,18 @@
 """The model card (README.md with Hub metadata) written into every tokenizer and MLLM export.
 
 Metadata (YAML front matter, huggingface_hub.ModelCardData): license, library_name, pipeline_tag,
-base_model, tags, datasets, metrics. Body: what the model is built from, the data it was trained on (the
-sources in the run's recorded config.yaml), the scores of its eval summary (summary.json) when one exists
-beside the export, and how to load it.
+base_model, tags, datasets, metrics. `datasets` holds Hub dataset ids (owner/name) only, those the training
+sources read from; local sources are named in the body alone. Body: what the model is built from, the data
+it was trained on (the sources in the run's recorded config.yaml), the scores of its eval summary
+(summary.json) when one exists beside the export, and how to load it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -43,8 +46,22 @@ def summary_metrics(summary: dict, prefix: str = "", depth: int = 2) -> dict[str
     return out
 
 
-def training_sources(model_dir: str | Path) -> list[str]:
-    """Names of the pre-tokenized sources in the config.yaml recorded for the run that made `model_dir`."""
+# A Hub dataset in a source path: hf://datasets/owner/name/... or a huggingface.co/datasets/owner/name/... URL
+# (also inside a `pipe:` command)
+HUB_DATASET = re.compile(r"(?:hf://|huggingface\.co/)datasets/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
+
+
+@dataclass(frozen=True)
+class TrainingSource:
+    name: str  # the pre-tokenize source's name (a local label)
+    hub_ids: tuple[str, ...] = ()  # the Hub datasets (owner/name) its path reads from
+
+    def card_line(self) -> str:
+        return f"- {self.name}" + "".join(f" ([{i}](https://huggingface.co/datasets/{i}))" for i in self.hub_ids)
+
+
+def training_sources(model_dir: str | Path) -> list[TrainingSource]:
+    """The pre-tokenized sources in the config.yaml recorded for the run that made `model_dir`."""
     from semhitok.common.run_dir import find_run_config
 
     config = find_run_config(model_dir)
@@ -54,11 +71,13 @@ def training_sources(model_dir: str | Path) -> list[str]:
         sources = (yaml.safe_load(config.read_text()) or {}).get("pretokenize", {}).get("sources") or []
     except (yaml.YAMLError, AttributeError):
         return []
-    return [str(s["name"]) for s in sources if isinstance(s, dict) and s.get("name")]
+    return [TrainingSource(str(s["name"]), tuple(dict.fromkeys(HUB_DATASET.findall(str(s.get("path") or "")))))
+            for s in sources if isinstance(s, dict) and s.get("name")]
 
 
 def write_model_card(folder: str | Path, *, title: str, about: list[str], usage: str, pipeline_tag: str,
-                     base_model: str | None, tags: list[str], datasets: list[str], run_dir: str | Path | None = None) -> Path:
+                     base_model: str | None, tags: list[str], sources: list[TrainingSource],
+                     run_dir: str | Path | None = None) -> Path:
     """folder/README.md; metrics come from the eval summary found for `run_dir` (default: folder) when present."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -69,12 +88,13 @@ def write_model_card(folder: str | Path, *, title: str, about: list[str], usage:
             metrics = summary_metrics(json.loads(summary_file.read_text()))
         except (ValueError, UnicodeDecodeError, AttributeError):
             metrics = {}
+    hub_ids = list(dict.fromkeys(i for s in sources for i in s.hub_ids))
     data = ModelCardData(license=LICENSE, library_name="semhitok", pipeline_tag=pipeline_tag,
-                         base_model=base_model or None, tags=["semhitok", *tags], datasets=datasets or None,
+                         base_model=base_model or None, tags=["semhitok", *tags], datasets=hub_ids or None,
                          metrics=sorted(metrics) or None)
     lines = [f"# {title}", "", *about, ""]
     lines += ["## Training data", ""]
-    lines += [f"- {name}" for name in datasets] if datasets else ["Not recorded with this export."]
+    lines += [s.card_line() for s in sources] if sources else ["Not recorded with this export."]
     lines += ["", "## Evaluation", ""]
     if metrics:
         lines += [f"From `{summary_file.name}` of `semhitok eval`:", "", "| metric | value |", "|---|---|"]
