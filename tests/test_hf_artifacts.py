@@ -86,7 +86,8 @@ except ValueError as err:
     refused = str(err)
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
-prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat is in the picture?"}])
+prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat is in the picture?"}],
+                                        add_generation_prompt=True)
 inputs = processor(text=prompt, images=Image.open(image))
 batch = processor(text=[prompt, "no image here"], images=[Image.open(image)])  # padded rows
 try:

@@ -6,15 +6,24 @@ encoding half of the SemHiTok tokenizer in the export's visual_tokenizer/ (SigLI
 pixel encoder + hierarchical codebook: id = semantic id * m + pixel id). Decoding ids to pixels is not here:
 use semhitok (`semhitok.tokenizer.load_tokenizer(dir + "/visual_tokenizer").decode(ids)`).
 
+Chat messages hold a string ("<image>\\nWhat is in the picture?") or typed blocks as transformers' chat templates
+take them ([{"type": "image", "image": pil}, {"type": "text", "text": "What is in the picture?"}]); typed blocks
+become that string ("<image>" per image block, blocks joined by newlines) before the text tokenizer's own chat
+template renders the conversation, so both spell the same tokens the model was trained on.
+
     processor = AutoProcessor.from_pretrained(d, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
-    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat is in the picture?"}])
-    inputs = processor(text=prompt, images=Image.open("photo.jpg"))
+    model = AutoModelForImageTextToText.from_pretrained(d, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open("photo.jpg")},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     out = model.generate(**inputs)   # stops at <|im_end|> / <|endoftext|> (generation_config.json)
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+or pipeline("image-text-to-text", model=d, trust_remote_code=True)(text=messages).
 """
 
 import json
+import os
 
 import numpy as np
 import torch
@@ -22,11 +31,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, SiglipVisionConfig, SiglipVisionModel
+from transformers.image_utils import load_image
 from transformers.utils import cached_file
 
 IMAGE = "<image>"
 VISUAL = "visual_tokenizer"
+# Put before the text tokenizer's chat template: typed content blocks -> the string the model was trained on
+TYPED_CONTENT = (
+    "{%- set ns = namespace(messages=[], text='') %}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string or message['content'] is none %}{%- set ns.messages = ns.messages + [message] %}"
+    "{%- else %}"
+    "{%- set ns.text = '' %}"
+    "{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'image' %}{%- set part = '" + IMAGE + "' %}"
+    "{%- elif block['type'] == 'text' %}{%- set part = block['text'] %}"
+    "{%- else %}{{- raise_exception('message content blocks are text or image, got type ' ~ block['type']) }}"
+    "{%- endif %}"
+    "{%- set ns.text = ns.text ~ ('' if loop.first else '\\n') ~ part %}"
+    "{%- endfor %}"
+    "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': ns.text}] %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- set messages = ns.messages %}"
+)
+# What __call__ passes on to the text tokenizer; truncation is not among them (it would cut an image span)
+TOKENIZER_KWARGS = ("add_special_tokens",)
+PAD_KWARGS = ("padding", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 
 
 class Block(nn.Module):
@@ -125,6 +157,16 @@ def to_rgb(img: Image.Image, size: int) -> Image.Image:
     return img.convert("RGB")
 
 
+def open_image(source) -> Image.Image:
+    """A PIL image as is; a file path as semhitok opens it (no EXIF rotation, a large JPEG decoded at a DCT scale
+    by to_rgb); a URL or base64 string through transformers' load_image."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        return Image.open(source)
+    return load_image(source)
+
+
 def square(img: Image.Image, size: int, mode: str) -> Image.Image:
     """pad: pad to square with the image's mean colour, then resize (understanding); crop: centre crop."""
     img = to_rgb(img, size)
@@ -143,17 +185,17 @@ def square(img: Image.Image, size: int, mode: str) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-class SemHiTokProcessor:
-    """Text tokenizer + visual encoder -> model inputs (input_ids, attention_mask)."""
+class SemHiTokProcessor(ProcessorMixin):
+    """Text tokenizer + visual encoder -> model inputs (input_ids, attention_mask). apply_chat_template is
+    transformers' own (add_generation_prompt defaults to False; tokenize=True loads the images of typed blocks)."""
 
     def __init__(self, tokenizer, visual: VisualEncoder, text_vocab_size: int, image_start: int, image_end: int,
-                 image_mode: str = "pad"):
-        self.tokenizer, self.visual = tokenizer, visual
+                 image_mode: str = "pad", chat_template: str | None = None):
+        if chat_template is None and isinstance(tokenizer.chat_template, str):
+            chat_template = TYPED_CONTENT + tokenizer.chat_template
+        super().__init__(tokenizer, chat_template=chat_template)
+        self.visual = visual
         self.text_vocab_size, self.image_start, self.image_end, self.image_mode = text_vocab_size, image_start, image_end, image_mode
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
-        pass  # AutoProcessor calls this on remote classes; nothing to register
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "SemHiTokProcessor":
@@ -163,7 +205,14 @@ class SemHiTokProcessor:
         with open(cached_file(name_or_path, f"{VISUAL}/config.json", **hub)) as f:
             visual = VisualEncoder(json.load(f)).load(cached_file(name_or_path, f"{VISUAL}/model.safetensors", **hub))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code"), **hub)
+        if tokenizer.pad_token is None:  # LLaMA's: rows pad with eos, as generation_config.json's pad_token_id says
+            tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, visual, cfg["text_vocab_size"], cfg["image_start"], cfg["image_end"], cfg.get("image_mode", "pad"))
+
+    def to_dict(self) -> dict:
+        """processor_config.json's fields (the visual encoder is weights, not config)."""
+        return {"processor_class": type(self).__name__, "text_vocab_size": self.text_vocab_size, "image_start": self.image_start,
+                "image_end": self.image_end, "image_mode": self.image_mode}
 
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images -> visual ids [B, N] in [0, K*m)"""
@@ -172,23 +221,31 @@ class SemHiTokProcessor:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         return self.visual(batch.to(next(self.visual.parameters()).device)).cpu()
 
-    def __call__(self, text, images=None, return_tensors: str = "pt", **pad_kwargs):
-        """text: a string or a list (one row each); images: a PIL image or a list, one per "<image>" in order."""
+    def __call__(self, text=None, images=None, videos=None, audio=None, return_tensors: str | None = "pt",
+                 **kwargs) -> BatchFeature:
+        """text: a string or a list (one row each); images: one per "<image>" in order, each a PIL image, a path, a
+        URL or base64 (open_image; a list, or a list of lists per row). kwargs: add_special_tokens and the padding
+        options (rows are padded to the longest by default)."""
+        if videos is not None or audio is not None:
+            raise ValueError(f"{type(self).__name__} takes text and images, not {'videos' if videos is not None else 'audio'}")
+        unknown = sorted(set(kwargs) - set(TOKENIZER_KWARGS) - set(PAD_KWARGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s): {', '.join(unknown)}")
+        if text is None:
+            raise ValueError("text is required: one \"<image>\" per image where it goes (or use apply_chat_template)")
         texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
-        images = [img for item in images for img in (item if isinstance(item, (list, tuple)) else [item])]
+        images = [] if images is None else [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        images = [open_image(img) for item in images for img in (item if isinstance(item, (list, tuple)) else [item])]
         marked = "".join(self.tokenizer.convert_ids_to_tokens([self.image_start, self.image_end]))
-        rows = [self.tokenizer(t.replace(IMAGE, marked))["input_ids"] for t in texts]
+        tokenize = {k: kwargs[k] for k in TOKENIZER_KWARGS if k in kwargs}
+        rows = [self.tokenizer(t.replace(IMAGE, marked), **tokenize)["input_ids"] for t in texts]
         n_spans = sum(row.count(self.image_start) for row in rows)
         if n_spans != len(images):
             raise ValueError(f"the text has {n_spans} image place(s) ({IMAGE} or <|vision_start|>), {len(images)} image(s) given")
         ids = iter(self.encode_images(images) + self.text_vocab_size if images else [])
         rows = [[x for tok in row for x in ([tok, *next(ids).tolist()] if tok == self.image_start else [tok])] for row in rows]
-        return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors=return_tensors, **pad_kwargs)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The tokenizer's chat format as text; put "<image>" in a message where its image goes."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        pad = {"padding": True, **{k: kwargs[k] for k in PAD_KWARGS if k in kwargs}}
+        return BatchFeature(dict(self.tokenizer.pad({"input_ids": rows}, **pad)), tensor_type=return_tensors)
 
     def decode(self, ids, **kwargs) -> str:
         """Text ids -> text (visual ids, which only an image span holds, are left out)."""
@@ -197,3 +254,9 @@ class SemHiTokProcessor:
 
     def batch_decode(self, rows, **kwargs) -> list[str]:
         return [self.decode(row, **kwargs) for row in rows]
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """generate's output [B, T] (or [T]) -> one text per row, what the image-text-to-text pipeline shows."""
+        rows = generated_outputs.tolist() if torch.is_tensor(generated_outputs) else list(generated_outputs)
+        rows = rows if rows and isinstance(rows[0], list) else [rows]
+        return self.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
