@@ -7,6 +7,7 @@ to the Python files of mllm/hf_remote/, copied in (they import only torch, trans
 
     AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)  # visual ids through the adapter
     AutoProcessor.from_pretrained(d, trust_remote_code=True)         # (text with <image>, images) -> input_ids
+    pipeline("image-text-to-text", model=d, trust_remote_code=True)  # (AutoModelForImageTextToText) chat -> answer
 
 Without trust_remote_code transformers refuses the directory (it names the flag): a plain causal LM of the
 base class would read visual ids from the tied head rows instead of the adapter, silently wrong, so that
@@ -31,6 +32,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_semhitok.SemHiTokMLLMConfig",
     "AutoModel": "modeling_semhitok.SemHiTokForCausalLM",
     "AutoModelForCausalLM": "modeling_semhitok.SemHiTokForCausalLM",
+    "AutoModelForImageTextToText": "modeling_semhitok.SemHiTokForCausalLM",  # pipeline("image-text-to-text")
     "AutoProcessor": "processing_semhitok.SemHiTokProcessor",
 }
 MAX_NEW_TOKENS = 1024  # an answer; raised to fit a whole image span (grid^2 + 2) at larger grids
@@ -55,7 +57,8 @@ def finish_export(folder: Path, model, text_tokenizer, target: Path) -> None:
     # so transformers refuses it (load it with SemHiTokLM.from_pretrained / load_sampler)
     remote = model.ids.kind == "semhitok"
     if remote:
-        config.update({"architectures": ["SemHiTokForCausalLM"], "auto_map": AUTO_MAP, "codes_per_group": adapter.codes_per_group,
+        config.update({"architectures": ["SemHiTokForCausalLM"], "auto_map": AUTO_MAP, "text_tokens": len(text_tokenizer),
+                       "codes_per_group": adapter.codes_per_group,
                        "sem_code_dim": adapter.features.sem_codes.shape[1], "pix_code_dim": adapter.features.pix_codes.shape[1],
                        "adapter_hidden": adapter.hidden, "adapter_inputs": model.config.adapter_inputs})
     else:
@@ -100,12 +103,22 @@ With transformers alone (the model code ships in this repository, hence `trust_r
 
 ```python
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import pipeline
+
+pipe = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.open("photo.jpg")}},
+                                         {{"type": "text", "text": "What is in the picture?"}}]}}]
+print(pipe(text=messages, return_full_text=False)[0]["generated_text"])
+```
+
+or step by step (a message's content may also be a string, "<image>\\nWhat is in the picture?"):
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-prompt = processor.apply_chat_template([{{"role": "user", "content": "<image>\\nWhat is in the picture?"}}])
-inputs = processor(text=prompt, images=Image.open("photo.jpg"))
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True)
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
 out = model.generate(**inputs)  # stops at <|im_end|> / <|endoftext|> (generation_config.json)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```

@@ -140,6 +140,123 @@ def test_transformers_only_round_trip_matches_semhitok(hub_cache, tiny_mllm, tmp
     assert got["unstopped"].shape[1] == n + 6  # without eos it runs on
 
 
+# Imports only transformers, torch and PIL; loads the export from its directory through pipeline("image-text-to-text").
+PIPELINE = """
+import sys, torch
+from PIL import Image
+from transformers import pipeline
+from transformers.processing_utils import ProcessorMixin
+export, image, out = sys.argv[1:]
+question = "What color is the circle?"
+typed = [{"role": "user", "content": [{"type": "image", "image": Image.open(image)}, {"type": "text", "text": question}]}]
+pipe = pipeline("image-text-to-text", model=export, trust_remote_code=True)
+chat = pipe(text=typed, max_new_tokens=8)[0]["generated_text"]
+answer = pipe(text=typed, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+sequence = pipe(text=typed, max_new_tokens=8, return_tensors=True)[0]["generated_token_ids"]
+processor, model = pipe.processor, pipe.model
+plain = [{"role": "user", "content": "<image>\\n" + question}]
+by_path = [{"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": question}]}]
+inputs = processor.apply_chat_template(by_path, add_generation_prompt=True, tokenize=True, return_dict=True)
+manual = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+
+def error(call):
+    try:
+        call()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+# a prompt that opens an image span: grid**2 visual ids, then <|vision_end|>, then text again (greedy and sampled)
+opened = torch.cat([inputs["input_ids"], torch.tensor([[processor.image_start]])], dim=1)
+grid = model.config.image_grid
+span = model.generate(input_ids=opened, attention_mask=torch.ones_like(opened), max_new_tokens=grid * grid + 2,
+                      eos_token_id=None)[0, opened.shape[1]:]
+torch.manual_seed(0)
+sampled = model.generate(input_ids=opened, attention_mask=torch.ones_like(opened), max_new_tokens=grid * grid + 2,
+                         eos_token_id=None, do_sample=True, top_k=3)[0, opened.shape[1]:]
+torch.save({"chat": [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "typed"} for m in chat],
+            "answer": answer, "sequence": sequence, "manual": manual,
+            "manual_text": processor.decode(manual, skip_special_tokens=True),
+            "classes": [type(model).__name__, type(processor).__name__, isinstance(processor, ProcessorMixin)],
+            "rendered": [processor.apply_chat_template(plain), processor.apply_chat_template(typed),
+                         processor.apply_chat_template(typed, add_generation_prompt=True)],
+            "span": span, "sampled": sampled,
+            "errors": [error(lambda: processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])),
+                       error(lambda: processor(text="<image>", images=Image.open(image), truncation=True)),
+                       error(lambda: processor(text=question, images=Image.open(image)))],
+            "semhitok": [m for m in sys.modules if m.startswith("semhitok")]}, out)
+"""
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def chat_export(request, tiny_mllm_dir, trained_tokenizer, tmp_path_factory) -> tuple[Path, str]:
+    """An export of each chat family (ChatML, Vicuna v1 with a pad-less sentencepiece tokenizer) and the text its
+    chat template adds for add_generation_prompt=True."""
+    if request.param == "qwen2":
+        return tiny_mllm_dir, "<|im_start|>assistant\n"
+    from semhitok.data_pipelines.text_tokenizer import resolve_text_tokenizer
+    from semhitok.mllm.config import MLLMConfig
+    from semhitok.mllm.model import SemHiTokLM
+    from semhitok.tokenizer import SemHiTok
+    from tests.mllm.test_llama import TINY_LLAMA  # skips without sentencepiece
+
+    out = tmp_path_factory.mktemp("llama")
+    text_tokenizer = resolve_text_tokenizer("tiny-llama", out / "tok", SAMPLE)
+    torch.manual_seed(0)
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_LLAMA), SemHiTok.from_pretrained(trained_tokenizer),
+                             text_tokenizer)
+    model.save_pretrained(out / "model", text_tokenizer, trained_tokenizer)
+    return out / "model", "ASSISTANT:"
+
+
+def test_pipeline_answers_an_image_question_with_transformers_alone(chat_export, tmp_path):
+    from PIL import ImageDraw
+
+    from semhitok.mllm.sample import SamplingConfig, load_sampler
+    from semhitok.tokenizer import encode_images
+
+    export, generation_prompt = chat_export
+    image = Image.new("RGB", (96, 64), "white")
+    ImageDraw.Draw(image).ellipse((24, 8, 72, 56), fill="red")
+    image.save(tmp_path / "circle.png")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", PYTHONPATH="")
+    (tmp_path / "pipe.py").write_text(PIPELINE)
+    proc = subprocess.run([sys.executable, "pipe.py", str(export), "circle.png", "out.pt"], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["semhitok"] == []  # transformers ran only the exported code
+    assert got["classes"] == ["SemHiTokForCausalLM", "SemHiTokProcessor", True]
+    assert isinstance(got["answer"], str) and got["chat"] == [{"role": "user", "content": "typed"},
+                                                              {"role": "assistant", "content": got["answer"]}]
+    assert got["answer"] == got["manual_text"]  # the pipeline's answer is generate's on the processor's inputs
+
+    # typed blocks render as the string content semhitok trains on; no generation prompt unless asked for
+    plain, typed, prompt = got["rendered"]
+    assert plain == typed and "<image>\nWhat color is the circle?" in typed and not typed.endswith(generation_prompt)
+    assert prompt == typed + generation_prompt
+
+    # the pipeline's prompt and greedy answer are semhitok's own (Decoder.answer's prompt and vocabulary)
+    decoder, visual = load_sampler(export, device="cpu")
+    ids = encode_images(visual, [image], decoder.seq_cfg.understanding_image)[0].flatten().numpy()
+    tokens = decoder.builder.chat_prompt([("user", "<image>\nWhat color is the circle?")], ids)
+    layout = decoder.layout
+    reply = decoder.decode([tokens], 8, (0, len(decoder.tokenizer)), SamplingConfig(temperature=0.0), stop=layout.im_end)[0]
+    sequence = got["sequence"]
+    assert sequence[: len(tokens)].tolist() == tokens and torch.equal(got["manual"], sequence[len(tokens):])
+    assert sequence[len(tokens):].tolist() == reply.tolist()[: len(sequence) - len(tokens)]
+
+    # generate keeps ids where semhitok's decoder does: an opened image span gets grid**2 visual ids, then it closes
+    n = decoder.model.image_grid ** 2
+    for span in (got["span"], got["sampled"]):
+        assert (span[:n] >= layout.visual_offset).all() and span[n] == layout.image_end and span[n + 1] < len(decoder.tokenizer)
+
+    video, truncation, missing = got["errors"]
+    assert video == "TemplateError: message content blocks are text or image, got type video"
+    assert truncation == "TypeError: SemHiTokProcessor got unexpected keyword argument(s): truncation"
+    assert "0 image place(s)" in missing and "1 image(s) given" in missing
+
+
 def test_export_carries_card_generation_config_and_self_contained_code(tiny_mllm_dir, trained_tokenizer):
     from huggingface_hub import ModelCard
 

@@ -3,14 +3,16 @@
 Self-contained (torch, transformers, safetensors). The base LLM is built from `config.text_config` with the
 same weight names as a plain causal LM (model.*, lm_head.*); visual ids (>= text_vocab_size) enter through
 the dual-MLP adapter, whose weights are the export's adapter.safetensors. The head scores text and visual
-ids alike, so `generate` may emit visual ids (an image after <|vision_start|>): decode them with the visual
-tokenizer in visual_tokenizer/ (semhitok), they are not text.
+ids alike; `generate` keeps each where semhitok's decoder does (ImageSpanLogits): a reply is text until it opens
+<|vision_start|>, then exactly image_grid**2 visual ids and <|vision_end|>. Decode those ids with the visual
+tokenizer in visual_tokenizer/ (semhitok), they are not text. Also AutoModelForImageTextToText, so
+pipeline("image-text-to-text", model=dir, trust_remote_code=True) answers image questions.
 """
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
@@ -36,6 +38,30 @@ class VisualAdapter(nn.Module):
         dtype = self.sem_mlp[0].weight.dtype
         sem = self.sem_mlp(self.sem_codes[ids // self.codes_per_group].to(dtype))
         return sem if self.pix_mlp is None else torch.cat([sem, self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
+
+
+class ImageSpanLogits(LogitsProcessor):
+    """The ids semhitok's decoder allows at each step: outside an image span the tokenizer's text ids (rows above
+    them are padding); inside one (after <|vision_start|>) visual ids until the span holds image_grid**2 of them,
+    then only <|vision_end|>. Runs before temperature and top-k/top-p, so sampling draws from the allowed ids."""
+
+    def __init__(self, config: SemHiTokMLLMConfig):
+        ids = torch.arange(config.text_config.vocab_size)
+        self.text = ids < (config.text_tokens or config.text_vocab_size)
+        self.visual = (ids >= config.text_vocab_size) & (ids < config.text_vocab_size + config.visual_vocab_size)
+        self.close = ids == config.image_end
+        self.start, self.end, self.span = config.image_start, config.image_end, config.image_grid ** 2
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (prompt and ids so far), scores [B, V] -> scores with the disallowed ids at -inf"""
+        if self.text.device != scores.device:
+            self.text, self.visual, self.close = (m.to(scores.device) for m in (self.text, self.visual, self.close))
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.where(input_ids == self.start, pos, -1).amax(-1)  # [B]: the last <|vision_start|>, -1: none
+        inside = (start > torch.where(input_ids == self.end, pos, -1).amax(-1)).to(scores.device)[:, None]
+        full = (input_ids.shape[1] - 1 - start >= self.span).to(scores.device)[:, None]
+        allowed = torch.where(inside, torch.where(full, self.close, self.visual), self.text)  # [B, V]
+        return scores.masked_fill(~allowed, float("-inf"))
 
 
 class SemHiTokForCausalLM(PreTrainedModel, GenerationMixin):
@@ -69,6 +95,13 @@ class SemHiTokForCausalLM(PreTrainedModel, GenerationMixin):
             model.adapter.load_state_dict({k.removeprefix("features."): v.to(device) for k, v in load_file(path).items()})
             model.adapter.to(model.lm_head.weight.dtype)
         return model
+
+    def _get_logits_processor(self, *args, **kwargs):
+        """generate's logits processors with ImageSpanLogits first: a `logits_processor` passed to generate would
+        run after top-k/top-p, which may keep only ids the span rule then masks, leaving nothing to draw."""
+        processors = super()._get_logits_processor(*args, **kwargs)
+        processors.insert(0, ImageSpanLogits(self.config))
+        return processors
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
