@@ -11,7 +11,7 @@ the tiny text tokenizer's trainer and the tokenizer trainers take it as they tak
     images/<split>_<i>.png      the rendered scenes
     train.jsonl, holdout.jsonl  {"image", "caption"} (one row per image; tokenizer training and held-out pairs)
     captions.jsonl              {"image", "caption"} several phrasings per training scene (the caption source)
-    llava.json                  LLaVA conversations of one question each: colour, shape, count, yes/no (balanced),
+    llava.json                  LLaVA conversations (world.turns_per_conversation questions each): colour, shape, count, yes/no (balanced),
                                 left/right; a caption request for half the scenes
     text.jsonl                  {"text"} the text-only source
     questions.jsonl             held-out questions {"image", "question", "answer", "type", "heldout_combo"}
@@ -75,6 +75,11 @@ class WorldConfig:
     # over more scenes: the same number of conversations shows the LLM more images to learn from, not the same
     # images again to memorise.
     questions_per_scene: int = 0
+    # Questions per conversation (1: one each). More turns show the LLM more answers for the image tokens it reads
+    # once. Turns never share a colour or shape word (question or answer), so no answer can be read off an earlier
+    # turn's text ("What color is the circle?" "blue" ... "Is there a blue circle?"); the held-out questions stay
+    # one per image.
+    turns_per_conversation: int = 1
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
     text_rows: int = 500  # rows of the text-only source
@@ -84,7 +89,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         check_min(self, 16, "image_size")
-        check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene")
+        check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene", "turns_per_conversation")
         check_min(self, 0, "seed", "text_rows", "snap", "questions_per_scene")
         check_range(self, 1, 3, "max_objects")
         check_range(self, 0.01, 0.99, "holdout_share")
@@ -258,37 +263,72 @@ def yes_no_question(scene: Scene, rng: random.Random, allowed: list[tuple[str, s
 def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(type, question, answer) about the scene: colour of a shape that occurs once, shape of a colour that
     occurs once, count, two yes/no (one yes, one no: POPE's balance), two left/right for two objects or more."""
+    return [(kind, q, ans) for kind, q, ans, _ in asked(scene, rng, allowed)]
+
+
+def asked(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) -> list[tuple[str, str, str, frozenset[int]]]:
+    """questions() with, for each, the indices of the objects whose colour or shape its text gives away: the
+    object asked about, both objects of a left/right question, and for a "no" the objects sharing its colour
+    or shape. Two questions about disjoint objects cannot answer each other."""
     out = []
     shapes = [o.shape for o in scene.objects]
     colours = [o.colour for o in scene.objects]
-    for o in scene.objects:
+    for i, o in enumerate(scene.objects):
         if shapes.count(o.shape) == 1:
-            out.append(("colour", f"What color is the {o.shape}?", o.colour))
+            out.append(("colour", f"What color is the {o.shape}?", o.colour, frozenset({i})))
         if colours.count(o.colour) == 1:
-            out.append(("shape", f"What shape is the {o.colour} object?", o.shape))
-    out.append(("count", "How many shapes are there?", NUMBERS[len(scene.objects)]))
-    out += [("yes_no", *yes_no_question(scene, rng, allowed, answer)) for answer in (True, False)]
+            out.append(("shape", f"What shape is the {o.colour} object?", o.shape, frozenset({i})))
+    out.append(("count", "How many shapes are there?", NUMBERS[len(scene.objects)], frozenset()))
+    for answer in (True, False):
+        q, a_ = yes_no_question(scene, rng, allowed, answer)
+        colour, shape = q[len("Is there a "):-1].split()
+        about = [i for i, o in enumerate(scene.objects)
+                 if (o.colour, o.shape) == (colour, shape) or (not answer and (o.colour == colour or o.shape == shape))]
+        out.append(("yes_no", q, a_, frozenset(about)))
     if len(scene.objects) >= 2:
-        for p, q in rng.sample([(p, q) for p in scene.objects for q in scene.objects if p is not q], 2):
-            out.append(("left_right", f"Is the {p.name} left or right of the {q.name}?", "left" if p.x < q.x else "right"))
+        pairs = [(i, j) for i in range(len(scene.objects)) for j in range(len(scene.objects)) if i != j]
+        for i, j in rng.sample(pairs, 2):
+            p, q_ = scene.objects[i], scene.objects[j]
+            out.append(("left_right", f"Is the {p.name} left or right of the {q_.name}?", "left" if p.x < q_.x else "right",
+                        frozenset({i, j})))
     return out
 
 
 def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str,
-                  caption_share: float, per_scene: int = 0) -> list[dict]:
-    """The scene's questions as LLaVA-format conversations of one turn each, and for a share `caption_share` of
-    the scenes a caption request as one more. One turn each, because in a multi-turn conversation later answers
-    can be read off earlier turns' text ("What color is the circle?" "blue" ... "Is there a blue circle?"; a
-    left/right question names two objects): measured, a model trained so answered such questions at chance when
-    asked alone. `per_scene` > 0 keeps that many questions, drawn at random (yes and no equally likely)."""
-    qa = [(q, a_) for _, q, a_ in questions(scene, rng, allowed)]
+                  caption_share: float, per_scene: int = 0, turns: int = 1) -> list[dict]:
+    """The scene's questions as LLaVA-format conversations of up to `turns` question turns each, no two of them
+    about a common object (group_turns), and for a share `caption_share` of the scenes a caption request as one
+    more conversation. `per_scene` > 0 keeps that many questions, drawn at random (yes and no equally likely)."""
+    qa = [(q, a_, about) for _, q, a_, about in asked(scene, rng, allowed)]
     if 0 < per_scene < len(qa):
         qa = rng.sample(qa, per_scene)
+    if turns > 1:
+        rng.shuffle(qa)  # question kinds come in a fixed order; shuffled, conversations mix them
+    groups = group_turns(qa, turns)
     if rng.random() < caption_share:
-        qa.append(("Describe the image.", caption(scene, rng)))
+        groups.append([("Describe the image.", caption(scene, rng))])
     return [{"id": f"{ident}_{k}", "image": image,
-             "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]}
-            for k, (q, ans) in enumerate(qa)]
+             "conversations": [turn for j, (q, ans) in enumerate(group)
+                               for turn in ({"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
+                                            {"from": "gpt", "value": ans})]}
+            for k, group in enumerate(groups)]
+
+
+def group_turns(qa: list[tuple[str, str, frozenset[int]]], turns: int) -> list[list[tuple[str, str]]]:
+    """(question, answer, objects it is about) -> conversations of at most `turns` (question, answer) pairs, in
+    order, no two of one conversation about a common object: no answer can be read off an earlier turn's text
+    ("What color is the circle?" "blue" ... "Is there a blue circle?") instead of the image, which the held-out
+    questions, asked one per image, could not do. Each pair goes to the first conversation it fits."""
+    groups: list[tuple[list[tuple[str, str]], set[int]]] = []
+    for q, ans, about in qa:
+        for group, used in groups:
+            if len(group) < turns and not about & used:
+                group.append((q, ans))
+                used |= about
+                break
+        else:
+            groups.append(([(q, ans)], set(about)))
+    return [group for group, _ in groups]
 
 
 def text_row(rng: random.Random, allowed: list[tuple[str, str]]) -> str:
@@ -333,6 +373,8 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
     with the same config is kept; one made with another config is refused with one line."""
     out = Path(out)
     record = {"world": asdict(cfg) | {"enabled": True, "out_dir": ""}, "format": 3}  # 2: one question per conversation; 3: disjoint splits
+    if cfg.turns_per_conversation == 1:  # worlds written before the option existed stay valid
+        del record["world"]["turns_per_conversation"]
     if (out / "WORLD.json").is_file():
         old = json.loads((out / "WORLD.json").read_text())
         if old != record:
@@ -356,7 +398,7 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                 if split == "train":
                     rows["captions"] += [{"image": image, "caption": caption(scene, rng)} for _ in range(cfg.captions_per_scene)]
                     llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests,
-                                           cfg.questions_per_scene)
+                                           cfg.questions_per_scene, cfg.turns_per_conversation)
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
                         named = any(f"{c} {s}" in q for c, s in held)  # "Is there a green circle?" "no"

@@ -279,3 +279,34 @@ def test_a_rerun_keeps_the_same_world_and_refuses_another(tmp_path):
         with pytest.raises(ValueError, match="another config \\(WORLD.json\\)"):
             write_world(other, out)
     assert stamps() == before and list(tmp_path.iterdir()) == [out]  # untouched, and no half-written copy left
+
+
+def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_earlier_turn(tmp_path):
+    cfg = replace(CFG, train_scenes=200, turns_per_conversation=4, caption_requests=0.0)
+    world = write_world(cfg, tmp_path / "world")
+    scenes = {image: scene for image, scene, _ in read_scenes(world, "train")}
+    kinds, turns = {image: Counter() for image in scenes}, []
+    for c in json.loads((world / "llava.json").read_text()):
+        said = c["conversations"]
+        assert [t["from"] for t in said] == ["human", "gpt"] * (len(said) // 2), c["id"]
+        assert said[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in said) == 1
+        asked = [(said[k]["value"].removeprefix("<image>\n"), said[k + 1]["value"]) for k in range(0, len(said), 2)]
+        assert len(asked) <= cfg.turns_per_conversation
+        turns.append(len(asked))
+        scene = scenes[c["image"]]
+        for question, answer in asked:
+            kind, truth_ = truth(scene, question)
+            assert answer == truth_, (question, scene)
+            kinds[c["image"]][kind] += 1
+        # the leaks the grouping exists for: a colour named for a shape, then a yes/no about that shape; a
+        # left/right question and its reverse
+        for (q1, a1), (q2, _) in [(x, y) for x in asked for y in asked if x != y]:
+            if m := re.fullmatch(r"What color is the (\w+)\?", q1):
+                assert not re.fullmatch(rf"Is there a \w+ {m[1]}\?", q2), asked
+            if m := re.fullmatch(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?", q1):
+                assert q2 != f"Is the {m[2]} left or right of the {m[1]}?", asked
+    for image, scene in scenes.items():  # every question of every scene, once, as with one per conversation
+        once = lambda attr: list(Counter(getattr(o, attr) for o in scene.objects).values()).count(1)
+        assert kinds[image] == Counter(count=1, yes_no=2, left_right=2 * (len(scene.objects) > 1),
+                                       colour=once("shape"), shape=once("colour")), image
+    assert max(turns) > 1 and np.mean(turns) > 1.3  # questions about different objects share conversations
