@@ -166,7 +166,7 @@ def process_units(model: VisualTokenizer, units: list[WorkUnit], shard_dir: Path
             state["entries"].append(entry)
             images += [(state, entry, x) for x in item]
         if images:
-            ids = model.encode(torch.stack([x for _, _, x in images]).to(model.device)).flatten(1)  # [B, h*w*L]
+            ids = encode_distinct(model, [x for _, _, x in images])  # [B, h*w*L]
             for (state, entry, _), row in zip(images, ids.cpu().numpy().astype(np.int32)):
                 if entry["ids_row"] < 0:
                     entry["ids_row"] = len(state["rows"])
@@ -178,6 +178,19 @@ def process_units(model: VisualTokenizer, units: list[WorkUnit], shard_dir: Path
                 state = open_units.pop(u)
                 errors = dict(Counter(errors) + state["skipped"])
                 yield write_unit(units[u], shard_dir, state["entries"], state["rows"], row_width, errors, identities[u])
+
+
+def encode_distinct(model: VisualTokenizer, images: list[torch.Tensor]) -> torch.Tensor:
+    """[3, S, S] tensors -> their ids [B, h*w*L], each distinct picture encoded once: a LLaVA image with several
+    conversations comes in consecutive rows of one batch (the shapes world has ~5 rows per image). Pictures are
+    matched by their preprocessed pixels, so two paths to one file and one file read twice both count."""
+    keys = [hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() for x in images]
+    slot = {}
+    for i, k in enumerate(keys):
+        slot.setdefault(k, len(slot))
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # key -> its first row
+    distinct = torch.stack([images[first[k]] for k in slot]).to(model.device)
+    return model.encode(distinct).flatten(1)[[slot[k] for k in keys]]
 
 
 def _read_done(path: Path) -> dict:

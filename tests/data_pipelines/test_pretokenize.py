@@ -62,6 +62,25 @@ def test_shipped_sample_caption_and_llava_forms(trained_tokenizer, tmp_path):
     assert again["units_done_now"] == 0 and again["units_already_done"] == summary["units_done_now"]
 
 
+def test_a_picture_in_several_rows_of_a_batch_is_encoded_once_with_the_same_ids(trained_tokenizer, tmp_path, monkeypatch):
+    rows = [{"image": str(SAMPLE / r["image"]), "caption": f"{r['caption']} ({k})"} for r in TRAIN_ROWS[:4] for k in range(3)]
+    path = tmp_path / "repeated.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded = []
+    real = SemHiTok.encode
+    monkeypatch.setattr(SemHiTok, "encode", lambda self, x: encoded.append(len(x)) or real(self, x))  # a spy
+    cfg = PretokenizeConfig(sources=[SourceConfig("repeated", "caption_jsonl", str(path))], records_per_shard=100,
+                            batch_size=6, num_workers=0)
+    run_pretokenize(cfg, trained_tokenizer, tmp_path / "pre")
+    assert encoded == [2, 2]  # 12 rows in batches of 6: 2 pictures each
+    monkeypatch.undo()
+    model = SemHiTok.from_pretrained(trained_tokenizer)
+    _, direct = encode_paths(model, [SAMPLE / r["image"] for r in TRAIN_ROWS[:4]])
+    stored = {m["text"]: ids for m, ids in all_samples(tmp_path / "pre").values()}
+    for i, r in enumerate(rows):
+        assert np.array_equal(stored[r["caption"]], direct[i // 3].flatten().numpy()), r
+
+
 def _write_tar(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
