@@ -12,8 +12,9 @@ import pytest
 from semhitok.data_pipelines.pretokenize import job_split
 from tests.conftest import REPO, SAMPLE
 
-SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / "common.sh", REPO / "eval" / "run_lmms.sh",
-                                                                  REPO / "benchmarks" / "run_gpu.sh"]
+SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / name for name in
+                                                                  ("common.sh", "submit.sh", "site.example.sh")] + [
+    REPO / "eval" / "run_lmms.sh", REPO / "benchmarks" / "run_gpu.sh"]
 
 
 def sbatch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -48,6 +49,56 @@ def test_pretokenize_array_tasks_split_the_work(monkeypatch):
     for var, value in dict(SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="2", SLURM_ARRAY_TASK_COUNT="8").items():
         monkeypatch.setenv(var, value)
     assert job_split() == (8, 3)  # what the launched command computes from that environment
+
+
+@pytest.mark.parametrize("args, error", [
+    (("265", "/tmp/run"), "semhitok: error: unknown config preset '265'"),
+    (("256", "/tmp/run", "mllm_train.lrr=1e-5"), "semhitok: error: 256.mllm_train: unknown field(s) ['lrr']"),
+])
+def test_dry_run_stops_on_a_config_error_with_one_line(args, error):
+    proc = sbatch("mllm_train.sbatch", *args, DRY_RUN="1")
+    assert proc.returncode == 2 and proc.stderr.startswith(error) and proc.stderr.count("\n") == 1, proc.stderr
+    assert "torchrun" not in proc.stdout
+
+
+def submit(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """launch_scripts/submit.sh with a stand-in sbatch on PATH that records its arguments in tmp_path/queued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "queued"}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    return sbatch("submit.sh", *args, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+
+
+def test_submit_checks_the_job_then_queues_it_with_resources_from_env_and_site_hook(tmp_path):
+    site = tmp_path / "site.sh"
+    site.write_text(': "${SEMHITOK_PARTITION:=from-site}"\n: "${SEMHITOK_ACCOUNT:=proj}"\nexport NCCL_SOCKET_IFNAME=ib0\n')
+    proc = submit("mllm_train", "256", "/tmp/run", "mllm_train.lr=1e-5", tmp_path=tmp_path, SEMHITOK_SITE=str(site),
+                  SEMHITOK_NODES="2", SEMHITOK_TIME="1-00:00:00", SEMHITOK_ACCOUNT="from-env", SEMHITOK_SBATCH_ARGS="--qos=high --exclusive")
+    assert proc.returncode == 0, proc.stderr
+    assert "config: 256 run_dir=/tmp/run mllm_train.lr=1e-5" in proc.stdout and f"site hook: {site}" in proc.stdout
+    assert "world_size=16 nodes=2 gpus_per_node=8" in proc.stdout  # the dry run at the resources asked for
+    script = REPO / "launch_scripts" / "mllm_train.sbatch"
+    # nodes and time from the environment, GPUs and CPUs from the script's #SBATCH lines, partition from the site hook
+    assert (tmp_path / "queued").read_text().split() == [
+        "--nodes=2", "--gpus-per-node=8", "--cpus-per-task=64", "--time=1-00:00:00", "--partition=from-site", "--account=from-env",
+        "--qos=high", "--exclusive", str(script), "256", "/tmp/run", "mllm_train.lr=1e-5"]
+    assert proc.stdout.rstrip().endswith("Submitted batch job 4242")
+
+
+@pytest.mark.parametrize("args, env, error", [
+    (("mllm_train", "265", "/tmp/run"), {}, "semhitok: error: unknown config preset '265'"),
+    (("tokenizer_train", "3", "256", "/tmp/run"), {}, "tokenizer_train.sbatch: STAGE is 1 or 2, not '3'"),
+    (("mllm_train", "256"), {}, "usage: sbatch launch_scripts/mllm_train.sbatch"),
+    (("mlm_train", "256", "/tmp/run"), {}, "submit.sh: no launch script 'mlm_train' (one of eval mllm_train pretokenize tokenizer_train)"),
+    (("mllm_train", "256", "/tmp/run"), {"SEMHITOK_NODES": "two"}, "submit.sh: SEMHITOK_NODES must be a positive whole number, not 'two'"),
+    (("mllm_train", "256", "/tmp/run"), {"SEMHITOK_TIME": "2h"}, "submit.sh: SEMHITOK_TIME must be a SLURM time limit"),
+    (("mllm_train", "256", "/tmp/run"), {"SEMHITOK_VENV": "/nonexistent"}, "SEMHITOK_VENV=/nonexistent: no bin/activate there"),
+])
+def test_submit_queues_nothing_on_bad_input(tmp_path, args, env, error):
+    proc = submit(*args, tmp_path=tmp_path, **env)
+    assert proc.returncode == 2 and proc.stderr.startswith(error) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "queued").exists()
 
 
 def test_missing_arguments_print_usage():
