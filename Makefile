@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test wheel
+.PHONY: install demo test wheel lock-gpu wheelhouse wheelhouse-check wheelhouse-sdists
 
 install: $(STAMP)
 
@@ -27,6 +27,59 @@ demo: $(STAMP)
 # A wheel carrying the presets, the DeepSpeed JSONs and the shipped sample (semhitok/configs, semhitok/data).
 wheel:
 	python3 -m pip wheel --no-deps -w dist .
+
+# The GPU set: pyproject's dependencies with EXTRAS resolved by uv for the GPU image's Python (PY) and platform
+# (PLATFORM, pip's spelling) around the base image's torch (docker/Dockerfile's FROM tag), every version pinned in
+# LOCK. The image installs it before copying the source; `make wheelhouse` downloads it. Regenerate after a
+# change to pyproject's dependencies or to the base image: `pip install uv && make lock-gpu`.
+PY ?= 3.11
+PLATFORM ?= manylinux_2_28_x86_64
+EXTRAS ?= gpu,eval
+LOCK ?= constraints-gpu.txt
+UV ?= uv
+comma := ,
+BASE_TORCH := $(shell sed -n 's|^FROM pytorch/pytorch:\([0-9.]*\)-.*|\1|p' docker/Dockerfile)
+UV_PLATFORM = $(shell echo $(PLATFORM) | sed -E 's/^(manylinux_[0-9]+_[0-9]+|manylinux[0-9]+|musllinux_[0-9]+_[0-9]+)_(.+)$$/\2-\1/')
+
+lock-gpu:
+	@command -v $(UV) >/dev/null || { echo "make lock-gpu: no $(UV) on PATH (pip install uv)" >&2; exit 2; }
+	echo "torch==$(BASE_TORCH)" | $(UV) pip compile -q pyproject.toml - $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
+	    --python-version $(PY) --python-platform $(UV_PLATFORM) -o $(LOCK) \
+	    --custom-compile-command "make lock-gpu PY=$(PY) PLATFORM=$(PLATFORM) EXTRAS=$(EXTRAS)"
+
+# Air-gapped installs: every wheel that `pip install semhitok[EXTRAS]` needs on a machine with Python PY on
+# PLATFORM, gathered in OUT on a machine online, at LOCK's versions (the CPU set: LOCK=constraints-cpu.txt).
+# Binaries come from pip download for the target; the packages PyPI has only as sdists (SDISTS, pure
+# Python) are built into wheels here. On the target:
+#   pip install --no-index --find-links wheelhouse "semhitok[gpu,eval]"
+# pip evaluates environment markers with this interpreter: gather with the target's Python version.
+OUT ?= wheelhouse
+PIP ?= python3 -m pip
+SDISTS ?= deepspeed antlr4-python3-runtime transformers-stream-generator zss
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# pip takes a platform tag literally (only manylinux2014/2010 widen to older ones): manylinux_2_28_x86_64 also
+# stands for manylinux_2_27 ... manylinux_2_17 and manylinux2014, as on the target.
+PLATFORMS = $(shell n=$$(echo $(PLATFORM) | sed -nE 's/^manylinux_2_([0-9]+)_.+/\1/p'); arch=$$(echo $(PLATFORM) | sed -E 's/^manylinux_2_[0-9]+_//'); \
+    if [ -n "$$n" ]; then seq -f "manylinux_2_%g_$$arch" $$n -1 17; echo manylinux2014_$$arch; else echo $(PLATFORM); fi)
+
+TARGET = --only-binary=:all: --python-version $(PY) --implementation cp $(foreach p,$(PLATFORMS),--platform $(p)) \
+    --find-links $(OUT) -c $(LOCK) "$(OUT)/semhitok-$(VERSION)-py3-none-any.whl$(if $(EXTRAS),[$(EXTRAS)])"
+
+wheelhouse: wheelhouse-sdists
+	$(PIP) download -q -d $(OUT) $(TARGET)
+	@echo "$(OUT): $$(ls $(OUT) | wc -l) wheels; install with no index: pip install --no-index --find-links $(OUT) \"semhitok$(if $(EXTRAS),[$(EXTRAS)])\""
+
+# The same resolution from the index's metadata alone (pip install --dry-run downloads no binary): every package of
+# LOCK has a wheel for the target. A minute, megabytes; run it after `make lock-gpu`.
+wheelhouse-check: wheelhouse-sdists
+	$(PIP) install -q --dry-run --ignore-installed --target "$$(mktemp -d)" --report $(OUT)/report.json $(TARGET)
+	@echo "$(LOCK): every package has a wheel for Python $(PY) on $(PLATFORM) (the set: $(OUT)/report.json)"
+
+wheelhouse-sdists:
+	@test -f $(LOCK) || { echo "make wheelhouse: no lock file $(LOCK)" >&2; exit 2; }
+	mkdir -p $(OUT)
+	$(PIP) wheel -q --no-deps -w $(OUT) .
+	$(PIP) wheel -q --no-deps -w $(OUT) -c $(LOCK) $(SDISTS)
 
 # System tools the tests use: Debian's Chromium + chromedriver (the chat demo's browser test) and
 # shellcheck (launch scripts).

@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from semhitok.data_pipelines.pretokenize import job_split
 from tests.conftest import REPO, SAMPLE
@@ -125,17 +127,74 @@ def test_tokenizer_script_really_runs_through_srun_and_torchrun(tmp_path):
     assert "job 77 (tok)" in log and "world_size=1" in log
 
 
-def test_dockerfile_is_lint_clean_and_in_step_with_pyproject():
+def test_dockerfile_is_lint_clean_and_installs_the_lock_before_the_source():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     hadolint = Path(sys.executable).parent / "hadolint"
     proc = subprocess.run([str(hadolint), str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', dockerfile).group(1).split(",")
-    assert set(extras) <= set(project["optional-dependencies"]) and "gpu" in extras
     assert re.search(r'ENTRYPOINT \["(\w+)"\]', dockerfile).group(1) in project["scripts"]
-    base_torch = tuple(map(int, re.search(r"FROM pytorch/pytorch:(\d+)\.(\d+)", dockerfile).groups()))
-    floor = tuple(map(int, re.search(r'"torch>=(\d+)\.(\d+)"', (REPO / "pyproject.toml").read_text()).groups()))
-    assert base_torch >= floor  # pip keeps the image's CUDA torch
+    steps = [dockerfile.index(step) for step in ("COPY constraints-gpu.txt ./", "pip install -r constraints-gpu.txt", "COPY . .",
+                                                   "pip install --no-deps -e .")]
+    assert steps == sorted(steps)  # dependencies, then the source: an edit to the source reuses the dependency layer
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert ".venv" in ignored and "runs" in ignored
+    assert {".venv", "runs", "wheelhouse"} <= set(ignored)
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    return {canonicalize_name(name): version for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", path.read_text(), re.M)}
+
+
+def test_gpu_lock_is_in_step_with_pyproject_and_the_base_image():
+    """constraints-gpu.txt pins a version of every requirement of pyproject (base + the extras it was made with) that
+    satisfies it, and torch at the Dockerfile's base image's, so pip keeps the base's CUDA build."""
+    lock = REPO / "constraints-gpu.txt"
+    made_with = re.search(r"^#\s+make lock-gpu PY=([\d.]+) PLATFORM=(\S+) EXTRAS=(\S+)$", lock.read_text(), re.M)
+    py, _, extras = made_with.groups()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "gpu" in extras.split(",") and set(extras.split(",")) <= set(project["optional-dependencies"])
+    pins = lock_pins(lock)
+    requirements = project["dependencies"] + [r for extra in extras.split(",") for r in project["optional-dependencies"][extra]]
+    for line in map(Requirement, requirements):
+        if line.marker is None or line.marker.evaluate({"python_version": py, "python_full_version": f"{py}.0"}):
+            name = canonicalize_name(line.name)
+            assert name in pins and line.specifier.contains(pins[name], prereleases=True), \
+                f"{line} -> {pins.get(name)}: pyproject changed, run `make lock-gpu` (docker/README.md)"
+    base = re.search(r"^FROM pytorch/pytorch:([\d.]+)-", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert pins["torch"] == base
+
+
+def make_dry(*args: str) -> list[str]:
+    proc = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    return proc.stdout.replace("\\\n", " ").splitlines()
+
+
+def test_wheelhouse_target_gathers_binaries_for_the_target_and_builds_the_sdists():
+    """The pip commands of `make wheelhouse` (dry: the real run is in docker/README.md's recipe, gigabytes for the
+    GPU set): every binary for the target's Python and platform at the lock's versions, the sdist-only packages
+    built here, and the install line with no index."""
+    lines = make_dry("wheelhouse", "PY=3.12", "PLATFORM=manylinux_2_28_x86_64", "OUT=/tmp/wh")
+    (download,) = [line for line in lines if " download " in line]
+    argv = download.split()
+    assert argv[argv.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in argv and "--implementation" in argv
+    platforms = [argv[i + 1] for i, a in enumerate(argv) if a == "--platform"]
+    assert platforms[0] == "manylinux_2_28_x86_64" and platforms[-2:] == ["manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    assert len(platforms) == 28 - 17 + 2  # every older manylinux_2_N too: pip takes the tag literally
+    assert argv[argv.index("-c") + 1] == "constraints-gpu.txt" and argv[argv.index("--find-links") + 1] == "/tmp/wh"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert argv[-1] == f'"/tmp/wh/semhitok-{version}-py3-none-any.whl[gpu,eval]"'
+    wheels = [line.split() for line in lines if " wheel " in line]
+    assert ["--no-deps", "-w", "/tmp/wh", "."] == wheels[0][-4:]  # semhitok's own wheel
+    sdists = wheels[1][wheels[1].index("constraints-gpu.txt") + 1:]
+    assert "deepspeed" in sdists and "--no-deps" in wheels[1]
+    pins = lock_pins(REPO / "constraints-gpu.txt")
+    assert all(canonicalize_name(name) in pins for name in sdists)  # no stale names
+    assert lines[-1].endswith('pip install --no-index --find-links /tmp/wh \\"semhitok[gpu,eval]\\""')
+    assert make_dry("wheelhouse", "PLATFORM=manylinux2014_x86_64")[-2].count("--platform manylinux2014_x86_64 ") == 1
+
+
+def test_lock_target_resolves_for_the_image():
+    (compile_line,) = [line for line in make_dry("lock-gpu", "PY=3.12", "PLATFORM=manylinux_2_28_aarch64") if "pip compile" in line]
+    base = re.search(r"^FROM pytorch/pytorch:([\d.]+)-", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert compile_line.startswith(f'echo "torch=={base}" | uv pip compile')
+    assert "--extra gpu --extra eval" in compile_line and "--python-version 3.12 --python-platform aarch64-manylinux_2_28" in compile_line
