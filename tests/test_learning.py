@@ -57,6 +57,7 @@ BUDGET = [
     "world.train_scenes=400", "world.holdout_scenes=100", "world.max_objects=1", "world.text_rows=100",
     "world.single_min_size=0.375", "world.caption_requests=0",  # objects of 3-4 lattice cells: more of each image says its colour
     "world.captions_per_scene=2", "world.questions_per_scene=0",  # every row of each of the few scenes (as measured)
+    "world.turns_per_conversation=1", "mllm_train.task_loss_weights={understanding: 1}",  # as measured
     "teacher_train.steps=100",
     "tokenizer.sem_codebook_size=32", "tokenizer.pix_codes_per_group=4",  # 128 visual ids (the world uses ~30): a small LLM head
     "tokenizer_train.max_steps=120", "tokenizer_train.lr=0.001", "tokenizer_train.log_every=1000",
