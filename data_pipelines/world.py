@@ -338,7 +338,7 @@ def text_row(rng: random.Random, allowed: list[tuple[str, str]]) -> str:
         f"A {colour} {shape} is a {shape} that is {colour}.",
         f"Shapes come in {listing(list(COLOURS))}.",
         f"There are three shapes: {listing(list(SHAPES))}.",
-        f"A square has four corners, a triangle three, a circle none.",
+        "A square has four corners, a triangle three, a circle none.",
         f"One, two, three: {NUMBERS[rng.randint(1, 3)]} {shape}.",
     ])
 

@@ -60,6 +60,13 @@ def truth(scene: Scene, question: str) -> tuple[str, str]:
     raise AssertionError(f"not a world question: {question!r}")
 
 
+def all_questions(scene: Scene) -> Counter:
+    """How many questions of each kind the scene answers: a colour for each shape it holds once, a shape for each
+    colour it holds once, one count, two yes/no, two left/right when it has two objects or more."""
+    once = lambda attr: list(Counter(getattr(o, attr) for o in scene.objects).values()).count(1)
+    return Counter(count=1, yes_no=2, left_right=2 * (len(scene.objects) > 1), colour=once("shape"), shape=once("colour"))
+
+
 def assert_describes(scene: Scene, caption: str) -> None:
     """The caption names exactly the scene's objects, and a relation it states holds."""
     assert named(caption) == {o.name for o in scene.objects}, (caption, scene)
@@ -231,9 +238,7 @@ def test_conversations_ask_one_question_each_with_the_right_answer(world):
         kinds[c["image"]][kind] += 1
         answers[kind, answer] += 1
     for image, scene in scenes.items():  # every training scene asks all its questions
-        once = lambda attr: list(Counter(getattr(o, attr) for o in scene.objects).values()).count(1)
-        assert kinds[image] == Counter(count=1, yes_no=2, left_right=2 * (len(scene.objects) > 1),
-                                       colour=once("shape"), shape=once("colour")), image
+        assert kinds[image] == all_questions(scene), image
     assert answers["yes_no", "yes"] == answers["yes_no", "no"] == CFG.train_scenes  # balanced
     assert 0.3 < len(described) / CFG.train_scenes < 0.7  # a caption request for about half the scenes
 
@@ -306,7 +311,5 @@ def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_ea
             if m := re.fullmatch(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?", q1):
                 assert q2 != f"Is the {m[2]} left or right of the {m[1]}?", asked
     for image, scene in scenes.items():  # every question of every scene, once, as with one per conversation
-        once = lambda attr: list(Counter(getattr(o, attr) for o in scene.objects).values()).count(1)
-        assert kinds[image] == Counter(count=1, yes_no=2, left_right=2 * (len(scene.objects) > 1),
-                                       colour=once("shape"), shape=once("colour")), image
+        assert kinds[image] == all_questions(scene), image
     assert max(turns) > 1 and np.mean(turns) > 1.3  # questions about different objects share conversations
