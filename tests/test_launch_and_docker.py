@@ -165,7 +165,7 @@ def test_gpu_lock_is_in_step_with_pyproject_and_the_base_image():
 
 
 def make_dry(*args: str) -> list[str]:
-    proc = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, check=True)
     return proc.stdout.replace("\\\n", " ").splitlines()
 
 
