@@ -185,12 +185,12 @@ def encode_distinct(model: VisualTokenizer, images: list[torch.Tensor]) -> torch
     conversations comes in consecutive rows of one batch (the shapes world has ~5 rows per image). Pictures are
     matched by their preprocessed pixels, so two paths to one file and one file read twice both count."""
     keys = [hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() for x in images]
-    slot = {}
-    for i, k in enumerate(keys):
-        slot.setdefault(k, len(slot))
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # key -> its first row
-    distinct = torch.stack([images[first[k]] for k in slot]).to(model.device)
-    return model.encode(distinct).flatten(1)[[slot[k] for k in keys]]
+    slot, distinct = {}, []  # key -> its row in distinct
+    for x, k in zip(images, keys):
+        if k not in slot:
+            slot[k] = len(distinct)
+            distinct.append(x)
+    return model.encode(torch.stack(distinct).to(model.device)).flatten(1)[[slot[k] for k in keys]]
 
 
 def _read_done(path: Path) -> dict:

@@ -76,9 +76,9 @@ class WorldConfig:
     # images again to memorise.
     questions_per_scene: int = 0
     # Questions per conversation (1: one each). More turns show the LLM more answers for the image tokens it reads
-    # once. Turns never share a colour or shape word (question or answer), so no answer can be read off an earlier
-    # turn's text ("What color is the circle?" "blue" ... "Is there a blue circle?"); the held-out questions stay
-    # one per image.
+    # once. No two turns of a conversation are about a common object (group_turns), so no answer can be read off
+    # an earlier turn's text ("What color is the circle?" "blue" ... "Is there a blue circle?"); the held-out
+    # questions stay one per image.
     turns_per_conversation: int = 1
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
