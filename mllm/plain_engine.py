@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from semhitok.common.io import atomic_path
+from semhitok.common.safe_load import load_state
 
 
 class PlainEngine:
@@ -63,7 +64,7 @@ class PlainEngine:
         if not (folder / "plain_state.pt").is_file():
             return None, {}
         missing, unexpected = load_model(self.module, str(folder / "model.safetensors"), strict=True)
-        state = torch.load(folder / "plain_state.pt", weights_only=True)
+        state = load_state(folder / "plain_state.pt")  # tensors and containers only: nothing in it runs
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]

@@ -10,7 +10,8 @@ Layout of <run_dir>/mllm/:
     metrics.jsonl (+ tensorboard/, wandb/); loss_curves.png, gaps.png (conditioning gaps, mllm/gaps.py)
 A restarted job resumes from the newest checkpoint whose COMPLETE.json matches its files (damaged newer ones
 are skipped with a warning): weights, optimizer, scheduler, data position and RNG, so the next losses equal
-those of the uninterrupted run.
+those of the uninterrupted run. No state is unpickled beyond tensors, containers and DeepSpeed's few types
+(common/safe_load.py): a checkpoint asking for more is refused with one line naming the file.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
+from semhitok.common.safe_load import load_state, weights_only_loads
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS, SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer, resolve_text_tokenizer
@@ -152,6 +154,30 @@ def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     return (newest[0] if newest else None), skipped
 
 
+def deepspeed_state_types() -> list[type]:
+    """What DeepSpeed's states hold besides tensors, containers and primitives: the loss scaler and the ZeRO
+    stage (optim_states), the fp32 partitions' slice addresses (ZeRO-1/2)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_engine_checkpoint(engine, root: Path, tag: str) -> dict:
+    """engine.load_checkpoint without unpickling code: DeepSpeed's checkpoint engine loads with
+    torch.load(weights_only=False), so its reads go through load_state (a refusal names the file), and any
+    other torch.load inside (universal checkpoints, MoE experts) is forced weights-only. Client state back."""
+    allow = deepspeed_state_types() if hasattr(engine, "checkpoint_engine") else []
+    if allow:
+        engine.checkpoint_engine.load = lambda path, map_location=None: load_state(path, allow, map_location)
+    with weights_only_loads(allow):
+        load_path, client = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+    return client
+
+
 def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
     """Load the newest intact checkpoint if there is one (rank 0 picks it, every rank loads that tag);
     the step to continue from. Damaged newer ones are skipped with a warning; with none intact, step 0."""
@@ -167,11 +193,9 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
     if manifest.get("world_size") != dist.world_size:
         raise ValueError(f"checkpoint {root / tag} was written by {manifest.get('world_size')} rank(s), this job has "
                          f"{dist.world_size}: resume with the same world size")
-    load_path, client = engine.load_checkpoint(str(root), tag=tag)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+    client = load_engine_checkpoint(engine, root, tag)
     loader.load_state_dict(json.loads((root / tag / f"loader_rank{dist.rank}.json").read_text()))
-    rng = torch.load(root / tag / f"rng_rank{dist.rank}.pt", weights_only=True)
+    rng = load_state(root / tag / f"rng_rank{dist.rank}.pt")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"].numel():
         torch.cuda.set_rng_state(rng["cuda"])

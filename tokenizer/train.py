@@ -26,6 +26,7 @@ from tqdm import tqdm
 from semhitok.common import dist as D
 from semhitok.common.io import atomic_dir, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
+from semhitok.common.safe_load import UnsafeCheckpoint, load_state
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, image_grid
 from semhitok.tokenizer.losses import (
@@ -315,11 +316,14 @@ class Trainer:
 
         A checkpoint is trusted only when its completion marker (written last) lists files that all match;
         a damaged one (missing files, truncated, garbage, unloadable) is skipped with a warning and the next
-        older one is tried. With none intact the run starts from step 0, with a warning naming them."""
+        older one is tried. With none intact the run starts from step 0, with a warning naming them. A state
+        asking to unpickle anything but tensors and containers is no damage: UnsafeCheckpoint stops the job."""
         skipped: list[str] = []
         for path, manifest in intact_dirs(reversed(self._checkpoints()), skipped):
             try:
                 self._load_checkpoint(path)
+            except UnsafeCheckpoint:  # not damage: a state asking to run code stops the job
+                raise
             except Exception as err:  # verified sizes, but the content does not load: try an older one
                 skipped.append(f"{path.name}: does not load ({type(err).__name__}: {str(err)[:200]})")
                 continue
@@ -335,7 +339,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         model_state = load_file(str(path / "model.safetensors"))
         extra_states = {name: load_file(str(path / f"{name}.safetensors")) for name in self.task.extra_modules}
-        state = torch.load(path / "train_state.pt", weights_only=True)
+        state = load_state(path / "train_state.pt")  # tensors and containers only: nothing in it runs
         self.task.model.load_state_dict(model_state)
         for name, module in self.task.extra_modules.items():
             module.load_state_dict(extra_states[name])
