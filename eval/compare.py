@@ -8,7 +8,7 @@ config and overrides plus run_dir=<out>/<kind> and tokenizer.kind=<kind>: the sa
 steps, batch and learning rate, the same MLLM trainer and steps, the same eval. Then, in one pass over the
 held-out images (tokenizer_train.holdout_data), compare measures the kind's tokenizer: PSNR, SSIM, rFID (when
 the Inception weights load), codebook usage per code group, the teacher-feature cosine (semantic_alignment,
-when the kind has it) and the ids per image; from the pipeline's eval (<out>/<kind>/eval/summary.json) it
+when the kind has it) and the ids per image; from the pipeline's eval (<out>/<kind>/mllm/eval/summary.json) it
 reads the MLLM's held-out loss per task (the conditioning gaps' true-condition losses), POPE accuracy and gFID,
 and, when the eval scored the shapes world (eval.world), the MLLM's accuracy on its held-out questions and
 prompts (world_scores).
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from semhitok.common.io import atomic_path, write_json
+from semhitok.common.model_card import eval_dir
 from semhitok.config import load_project_config
 from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import image_grid, iter_image_batches, list_images
@@ -231,7 +232,7 @@ def compare_kind(kind: str, config: str, overrides: list[str], out: Path, fid: b
         image_grid([recons]).save(out / kind / STRIP_FILE)
     except Exception as err:  # noqa: BLE001
         row["errors"].append(f"tokenizer: {type(err).__name__}: {err}".splitlines()[0])
-    summary = Path(cfg.run_dir) / "eval" / "summary.json"
+    summary = eval_dir(cfg.mllm_dir / "final") / "summary.json"
     if summary.is_file():
         row.update(mllm_scores(json.loads(summary.read_text()), cfg.eval.sampling.cfg_scale))
     elif not row["errors"]:

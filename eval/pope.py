@@ -1,10 +1,16 @@
-"""POPE (object hallucination, Li et al. 2023) with the original repository's scoring.
+"""POPE (object hallucination, Li et al. 2023): the one answer parser and scorer of every POPE path.
 
-Answers are reduced to yes/no exactly as POPE's evaluate.py does: keep the first sentence, drop commas,
-split on spaces; "No", "no" or "not" among the words means no, anything else yes. Then accuracy,
-precision, recall, F1 with yes as the positive class, and yes-ratio = share of predicted yes.
-(lmms-eval's built-in `pope` task compares raw lower-cased answers instead; the local task here uses
-POPE's own reduction, so "No, there is not." counts as no.)
+`semhitok eval` (run_pope), the local lmms-eval task semhitok_pope_local and semhitok_pope (lmms-eval's own
+`pope` data and prompt; eval/lmms_tasks.py) all score with pope_metrics, so the same answers give the same
+numbers everywhere.
+
+An answer is reduced as POPE's evaluate.py does, with one difference: keep the first sentence, drop
+punctuation, split into lower-cased words; "no" or "not" among them means no, else "yes" among them means yes,
+else the answer is unparsed. (evaluate.py counts an answer that says neither as yes, which gives a captioning
+model a yes-ratio of 1.0 and recall 1.0; lmms-eval's built-in task compares the raw lower-cased answer with
+the label, so "Yes." is wrong there.) An unparsed answer counts as wrong in accuracy and as a non-yes in
+precision and recall; yes_ratio is the share of yes among parsed answers (None when none parsed), and
+`unparsed` counts the rest.
 
 Questions file: POPE jsonl rows {"question_id", "image" | "local_image", "text", "label", "category"}.
 """
@@ -12,6 +18,7 @@ Questions file: POPE jsonl rows {"question_id", "image" | "local_image", "text",
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -20,31 +27,33 @@ from tqdm import tqdm
 from semhitok.tokenizer import encode_images, load_rgb
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
+MAX_NEW_TOKENS = 16  # every POPE path cuts answers here, so all read the same first sentence
+NO_WORDS, YES_WORDS = {"no", "not"}, {"yes"}
 
 
-def pope_answer(text: str) -> str:
-    """A free-form answer -> 'yes' | 'no' (POPE's evaluate.py)."""
-    if "." in text:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+def pope_answer(text: str) -> str | None:
+    """A free-form answer -> 'yes' | 'no' | None (says neither), read from its first sentence."""
+    words = set(re.findall(r"[a-z]+", text.split(".")[0].lower()))
+    return "no" if words & NO_WORDS else "yes" if words & YES_WORDS else None
 
 
 def pope_metrics(answers: list[str], labels: list[str]) -> dict:
-    """Free-form answers and yes/no labels -> accuracy, precision, recall, f1, yes_ratio (yes positive)."""
+    """Free-form answers and yes/no labels -> accuracy, precision, recall, f1 (yes positive), yes_ratio over
+    the parsed answers (None when none parsed), unparsed (answers saying neither), questions."""
     if len(answers) != len(labels) or not answers:
         raise ValueError(f"need equally many answers and labels, got {len(answers)} and {len(labels)}")
-    pred = [pope_answer(a) == "yes" for a in answers]
-    gold = [label.strip().lower() == "yes" for label in labels]
-    tp = sum(p and g for p, g in zip(pred, gold))
-    tn = sum(not p and not g for p, g in zip(pred, gold))
-    fp = sum(p and not g for p, g in zip(pred, gold))
-    fn = sum(not p and g for p, g in zip(pred, gold))
+    pred = [pope_answer(a) for a in answers]
+    gold = [label.strip().lower() for label in labels]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
+    fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))  # an unparsed answer misses a yes
+    parsed = [p for p in pred if p is not None]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": (tp + tn) / len(pred), "precision": precision, "recall": recall,
+    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / len(pred), "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "yes_ratio": sum(pred) / len(pred), "questions": len(pred)}
+            "yes_ratio": parsed.count("yes") / len(parsed) if parsed else None,
+            "unparsed": len(pred) - len(parsed), "questions": len(pred)}
 
 
 def load_pope(questions: str | Path, image_root: str | Path) -> list[dict]:
@@ -67,7 +76,7 @@ def load_pope(questions: str | Path, image_root: str | Path) -> list[dict]:
 
 
 @torch.no_grad()
-def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = 16) -> dict:
+def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Answer every question greedily about its image (padded to square or centre-cropped, as the model's
     data.understanding_image says) -> metrics (overall and per category) + answers."""
     from semhitok.mllm.sample import SamplingConfig

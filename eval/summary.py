@@ -6,6 +6,10 @@ warning; an empty path (e.g. eval.pope_questions=) turns a benchmark off. lmms-e
 <out>/lmms_eval (`bash eval/run_lmms.sh MODEL TASKS <out>/lmms_eval`) join the table. eval.world=<a directory
 written by data_pipelines.world.write_world> adds the world's scores (eval/world_eval.py), written under
 <out>/world, with their own section after the table.
+
+The default <out> is the model's one eval folder (semhitok.common.model_card.eval_dir: <run>/mllm/final ->
+<run>/mllm/eval), where the pipeline and eval/run_lmms.sh write too; an eval there rewrites the export's
+model card (README.md) with the new scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 from pathlib import Path
 
 from semhitok.common.io import atomic_path, write_json
+from semhitok.common.model_card import eval_dir
 from semhitok.eval.config import EvalConfig
 from semhitok.eval.fid import FIDUnavailable
 from semhitok.eval.generation import GenEvalUnavailable, generate_geneval, generation_fid, read_metadata, score_geneval
@@ -107,7 +112,21 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown_table(summary))
+    refresh_card(model_dir, out)
     return summary
+
+
+def refresh_card(model_dir: str | Path, out: Path) -> Path | None:
+    """Rewrite the model card of a local MLLM export whose eval folder `out` is (eval_dir), so it shows these
+    scores; an eval written elsewhere (--out) leaves the card alone."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "semhitok_mllm.json").is_file() or eval_dir(model_dir.resolve()) != out.resolve():
+        return None
+    from semhitok.mllm.hf_export import write_mllm_card
+
+    card = write_mllm_card(model_dir, model_dir)
+    log.info("model card with these scores: %s", card)
+    return card
 
 
 def _evaluated_model(results: dict) -> Path | None:

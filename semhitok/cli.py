@@ -271,13 +271,8 @@ def cmd_sample(args) -> None:
     print(f"{len(prompts) * args.samples_per_prompt} images -> {Path(args.out) / 'images'}; overview: {grid}")
 
 
-def default_eval_dir(model: str | Path) -> Path:
-    """<run>/mllm/final -> <run>/mllm/eval; any other DIR -> DIR-eval (eval/run_lmms.sh writes to <that>/lmms_eval)."""
-    model = Path(model)
-    return model.parent / "eval" if model.name == "final" else model.parent / f"{model.name}-eval"
-
-
 def cmd_eval(args) -> None:
+    from semhitok.common.model_card import eval_dir
     from semhitok.common.run_dir import find_run_config
     from semhitok.eval.summary import evaluate_model
 
@@ -291,7 +286,7 @@ def cmd_eval(args) -> None:
             log.info("config: %s (recorded by the run that trained %s)", recorded, args.model)
         args.config = str(recorded or DEFAULT_PRESET)
     cfg = _load(args)
-    out = Path(args.out) if args.out else default_eval_dir(args.model)
+    out = Path(args.out) if args.out else eval_dir(args.model)
     _record(out, cfg, "eval", args)
     evaluate_model(args.model, cfg.eval, out, args.device)
     print((out / "summary.md").read_text())
@@ -455,7 +450,9 @@ def pipeline_stages(cfg) -> list[str]:
 
 def pipeline_outputs(cfg) -> list[tuple[str, Path]]:
     """What a reader opens after the pipeline, in stage order: (label, path) of those that exist."""
-    run, evaluation = Path(cfg.run_dir), Path(cfg.run_dir) / "eval"
+    from semhitok.common.model_card import eval_dir
+
+    run, evaluation = Path(cfg.run_dir), eval_dir(cfg.mllm_dir / "final")
     outputs = [("world", cfg.world_dir),
                ("teacher retrieval", cfg.teacher_dir / "teacher_eval.json"),
                ("tokenizer", cfg.tokenizer_dir),
@@ -529,10 +526,13 @@ def cmd_pipeline(args) -> None:
         captions = read_prompts(prompts_file)[:PIPELINE_SAMPLES]
         _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
         sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
-    _stage(stages, "eval", "evaluation -> %s", Path(cfg.run_dir) / "eval")
-    _record(Path(cfg.run_dir) / "eval", cfg, "eval", args)
-    evaluate_model(model_dir, cfg.eval, Path(cfg.run_dir) / "eval")
-    print((Path(cfg.run_dir) / "eval" / "summary.md").read_text())
+    from semhitok.common.model_card import eval_dir
+
+    evaluation = eval_dir(model_dir)  # where `semhitok eval --model` and eval/run_lmms.sh write too
+    _stage(stages, "eval", "evaluation -> %s", evaluation)
+    _record(evaluation, cfg, "eval", args)
+    evaluate_model(model_dir, cfg.eval, evaluation)
+    print((evaluation / "summary.md").read_text())
     outputs = pipeline_outputs(cfg)
     print(f"outputs of {cfg.run_dir}:")
     for label, path in outputs:

@@ -170,7 +170,7 @@ def test_run_lmms_writes_each_model_to_its_own_folder_where_eval_reads_it(tmp_pa
     import os
     import subprocess
 
-    from semhitok.cli import default_eval_dir
+    from semhitok.common.model_card import eval_dir as default_eval_dir
     from semhitok.eval.summary import collect_lmms_results
 
     # a stand-in for `python -m lmms_eval`: writes a results JSON the way lmms-eval does, naming its model
@@ -266,4 +266,4 @@ def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_list
     listed = out[out.index(f"outputs of {tmp_path}:"):].splitlines()[1:-1]
     assert [line.split(":")[0].strip() for line in listed] == ["tokenizer metrics", "model", "loss curves", "samples",
                                                                 "eval summary"]
-    assert listed[-1].endswith(str(tmp_path / "eval" / "summary.md"))
+    assert listed[-1].endswith(str(tmp_path / "mllm" / "eval" / "summary.md"))  # the model's one eval folder

@@ -20,9 +20,9 @@ def test_pipeline_runs_every_stage_and_skips_finished_ones_when_rerun(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for produced in ("tokenizer_eval.json", "reconstructions/grid.png", "pretokenized/manifest.json",
-                     "mllm/final/semhitok_mllm.json", "samples/grid.png", "eval/summary.md"):
+                     "mllm/final/semhitok_mllm.json", "samples/grid.png", "mllm/eval/summary.md"):
         assert (tmp_path / produced).is_file(), produced
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["tokenizer"]["images"] == 12
+    assert json.loads((tmp_path / "mllm" / "eval" / "summary.json").read_text())["tokenizer"]["images"] == 12
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
     assert "stage 1 already finished" in again.stderr and "mllm already trained" in again.stderr

@@ -99,8 +99,8 @@ def test_wheel_runs_the_tiny_pipeline_from_an_empty_directory(wheel_venv, tmp_pa
     out = outputs[2]
     runs = cwd / "runs" / "tiny"
     assert (runs / "mllm" / "final" / "semhitok_mllm.json").is_file() and (runs / "samples" / "grid.png").is_file()
-    assert (runs / "eval" / "summary.json").is_file() and "chat with the model: semhitok chat --model runs/tiny/mllm/final" in out
-    for job in ("", "tokenizer", "pretokenized", "mllm", "samples", "eval"):  # by the pipeline
+    assert (runs / "mllm" / "eval" / "summary.json").is_file() and "chat with the model: semhitok chat --model runs/tiny/mllm/final" in out
+    for job in ("", "tokenizer", "pretokenized", "mllm", "samples"):  # by the pipeline (its eval: mllm/eval, rewritten below)
         info = json.loads((runs / job / "run.json").read_text())
         assert info["overrides"] == SHORT and info["preset"] == "tiny" and info["revision"].startswith("semhitok ")
         assert yaml.safe_load((runs / job / "config.yaml").read_text())["mllm_train"]["max_steps"] == 2

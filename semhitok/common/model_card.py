@@ -4,7 +4,8 @@ Metadata (YAML front matter, huggingface_hub.ModelCardData): license, library_na
 base_model, tags, datasets, metrics. `datasets` holds Hub dataset ids (owner/name) only, those the training
 sources read from; local sources are named in the body alone. Body: what the model is built from, the data
 it was trained on (the sources in the run's recorded config.yaml), the scores of its eval summary
-(summary.json) when one exists beside the export, and how to load it.
+(summary.json in the model's eval folder, eval_dir) when one exists, and how to load it. `semhitok eval`
+rewrites the card of the export it evaluated, so the card shows the scores right after an eval.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ CARD = "README.md"
 LICENSE = "apache-2.0"
 
 
+def eval_dir(model_dir: str | Path) -> Path:
+    """The one eval folder of a model, where `semhitok eval`, the pipeline's eval stage and eval/run_lmms.sh
+    (under lmms_eval/) write and the model card reads: <run>/mllm/final -> <run>/mllm/eval; DIR -> DIR-eval."""
+    model_dir = Path(model_dir)
+    return model_dir.parent / "eval" if model_dir.name == "final" else model_dir.parent / f"{model_dir.name}-eval"
+
+
 def find_eval_summary(model_dir: str | Path) -> Path | None:
-    """summary.json of `semhitok eval` for a model directory: in it, or where eval writes by default
-    (<run>/mllm/final -> <run>/mllm/eval, DIR -> DIR-eval)."""
-    model_dir = Path(model_dir).resolve()
-    for candidate in (model_dir / "summary.json", model_dir.parent / "eval" / "summary.json",
-                      model_dir.parent / f"{model_dir.name}-eval" / "summary.json"):
-        if candidate.is_file():
-            return candidate
-    return None
+    """summary.json of `semhitok eval` in the model's eval folder (eval_dir), when it exists."""
+    summary = eval_dir(Path(model_dir).resolve()) / "summary.json"
+    return summary if summary.is_file() else None
 
 
 def summary_metrics(summary: dict, prefix: str = "", depth: int = 2) -> dict[str, float]:
@@ -100,7 +103,8 @@ def write_model_card(folder: str | Path, *, title: str, about: list[str], usage:
         lines += [f"From `{summary_file.name}` of `semhitok eval`:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
     else:
-        lines += ["No eval summary (summary.json of `semhitok eval`) was found beside this export."]
+        lines += [f"No eval summary was found (`semhitok eval --model` writes {eval_dir(Path(run_dir or folder).resolve()).name}/summary.json "
+                  "beside this export and rewrites this card)."]
     lines += ["", "## How to load", "", usage.strip(), ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     card.save(Path(folder) / CARD)

@@ -1,4 +1,5 @@
-"""lmms-eval's own `pope` task (its installed YAML and utils) scored offline on the shipped POPE questions."""
+"""lmms-eval's `pope` data (its installed YAML and utils) offline on the shipped POPE questions, scored by
+semhitok's POPE parser (task semhitok_pope) exactly as `semhitok eval` scores the same answers."""
 
 import json
 import os
@@ -8,7 +9,9 @@ import sys
 import pytest
 
 from semhitok.eval.lmms_datasets import POPE_FEATURES, build_pope, task_dataset_path
-from semhitok.eval.pope import load_pope, run_pope
+from semhitok.eval.lmms_tasks import write_task
+from semhitok.eval.pope import POST_PROMPT, load_pope, pope_metrics, run_pope
+from semhitok.eval.summary import collect_lmms_results
 from semhitok.mllm.sample import load_sampler
 from tests.conftest import REPO
 
@@ -40,25 +43,75 @@ def test_the_shipped_pope_dataset_loads_by_its_hub_name_offline(tmp_path):
     assert min(got["size"]) == 384  # the shipped photo itself
 
 
+# Answers of every kind a model gives: plain, with punctuation or capitals, a no-sentence, captions that say
+# neither (unparsed), a yes after the first sentence (only the first counts)
+SCRIPTED = ["Yes", "No", "yes.", "NO", "No, there is not.", "There is not a dog.", "Yes, there is one.", "A red circle.",
+            "a photo of a kitchen", "", "Yes. No dog though.", "It is blue. Yes.", "no", "Yes", "yes", "Not at all", "Sure",
+            "no."]
+
+# lmms-eval's evaluator itself (task loading, its pope prompt, process_results, aggregation), with a model that
+# gives SCRIPTED[doc_id]; printed: the prompts the model saw and the task's scores
+EVALUATE = r"""
+import json, sys
+from lmms_eval.api.model import lmms
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.tasks import TaskManager
+
+answers, prompts = json.loads(sys.argv[2]), {}
+
+class Scripted(lmms):
+    def generate_until(self, requests):
+        out = []
+        for r in requests:
+            prompts[r.args[3]] = r.args[0]
+            out.append(answers[r.args[3]])
+        return out
+    def loglikelihood(self, requests): raise NotImplementedError
+    def generate_until_multi_round(self, requests): raise NotImplementedError
+
+result = simple_evaluate(model=Scripted(), tasks=["semhitok_pope"], task_manager=TaskManager(include_path=sys.argv[1]),
+                         log_samples=False, bootstrap_iters=0)
+print(json.dumps({"scores": result["results"]["semhitok_pope"], "prompts": prompts}))
+"""
+
+
+def test_lmms_evals_pope_and_semhitok_eval_give_the_same_numbers_for_the_same_answers(tmp_path):
+    build_pope(tmp_path / "cache")
+    write_task(tmp_path / "tasks")
+    env = dict(offline_env(tmp_path), HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", EVALUATE, str(tmp_path / "tasks"), json.dumps(SCRIPTED)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = load_pope(SHIPPED_POPE, SHIPPED_IMAGES)  # the dataset keeps the shipped file's order
+    assert {int(k): v for k, v in got["prompts"].items()} == {i: f"{r['question']}{POST_PROMPT}" for i, r in enumerate(rows)}
+    ours = pope_metrics(SCRIPTED, [r["label"] for r in rows])  # what semhitok eval reports for these answers
+    assert ours["unparsed"] == 5 and ours["questions"] == 18  # "A red circle.", the caption, "", "It is blue.", "Sure"
+    assert ours["yes_ratio"] == pytest.approx(6 / 13)  # over the 13 answers that say yes or no
+    for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed"):
+        assert got["scores"][f"pope_{metric},none"] == pytest.approx(ours[metric]), metric
+
+
 @pytest.mark.slow
-def test_run_lmms_sh_scores_lmms_evals_own_pope_task_offline(tiny_mllm_dir, tmp_path):
+def test_run_lmms_sh_pope_reports_what_semhitok_eval_reports_on_the_same_model(tiny_mllm_dir, tmp_path):
     out = tmp_path / "lmms"
     proc = subprocess.run(["bash", "eval/run_lmms.sh", str(tiny_mllm_dir), "pope", str(out)], cwd=REPO, env=offline_env(tmp_path),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "pope on the repository's shipped data" in proc.stderr
+    assert "pope on the repository's shipped data" in proc.stderr and "pope runs as semhitok_pope" in proc.stderr
     results = json.loads(open(proc.stdout.strip().splitlines()[-1].removeprefix("results: ")).read())
-    assert "pope" in results["results"] and results["configs"]["pope"]["dataset_path"] == "lmms-lab-encoder/POPE"
-    samples = [json.loads(line) for f in out.rglob("*_pope.jsonl") for line in open(f)]
+    assert results["configs"]["semhitok_pope"]["dataset_path"] == "lmms-lab-encoder/POPE"
+    samples = [json.loads(line) for f in out.rglob("*_semhitok_pope.jsonl") for line in open(f)]
     assert len(samples) == 18
-    # the task's own scoring (lower-cased exact match) over the replies our decoding loop gives to the same questions
     rows = load_pope(SHIPPED_POPE, SHIPPED_IMAGES)
-    ours = [a["answer"] for a in run_pope(*load_sampler(tiny_mllm_dir, "cpu"), rows)["answers"]]
-    for s in samples:  # the dataset keeps the shipped file's order
+    ours = run_pope(*load_sampler(tiny_mllm_dir, "cpu"), rows)  # semhitok eval's POPE
+    for s in samples:  # the same replies to the same questions
         reply = s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]
-        assert reply == ours[s["doc_id"]] and s["target"] == rows[s["doc_id"]]["label"]
-    accuracy = sum(a.lower().strip() == r["label"] for a, r in zip(ours, rows)) / len(rows)
-    assert results["results"]["pope"]["pope_accuracy,none"] == pytest.approx(accuracy)
+        assert reply == ours["answers"][s["doc_id"]]["answer"] and s["target"] == rows[s["doc_id"]]["label"]
+    collected = collect_lmms_results(out, tiny_mllm_dir)["semhitok_pope"]  # the lmms_eval rows of semhitok eval's table
+    for metric in ("accuracy", "precision", "recall", "f1", "unparsed"):
+        assert results["results"]["semhitok_pope"][f"pope_{metric},none"] == pytest.approx(ours[metric]), metric
+        assert collected[f"pope_{metric}"] == pytest.approx(ours[metric]), metric
 
 
 def test_run_lmms_sh_refuses_an_unknown_data_choice(tiny_mllm_dir, tmp_path):

@@ -12,9 +12,10 @@ SHIPPED = REPO / "data" / "eval" / "pope.jsonl"
 @pytest.mark.parametrize("text,expected", [
     ("Yes", "yes"), ("No", "no"), ("no", "no"), ("Yes, there is a dog.", "yes"), ("There is not a dog.", "no"),
     ("No, there is none.", "no"), ("Yes. No dog though.", "yes"),  # only the first sentence counts
-    ("NO", "yes"), ("", "yes"),  # POPE's rule is case-sensitive and defaults to yes
+    ("NO", "no"), ("yes!", "yes"), ("Yes, but not here", "no"),  # any case, punctuation dropped; a no-word wins
+    ("", None), ("A red circle on grey.", None), ("Nothing here", None), ("Sure. Yes.", None),  # says neither
 ])
-def test_answers_reduce_to_yes_no_like_popes_evaluate_py(text, expected):
+def test_answers_reduce_to_yes_no_or_unparsed(text, expected):
     assert pope_answer(text) == expected
 
 
@@ -24,9 +25,19 @@ def test_metrics_with_yes_as_the_positive_class():
     m = pope_metrics(answers, labels)
     assert m["accuracy"] == pytest.approx(6 / 8)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(3 / 8)
+    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(3 / 8) and m["unparsed"] == 0
     all_no = pope_metrics(["no"] * 4, ["yes", "no", "no", "yes"])
     assert all_no["precision"] == 0.0 and all_no["f1"] == 0.0 and all_no["accuracy"] == 0.5
+
+
+def test_answers_that_say_neither_are_wrong_counted_and_left_out_of_the_yes_ratio():
+    # a captioning model: POPE's evaluate.py would call all four yes (accuracy 0.5, yes-ratio 1.0, recall 1.0)
+    captions = pope_metrics(["A red circle.", "a dog", "A kitchen.", ""], ["yes", "no", "yes", "no"])
+    assert captions["accuracy"] == 0.0 and captions["recall"] == 0.0 and captions["yes_ratio"] is None
+    assert captions["unparsed"] == 4 and captions["questions"] == 4
+    mixed = pope_metrics(["Yes", "A cat.", "No", "yes"], ["yes", "yes", "no", "no"])  # TP 1, FN 1 (unparsed), TN 1, FP 1
+    assert mixed["accuracy"] == pytest.approx(2 / 4) and mixed["recall"] == pytest.approx(1 / 2)
+    assert mixed["precision"] == pytest.approx(1 / 2) and mixed["yes_ratio"] == pytest.approx(2 / 3) and mixed["unparsed"] == 1
 
 
 def test_shipped_pope_questions_load_with_their_photos():
