@@ -42,9 +42,12 @@ class PretokenizeConfig:
     num_workers: int = 4
     max_image_pixels: int = 36_000_000  # larger images are skipped (counted), checked before decoding
     max_aspect_ratio: float = 20.0  # images with longer / shorter side above this are skipped (counted)
+    # captions and conversations longer than this many text tokens are skipped (counted as text_too_long): no
+    # packed row could hold them, and the loader would tokenize them again on every draw
+    max_text_tokens: int = 16384
 
     def __post_init__(self) -> None:
-        check_min(self, 1, "records_per_shard", "batch_size")
+        check_min(self, 1, "records_per_shard", "batch_size", "max_text_tokens")
         check_min(self, 0, "num_workers")
 
 
