@@ -6,7 +6,10 @@
 
 A resumed job whose resolved config differs from the recorded one goes on (longer schedules and other
 logging are legitimate reasons to resume with new values) but warns, naming every changed key; the
-previous config stays in runs.jsonl's history (its hash) and in config.previous.yaml.
+previous config stays in runs.jsonl's history (its hash) and in config.previous.yaml. Values that name
+files are compared by what they name, not how they are spelled: `data/sample/train.jsonl` and the installed
+package's `.../site-packages/semhitok/data/sample/train.jsonl` are the same value when both files have the
+same bytes (size, then sha256), and two spellings of one folder are the same (`same_path`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any
 import yaml
 
 from semhitok import IS_CHECKOUT, REPO_ROOT, __version__
-from semhitok.common.io import atomic_path, write_json
+from semhitok.common.io import atomic_path, sha256_file, write_json
+from semhitok.common.resources import shipped
 
 log = logging.getLogger("semhitok")
 CONFIG_FILE, RUN_FILE, HISTORY_FILE = "config.yaml", "run.json", "runs.jsonl"
@@ -62,9 +66,65 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _content(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _listing(folder: Path, limit: int = 10_000) -> list[tuple[str, int]] | None:
+    """(relative path, size) of every file under folder, sorted; None when it holds more than `limit`."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            found.append((path.relative_to(folder).as_posix(), path.stat().st_size))
+            if len(found) > limit:
+                return None
+    return found
+
+
+def same_path(a: str, b: str) -> bool:
+    """Two spellings of one file or folder, or two files with the same bytes, or two folders with the same files
+    (names and sizes; up to 10,000 files). A relative `data/...` is found as the config loader finds it (the
+    current directory's, else the shipped copy: semhitok.common.resources)."""
+    if not a or not b:  # "" is no path (Path("") is the current directory)
+        return False
+    try:
+        pa, pb = Path(shipped(a)), Path(shipped(b))
+        if not (pa.exists() and pb.exists()):
+            return False
+        if pa.resolve() == pb.resolve():
+            return True
+        if pa.is_file() and pb.is_file():
+            return pa.stat().st_size == pb.stat().st_size and _content(pa) == _content(pb)
+        if pa.is_dir() and pb.is_dir():
+            listing = _listing(pa)
+            return listing is not None and listing == _listing(pb)
+    except (OSError, ValueError):  # unreadable, a name too long, a NUL in a string that was never a path
+        pass
+    return False
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, or equal once every string naming a file or folder is compared by what it names (same_path)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        return same_path(a, b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return False
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return sorted(k for k in set(a) | set(b) if not same_value(a.get(k, "<unset>"), b.get(k, "<unset>")))
 
 
 def is_main_process() -> bool:
