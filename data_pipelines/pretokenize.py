@@ -7,16 +7,24 @@ Output (`<output_dir>/`):
                                        {key, origin, kind, text | conversations, ids_row (-1: no image),
                                         ids_rows (only with several images: one row per <image>, in order)}
     shards/<source>-<unit>.done.json that unit's counts, errors, the shard's sha256 and its identity
-                                     (input, record range, records_per_shard, kind, tokenizer), written last
+                                     (the input's content, record range, records_per_shard, kind, image mode
+                                     and root, max_text_tokens, tokenizer), written last
     manifest.json                    every unit, totals and the tokenizer's identity, kind, grid, code_vocab_sizes (L
                                      entries), code_groups and visual_vocab_size (the LLM's visual rows: the one
                                      code vocabulary when L == 1, 1 placeholder row when L > 1) (when all are done)
 
 A unit is done iff its .done.json exists and describes the same unit; both files are written atomically, so
 a job killed anywhere and started again redoes at most the units it was in the middle of, and writes every
-sample exactly once. A finished unit made differently (another records_per_shard, input, kind or tokenizer)
-is refused, never mixed in. Images are bounded before they are decoded (max_image_pixels, max_aspect_ratio).
-Units are split across jobs by index modulo --num-shards (or SLURM array / task variables).
+sample exactly once. A unit is sealed only when its input was read to the end without an error (a `pipe:`
+command that exits non-zero, a download that fails, a file that changes while it is read): such a unit is
+left not done, the job ends with one line naming it, and a rerun retries it. A finished unit made
+differently (another input content, records_per_shard, kind, image mode or tokenizer) is refused, never
+mixed in; `check_resume` says so before a command records anything. An input is known by its content
+(byte count and sha256; readers.InputRead), so the same file spelled another way, or an identical copy
+elsewhere (a checkout's data/ and an installed wheel's), resumes; a local file whose path, size and mtime
+are as recorded is not hashed again. A stream (URL, `pipe:`) is known by its spelling: it is not read again
+to be checked. Images are bounded before they are decoded (max_image_pixels, max_aspect_ratio), texts by
+max_text_tokens. Units are split across jobs by index modulo --num-shards (or SLURM array / task variables).
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from tqdm import tqdm
 
 from semhitok.common.io import atomic_path, sha256_file, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
-from semhitok.data_pipelines.readers import DataError, Record, WorkUnit, plan_units, read_unit
+from semhitok.data_pipelines.readers import (DataError, InputRead, Record, WorkUnit, file_stat, local_input, plan_units,
+                                             read_unit)
 from semhitok.tokenizer import load_tokenizer, preprocess
 from semhitok.tokenizer.data import ImageLimits, ImageRejected, open_rgb
 from semhitok.tokenizer.interface import IdStructure, VisualTokenizer, positions_and_codes
@@ -64,8 +73,8 @@ class _UnitStream(torch.utils.data.IterableDataset):
 
     Yields, per record of a unit in order, (unit index, entry, images) where entry is the record's metadata
     and images a list of [3, S, S] tensors in [-1, 1] (empty: no image) or (error kind, reason) when one
-    of them is unusable; then (unit index, None, errors) once the unit is read. The workers stay alive
-    across units."""
+    of them is unusable; then (unit index, None, (errors, InputRead)) once the unit is read. The workers stay
+    alive across units."""
 
     def __init__(self, units: list[WorkUnit], size: int, limits: ImageLimits):
         self.units, self.size, self.limits = units, size, limits
@@ -75,11 +84,12 @@ class _UnitStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for u in range(worker, len(self.units), workers):
             errors: Counter = Counter()
-            for r in read_unit(self.units[u], errors):
+            got = InputRead()
+            for r in read_unit(self.units[u], errors, got):
                 entry = {"key": r.key, "origin": r.origin, "kind": r.kind}
                 entry.update({"text": r.text} if r.conversations is None else {"conversations": r.conversations})
                 yield u, entry, self._decode(r, image_mode(self.units[u].source))
-            yield u, None, dict(errors)
+            yield u, None, (dict(errors), got)
 
     def _decode(self, r: Record, mode: str) -> list[torch.Tensor] | tuple[str, str]:
         images = []
@@ -113,33 +123,59 @@ def tokenizer_identity(tokenizer_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def unit_identity(unit: WorkUnit, tokenizer_id: str) -> dict:
-    return {**unit.identity(), "tokenizer": tokenizer_id}
+def unit_identity(unit: WorkUnit, tokenizer_id: str | None) -> dict:
+    """What a unit's samples depend on, besides its input's content (InputRead.content, stored as "input")."""
+    return {**unit.identity(), "image_mode": image_mode(unit.source), "tokenizer": tokenizer_id}
+
+
+def _input_differs(unit: WorkUnit, done: dict) -> str | None:
+    """Why the unit's input is not the one the finished unit read (None: it is): a stream by its spelling; a
+    local file by its content, hashed again only when its resolved path, size or mtime are not as recorded."""
+    found = done["identity"]["input"]
+    if unit.is_stream:
+        return None if found.get("url") == unit.file else f"input was the stream {found.get('url')!r}, now {unit.file!r}"
+    try:
+        if done.get("input_stat") == file_stat(unit.file):
+            return None
+        now = local_input(unit.file).content()
+    except OSError as err:
+        return f"input {unit.file} cannot be read ({type(err).__name__})"
+    if now == {k: found.get(k) for k in now}:
+        return None
+    return (f"input {unit.file} has other content: {now['bytes']} bytes, sha256 {now['sha256'][:12]}, was {found.get('bytes')} "
+            f"bytes, sha256 {str(found.get('sha256'))[:12]}")
 
 
 def check_done(unit: WorkUnit, done: dict, expected: dict, path: Path) -> None:
-    """Refuse a finished unit that another configuration made (mixing would duplicate, drop or relabel samples)."""
+    """Refuse a finished unit that another configuration or another input made (mixing would duplicate, drop or
+    relabel samples). expected["tokenizer"] None: the tokenizer is not compared (not trained yet)."""
     found = done.get("identity")
-    if found == expected:
-        return
-    if not isinstance(found, dict):
-        what = "it records no identity (written by an older version)"
+    if not isinstance(found, dict) or not isinstance(found.get("input"), dict):
+        what = "it records no input content (written by an older version)"
     else:
-        what = "; ".join(f"{k} was {found.get(k)!r}, now {v!r}" for k, v in expected.items() if found.get(k) != v)
+        differs = [f"{k} was {found.get(k)!r}, now {v!r}" for k, v in expected.items()
+                   if found.get(k) != v and not (k == "tokenizer" and v is None)]
+        what = "; ".join(differs) or _input_differs(unit, done)
+        if not what:
+            return
     raise DataError(f"{path}: unit {unit.name} was pre-tokenized differently ({what}); write to another output_dir "
                     f"or delete {path.parent} to start over")
 
 
 def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[np.ndarray], row_width: int, errors: dict,
-               identity: dict) -> dict:
-    """One unit's shard (atomically), then its .done.json (which marks the unit done). rows: [h*w*L] each."""
+               identity: dict, got: InputRead | None = None) -> dict:
+    """One unit's shard (atomically), then its .done.json (which marks the unit done). rows: [h*w*L] each;
+    got: what was read of the input (its content joins the identity)."""
     ids = np.stack(rows) if rows else np.zeros((0, row_width), np.int32)
     shard = shard_dir / f"{unit.name}.npz"
     with atomic_path(shard) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, meta_json=np.frombuffer(json.dumps(entries).encode("utf-8"), dtype=np.uint8))
+    got = got or InputRead()
+    content = {**got.content(), **({"url": unit.file} if unit.is_stream else {})}
     done = {"unit": unit.name, "source": unit.source.name, "file": shard.name, "sha256": sha256_file(shard), "samples": len(entries),
-            "images": len(rows), "errors": errors, "input": unit.file, "records": [unit.start, unit.stop], "identity": identity}
+            "images": len(rows), "errors": errors, "input": unit.file, "input_stat": got.stat, "records": [unit.start, unit.stop],
+            "identity": {**identity, "input": content}}
     write_json(shard_dir / f"{unit.name}.done.json", done)
     return done
 
@@ -147,7 +183,8 @@ def write_unit(unit: WorkUnit, shard_dir: Path, entries: list[dict], rows: list[
 @torch.no_grad()
 def process_units(model: VisualTokenizer, units: list[WorkUnit], shard_dir: Path, batch_size: int, num_workers: int,
                   identities: list[dict], limits: ImageLimits = ImageLimits()):
-    """Encode every unit's images in batches and write each unit as soon as it is complete; yields .done dicts."""
+    """Encode every unit's images in batches and write each unit as soon as it is complete; yields .done dicts,
+    or {"unit", "failed"} for a unit whose input could not be read to the end (nothing of it is written)."""
     loader = torch.utils.data.DataLoader(_UnitStream(units, model.image_size, limits), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=list)
     open_units: dict[int, dict] = {}  # unit -> {"entries", "rows" (ids [h*w*L] each), "skipped" (Counter)}
@@ -173,11 +210,16 @@ def process_units(model: VisualTokenizer, units: list[WorkUnit], shard_dir: Path
                 else:  # a further image of a multi-image sample (its rows are consecutive)
                     entry.setdefault("ids_rows", [entry["ids_row"]]).append(len(state["rows"]))
                 state["rows"].append(row)
-        for u, entry, errors in batch:
+        for u, entry, end in batch:
             if entry is None:  # the unit's last item: everything before it is encoded
                 state = open_units.pop(u)
+                errors, got = end
+                if got.failure:
+                    log.warning("unit %s: not done, its input was not read to the end (%s); a rerun retries it", units[u].name, got.failure)
+                    yield {"unit": units[u].name, "failed": got.failure}
+                    continue
                 errors = dict(Counter(errors) + state["skipped"])
-                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], row_width, errors, identities[u])
+                yield write_unit(units[u], shard_dir, state["entries"], state["rows"], row_width, errors, identities[u], got)
 
 
 def encode_distinct(model: VisualTokenizer, images: list[torch.Tensor]) -> torch.Tensor:
@@ -229,14 +271,11 @@ def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: VisualT
     return True
 
 
-def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
-                    num_shards: int | None = None, shard_index: int | None = None, device: str | None = None) -> dict:
-    num_shards, shard_index = job_split(num_shards, shard_index)
-    units = plan_units(cfg.sources, cfg.records_per_shard)
+def _plan(cfg: PretokenizeConfig, shard_dir: Path, tokenizer_id: str | None,
+          num_shards: int = 1, shard_index: int = 0) -> tuple[list[WorkUnit], list[WorkUnit], list[WorkUnit]]:
+    """(every unit, this job's units, this job's units not done yet); a finished unit made differently is refused."""
+    units = plan_units(cfg.sources, cfg.records_per_shard, cfg.max_text_tokens)
     mine = [u for i, u in enumerate(units) if i % num_shards == shard_index]
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_id = tokenizer_identity(tokenizer_dir)
     todo = []
     for unit in mine:
         done = shard_dir / f"{unit.name}.done.json"
@@ -244,27 +283,58 @@ def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
             check_done(unit, _read_done(done), unit_identity(unit, tokenizer_id), done)
         else:
             todo.append(unit)
+    return units, mine, todo
+
+
+def check_resume(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path) -> None:
+    """Refuse (DataError, one line) an output_dir whose finished units another configuration or input made, before
+    a command records or writes anything; every job's units are checked. A tokenizer not trained yet is not
+    compared."""
+    shard_dir = Path(out) / "shards"
+    if not any(shard_dir.glob("*.done.json")):
+        return
+    tokenizer_id = tokenizer_identity(tokenizer_dir) if (Path(tokenizer_dir) / "model.safetensors").is_file() else None
+    _plan(cfg, shard_dir, tokenizer_id)
+
+
+def run_pretokenize(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path,
+                    num_shards: int | None = None, shard_index: int | None = None, device: str | None = None) -> dict:
+    """Pre-tokenize this job's units that are not done. A unit whose input could not be read to the end is left
+    not done and, once every other unit is written, the job stops with a DataError naming it (a rerun retries it)."""
+    num_shards, shard_index = job_split(num_shards, shard_index)
+    shard_dir = out / "shards"
+    tokenizer_id = tokenizer_identity(tokenizer_dir)
+    units, mine, todo = _plan(cfg, shard_dir, tokenizer_id, num_shards, shard_index)
+    shard_dir.mkdir(parents=True, exist_ok=True)
     for unit in todo:  # temporaries of this job's units left by a killed run (never another job's)
         for stale in shard_dir.glob(f".{unit.name}.*.tmp"):
             stale.unlink()
     log.info("pretokenize job %d/%d: %d units, %d already done", shard_index, num_shards, len(mine), len(mine) - len(todo))
     model = load_tokenizer(tokenizer_dir, device)
     totals: Counter = Counter()
+    failed: list[dict] = []
     start = time.perf_counter()
     records = [u.stop - u.start for u in todo]  # samples per unit (0: a tar, counted once read)
     bar = tqdm(total=sum(records) if all(records) else None, desc="pretokenize", unit="sample", dynamic_ncols=True)
     limits = ImageLimits(cfg.max_image_pixels, cfg.max_aspect_ratio)
     identities = [unit_identity(u, tokenizer_id) for u in todo]
     for done in process_units(model, todo, shard_dir, cfg.batch_size, cfg.num_workers, identities, limits):
+        if "failed" in done:
+            failed.append(done)
+            continue
         totals.update({"samples": done["samples"], "images": done["images"]})
         totals.update({f"error:{k}": v for k, v in done["errors"].items()})
         bar.update(done["records"][1] - done["records"][0] or done["samples"])
         bar.set_postfix(img_per_s=f"{totals['images'] / (time.perf_counter() - start):.1f}")
     bar.close()
     elapsed = time.perf_counter() - start
-    summary = {"job": f"{shard_index}/{num_shards}", "units_done_now": len(todo), "units_already_done": len(mine) - len(todo),
-               **dict(totals), "seconds": round(elapsed, 2),
+    summary = {"job": f"{shard_index}/{num_shards}", "units_done_now": len(todo) - len(failed), "units_already_done": len(mine) - len(todo),
+               "units_failed": len(failed), **dict(totals), "seconds": round(elapsed, 2),
                "images_per_s": round(totals["images"] / elapsed, 2) if elapsed > 0 else 0.0,
                "manifest_written": _write_manifest_if_complete(units, out, model, tokenizer_dir, tokenizer_id, cfg.records_per_shard)}
     log.info("pretokenize summary: %s", json.dumps(summary))
+    if failed:
+        first = failed[0]
+        raise DataError(f"pretokenize: {len(failed)} unit(s) not done, their input was not read to the end (unit {first['unit']}: "
+                        f"{first['failed']}); run again to retry them")
     return summary

@@ -3,16 +3,26 @@
 A work unit is one webdataset tar (streamed with the `webdataset` library: local files, URLs, `pipe:`
 commands), or `records_per_shard` consecutive records of a jsonl/json file. Units are the grain of
 resumption and of splitting across jobs. Every field is checked when it is read (types, UTF-8, empty
-text, roles, one image per <image> tag); a bad sample is counted by kind and logged with its origin
-(file:line, file[index] or tar:key) and never stops the job.
+text, roles, one image per <image> tag, captions and conversations at most max_text_tokens tokens); a bad
+sample is counted by kind and logged with its origin (file:line, file[index] or tar:key) and never stops
+the job.
+
+Reading a unit also says what it read of its input (`InputRead`): the byte count and sha256 of the whole
+file (jsonl/json, local tar) or of the whole stream (URL, `pipe:`), and whether it got to the end without
+an error. A stream is read to its end (after the tar's last member too) and closed, so a command's exit
+status and a download's failure are seen; a tar whose bytes all arrived but whose content is broken is a
+counted `bad_tar`, the unit still complete. A local input's identity is its content, never its spelling:
+`data/x.jsonl`, `/abs/data/x.jsonl` and a copy elsewhere are the same input (`local_input`).
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +39,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_TAG = "<image>"
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")  # streamed as is; anything else is a local glob
+# A lower bound of a text's token count in every supported text tokenizer: byte-level BPE (Qwen, GPT-style
+# pre-tokenization) and sentencepiece (LLaMA) never join two whitespace-separated words into one token, and no
+# token is longer than this many UTF-8 bytes (Qwen2.5's longest is 128; LLaMA's pieces are at most 16 characters).
+MAX_TOKEN_BYTES = 128
 
 
 class DataError(ValueError):
@@ -43,15 +57,57 @@ class WorkUnit:
     start: int = 0  # record range [start, stop) for jsonl/json sources
     stop: int = 0
     records_per_shard: int = 0  # what cut the range (0 for a tar)
+    max_text_tokens: int = 0  # longer captions and conversations are skipped as text_too_long (0: no bound)
 
     @property
     def name(self) -> str:
         return f"{self.source.name}-{self.index:05d}"
 
+    @property
+    def is_stream(self) -> bool:
+        return bool(URL.match(self.file))
+
     def identity(self) -> dict:
-        """What the unit's samples depend on (besides the tokenizer): a finished unit is reused only if equal."""
-        return {"source": self.source.name, "kind": self.source.kind, "input": self.file, "records": [self.start, self.stop],
-                "records_per_shard": self.records_per_shard, "image_root": self.source.image_root}
+        """What the unit's samples depend on besides its input's content and the tokenizer: a finished unit is
+        reused only if equal. Folders by where they are (resolved), not by how they are spelled."""
+        root = os.path.realpath(self.source.image_root) if self.source.image_root else ""
+        return {"source": self.source.name, "kind": self.source.kind, "records": [self.start, self.stop],
+                "records_per_shard": self.records_per_shard, "image_root": root, "max_text_tokens": self.max_text_tokens}
+
+
+@dataclass
+class InputRead:
+    """What reading a unit saw of its input: the content (byte count and sha256) of the whole file or stream, the
+    file's stat when it is local, and why it could not be read to the end without an error (then the unit is
+    not done: it is retried, never sealed)."""
+    bytes: int = 0
+    sha256: str = ""
+    stat: dict | None = None  # {"path": resolved, "size", "mtime_ns"} of a local input
+    failure: str | None = None
+
+    def content(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+def file_stat(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@functools.lru_cache(maxsize=256)
+def _file_content(path: str, size: int, mtime_ns: int) -> dict:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def local_input(path: str) -> InputRead:
+    """A local file's content and stat, hashed once per process while the file is unchanged (size, mtime)."""
+    stat = file_stat(path)
+    return InputRead(**_file_content(stat["path"], stat["size"], stat["mtime_ns"]), stat=stat)
 
 
 @dataclass
@@ -84,6 +140,21 @@ def text_problem(value) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return "not encodable as UTF-8 (a lone surrogate)"
+    return None
+
+
+def fewest_tokens(text: str) -> int:
+    """A lower bound of `text`'s token count in every supported text tokenizer (see MAX_TOKEN_BYTES)."""
+    return max(len(text.split()), -(-len(text.encode("utf-8")) // MAX_TOKEN_BYTES))
+
+
+def too_long(unit: WorkUnit, texts: list[str]) -> str | None:
+    """Why texts (a caption, a conversation's turns) could never be trained on (None: they might)."""
+    bound = unit.max_text_tokens
+    if not bound or sum(len(t) for t in texts) <= bound:  # a token is at least one character
+        return None
+    if (n := sum(fewest_tokens(t) for t in texts)) > bound:
+        return f"its text has at least {n} tokens (pretokenize.max_text_tokens={bound})"
     return None
 
 
@@ -133,7 +204,7 @@ def _tar_urls(source: SourceConfig) -> list[str]:
     return urls
 
 
-def plan_units(sources: list[SourceConfig], records_per_shard: int) -> list[WorkUnit]:
+def plan_units(sources: list[SourceConfig], records_per_shard: int, max_text_tokens: int = 0) -> list[WorkUnit]:
     """Every unit of every source, in a fixed order (the same in every job of an array)."""
     check_sources(sources)
     if not isinstance(records_per_shard, int) or records_per_shard < 1:
@@ -141,11 +212,11 @@ def plan_units(sources: list[SourceConfig], records_per_shard: int) -> list[Work
     units: list[WorkUnit] = []
     for source in sources:
         if source.kind == "wds":
-            units += [WorkUnit(source, i, url) for i, url in enumerate(_tar_urls(source))]
+            units += [WorkUnit(source, i, url, max_text_tokens=max_text_tokens) for i, url in enumerate(_tar_urls(source))]
         else:
             n = _count_records(source)
             units += [
-                WorkUnit(source, i, source.path, start, min(start + records_per_shard, n), records_per_shard)
+                WorkUnit(source, i, source.path, start, min(start + records_per_shard, n), records_per_shard, max_text_tokens)
                 for i, start in enumerate(range(0, n, records_per_shard))
             ]
     return units
@@ -207,6 +278,8 @@ def _from_row(unit: WorkUnit, row, origin: str, errors: Counter) -> Record | Non
             return skip(errors, "bad_json", origin, "needs \"image\" and \"caption\"")
         if why := text_problem(row.get("caption")):
             return skip(errors, "bad_text", origin, f"\"caption\" is {why}")
+        if why := too_long(unit, [row["caption"]]):
+            return skip(errors, "text_too_long", origin, why)
         record = Record(key, origin, "caption", text=row["caption"])
     else:  # llava_json
         conv = row.get("conversations")
@@ -214,6 +287,8 @@ def _from_row(unit: WorkUnit, row, origin: str, errors: Counter) -> Record | Non
             return skip(errors, problem[0], origin, problem[1])
         if not _tags_match(conv, len(images)):
             return skip(errors, "image_tag_mismatch", origin, f"{len(images)} image(s) for the {IMAGE_TAG} tags of its user turns")
+        if why := too_long(unit, [t.get("value", t.get("content")) for t in conv]):
+            return skip(errors, "text_too_long", origin, why)
         record = Record(key, origin, "conversation", conversations=conv)
     record.images = [str(_image_root(unit) / image) for image in images]
     for path in record.images:
@@ -222,32 +297,47 @@ def _from_row(unit: WorkUnit, row, origin: str, errors: Counter) -> Record | Non
     return record
 
 
-def read_unit(unit: WorkUnit, errors: Counter) -> Iterator[Record]:
-    """The unit's usable records, streamed; problems go to `errors` (and the log) by kind."""
-    kind = unit.source.kind
-    if kind == "wds":
-        yield from _read_tar(unit, errors)
-    elif kind == "llava_json":
+def read_unit(unit: WorkUnit, errors: Counter, got: InputRead | None = None) -> Iterator[Record]:
+    """The unit's usable records, streamed; problems go to `errors` (and the log) by kind. `got` (if given) is
+    filled with what was read of the input: its content, and a failure if it could not be read to the end."""
+    got = InputRead() if got is None else got
+    if unit.source.kind == "wds":
+        yield from _read_tar(unit, errors, got)
+        return
+    try:
+        before = local_input(unit.file)
+        yield from _read_rows(unit, errors)
+        after = file_stat(unit.file)
+    except OSError as err:
+        got.failure = f"{unit.file}: {type(err).__name__}: {err}"
+        return
+    got.bytes, got.sha256, got.stat = before.bytes, before.sha256, before.stat
+    if after != before.stat:
+        got.failure = f"{unit.file} changed while it was read"
+
+
+def _read_rows(unit: WorkUnit, errors: Counter) -> Iterator[Record]:
+    if unit.source.kind == "llava_json":
         for i, row in enumerate(_json_list(unit.file)[unit.start : unit.stop], unit.start):
             if (record := _from_row(unit, row, f"{unit.file}[{i}]", errors)) is not None:
                 yield record
-    else:
-        with open(unit.file, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if lineno <= unit.start:
-                    continue
-                if lineno > unit.stop:
-                    break
-                if not line.strip():
-                    continue
-                origin = f"{unit.file}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, too deep, huge integers
-                    skip(errors, "bad_json", origin, f"bad JSON ({type(err).__name__}: {str(err)[:100]})")
-                    continue
-                if (record := _from_row(unit, row, origin, errors)) is not None:
-                    yield record
+        return
+    with open(unit.file, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno <= unit.start:
+                continue
+            if lineno > unit.stop:
+                break
+            if not line.strip():
+                continue
+            origin = f"{unit.file}:{lineno}"
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, too deep, huge integers
+                skip(errors, "bad_json", origin, f"bad JSON ({type(err).__name__}: {str(err)[:100]})")
+                continue
+            if (record := _from_row(unit, row, origin, errors)) is not None:
+                yield record
 
 
 def _tar_caption(sample: dict, origin: str, errors: Counter) -> str | None:
@@ -276,21 +366,71 @@ def _tar_caption(sample: dict, origin: str, errors: Counter) -> str | None:
     return skip(errors, "incomplete_sample", origin, f"needs an image and a caption (has {sorted(k for k in sample if not k.startswith('__'))})")
 
 
-def _read_tar(unit: WorkUnit, errors: Counter) -> Iterator[Record]:
+class _HashingStream:
+    """A read-only stream that counts and hashes what passes through it, and remembers a read that failed
+    (a `pipe:` command's exit status, a dropped download: webdataset's Pipe raises them from read)."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.bytes, self.failure = stream, hashlib.sha256(), 0, None
+
+    def read(self, *args) -> bytes:
+        try:
+            data = self.stream.read(*args)
+        except Exception as err:
+            self.failure = self.failure or f"{type(err).__name__}: {str(err)[:200]}"
+            raise
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+    def finish(self) -> None:
+        """Read to the end (what follows the tar's last member too) and close: a stream's exit status is known
+        only then."""
+        try:
+            while self.failure is None and self.read(1 << 20):
+                pass
+        except Exception:  # noqa: BLE001, S110 (read has recorded it as the failure)
+            pass
+        try:
+            self.stream.close()
+        except Exception as err:  # noqa: BLE001 (Pipe.close raises on a non-zero exit status)
+            self.failure = self.failure or f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def _read_tar(unit: WorkUnit, errors: Counter, got: InputRead) -> Iterator[Record]:
     """img2dataset layout: members <key>.<img ext> with <key>.txt (caption) and/or <key>.json, streamed
     member by member (never the whole tar in memory)."""
+    try:
+        stat = None if unit.is_stream else file_stat(unit.file)
+        stream = _HashingStream(wds.gopen(unit.file))
+    except Exception as err:  # noqa: BLE001 (a file gone, a scheme gopen cannot open)
+        got.failure = f"{unit.file}: {type(err).__name__}: {str(err)[:200]}"
+        return
 
     def handler(err: Exception) -> bool:  # webdataset reports stream errors here, then moves on
-        why = str(err.args[0]) if err.args else type(err).__name__
-        skip(errors, "bad_tar", unit.file, f"what could not be read ({type(err).__name__}: {why[:200]}); the samples before it are kept")
+        if stream.failure is None:  # the bytes came, the tar in them is broken: counted, the unit complete
+            why = str(err.args[0]) if err.args else type(err).__name__
+            skip(errors, "bad_tar", unit.file, f"what could not be read ({type(err).__name__}: {why[:200]}); the samples before it are kept")
         return True
 
-    for sample in wds.tariterators.tarfile_samples([{"url": unit.file}], handler=handler):
-        key = sample["__key__"]
-        origin = f"{unit.file}:{key}"
-        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if image is None:
-            skip(errors, "incomplete_sample", origin, f"needs an image and a caption (has {sorted(k for k in sample if not k.startswith('__'))})")
-            continue
-        if (caption := _tar_caption(sample, origin, errors)) is not None:
-            yield Record(f"{unit.source.name}/{Path(key).name}", origin, "caption", text=caption, images=[image])
+    files = wds.tariterators.tar_file_expander([{"url": unit.file, "stream": stream}], handler=handler)
+    try:
+        for sample in wds.tariterators.group_by_keys(files, handler=handler):
+            key = sample["__key__"]
+            origin = f"{unit.file}:{key}"
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if image is None:
+                skip(errors, "incomplete_sample", origin, f"needs an image and a caption (has {sorted(k for k in sample if not k.startswith('__'))})")
+                continue
+            if (caption := _tar_caption(sample, origin, errors)) is not None:
+                if why := too_long(unit, [caption]):
+                    skip(errors, "text_too_long", origin, why)
+                    continue
+                yield Record(f"{unit.source.name}/{Path(key).name}", origin, "caption", text=caption, images=[image])
+    finally:
+        stream.finish()
+        got.bytes, got.sha256, got.stat = stream.bytes, stream.sha.hexdigest(), stat
+        if stream.failure:
+            got.failure = f"{unit.file}: {stream.failure} after {stream.bytes} bytes"
+        elif stat is not None and file_stat(unit.file) != stat:
+            got.failure = f"{unit.file} changed while it was read"

@@ -198,9 +198,10 @@ def cmd_tokenizer_eval(args) -> None:
 
 # -- data ------------------------------------------------------------------------------------------
 def cmd_pretokenize(args) -> None:
-    from semhitok.data_pipelines.pretokenize import run_pretokenize
+    from semhitok.data_pipelines.pretokenize import check_resume, run_pretokenize
 
     cfg = _load(args)
+    check_resume(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)  # a refused resume records nothing
     _record(cfg.pretokenized_dir, cfg, "pretokenize", args)
     summary = run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir,
                               args.num_shards, args.shard_index, args.device)
@@ -478,7 +479,7 @@ def _stage(stages: list[str], stage: str, text: str, *text_args) -> None:
 def cmd_pipeline(args) -> None:
     """Every stage in order on the configured data; each stage resumes if it was interrupted."""
     from semhitok.common.io import write_json
-    from semhitok.data_pipelines.pretokenize import run_pretokenize
+    from semhitok.data_pipelines.pretokenize import check_resume, run_pretokenize
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.eval.summary import evaluate_model
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
@@ -488,6 +489,7 @@ def cmd_pipeline(args) -> None:
 
     cfg = _load(args)
     stages = pipeline_stages(cfg)
+    check_resume(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)  # a refused resume records nothing
     _record(cfg.run_dir, cfg, "pipeline", args)
     if cfg.world.enabled:
         from semhitok.data_pipelines.world import write_world
