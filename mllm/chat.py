@@ -25,9 +25,31 @@ from dataclasses import dataclass, field
 
 import torch
 
+from semhitok.common.config_io import ConfigError, check_positive, check_range
 from semhitok.mllm.sample import Decoder, SamplingConfig
 from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
 from semhitok.tokenizer.interface import VisualTokenizer
+
+ENCODER_MAX_PIXELS = ImageLimits().max_pixels  # encode_images' bound: a larger limit here would pass uploads it refuses
+MAX_UPLOAD_MB = 1024.0  # the bounded loader reads the whole file into memory
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    """The bounds of `semhitok chat` (its flags), checked before the model loads; one line names a bad one."""
+
+    max_upload_mb: float = 10.0
+    max_pixels: int = ENCODER_MAX_PIXELS
+    max_new_tokens: int = 128  # the longest answer; the page's "Max answer length" goes up to it
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_upload_mb")
+        check_range(self, 0, MAX_UPLOAD_MB, "max_upload_mb")
+        check_range(self, 1, ENCODER_MAX_PIXELS, "max_pixels")
+        check_range(self, 1, 65_536, "max_new_tokens")
+        for name in ("max_pixels", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be an integer, got {getattr(self, name)!r}")
 
 _NOUN = r"(?:image|picture|pic|photo(?:graph)?|drawing|painting|illustration|sketch|render(?:ing)?)s?"
 _ASK = r"(?:(?:please|hey|ok(?:ay)?)[\s,]+)?(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?)?"
@@ -67,10 +89,14 @@ class ChatEngine:
     def __init__(self, decoder: Decoder, visual: VisualTokenizer, max_upload_bytes: int, max_pixels: int,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 128, max_prompt_tokens: int = 512,
                  max_sessions: int = 1000, session_ttl_s: float = 3600.0, answer_sampling: SamplingConfig | None = None):
+        ChatLimits(max_upload_bytes / 2**20, max_pixels, max_new_tokens)  # ranges (the CLI checked them already)
         self.decoder, self.visual = decoder, visual
         self.max_upload_bytes, self.max_pixels, self.max_new_tokens = max_upload_bytes, max_pixels, max_new_tokens
+        self.limits = ImageLimits(max_pixels=max_pixels)  # the same bounds for the loader and the encoder
         self.max_prompt_tokens, self.max_sessions, self.session_ttl_s = max_prompt_tokens, max_sessions, session_ttl_s
         self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
+        if max_new_tokens >= self.context:
+            raise ConfigError(f"max_new_tokens: must be below the model's context of {self.context} tokens, got {max_new_tokens}")
         self.sampling = sampling or SamplingConfig()  # images: CFG scale 2 (the paper's), temperature 1
         self.answer_sampling = answer_sampling or SamplingConfig(temperature=0.0)  # answers: greedy
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
@@ -113,14 +139,17 @@ class ChatEngine:
         if len(data) > self.max_upload_bytes:
             raise UploadRejected(f"the file is {len(data) / 2**20:.1f} MB; the limit is {self.max_upload_bytes / 2**20:.1f} MB")
         try:  # the one bounded loader: size and aspect ratio checked before decoding, any mode to RGB
-            img = open_rgb(data, ImageLimits(max_pixels=self.max_pixels))
+            img = open_rgb(data, self.limits)
         except ImageRejected as err:
             if err.kind == "corrupt_image":
                 raise UploadRejected(f"that file is not an image I can read ({err})") from None
             raise UploadRejected(f"the image cannot be used: {err}") from None
 
         def run():
-            ids = encode_images(self.visual, [img], self.decoder.seq_cfg.understanding_image)[0]
+            try:
+                ids = encode_images(self.visual, [img], self.decoder.seq_cfg.understanding_image, self.limits)[0]
+            except ImageRejected as err:
+                raise UploadRejected(f"the image cannot be used: {err}") from None
             state = self.session(sid)
             state.before_last = None  # a new picture: the last answer is not regenerated about it
             state.image_ids, state.image_is_new = ids.cpu(), True
@@ -128,21 +157,25 @@ class ChatEngine:
         return f"got your {img.width}x{img.height} image; ask me about it"
 
     def message(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
-                answer_sampling: SamplingConfig | None = None) -> dict:
+                answer_sampling: SamplingConfig | None = None, max_new_tokens: int | None = None) -> dict:
         """The whole reply: {"kind": "text", "text"} or {"kind": "image", "image": PIL image, "seed", "caption"}."""
         reply = None
-        for reply in self.message_stream(sid, text, sampling, make_image, answer_sampling):
+        for reply in self.message_stream(sid, text, sampling, make_image, answer_sampling, max_new_tokens):
             pass
         return reply
 
     def message_stream(self, sid: str, text: str, sampling: SamplingConfig | None = None, make_image: bool = False,
-                       answer_sampling: SamplingConfig | None = None):
+                       answer_sampling: SamplingConfig | None = None, max_new_tokens: int | None = None):
         """Yields the reply as it grows ({"kind": "text", "text": the answer so far}, ...), or one image reply.
         An image request (image_caption), or any text with make_image, generates a picture with `sampling`;
-        an answer is drawn with answer_sampling (defaults: the engine's). The work runs on the model thread."""
+        an answer is drawn with answer_sampling and is at most max_new_tokens long (defaults: the engine's;
+        never above the engine's max_new_tokens). The work runs on the model thread."""
         text = text.strip()
         if not text:
             raise UploadRejected("empty message")
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise UploadRejected(f"the answer length must be 1 to {self.max_new_tokens} tokens, got {max_new_tokens!r}")
         # a character bound first (32 per allowed token, far above any tokenizer's average: huge texts are never
         # tokenized), then the token count
         if len(text) > 32 * self.max_prompt_tokens or len(self.decoder.tokenizer.encode(text)) > self.max_prompt_tokens:
@@ -151,7 +184,7 @@ class ChatEngine:
         if make_image and caption is None:
             caption = text
         sampling = (sampling or self.sampling) if caption is not None else (answer_sampling or self.answer_sampling)
-        for item in self._on_model_thread(self._reply, self.session(sid), text, caption, sampling):
+        for item in self._on_model_thread(self._reply, self.session(sid), text, caption, sampling, max_new_tokens):
             if callable(item):  # the turn is complete and its reply delivered: the session takes it
                 self.model_thread.submit(item).result()
             else:
@@ -185,7 +218,7 @@ class ChatEngine:
         finally:
             abandoned.set()
 
-    def _reply(self, state: Session, text: str, caption: str | None, sampling: SamplingConfig):
+    def _reply(self, state: Session, text: str, caption: str | None, sampling: SamplingConfig, max_new_tokens: int):
         """On the model thread: a generated image for an image request, else the model's answer, streamed;
         then the function that stores the turn in the session, run once the reply was delivered (a failed or
         abandoned turn must not change the session, nor poison the next)."""
@@ -202,10 +235,10 @@ class ChatEngine:
         text = text.replace("<image>", "")  # only an upload or a generated picture places the image
         attach = state.image_ids is not None and state.image_is_new
         turns = [*state.turns, ("user", "<image>\n" + text if attach else text)]
-        turns = self._fit_context(turns, state.image_ids)
+        turns = self._fit_context(turns, state.image_ids, max_new_tokens)
         image = state.image_ids if any("<image>" in t for _, t in turns) else None
         reply = ""
-        for reply in self.decoder.answer_stream(self._visible_turns(turns), image, sampling, self.max_new_tokens):
+        for reply in self.decoder.answer_stream(self._visible_turns(turns), image, sampling, max_new_tokens):
             yield {"kind": "text", "text": reply}
         if not reply:
             yield {"kind": "text", "text": ""}
@@ -215,13 +248,13 @@ class ChatEngine:
             state.before_last = before
         yield store_answer
 
-    def _fit_context(self, turns: list[tuple[str, str]], image_ids) -> list[tuple[str, str]]:
+    def _fit_context(self, turns: list[tuple[str, str]], image_ids, max_new_tokens: int) -> list[tuple[str, str]]:
         """Drop the oldest exchanges until the prompt plus the answer fit the model's context."""
         ids = None if image_ids is None else image_ids.flatten().numpy()
         while True:
             visible = self._visible_turns(turns)
             image = ids if any("<image>" in t for _, t in visible) else None
-            if len(self.decoder.builder.chat_prompt(visible, image)) + self.max_new_tokens <= self.context:
+            if len(self.decoder.builder.chat_prompt(visible, image)) + max_new_tokens <= self.context:
                 return turns
             if len(turns) <= 1:
                 raise UploadRejected(f"the message does not fit the model's context of {self.context} tokens")

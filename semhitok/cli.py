@@ -295,20 +295,25 @@ def cmd_eval(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from semhitok.mllm.chat import ChatEngine
+    from semhitok.mllm.chat import ChatEngine, ChatLimits
+    from semhitok.mllm.chat_app import chat_examples, check_page, serve
     from semhitok.mllm.sample import SamplingConfig, load_sampler
 
     random_seed = args.seed is None  # no --seed: a fresh seed for every picture
     if random_seed:
         args.seed = SamplingDefault("seed")
-    sampling, answer = _sampling(args), SamplingConfig(temperature=args.answer_temperature)  # checked before the model loads
+    # every flag checked before the model is resolved and loaded
+    sampling, answer = _sampling(args), SamplingConfig(temperature=args.answer_temperature)
+    limits = ChatLimits(args.max_upload_mb, args.max_pixels, args.max_new_tokens)
+    check_page(sampling.cfg_scale, sampling.temperature, sampling.top_k, sampling.top_p, answer.temperature, sampling.seed,
+               args.queue_size)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port: must lie in [0, 65535], got {args.port}")
     args.model = str(_model_dir(args.model))
     decoder, visual = load_sampler(args.model, args.device, args.compile)
-    engine = ChatEngine(decoder, visual, int(args.max_upload_mb * 2**20), args.max_pixels, sampling,
-                        max_new_tokens=args.max_new_tokens, answer_sampling=answer)
-    from semhitok.mllm.chat_app import chat_examples, serve
-
-    examples = chat_examples(run_world(args.model))
+    engine = ChatEngine(decoder, visual, int(limits.max_upload_mb * 2**20), limits.max_pixels, sampling,
+                        max_new_tokens=limits.max_new_tokens, answer_sampling=answer)
+    examples = chat_examples(run_world(args.model), model=args.model)
     log.info("chat examples: %s", examples.source or "none")
     print(f"chat on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     serve(engine, args.host, args.port, random_seed, args.queue_size, examples=examples)
@@ -604,11 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface, no authentication)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
-    p.add_argument("--answer-temperature", type=float, default=0.0, help="answers' sampling temperature (0: greedy)")
-    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (more are refused)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (up to 1024)")
+    p.add_argument("--max-pixels", type=int, default=36_000_000,
+                   help="largest accepted image in pixels (up to the image encoder's limit, 36,000,000)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (the page's answer length slider "
+                   "goes up to it)")
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="answers' sampling temperature, 0 to 2 (0: greedy)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model, 1 to 1000 (more are refused)")
     _sampling_args(p, None, "the page's starting seed for pictures (None: a fresh random seed for every picture)")
     _device_arg(p)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)

@@ -26,7 +26,7 @@ from semhitok.cli import run_world
 from semhitok.common.run_dir import record_run
 from semhitok.data_pipelines.world import WorldConfig, write_world
 from semhitok.mllm.chat import ChatEngine
-from semhitok.mllm.chat_app import chat_examples, serve
+from semhitok.mllm.chat_app import EMPTY_GENERATE, EMPTY_SEND, chat_examples, serve
 from semhitok.mllm.sample import SamplingConfig, load_sampler
 from semhitok.tokenizer import encode_images, open_rgb
 from tests.conftest import SAMPLE, tiny_config
@@ -157,6 +157,28 @@ def test_upload_stream_generate_regenerate_clear_in_a_browser(chat_url, browser,
     partial = [t for t in b.execute_script("return window.seen") if t != "…" and "ask me about it" not in t and t != answer.strip()]
     assert answer and partial and all(len(t) < len(answer) for t in partial), (answer, partial)  # shown before it was whole
 
+    # the answer settings sit in the chat's column: a max answer length of 2 tokens gives an answer of at most 2
+    b.find_element(By.CSS_SELECTOR, "#answer-settings button, #answer-settings .label-wrap").click()
+    length = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#answer-length input[type=number]"))[0]
+    assert b.find_elements(By.CSS_SELECTOR, "#chat-column #answer-settings #answer-temperature")
+    assert not b.find_elements(By.CSS_SELECTOR, "#settings #answer-temperature")
+    set_number(b, "#answer-length input[type=number]", 2)
+    wait.until(lambda b: length.get_attribute("value") == "2")
+    lengths, answer_stream = [], engine.decoder.answer_stream
+
+    def spy(turns, image, sampling, max_new_tokens):
+        lengths.append(max_new_tokens)
+        yield from answer_stream(turns, image, sampling, max_new_tokens)
+    engine.decoder.answer_stream = spy
+    try:
+        ask(b, "And what else?")
+        state = next(iter(engine.sessions.values()))
+        wait.until(lambda b: len(state.turns) == 4 and idle(b))
+    finally:
+        engine.decoder.answer_stream = answer_stream
+    assert lengths == [2]
+    set_number(b, "#answer-length input[type=number]", engine.max_new_tokens)
+
     # a picture from the button, at a fixed seed; another seed gives another picture
     b.find_element(By.CSS_SELECTOR, "#settings button, #settings .label-wrap").click()
     # (the accordion opens with an animation: wait for the box, a loaded box is slow to draw it)
@@ -201,6 +223,19 @@ def test_upload_stream_generate_regenerate_clear_in_a_browser(chat_url, browser,
     loaded = b.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(u.startswith(chat_url) or u.startswith(("data:", "blob:")) for u in loaded), \
         [u for u in loaded if not u.startswith(chat_url)]
+
+
+def test_send_or_generate_with_an_empty_box_says_what_to_type(chat_url, browser, engine):
+    b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
+    b.get(chat_url)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#message textarea"))
+    sessions = len(engine.sessions)
+    ask(b, "   ", "generate")  # blanks: as empty
+    wait.until(lambda b: EMPTY_GENERATE in b.find_element(By.TAG_NAME, "body").text)
+    ask(b, "", "send")
+    wait.until(lambda b: EMPTY_SEND in b.find_element(By.TAG_NAME, "body").text)
+    assert not b.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot], #chat [data-testid=user]")  # a note, not a turn
+    assert len(engine.sessions) == sessions  # nothing reached the model
 
 
 def box_value(b) -> str:
@@ -269,6 +304,22 @@ def test_examples_come_from_the_runs_world_else_the_shipped_sample(tmp_path):
     assert fallback.prompts and set(fallback.prompts) <= {r["caption"] for r in holdout} and not fallback.pixel_art
 
 
+def test_a_shapes_model_without_its_world_gets_scenes_rendered_into_the_cache(tmp_path, monkeypatch):
+    """An export copied or downloaded alone: its mixture names the shapes world's sources, so a few held-out
+    scenes are rendered at startup (once) into the user's cache; another model keeps the shipped sample."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shapes, photos = tmp_path / "shapes_model", tmp_path / "photo_model"
+    for model, source in ((shapes, "shapes_llava"), (photos, "coco_captions")):
+        model.mkdir()
+        (model / "semhitok_mllm.json").write_text(json.dumps({"sequence_config": {"mixture": [{"source": source}]}}))
+    found = chat_examples(None, model=shapes)
+    assert "shapes world" in found.source and found.pixel_art and len(found.questions) == len(found.prompts) == 4
+    for image, _ in found.questions:
+        assert Path(image).is_relative_to(tmp_path / "cache" / "semhitok") and Image.open(image).size == (64, 64)
+    assert chat_examples(None, model=shapes).questions == found.questions  # rendered once, then reused
+    assert "shipped sample" in chat_examples(None, model=photos).source
+
+
 def test_the_page_fits_a_phone_screen(chat_url, browser, shots):
     b, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.05)
     b.set_window_size(390, 844)
@@ -285,7 +336,9 @@ def test_the_page_fits_a_phone_screen(chat_url, browser, shots):
             box = b.find_element(By.ID, element).rect
             assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["width"] > 0, (element, box, width)
         chat, photo = b.find_element(By.ID, "chat").rect, b.find_element(By.ID, "photo").rect
-        assert photo["y"] >= chat["y"] + chat["height"]  # the columns stack
+        generated_at = b.find_element(By.ID, "generated").rect["y"]
+        assert photo["y"] + photo["height"] <= chat["y"] < generated_at  # stacked: the upload first, then the chat
+        assert photo["y"] < b.execute_script("return window.innerHeight") / 2  # on the first screen, not 770 px down
         b.save_screenshot(str(shots / "phone.png"))
         b.execute_script("window.scrollTo(0, document.body.scrollHeight)")
         b.save_screenshot(str(shots / "phone_bottom.png"))
@@ -311,6 +364,7 @@ def test_chat_cli_serves_on_loopback_with_its_sampling_flags(tiny_mllm_dir, tmp_
                 except OSError:
                     time.sleep(0.5)
             assert page is not None and f"chat on http://127.0.0.1:{port}" in log.read_text(), log.read_text()[-3000:]
+            assert "HTTP Request" not in log.read_text()  # a quiet console: no httpx line per startup check
             values = {c["props"].get("elem_id"): c["props"].get("value") for c in json.loads(page)["components"]}
             assert values["cfg"] == 3.5 and values["seed"] == 11 and values["random-seed"] is False
             other = socket.gethostbyname(socket.gethostname())  # another address of this machine, when it has one

@@ -128,3 +128,89 @@ def test_sessions_are_capped_and_idle_ones_evicted(engine):
         assert list(engine.sessions) == ["e"]
     finally:
         engine.session_ttl_s = 3600.0
+
+
+def test_chat_flags_out_of_range_are_refused_with_one_line_before_the_model_loads(capsys):
+    from semhitok.cli import main
+
+    refused = {"--max-upload-mb -1": "max_upload_mb", "--max-upload-mb nan": "max_upload_mb", "--max-upload-mb 4096": "max_upload_mb",
+               "--queue-size -3": "queue_size", "--queue-size 0": "queue_size", "--queue-size 100000": "queue_size",
+               "--max-pixels 40000000": "max_pixels", "--max-pixels 0": "max_pixels", "--max-new-tokens 0": "max_new_tokens",
+               "--seed -1": "seed", "--seed 1000000000000": "seed", "--answer-temperature 5": "answer_temperature",
+               "--cfg-scale 1e308": "cfg_scale", "--port 70000": "--port"}
+    for flags, name in refused.items():  # a model that does not exist: the flag is refused before it is looked for
+        assert main(["chat", "--model", "/nonexistent/model", *flags.split()]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"semhitok: error: {name}") and "\n" not in err, (flags, err)
+
+
+def test_the_chats_pixel_limit_is_the_encoders():
+    """A larger chat limit let a 40M-pixel upload past the first check, to fail inside encode_images."""
+    from semhitok.cli import build_parser
+    from semhitok.common.config_io import ConfigError
+    from semhitok.mllm.chat import ENCODER_MAX_PIXELS, ChatLimits
+    from semhitok.tokenizer import ImageLimits
+
+    assert build_parser().parse_args(["chat", "--model", "m"]).max_pixels == ENCODER_MAX_PIXELS == ImageLimits().max_pixels
+    assert ChatLimits().max_pixels == ENCODER_MAX_PIXELS
+    with pytest.raises(ConfigError, match="max_pixels"):
+        ChatLimits(max_pixels=ENCODER_MAX_PIXELS + 1)
+
+
+def test_the_engine_refuses_limits_past_the_encoders_or_the_context(engine):
+    from semhitok.common.config_io import ConfigError
+    from semhitok.mllm.chat import ENCODER_MAX_PIXELS
+
+    with pytest.raises(ConfigError, match="max_pixels"):
+        ChatEngine(engine.decoder, engine.visual, 100_000, ENCODER_MAX_PIXELS + 1)
+    with pytest.raises(ConfigError, match="context"):
+        ChatEngine(engine.decoder, engine.visual, 100_000, 1_000_000, max_new_tokens=engine.context)
+    assert engine.limits.max_pixels == engine.max_pixels  # one ImageLimits for the loader and the encoder
+
+
+def test_an_answer_length_outside_1_to_the_engines_bound_is_refused(engine):
+    for bad in (0, engine.max_new_tokens + 1, 2.5):
+        with pytest.raises(UploadRejected, match="answer length"):
+            engine.message("length", "hello", max_new_tokens=bad)
+    assert engine.message("length", "hello", max_new_tokens=1)["kind"] == "text"
+
+
+def test_page_seeds_are_bounded():
+    """A seed of 1e300 from the page put a 300-digit number in a file name ("internal error: OSError")."""
+    from semhitok.mllm.chat_app import MAX_SEED, _sampling
+
+    for bad in (1e300, -1, MAX_SEED + 1):
+        with pytest.raises(ValueError, match=f"0 to {MAX_SEED}"):
+            _sampling(2.0, 1.0, 0, 1.0, 0.0, False, bad)
+    assert _sampling(2.0, 1.0, 0, 1.0, 0.0, False, MAX_SEED)[0].seed == MAX_SEED
+    assert all(0 <= _sampling(2.0, 1.0, 0, 1.0, 0.0, True, 1e300)[0].seed <= MAX_SEED for _ in range(20))  # random: ignored
+
+
+def test_answers_print_no_deprecation_warning_per_request(engine):
+    """transformers warns that `past_key_values` is deprecated on every answer; the chat's console stays quiet."""
+    import warnings
+
+    from semhitok.mllm.chat_app import quiet_console
+
+    def warned(*steps) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:  # (restores the filters afterwards)
+            warnings.simplefilter("always")
+            for step in steps:
+                step()
+        return [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+    # the warning this guards against (transformers 5.x); if it is gone, the test has nothing left to check
+    assert warned(lambda: engine.message("quiet", "hello"))
+    assert not warned(quiet_console, lambda: engine.message("quiet", "hello again"))
+
+
+def test_the_chat_writes_no_glyph_that_needs_an_emoji_font():
+    """Without an emoji font (servers, many Linux desktops) such a glyph is a missing-glyph box."""
+    from pathlib import Path
+
+    from semhitok.mllm import chat, chat_app
+
+    for module in (chat, chat_app):
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        emoji = sorted({c for c in source if ord(c) >= 0x1F000 or c == "\ufe0f"})
+        assert not emoji, (module.__name__, emoji)
