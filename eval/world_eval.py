@@ -23,16 +23,18 @@ import random
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
 from semhitok.common.io import atomic_path
+from semhitok.common.plot import Cell, Figure, labelled_grid
 from semhitok.data_pipelines.world import BACKGROUND, COLOURS, NUMBERS, WorldConfig, make_scenes, prompts, render
 from semhitok.mllm.sample import SamplingConfig
 from semhitok.tokenizer import encode_images, load_rgb, to_pil
@@ -409,72 +411,31 @@ def generate_and_check(decoder, visual, world_dir: str | Path, sampling, out_dir
         seconds = time.perf_counter() - start
         with atomic_path(folder / "results.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-        rows = [[(Image.open(folder / r["file"]), [r["prompt"]], r["ok"]) for r in results if r["category"] == c][:grid_per_category]
+        rows = [[Cell(Image.open(folder / r["file"]), r["prompt"], r["ok"]) for r in results if r["category"] == c][:grid_per_category]
                 for c in CATEGORIES]
-        labelled_grid([row for row in rows if row], [c for c, row in zip(CATEGORIES, rows) if row]).save(folder / "grid.png")
+        labelled_grid([row for row in rows if row], [c.replace("_", " ") for c, row in zip(CATEGORIES, rows) if row],
+                      f"images for held-out prompts, CFG {scale:g}").save(folder / "grid.png")
         report[f"cfg_{scale:g}"] = {"cfg_scale": float(scale), **generation_metrics(results), "seconds": round(seconds, 2),
                                     "images_per_s": round(len(results) / seconds, 2), "results": str(folder / "results.jsonl"),
                                     "grid": str(folder / "grid.png")}
     return report
 
 
+def prompt_checker(world_dir: str | Path) -> Callable[[str, Image.Image], tuple[bool, str] | None]:
+    """(prompt, image) -> the checker's (passed, reason) for a prompt of the world's prompts.jsonl, None for any
+    other prompt; for mllm.sample.sample_images, so the samples grid shows each image's verdict."""
+    specs = {row["prompt"]: row["spec"] for row in read_jsonl(Path(world_dir) / "prompts.jsonl")}
+    min_size = world_config(world_dir).min_size
+
+    def verdict(prompt: str, image: Image.Image) -> tuple[bool, str] | None:
+        spec = specs.get(prompt)
+        return None if spec is None else check(spec, detect(image, min_size))
+
+    return verdict
+
+
 # -- pictures -------------------------------------------------------------------------------------------
-PASS, FAIL = (40, 170, 60), (220, 40, 40)
-
-
-def labelled_grid(rows: list[list[tuple[Image.Image, list[str], bool | None]]], titles: list[str] | None = None,
-                  cell: int = 128, border: int = 4) -> Image.Image:
-    """Rows of cells (image, lines of text, passed) -> one picture: each image upscaled to `cell` px (nearest),
-    framed green (passed) or red (failed; None: grey), its text wrapped beneath; a title above each row."""
-    font = ImageFont.load_default_imagefont()  # PIL's bitmap font: crisp at this size, always there
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
-    width = cell + 2 * border
-
-    def wrap(text: str) -> list[str]:
-        out = []
-        text = text.encode("latin-1", "replace").decode("latin-1")  # what the bitmap font draws ("?" for the rest)
-        fits = lambda t: probe.textlength(t, font=font) <= width - 4
-        for part in text.splitlines() or [""]:
-            line = ""
-            for word in part.split(" "):
-                while not fits(word):  # a word wider than the cell is cut
-                    cut = max(k for k in range(1, len(word) + 1) if fits(word[:k]) or k == 1)
-                    out += [line] if line else []
-                    out.append(word[:cut])
-                    word, line = word[cut:], ""
-                trial = f"{line} {word}".strip()
-                if line and not fits(trial):
-                    out.append(line)
-                    line = word
-                else:
-                    line = trial
-            out.append(line)
-        return out
-
-    wrapped = [[[w for text in texts for w in wrap(text)] for _, texts, _ in row] for row in rows]
-    text_h = [max(map(len, row)) * line_h for row in wrapped]
-    title_h = line_h if titles else 0
-    cols = max(map(len, rows))
-    pad = 6
-    canvas = Image.new("RGB", (pad + cols * (width + pad), pad + sum(title_h + width + h + pad for h in text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    y = pad
-    for r, row in enumerate(rows):
-        if titles:
-            draw.text((pad, y), titles[r], fill=(0, 0, 0), font=font)
-            y += title_h
-        for c, (image, _, ok) in enumerate(row):
-            x = pad + c * (width + pad)
-            draw.rectangle((x, y, x + width - 1, y + width - 1), fill=PASS if ok else (160, 160, 160) if ok is None else FAIL)
-            canvas.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x + border, y + border))
-            for k, line in enumerate(wrapped[r][c]):
-                draw.text((x + 2, y + width + 1 + k * line_h), line, fill=(0, 0, 0), font=font)
-        y += width + text_h[r] + pad
-    return canvas
-
-
-def question_grid(world_dir: str | Path, answers: list[dict], n: int = 15, cols: int = 5) -> Image.Image:
+def question_grid(world_dir: str | Path, answers: list[dict], n: int = 15, cols: int = 5) -> Figure:
     """A picture of n answered held-out questions (answer_questions' "answers"), taken in turn from each type
     (spread over the file, so over many images):
     each image with its question, the model's reply and the truth, framed green (right) or red (wrong)."""
@@ -485,9 +446,10 @@ def question_grid(world_dir: str | Path, answers: list[dict], n: int = 15, cols:
     spread = {t: [v[round(k * len(v) / per_type)] for k in range(min(per_type, len(v)))] for t, v in by_type.items()}  # other images
     order = sorted(spread, key=lambda t: QUESTION_TYPES.index(t) if t in QUESTION_TYPES else len(QUESTION_TYPES))
     shown = [spread[t][k] for k in range(per_type) for t in order if k < len(spread[t])][:n]
-    cells = [(Image.open(Path(world_dir) / a["image"]), [a["question"], f"model: {a['reply'] or '(nothing)'}", f"truth: {a['truth']}"
-              + (" (held-out combo)" if a["heldout_combo"] else "")], a["correct"]) for a in shown]
-    return labelled_grid([cells[k : k + cols] for k in range(0, len(cells), cols)])
+    cells = [Cell(Image.open(Path(world_dir) / a["image"]), [a["question"], f"model: {a['reply'] or '(nothing)'}", f"truth: {a['truth']}"
+                  + (" (held-out combo)" if a["heldout_combo"] else "")], a["correct"]) for a in shown]
+    return labelled_grid([cells[k : k + cols] for k in range(0, len(cells), cols)], title="held-out questions about world images",
+                         verdict_note="frame: green = the model's answer is right, red = wrong")
 
 
 # -- `semhitok eval` ------------------------------------------------------------------------------------

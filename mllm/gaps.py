@@ -166,6 +166,9 @@ def plot_training(metrics_jsonl: str | Path, out_dir: str | Path) -> list[Path]:
     from semhitok.common.plot import plot_metrics
 
     gap_keys = [f"{task}_gap_{c}" for task, conditions in CONDITIONS.items() for c in conditions[1:]]
-    drawn = [plot_metrics(metrics_jsonl, Path(out_dir) / "loss_curves.png", ["loss", "loss_understanding", "loss_generation", "loss_text"], "training loss"),
-             plot_metrics(metrics_jsonl, Path(out_dir) / "gaps.png", gap_keys, "conditioning gaps (held-out)", zero_line=True)]
+    drawn = [plot_metrics(metrics_jsonl, Path(out_dir) / "loss_curves.png", ["loss", "loss_understanding", "loss_generation", "loss_text"],
+                          "training loss", ylabel="cross-entropy (nats per token)"),
+             plot_metrics(metrics_jsonl, Path(out_dir) / "gaps.png", gap_keys, "conditioning gaps (held-out pairs)",
+                          ylabel="loss without the condition - loss with it (nats/token)",
+                          zero_line="0: the condition is not used; above 0: it is")]
     return [p for p in drawn if p is not None]

@@ -27,20 +27,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 from transformers import StaticCache
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
 from semhitok.common.hub import resolve_pretrained
+from semhitok.common.plot import sample_grid
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
-from semhitok.tokenizer import image_grid, to_pil
+from semhitok.tokenizer import to_pil
 from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
 
@@ -427,10 +430,13 @@ def load_sampler(model_dir: str | Path, device: str | None = None, compile: bool
 
 
 def sample_images(decoder: Decoder, visual: VisualTokenizer, prompts: list[str], out: str | Path, sampling: SamplingConfig,
-                  batch_size: int = 8, per_prompt: int = 1, grid_limit: int = 64) -> Path:
+                  batch_size: int = 8, per_prompt: int = 1, grid_limit: int = 64,
+                  verdict: Callable[[str, Image.Image], tuple[bool, str] | None] | None = None) -> Path:
     """Generate per_prompt images for every prompt -> out/images/<prompt>_<sample>.png, out/prompts.jsonl
-    (prompt, sample, file and the sampling settings), out/grid.png (every image, a row per prompt, up to
-    grid_limit images). Image (prompt, j) is keyed by (seed, j, prompt): the same whatever batch_size."""
+    (prompt, sample, file and the sampling settings; ok and reason where `verdict` judges the image, e.g.
+    eval.world_eval.prompt_checker) and out/grid.png (plot.sample_grid: each image with its prompt, framed by
+    its verdict; up to grid_limit images). Image (prompt, j) is keyed by (seed, j, prompt): the same whatever
+    batch_size."""
     if per_prompt < 1 or batch_size < 1:
         raise ValueError(f"samples per prompt and batch size must be >= 1, got {per_prompt} and {batch_size}")
     if not prompts:
@@ -440,18 +446,23 @@ def sample_images(decoder: Decoder, visual: VisualTokenizer, prompts: list[str],
     jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     settings = {"seed": sampling.seed, "cfg_scale": sampling.cfg_scale, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p}
-    shown: list[torch.Tensor] = []
+    shown: list[tuple[Image.Image, str, bool | None]] = []
     with open(out / "prompts.jsonl", "w") as index:
         for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", dynamic_ncols=True):
             batch = jobs[start : start + batch_size]
             ids = decoder.image_ids([prompts[i] for i, _ in batch], sampling, samples=[j for _, j in batch])
             for (i, j), image in zip(batch, visual.decode(ids.to(visual.device))):
                 name = f"images/{i:05d}_{j}.png"
-                to_pil(image).save(out / name)
-                index.write(json.dumps({"prompt": prompts[i], "sample": j, "file": name, **settings}) + "\n")
+                pil = to_pil(image)
+                pil.save(out / name)
+                judged = verdict(prompts[i], pil) if verdict is not None else None
+                row = {"prompt": prompts[i], "sample": j, "file": name, **settings}
+                if judged is not None:
+                    row.update(ok=judged[0], reason=judged[1])
+                index.write(json.dumps(row) + "\n")
                 if len(shown) < grid_limit:
-                    shown.append(image.cpu())
-    cols = min(per_prompt, grid_limit) if per_prompt > 1 else min(len(shown), 8)  # a row per prompt
-    shown += [torch.ones_like(shown[0])] * (-len(shown) % cols)  # white cells complete the last row
-    image_grid([torch.stack(shown[k : k + cols]) for k in range(0, len(shown), cols)]).save(out / "grid.png")
+                    shown.append((pil, prompts[i], None if judged is None else judged[0]))
+    images, texts, verdicts = zip(*shown)
+    sample_grid(list(images), list(texts), list(verdicts), per_prompt,
+                title=f"generated images (CFG {sampling.cfg_scale:g}, seed {sampling.seed}), each with its prompt").save(out / "grid.png")
     return out / "grid.png"

@@ -532,7 +532,13 @@ def cmd_pipeline(args) -> None:
         decoder, visual = load_sampler(model_dir)
         captions = read_prompts(prompts_file)[:PIPELINE_SAMPLES]
         _record(Path(cfg.run_dir) / "samples", cfg, "sample", args)
-        sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size)
+        verdict = None
+        if cfg.world.enabled:  # the samples grid frames each image by the world checker's verdict on its prompt
+            from semhitok.eval.world_eval import prompt_checker
+
+            verdict = prompt_checker(cfg.world_dir)
+        sample_images(decoder, visual, captions, Path(cfg.run_dir) / "samples", cfg.eval.sampling, cfg.eval.batch_size,
+                      verdict=verdict)
     from semhitok.common.model_card import eval_dir
 
     evaluation = eval_dir(model_dir)  # where `semhitok eval --model` and eval/run_lmms.sh write too

@@ -242,7 +242,7 @@ def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_list
     def evaluate_model(model_dir, eval_cfg, out, device=None):
         Path(out, "summary.md").write_text("| metric | value |\n")
 
-    def sample_images(decoder, visual, prompts, out, *rest):
+    def sample_images(decoder, visual, prompts, out, *rest, **kwargs):
         Path(out, "grid.png").write_bytes(b"png")
 
     for module, name, fake in [

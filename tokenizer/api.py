@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from semhitok.tokenizer.data import ImageLimits, image_grid, load_rgb, preprocess, to_rgb
+from semhitok.common.plot import reconstruction_grid
+from semhitok.tokenizer.data import ImageLimits, image_grid, load_rgb, preprocess, to_pil, to_rgb
 from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
 
@@ -60,18 +62,18 @@ def encode_paths(model: VisualTokenizer, paths: list[Path], batch_size: int = 32
 @torch.no_grad()
 def reconstruct_to_dir(model: VisualTokenizer, paths: list[Path], out: Path, batch_size: int = 32, grid: int = 8) -> Path:
     """Encode + decode each image; write <stem>_recon.png (input above reconstruction) per image and an
-    overview grid.png of the first `grid` images. Returns the grid's path."""
+    overview grid.png of the first `grid` images (rows labelled input / reconstruction, file stems beneath).
+    Returns the grid's path."""
     out.mkdir(parents=True, exist_ok=True)
-    firsts: list[torch.Tensor] = []
-    recons: list[torch.Tensor] = []
+    shown: list[tuple[Image.Image, Image.Image, str]] = []
     for batch_paths, images in iter_image_batches(paths, model.image_size, batch_size, progress="reconstruct"):
         images = images.to(model.device)
         recon = model.decode(model.encode(images)).cpu()
         for path, x, y in zip(batch_paths, images.cpu(), recon):
             image_grid([x[None], y[None]]).save(out / f"{path.stem}_recon.png")
-        firsts.append(images.cpu())
-        recons.append(recon)
-    if not firsts:
+            if len(shown) < grid:
+                shown.append((to_pil(x), to_pil(y), path.stem))
+    if not shown:
         raise ValueError(f"no readable images among {len(paths)} paths")
-    image_grid([torch.cat(firsts)[:grid], torch.cat(recons)[:grid]]).save(out / "grid.png")
-    return out / "grid.png"
+    inputs, recons, names = zip(*shown)
+    return reconstruction_grid(list(inputs), list(recons), list(names)).save(out / "grid.png")

@@ -26,9 +26,10 @@ from tqdm import tqdm
 from semhitok.common import dist as D
 from semhitok.common.io import atomic_dir, intact_dirs, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
+from semhitok.common.plot import code_map_grid, reconstruction_grid
 from semhitok.common.safe_load import UnsafeCheckpoint, load_state
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
-from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, image_grid
+from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, to_pil
 from semhitok.tokenizer.losses import (
     PatchDiscriminator,
     build_perceptual,
@@ -150,7 +151,10 @@ class Stage1Task(_Task):
         """inputs over their semantic-id maps"""
         self.model.eval()
         ids = self.model.semantic_ids(images).view(-1, self.model.grid, self.model.grid)
-        return image_grid([images.cpu(), id_map_image(ids.cpu(), images.shape[-1])])
+        maps = id_map_image(ids.cpu(), images.shape[-1])
+        return code_map_grid([to_pil(x) for x in images.cpu()], [to_pil(m) for m in maps],
+                             f"stage 1 code map: each square is one patch's semantic codebook id, one colour per id "
+                             f"({self.model.grid}x{self.model.grid} ids per image; the same colour = the same id)")
 
 
 class Stage2Task(_Task):
@@ -251,7 +255,7 @@ class Stage2Task(_Task):
     def picture(self, images: torch.Tensor):
         """inputs over their reconstructions"""
         self.model.eval()
-        return image_grid([images.cpu(), self._reconstruct(images).cpu()])
+        return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self._reconstruct(images).cpu()])
 
 
 def rank_batches(dataset: ImageDataset, batch_size: int, seed: int, rank: int, world: int, start_step: int):

@@ -129,7 +129,7 @@ def test_answer_questions_answers_every_question_in_batches_as_one_by_one(sample
         ids = encode_images(visual, [load_rgb(world / a["image"])], decoder.seq_cfg.understanding_image)[0]
         assert decoder.answer([("user", "<image>\n" + a["question"])], ids, SamplingConfig(temperature=0.0), 4) == a["reply"]
     picture = question_grid(world, result["answers"], n=6, cols=3)
-    assert picture.size[0] > 3 * 128 and picture.size[1] > 2 * 128
+    assert picture.image.size[0] > 3 * 128 and picture.image.size[1] > 2 * 128 and "model: " in " ".join(t for t, _ in picture.texts)
 
 
 def test_generate_and_check_writes_images_results_and_grids(sampler, world, tmp_path):
@@ -167,12 +167,17 @@ def test_semhitok_eval_scores_the_world_into_the_summary(tiny_mllm_dir, world, t
     assert "| counting |" in table and "CFG 1 | seen | held-out | CFG 2 | seen | held-out" in table and "yes/no: precision" in table
 
 
-def test_labels_wrap_in_their_cell_whatever_the_text():
-    from semhitok.eval.world_eval import labelled_grid
+def test_prompt_checker_judges_the_worlds_prompts_and_no_others(world):
+    from semhitok.eval.world_eval import prompt_checker, read_jsonl
 
+    verdict = prompt_checker(world)
+    row = next(r for r in read_jsonl(world / "prompts.jsonl") if r["category"] == "single_object")
+    colour, shape = row["spec"]["objects"][0]
     blank = Image.new("RGB", (64, 64), (235, 235, 235))
-    grid = labelled_grid([[(blank, ["a" * 60, "红色 ✓ done"], True), (blank, ["x"], None)]], ["title"])  # cut; non-Latin-1 as ?
-    assert grid.size[0] == 6 + 2 * (136 + 6) and grid.size[1] > 136 + 4 * 10
+    ok, reason = verdict(row["prompt"], blank)
+    assert ok is False and reason
+    assert verdict(row["prompt"], render(Scene((Obj(colour, shape, 32.0, 32.0, 24.0),), 64)))[0] is True
+    assert verdict("a prompt from elsewhere", blank) is None
 
 
 def test_world_table_reads_a_skipped_world():

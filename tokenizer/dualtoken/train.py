@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from semhitok.common import dist as D
+from semhitok.common.plot import reconstruction_grid
 from semhitok.tokenizer.config import TokenizerTrainConfig
-from semhitok.tokenizer.data import image_grid
+from semhitok.tokenizer.data import to_pil
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
@@ -106,7 +107,7 @@ class DualTokenTask(_Task):
     def picture(self, images: torch.Tensor):
         """inputs over their reconstructions"""
         self.model.eval()
-        return image_grid([images.cpu(), self.model.decode(self.model.encode(images)).cpu()])
+        return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self.model.decode(self.model.encode(images)).cpu()])
 
 
 def final_dir(cfg) -> Path:

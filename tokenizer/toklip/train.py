@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from semhitok.common import dist as D
+from semhitok.common.plot import reconstruction_grid
 from semhitok.tokenizer.config import TokenizerTrainConfig
-from semhitok.tokenizer.data import image_grid
+from semhitok.tokenizer.data import to_pil
 from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
 from semhitok.tokenizer.text import byte_caption_ids
@@ -88,7 +89,7 @@ class VQGANTask(_Task):
     def picture(self, images: torch.Tensor):
         """inputs over their reconstructions"""
         self.model.eval()
-        return image_grid([images.cpu(), self.model.decode(self.model.encode(images)).cpu()])
+        return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self.model.decode(self.model.encode(images)).cpu()])
 
 
 def info_nce(z_img: torch.Tensor, z_text: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -189,7 +190,7 @@ class EncoderTask(_Task):
     def picture(self, images: torch.Tensor):
         """inputs over the VQGAN's reconstructions"""
         self.model.eval()
-        return image_grid([images.cpu(), self.model.decode(self.model.encode(images)).cpu()])
+        return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self.model.decode(self.model.encode(images)).cpu()])
 
 
 # -- stages and the kind's entry points (tokenizer/interface.py TRAINERS) -------------------------------
