@@ -80,9 +80,6 @@ class WorldConfig:
     # an earlier turn's text ("What color is the circle?" "blue" ... "Is there a blue circle?"); the held-out
     # questions stay one per image.
     turns_per_conversation: int = 1
-    # "Is there a <colour> <shape>?" pairs (one yes, one no) per training scene; the held-out questions keep one
-    # pair. Two yes/no turns never answer each other, so they may share a conversation even about one object.
-    yes_no_pairs: int = 1
     # Never in training; "colour shape" strings. Held-out scenes include them (about a third of the scenes).
     heldout_combos: list[str] = field(default_factory=lambda: ["green circle", "yellow square"])
     text_rows: int = 500  # rows of the text-only source
@@ -92,8 +89,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         check_min(self, 16, "image_size")
-        check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene", "turns_per_conversation",
-                  "yes_no_pairs")
+        check_min(self, 1, "train_scenes", "holdout_scenes", "captions_per_scene", "turns_per_conversation")
         check_min(self, 0, "seed", "text_rows", "snap", "questions_per_scene")
         check_range(self, 1, 3, "max_objects")
         check_range(self, 0.01, 0.99, "holdout_share")
@@ -271,8 +267,7 @@ def questions(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) 
     return [(kind, q, ans) for kind, q, ans, _ in asked(scene, rng, allowed)]
 
 
-def asked(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]],
-          yes_no_pairs: int = 1) -> list[tuple[str, str, str, frozenset[int]]]:
+def asked(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]]) -> list[tuple[str, str, str, frozenset[int]]]:
     """questions() with, for each, the indices of the objects whose colour or shape its text gives away: the
     object asked about, both objects of a left/right question, and for a "no" the objects sharing its colour
     or shape. Two questions about disjoint objects cannot answer each other."""
@@ -285,17 +280,11 @@ def asked(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]],
         if colours.count(o.colour) == 1:
             out.append(("shape", f"What shape is the {o.colour} object?", o.shape, frozenset({i})))
     out.append(("count", "How many shapes are there?", NUMBERS[len(scene.objects)], frozenset()))
-    yes_no: set[str] = set()
-    for answer in [True, False] * yes_no_pairs:
-        for _ in range(10):  # another pair than the ones asked, where the scene has one
-            colour, shape = yes_no_pair(scene, rng, allowed, answer)
-            q = f"Is there a {colour} {shape}?"
-            if q not in yes_no:
-                break
-        yes_no.add(q)
+    for answer in (True, False):
+        colour, shape = yes_no_pair(scene, rng, allowed, answer)
         about = [i for i, o in enumerate(scene.objects)
                  if (o.colour, o.shape) == (colour, shape) or (not answer and (o.colour == colour or o.shape == shape))]
-        out.append(("yes_no", q, "yes" if answer else "no", frozenset(about)))
+        out.append(("yes_no", f"Is there a {colour} {shape}?", "yes" if answer else "no", frozenset(about)))
     if len(scene.objects) >= 2:
         pairs = [(i, j) for i in range(len(scene.objects)) for j in range(len(scene.objects)) if i != j]
         for i, j in rng.sample(pairs, 2):
@@ -306,11 +295,11 @@ def asked(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]],
 
 
 def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str]], image: str, ident: str,
-                  caption_share: float, per_scene: int = 0, turns: int = 1, yes_no_pairs: int = 1) -> list[dict]:
+                  caption_share: float, per_scene: int = 0, turns: int = 1) -> list[dict]:
     """The scene's questions as LLaVA-format conversations of up to `turns` question turns each, no two of them
     about a common object (group_turns), and for a share `caption_share` of the scenes a caption request as one
     more conversation. `per_scene` > 0 keeps that many questions, drawn at random (yes and no equally likely)."""
-    qa = asked(scene, rng, allowed, yes_no_pairs)
+    qa = [(q, a_, about) for _, q, a_, about in asked(scene, rng, allowed)]
     if 0 < per_scene < len(qa):
         qa = rng.sample(qa, per_scene)
     if turns > 1:
@@ -325,28 +314,21 @@ def conversations(scene: Scene, rng: random.Random, allowed: list[tuple[str, str
             for k, group in enumerate(groups)]
 
 
-def group_turns(qa: list[tuple[str, str, str, frozenset[int]]], turns: int) -> list[list[tuple[str, str]]]:
-    """(kind, question, answer, objects it is about) -> conversations of at most `turns` (question, answer) pairs,
-    in order, no two of one conversation about a common object: no answer can be read off an earlier turn's text
+def group_turns(qa: list[tuple[str, str, frozenset[int]]], turns: int) -> list[list[tuple[str, str]]]:
+    """(question, answer, objects it is about) -> conversations of at most `turns` (question, answer) pairs, in
+    order, no two of one conversation about a common object: no answer can be read off an earlier turn's text
     ("What color is the circle?" "blue" ... "Is there a blue circle?") instead of the image, which the held-out
-    questions, asked one per image, could not do. Two different yes/no questions are the exception: neither
-    answers the other ("Is there a red circle?" "yes" leaves "Is there a red square?" open). Each pair goes to
-    the first conversation it fits."""
-    groups: list[tuple[list[tuple[str, str]], set[int], set[int], set[str]]] = []  # turns, objects of others / yes-no, yes-no asked
-    for kind, q, ans, about in qa:
-        yes_no = kind == "yes_no"
-        for group, others, yn_objects, yn_asked in groups:
-            clash = about & others if yes_no else about & (others | yn_objects)
-            if len(group) < turns and not clash and q not in yn_asked:
+    questions, asked one per image, could not do. Each pair goes to the first conversation it fits."""
+    groups: list[tuple[list[tuple[str, str]], set[int]]] = []
+    for q, ans, about in qa:
+        for group, used in groups:
+            if len(group) < turns and not about & used:
+                group.append((q, ans))
+                used |= about
                 break
         else:
-            group, others, yn_objects, yn_asked = [], set(), set(), set()
-            groups.append((group, others, yn_objects, yn_asked))
-        group.append((q, ans))
-        (yn_objects if yes_no else others).update(about)
-        if yes_no:
-            yn_asked.add(q)
-    return [group for group, *_ in groups]
+            groups.append(([(q, ans)], set(about)))
+    return [group for group, _ in groups]
 
 
 def text_row(rng: random.Random, allowed: list[tuple[str, str]]) -> str:
@@ -390,12 +372,9 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
     """Render the world into `out` (atomically: a half-written world is never seen). An existing world made
     with the same config is kept; one made with another config is refused with one line."""
     out = Path(out)
-    # format 2: one question per conversation; 3: disjoint splits; 4 (worlds of several turns only): yes/no turns
-    # about one object may share a conversation (group_turns)
-    record = {"world": asdict(cfg) | {"enabled": True, "out_dir": ""}, "format": 4 if cfg.turns_per_conversation > 1 else 3}
-    for option in ("turns_per_conversation", "yes_no_pairs"):  # worlds written before the options existed stay valid
-        if getattr(cfg, option) == 1:
-            del record["world"][option]
+    record = {"world": asdict(cfg) | {"enabled": True, "out_dir": ""}, "format": 3}  # 2: one question per conversation; 3: disjoint splits
+    if cfg.turns_per_conversation == 1:  # worlds written before the option existed stay valid
+        del record["world"]["turns_per_conversation"]
     if (out / "WORLD.json").is_file():
         old = json.loads((out / "WORLD.json").read_text())
         if old != record:
@@ -419,7 +398,7 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
                 if split == "train":
                     rows["captions"] += [{"image": image, "caption": caption(scene, rng)} for _ in range(cfg.captions_per_scene)]
                     llava += conversations(scene, rng, train_pool, image, f"train_{i}", cfg.caption_requests,
-                                           cfg.questions_per_scene, cfg.turns_per_conversation, cfg.yes_no_pairs)
+                                           cfg.questions_per_scene, cfg.turns_per_conversation)
                 else:
                     for kind, q, ans in questions(scene, rng, train_pool + held):
                         named = any(f"{c} {s}" in q for c, s in held)  # "Is there a green circle?" "no"

@@ -60,12 +60,11 @@ def truth(scene: Scene, question: str) -> tuple[str, str]:
     raise AssertionError(f"not a world question: {question!r}")
 
 
-def all_questions(scene: Scene, yes_no_pairs: int = 1) -> Counter:
+def all_questions(scene: Scene) -> Counter:
     """How many questions of each kind the scene answers: a colour for each shape it holds once, a shape for each
-    colour it holds once, one count, a yes and a no per yes/no pair, two left/right when it has two objects or more."""
+    colour it holds once, one count, two yes/no, two left/right when it has two objects or more."""
     once = lambda attr: list(Counter(getattr(o, attr) for o in scene.objects).values()).count(1)
-    return Counter(count=1, yes_no=2 * yes_no_pairs, left_right=2 * (len(scene.objects) > 1), colour=once("shape"),
-                   shape=once("colour"))
+    return Counter(count=1, yes_no=2, left_right=2 * (len(scene.objects) > 1), colour=once("shape"), shape=once("colour"))
 
 
 def assert_describes(scene: Scene, caption: str) -> None:
@@ -287,12 +286,11 @@ def test_a_rerun_keeps_the_same_world_and_refuses_another(tmp_path):
     assert stamps() == before and list(tmp_path.iterdir()) == [out]  # untouched, and no half-written copy left
 
 
-@pytest.mark.parametrize("pairs", [1, 3])
-def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_earlier_turn(tmp_path, pairs):
-    cfg = replace(CFG, train_scenes=200, turns_per_conversation=4, caption_requests=0.0, yes_no_pairs=pairs)
+def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_earlier_turn(tmp_path):
+    cfg = replace(CFG, train_scenes=200, turns_per_conversation=4, caption_requests=0.0)
     world = write_world(cfg, tmp_path / "world")
     scenes = {image: scene for image, scene, _ in read_scenes(world, "train")}
-    kinds, turns, answers = {image: Counter() for image in scenes}, [], Counter()
+    kinds, turns = {image: Counter() for image in scenes}, []
     for c in json.loads((world / "llava.json").read_text()):
         said = c["conversations"]
         assert [t["from"] for t in said] == ["human", "gpt"] * (len(said) // 2), c["id"]
@@ -305,8 +303,6 @@ def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_ea
             kind, truth_ = truth(scene, question)
             assert answer == truth_, (question, scene)
             kinds[c["image"]][kind] += 1
-            answers[kind, answer] += 1
-        assert len(set(asked)) == len(asked), asked  # no question twice in one conversation
         # the leaks the grouping exists for: a colour named for a shape, then a yes/no about that shape; a
         # left/right question and its reverse
         for (q1, a1), (q2, _) in [(x, y) for x in asked for y in asked if x != y]:
@@ -315,8 +311,5 @@ def test_turns_per_conversation_asks_every_question_once_with_no_answer_in_an_ea
             if m := re.fullmatch(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?", q1):
                 assert q2 != f"Is the {m[2]} left or right of the {m[1]}?", asked
     for image, scene in scenes.items():  # every question of every scene, once, as with one per conversation
-        assert kinds[image] == all_questions(scene, pairs), image
-    assert answers["yes_no", "yes"] == answers["yes_no", "no"] == pairs * cfg.train_scenes
+        assert kinds[image] == all_questions(scene), image
     assert max(turns) > 1 and np.mean(turns) > 1.3  # questions about different objects share conversations
-    if pairs > 1:  # yes/no questions about one object share conversations: fewer images per answer
-        assert np.mean(turns) > 2.0, np.mean(turns)
