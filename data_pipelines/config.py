@@ -89,6 +89,9 @@ class SequenceConfig:
     pack_lookahead: int = 64  # documents considered when filling a row (first fit)
     shard_cache: int = 16  # decoded shards kept in memory
     prefetch: int = 4  # batches built ahead in a background process during training (0: in the training process)
+    # A shard that does not match its .done.json (sha256) or the manifest (grid, code ranges, counts) stops training
+    # with one line naming it; true: it is skipped instead (logged, counted in the loader's stats)
+    skip_bad_shards: bool = False
 
     def __post_init__(self) -> None:
         # (that max_length holds a document of every task is checked by the loader, which sees the documents)

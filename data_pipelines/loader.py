@@ -10,6 +10,12 @@ Everything is a pure function of (seed, n, cursors), so:
     to be packed; `load_state_dict` continues with exactly the batches the uninterrupted run would give.
   - CFG dropout of draw n is seeded by (seed, n).
 
+Trust: nothing read is used unchecked. Each shard is verified before any row of it is used (ShardReader: its
+bytes against its .done.json's sha256, hashed once per process; its ids against the manifest's grid and code
+vocabularies; its meta list against the manifest's counts); a bad one stops the job with one line naming it, or
+with data.skip_bad_shards is skipped (logged, counted in stats). Every mixture component must make at least one
+document before the first step; samples it cannot use are skipped with a warning and counted.
+
 Packing: rows of `max_length` tokens filled first-fit from a lookahead of `pack_lookahead` documents, the
 rest padded. A batch is a dict of tensors:
     input_ids    int64 [B, L]    pad = <|endoftext|>
@@ -27,8 +33,11 @@ rest padded. A batch is a dict of tensors:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +46,6 @@ import numpy as np
 import torch
 
 from semhitok.data_pipelines.config import SequenceConfig
-from semhitok.data_pipelines.pretokenize import load_shard
 from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
@@ -56,11 +64,12 @@ def packing_efficiency(stats: dict) -> float:
 
 
 def _one_line_errors(batches):
-    """A DataError from the background worker arrives wrapped in its traceback: keep its own line."""
+    """A DataError (BadShard, ...) from the background worker arrives wrapped in its traceback: keep its own line."""
     try:
         yield from batches
     except DataError as err:
-        raise DataError(str(err).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
+        last = str(err).rstrip().splitlines()[-1]
+        raise type(err)(re.sub(r"^[\w.]+\.(DataError|BadShard): ", "", last)) from None
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -73,6 +82,104 @@ class _Batches(torch.utils.data.IterableDataset):
         return iter(self.loader)
 
 
+class BadShard(DataError):
+    """A pre-tokenized shard that is not what its .done.json and the manifest say: one line naming it."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What the manifest promises about one shard (its .done.json holds the sha256 of its bytes)."""
+
+    path: Path  # shards/<unit>.npz
+    done: Path  # shards/<unit>.done.json
+    samples: int
+    images: int
+
+
+class ShardReader:
+    """Decoded shards (the `keep` most recently used), each verified before any row of it is used: its bytes
+    against the sha256 (and size, where recorded) in its .done.json, its ids against the manifest's grid and
+    code vocabularies, its meta list against the manifest's counts and its own image rows. A shard is hashed
+    once per process: read again (after leaving the cache) with the same size and mtime, it is not hashed
+    again. Anything wrong: BadShard, one line naming the shard."""
+
+    def __init__(self, width: int, code_vocab_sizes: list[int], keep: int):
+        self.width, self.vocab, self.keep = width, np.array(code_vocab_sizes, np.int64), keep
+        self._decoded: OrderedDict = OrderedDict()  # path -> (ids, meta)
+        self._hashed: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) when its bytes matched
+
+    def __call__(self, spec: ShardSpec) -> tuple[np.ndarray, list[dict]]:
+        if spec.path not in self._decoded:
+            self._decoded[spec.path] = self._verified(spec)
+            if len(self._decoded) > self.keep:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(spec.path)
+        return self._decoded[spec.path]
+
+    def _verified(self, spec: ShardSpec) -> tuple[np.ndarray, list[dict]]:
+        try:
+            stat = spec.path.stat()
+        except OSError as err:
+            raise self._bad(spec, f"cannot be read ({type(err).__name__})") from None
+        signature = (stat.st_size, stat.st_mtime_ns)
+        source = spec.path
+        if self._hashed.get(spec.path) != signature:
+            try:
+                done = json.loads(spec.done.read_text())
+                want = done["sha256"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise self._bad(spec, f"its {spec.done.name} is unreadable ({type(err).__name__})") from None
+            data = spec.path.read_bytes()  # hashed and parsed from the same bytes
+            size = done.get("size", done.get("bytes"))
+            if size is not None and size != len(data):
+                raise self._bad(spec, f"{len(data)} bytes, its {spec.done.name} says {size}")
+            if (got := hashlib.sha256(data).hexdigest()) != want:
+                raise self._bad(spec, f"sha256 {got[:12]}… is not the {str(want)[:12]}… of its {spec.done.name} "
+                                      f"({len(data)} bytes: damaged or changed since pre-tokenization)")
+            source = io.BytesIO(data)
+        try:
+            with np.load(source, allow_pickle=False) as data:
+                ids, meta = data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 (whatever numpy, zipfile or json raise on bad bytes)
+            raise self._bad(spec, f"unreadable ({type(err).__name__}: {str(err)[:120]})") from None
+        self._check(spec, ids, meta)
+        self._hashed[spec.path] = signature
+        return ids, meta
+
+    def _check(self, spec: ShardSpec, ids: np.ndarray, meta) -> None:
+        L = len(self.vocab)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise self._bad(spec, f"ids are {ids.dtype} {list(ids.shape)}, not integer rows")
+        if ids.shape[1] != self.width:
+            raise self._bad(spec, f"rows of {ids.shape[1]} ids, the manifest's grid and {L} code(s) per position make {self.width}")
+        if ids.shape[0] != spec.images:
+            raise self._bad(spec, f"{ids.shape[0]} image rows, the manifest says {spec.images}")
+        codes = ids.reshape(len(ids) * self.width // L, L)  # [images * positions, L]
+        if len(ids) and ((codes.min(axis=0) < 0) | (codes.max(axis=0) >= self.vocab)).any():
+            codes = codes.reshape(len(ids), self.width // L, L)
+            row = int(((codes < 0) | (codes >= self.vocab)).any(axis=(1, 2)).argmax())
+            raise self._bad(spec, f"image row {row} has ids outside [0, {' / '.join(map(str, self.vocab))}) "
+                                  f"(min {codes[row].min()}, max {codes[row].max()})")
+        if not isinstance(meta, list):
+            raise self._bad(spec, f"meta_json is a JSON {type(meta).__name__}, not a list")
+        if len(meta) != spec.samples:
+            raise self._bad(spec, f"{len(meta)} samples in meta_json, the manifest says {spec.samples}")
+
+        def image_row(r, lowest: int) -> bool:
+            return isinstance(r, int) and not isinstance(r, bool) and lowest <= r < len(ids)
+
+        for i, entry in enumerate(meta):
+            rows = entry.get("ids_rows") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or not image_row(entry.get("ids_row"), -1) or (
+                    rows is not None and not (isinstance(rows, list) and rows and all(image_row(r, 0) for r in rows))):
+                raise self._bad(spec, f"sample {i}: not an object with ids_row (and ids_rows) among its {len(ids)} image rows")
+
+    @staticmethod
+    def _bad(spec: ShardSpec, why: str) -> BadShard:
+        return BadShard(f"{spec.path}: bad shard, {why}; pre-tokenize its unit again (delete the shard and its "
+                        f".done.json, then rerun) or set data.skip_bad_shards=true")
+
+
 class SourceShards:
     """One pre-tokenized source: its shards and the per-epoch sample order, computed window by window.
 
@@ -83,7 +190,7 @@ class SourceShards:
 
     CACHE = 8  # epochs' window tables and windows kept
 
-    def __init__(self, name: str, files: list[Path], counts: list[int], seed: int, shuffle_shards: int):
+    def __init__(self, name: str, files: list[ShardSpec], counts: list[int], seed: int, shuffle_shards: int):
         self.name, self.files, self.counts, self.seed, self.window = name, files, np.array(counts), seed, shuffle_shards
         self.size = int(self.counts.sum())
         self._epochs: OrderedDict = OrderedDict()  # epoch -> (shard order, window start positions)
@@ -139,44 +246,97 @@ class PackedLoader:
         self.cfg, self.layout, self.rank, self.world, self.ids = cfg, layout, rank, world_size, ids
         self.codes = ids.codes if ids is not None else 1
         self.builder = SequenceBuilder(tokenizer, layout, cfg, self.codes)
-        self.sources = self._open_sources(Path(pretokenized_dir))
         weights = np.array([c.weight for c in cfg.mixture], np.float64)
         if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"data.mixture: weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self.weights = weights / weights.sum()
+        self.sources = self._open_sources(Path(pretokenized_dir))  # (sets self.shard: the verifying reader)
         self.next_draw, self.cursors = 0, [0] * len(cfg.mixture)
         self.pending: list[tuple[Draw, Document]] = []
         self.stats: Counter = Counter()
+        self.bad_shards: dict[Path, str] = {}  # data.skip_bad_shards: shard -> why
         self._too_long: dict[int, tuple[int, int]] = {}  # component -> (too-long documents in a row, shortest)
-        self._shards: OrderedDict = OrderedDict()
         self._choices: tuple[int, np.ndarray] = (-1, np.empty(0))
+        self._check_components()
 
     def _open_sources(self, root: Path) -> dict[str, SourceShards]:
         manifest = root / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} not found: run `semhitok pretokenize` (to completion) first")
-        info = json.loads(manifest.read_text())
+        try:
+            info = json.loads(manifest.read_text())
+            grid, vocab = [int(g) for g in info["grid"]], [int(v) for v in info.get("code_vocab_sizes", [info["visual_vocab_size"]])]
+            entries = [(str(e.get("source", e["unit"].rsplit("-", 1)[0])), e) for e in info["shards"]]
+            specs = {e["unit"]: ShardSpec(root / "shards" / Path(e["file"]).name, root / "shards" / f"{Path(e['unit']).name}.done.json",
+                                          int(e["samples"]), int(e["images"])) for _, e in entries}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{manifest}: unreadable ({type(err).__name__}: {str(err)[:120]}); run `semhitok pretokenize` again") from None
+        self.shard = ShardReader(int(np.prod(grid)) * len(vocab), vocab, self.cfg.shard_cache)
         if info["visual_vocab_size"] != self.layout.visual_vocab_size:
             raise ValueError(f"{manifest}: visual_vocab_size {info['visual_vocab_size']} does not match the model's "
                              f"{self.layout.visual_vocab_size} (pre-tokenized with another tokenizer?)")
         if self.ids is not None:  # a manifest from before tokenizer kinds holds SemHiTok's one flat id per position
             found = {"kind": info.get("kind", "semhitok"), "codes per position": len(info.get("code_vocab_sizes", [0])),
-                     "code_vocab_sizes": list(info.get("code_vocab_sizes", [info["visual_vocab_size"]]))}
-            want = {"kind": self.ids.kind, "codes per position": self.ids.codes, "code_vocab_sizes": list(self.ids.code_vocab_sizes)}
+                     "code_vocab_sizes": list(info.get("code_vocab_sizes", [info["visual_vocab_size"]])), "grid": grid}
+            want = {"kind": self.ids.kind, "codes per position": self.ids.codes, "code_vocab_sizes": list(self.ids.code_vocab_sizes),
+                    "grid": [self.ids.grid, self.ids.grid]}
             if bad := [k for k in want if found[k] != want[k]]:
                 raise ValueError(f"{manifest}: {bad[0]} {found[bad[0]]} does not match the model's {want[bad[0]]} "
                                  "(pre-tokenized with another tokenizer?)")
-        by_source: dict[str, list] = {}
-        for entry in info["shards"]:
-            by_source.setdefault(entry.get("source", entry["unit"].rsplit("-", 1)[0]), []).append(entry)
+        by_source: dict[str, list[ShardSpec]] = {}
+        for name, entry in sorted(entries, key=lambda e: e[1]["unit"]):
+            by_source.setdefault(name, []).append(specs[entry["unit"]])
         sources = {}
         for comp in self.cfg.mixture:
             if comp.source not in by_source:
                 raise ValueError(f"data.mixture: source {comp.source!r} is not in {manifest} (has {sorted(by_source)})")
-            entries = [e for e in sorted(by_source[comp.source], key=lambda e: e["unit"]) if e["samples"] > 0]
-            sources[comp.source] = SourceShards(comp.source, [root / "shards" / e["file"] for e in entries],
-                                                [e["samples"] for e in entries], self.cfg.seed, self.cfg.shuffle_shards)
+            shards = [spec for spec in by_source[comp.source] if spec.samples > 0]
+            sources[comp.source] = SourceShards(comp.source, shards, [spec.samples for spec in shards], self.cfg.seed,
+                                                self.cfg.shuffle_shards)
         return sources
+
+    def _check_components(self) -> None:
+        """Before the first step: every mixture component makes at least one document (a text-only source asked
+        for understanding would otherwise be skipped sample by sample, silently when mixed with others). Each
+        component's shards are read in order up to its first usable sample; bad shards stop here already."""
+        for i, comp in enumerate(self.cfg.mixture):
+            if comp.weight == 0:
+                continue
+            source, why = self.sources[comp.source], None
+            for spec in source.files:
+                try:
+                    ids, meta = self._read(spec)
+                except BadShard:
+                    if not self.cfg.skip_bad_shards:
+                        raise
+                    continue
+                for row, entry in enumerate(meta):
+                    try:
+                        self._build(comp, spec, row, ids, entry, False)
+                        break
+                    except UnsuitableSample as err:
+                        why = why or f"e.g. {spec.path.name} row {row}: {err}"
+                else:
+                    continue
+                break
+            else:
+                bad = sum(spec.path in self.bad_shards for spec in source.files)
+                why = why or (f"its shards are bad (data.skip_bad_shards: {bad} skipped)" if bad else "it has no samples")
+                raise DataError(f"data.mixture[{i}]: source {comp.source!r} makes no {comp.task} document ({source.size} "
+                                f"samples; {why}); drop the component or give it a source with such samples")
+
+    def _read(self, spec: ShardSpec) -> tuple[np.ndarray, list[dict]]:
+        """The verified shard; with data.skip_bad_shards, a bad one is logged once and remembered (BadShard)."""
+        if spec.path in self.bad_shards:
+            raise BadShard(self.bad_shards[spec.path])
+        try:
+            return self.shard(spec)
+        except BadShard as err:
+            if not self.cfg.skip_bad_shards:
+                raise
+            self.bad_shards[spec.path] = str(err)
+            log.warning("skipped (data.skip_bad_shards, %d so far): %s", len(self.bad_shards), err)
+            raise
 
     # -- the stream ----------------------------------------------------------------------------------
     def _component_of(self, n: int) -> int:
@@ -186,21 +346,15 @@ class PackedLoader:
             self._choices = (block, rng.choice(len(self.weights), CHOICE_BLOCK, p=self.weights))
         return int(self._choices[1][n % CHOICE_BLOCK])
 
-    def _shard(self, path: Path) -> tuple[np.ndarray, list[dict]]:
-        if path not in self._shards:
-            self._shards[path] = load_shard(path)
-            if len(self._shards) > self.cfg.shard_cache:
-                self._shards.popitem(last=False)
-        self._shards.move_to_end(path)
-        return self._shards[path]
-
     def _document(self, draw: Draw) -> Document:
         comp = self.cfg.mixture[draw.component]
-        source = self.sources[comp.source]
-        _, shard, row = source.locate(draw.cursor)
-        ids, meta = self._shard(source.files[shard])
-        entry = meta[row]
+        _, shard, row = self.sources[comp.source].locate(draw.cursor)
+        spec = self.sources[comp.source].files[shard]
+        ids, meta = self._read(spec)
         uncond = comp.task == "generation" and np.random.default_rng([self.cfg.seed, 0xCF, draw.n]).random() < self.cfg.cfg_dropout
+        return self._build(comp, spec, row, ids, meta[row], uncond)
+
+    def _build(self, comp, spec: ShardSpec, row: int, ids: np.ndarray, entry: dict, uncond: bool) -> Document:
         try:  # an old corpus may hold samples today's pre-tokenization would skip: name the one that fails
             rows = entry.get("ids_rows")
             image = [ids[r] for r in rows] if rows else ids[entry["ids_row"]] if entry["ids_row"] >= 0 else None
@@ -208,8 +362,7 @@ class PackedLoader:
         except UnsuitableSample:
             raise
         except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as err:
-            origin = entry.get("origin", "?") if isinstance(entry, dict) else "?"
-            raise DataError(f"{source.files[shard]} row {row} ({origin}), source {comp.source!r}: cannot build a "
+            raise DataError(f"{spec.path} row {row} ({entry.get('origin', '?')}), source {comp.source!r}: cannot build a "
                             f"{comp.task} document ({type(err).__name__}: {str(err)[:200]})") from None
 
     def next_document(self) -> tuple[Draw, Document]:
@@ -224,9 +377,14 @@ class PackedLoader:
                 continue
             try:
                 doc = self._document(draw)
-            except UnsuitableSample as err:
-                unsuitable += 1
-                self.stats["skipped_unsuitable"] += 1
+            except (BadShard, UnsuitableSample) as err:
+                if isinstance(err, BadShard) and not self.cfg.skip_bad_shards:
+                    raise
+                unsuitable += 1  # (a bad shard: _read logged it)
+                self.stats["skipped_bad_shard" if isinstance(err, BadShard) else "skipped_unsuitable"] += 1
+                if isinstance(err, UnsuitableSample) and (self.stats["skipped_unsuitable"] <= 10 or self.stats["skipped_unsuitable"] % 1000 == 0):
+                    log.warning("data.mixture[%d] (%s, %s): sample skipped, %s (%d so far)", comp, self.cfg.mixture[comp].source,
+                                self.cfg.mixture[comp].task, err, self.stats["skipped_unsuitable"])
                 if unsuitable >= MAX_UNSUITABLE_IN_A_ROW:
                     raise ValueError(f"data.mixture[{comp}] ({self.cfg.mixture[comp].source}, "
                                      f"{self.cfg.mixture[comp].task}): {unsuitable} unusable samples in a row ({err})") from None
@@ -346,7 +504,12 @@ class PackedLoader:
                              f"with {len(self.cfg.mixture)}")
         self.next_draw, self.cursors = state["next_draw"], list(state["cursors"])
         self.pending = []
+        self.stats = Counter(state["stats"])
         for n, comp, cursor in state["pending"]:
             draw = Draw(n, comp, cursor)
-            self.pending.append((draw, self._fit(self._document(draw))))
-        self.stats = Counter(state["stats"])
+            try:
+                self.pending.append((draw, self._fit(self._document(draw))))
+            except BadShard:  # a shard damaged since the checkpoint
+                if not self.cfg.skip_bad_shards:
+                    raise
+                self.stats["skipped_bad_shard"] += 1
