@@ -111,14 +111,14 @@ def slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
-    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINEULTILINE | re.DOTALL)
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
     return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
 
 
 def link_problems(page: Path, text: str) -> list[str]:
     """Every Markdown link, image and <img src> of a page outside code: the file exists (relative to the page),
     and an anchor is one of the target page's headings."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINEULTILINE | re.DOTALL)
+    text = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
     text = re.sub(r"`[^`\n]*`", "", text)
     targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"<img [^>]*src=\"([^\"]+)\"", text)
     problems = []
