@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semhitok.common.io import atomic_path, sha256_file, write_json
+from semhitok.common.io import atomic_path, check_output_dir, sha256_file, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import (DataError, InputRead, Record, WorkUnit, file_stat, local_input, plan_units,
                                              read_unit)
@@ -290,6 +290,7 @@ def check_resume(cfg: PretokenizeConfig, tokenizer_dir: Path, out: Path) -> None
     """Refuse (DataError, one line) an output_dir whose finished units another configuration or input made, before
     a command records or writes anything; every job's units are checked. A tokenizer not trained yet is not
     compared."""
+    check_output_dir(out, "pretokenize.output_dir")
     shard_dir = Path(out) / "shards"
     if not any(shard_dir.glob("*.done.json")):
         return

@@ -17,13 +17,13 @@ Questions file: POPE jsonl rows {"question_id", "image" | "local_image", "text",
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from semhitok.common.io import loads_json
 from semhitok.tokenizer import encode_images, load_rgb
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
@@ -43,7 +43,9 @@ def pope_metrics(answers: list[str], labels: list[str]) -> dict:
     if len(answers) != len(labels) or not answers:
         raise ValueError(f"need equally many answers and labels, got {len(answers)} and {len(labels)}")
     pred = [pope_answer(a) for a in answers]
-    gold = [label.strip().lower() for label in labels]
+    gold = [label.strip().lower() if isinstance(label, str) else label for label in labels]
+    if (bad := next((i for i, g in enumerate(gold) if g not in ("yes", "no")), None)) is not None:
+        raise ValueError(f"label {bad}: must be \"yes\" or \"no\", got {labels[bad]!r:.80}")
     tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
     fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
     fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))  # an unparsed answer misses a yes
@@ -63,13 +65,21 @@ def load_pope(questions: str | Path, image_root: str | Path) -> list[dict]:
     for n, line in enumerate(questions.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        row = loads_json(line, f"{questions}:{n}")
+        if not isinstance(row, dict):
+            raise ValueError(f"{questions}:{n}: not a POPE row (a JSON object), got a {type(row).__name__}")
         try:
-            row = json.loads(line)
             image = image_root / row.get("local_image", row["image"])
             rows.append({"question_id": row["question_id"], "question": row["text"], "label": row["label"],
                          "category": row.get("category", ""), "image_path": str(image)})
-        except (json.JSONDecodeError, KeyError) as err:
+        except (KeyError, TypeError) as err:
             raise ValueError(f"{questions}:{n}: not a POPE row ({type(err).__name__}: {err})") from None
+        label = row["label"]
+        if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+            raise ValueError(f"{questions}:{n}: label must be \"yes\" or \"no\", got {label!r:.80}")
+        rows[-1]["label"] = label.strip().lower()
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{questions}:{n}: text must be a string, got {row['text']!r:.80}")
         if not image.is_file():
             raise FileNotFoundError(f"{questions}:{n}: image {image} not found (image_root={image_root})")
     return rows

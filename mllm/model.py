@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
 from semhitok.common.hub import resolve_pretrained
-from semhitok.common.io import atomic_dir
+from semhitok.common.io import atomic_dir, read_json
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
@@ -342,6 +342,8 @@ class SemHiTokLM(nn.Module):
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
         meta, layout = _read_meta(meta_file)
+        if (path / "config.json").is_file():  # transformers parses it with no depth limit
+            read_json(path / "config.json")
         check_text_tokenizer(path, layout)
         cfg = from_dict(MLLMConfig, meta["config"], where=str(meta_file))
         lm = AutoModelForCausalLM.from_pretrained(path, config=text_config(path), dtype=dtype or torch.float32,
@@ -389,10 +391,7 @@ MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "confi
 
 def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
     """semhitok_mllm.json -> (its contents, the token layout), or one line naming what is wrong."""
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    meta = read_json(meta_file)
     if not isinstance(meta, dict) or (missing := [k for k in MLLM_KEYS if k not in meta]):
         raise ValueError(f"{meta_file}: missing field(s) {missing if isinstance(meta, dict) else list(MLLM_KEYS)}")
     try:

@@ -29,17 +29,24 @@ def list_images(sources: list[str | Path]) -> list[Path]:
     for source in map(Path, sources):
         if source.is_dir():
             paths += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif source.suffix == ".jsonl":
+        elif source.suffix == ".jsonl" and source.is_file():
             with open(source) as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
                     try:
-                        paths.append(source.parent / json.loads(line)["image"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        path = source.parent / json.loads(line)["image"]
+                    except (ValueError, KeyError, TypeError, RecursionError) as err:
                         log.warning("%s:%d: skipped, no usable \"image\" field (%s)", source, lineno, err)
+                        continue
+                    if path.exists() and not path.is_file():  # a FIFO or device would block the reader forever
+                        log.warning("%s:%d: skipped, %s is not a regular file", source, lineno, path)
+                        continue
+                    paths.append(path)  # (a missing one is named when it is read)
         elif source.is_file():
             paths.append(source)
+        elif source.exists():
+            raise ValueError(f"image source {source}: not a regular file or folder (a FIFO or device would block)")
         else:
             raise FileNotFoundError(f"image source not found: {source}")
     return paths
@@ -97,6 +104,8 @@ def to_rgb(img: Image.Image, limits: ImageLimits = ImageLimits(), size: int | No
 def open_rgb(source: str | Path | bytes, limits: ImageLimits = ImageLimits(), size: int | None = None) -> Image.Image:
     """A file path or encoded bytes -> decoded RGB image; ImageRejected (one line) for anything unusable,
     including decompression bombs and running out of memory."""
+    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
+        raise ImageRejected("corrupt_image", "not a regular file (a FIFO, device or folder would block or fail the reader)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -4,7 +4,6 @@ meta device, so nothing is allocated) before any weight is loaded."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from semhitok.common.config_io import from_dict
 from semhitok.common.hub import resolve_pretrained
+from semhitok.common.io import read_json
 
 
 def read_meta(path: str | Path, writer: str = "a tokenizer's save_pretrained") -> tuple[dict, Path, Path]:
@@ -24,10 +24,7 @@ def read_meta(path: str | Path, writer: str = "a tokenizer's save_pretrained") -
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass a directory written by {writer}")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    meta = read_json(config_file)
     return (meta if isinstance(meta, dict) else {}), config_file, weights
 
 

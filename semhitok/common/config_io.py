@@ -164,6 +164,40 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(f"unknown config preset {text!r}; presets: {list_presets()} (in {CONFIG_DIR}), or pass a YAML path")
 
 
+# YAML is read event by event before anything is built: an alias counts the nodes it stands for, so a "billion
+# laughs" document (anchors of anchors) fails after MAX_YAML_NODES, and nesting fails at MAX_YAML_DEPTH (PyYAML's
+# composer recurses per level: a 20,000-deep list would end in RecursionError)
+MAX_YAML_NODES = {"override": 10_000, "file": 1_000_000}
+MAX_YAML_DEPTH = 64
+
+
+def safe_yaml(text: str, where: str, budget: str = "file"):
+    """yaml.safe_load with a node budget (aliases expanded) and a depth limit; ConfigError (one line) otherwise."""
+    limit, total, sizes, stack = MAX_YAML_NODES[budget], 0, {}, []
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                total += sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                total += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                total += 1
+                stack.append((event.anchor, total))
+                if len(stack) > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{where}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                anchor, start = stack.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - start + 1
+            if total > limit:
+                raise ConfigError(f"{where}: YAML of more than {limit:,} values (aliases expanded)")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['a.b=3', 'c=[1,2]'] -> {'a': {'b': 3}, 'c': [1, 2]} (values parsed as YAML)."""
     tree: dict = {}
@@ -182,10 +216,7 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} was set to a value, it has no fields")
         if isinstance(node.get(leaf), dict):
             raise ConfigError(f"override {item!r}: {key.strip()} has fields set by another override")
-        try:
-            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        node[leaf] = safe_yaml(raw, f"override {item[:80]!r}", "override") if raw != "" else ""
     return tree
 
 
@@ -204,9 +235,8 @@ def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[
     if preset is not None:
         path = resolve_preset(preset)
         try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            loaded = safe_yaml(path.read_text(), str(path)) or {}
+        except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")

@@ -54,6 +54,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+MAX_JSON_DEPTH = 100  # nesting of the JSON we read (configs, prompts, labels); json.loads recurses per level
+
+
+def loads_json(text: str | bytes, where: str):
+    """json.loads with a depth limit: ValueError (one line naming `where`) for invalid or too deeply nested JSON,
+    instead of a RecursionError from the parser or from whatever walks the result later."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
+    level, depth = [obj], 0
+    while level:  # breadth first, without recursion
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        level = [c for node in level if isinstance(node, (dict, list))
+                 for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (dict, list))]
+    return obj
+
+
+def read_json(path: str | Path):
+    """A JSON file -> its value (loads_json's checks; errors name the file)."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    return loads_json(text, str(path))
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """A folder a job will create or write into: ValueError (one line) when it, or a folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise ValueError(f"{what} {path}: {'it' if p == path else p} is a file, not a folder")
+            break
+    return path
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from semhitok import IS_CHECKOUT, REPO_ROOT, __version__
-from semhitok.common.io import atomic_path, sha256_file, write_json
+from semhitok.common.io import atomic_path, check_output_dir, sha256_file, write_json
 from semhitok.common.resources import shipped
 
 log = logging.getLogger("semhitok")
@@ -135,7 +135,7 @@ def record_run(job_dir: str | Path, cfg: Any, job: str, preset: str | None = Non
     """Write config.yaml, run.json and a runs.jsonl line into job_dir (rank 0 only; atomic)."""
     if not is_main_process():
         return
-    job_dir = Path(job_dir)
+    job_dir = check_output_dir(job_dir, f"{job}'s folder")
     job_dir.mkdir(parents=True, exist_ok=True)
     config = plain(cfg)
     text = yaml.safe_dump(config, sort_keys=False)
