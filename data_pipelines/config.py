@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from semhitok.common.config_io import check_min, check_range
+from semhitok.common.config_io import ConfigError, check_min, check_range
+
+MAX_LENGTH = 1_048_576  # data.max_length's bound: a row of 2^20 tokens is already past any model's context
+MAX_ROW_TOKENS = 4 * MAX_LENGTH  # data.max_length * data.micro_batch_size: tokens a rank builds and trains per micro-step
 
 SourceKind = Literal["wds", "caption_jsonl", "llava_json", "text_jsonl"]
 Task = Literal["understanding", "generation", "text"]
@@ -47,8 +50,12 @@ class PretokenizeConfig:
     max_text_tokens: int = 16384
 
     def __post_init__(self) -> None:
-        check_min(self, 1, "records_per_shard", "batch_size", "max_text_tokens")
-        check_min(self, 0, "num_workers")
+        check_range(self, 1, 10_000_000, "records_per_shard")
+        check_range(self, 1, 4096, "batch_size")
+        check_range(self, 1, MAX_LENGTH, "max_text_tokens")
+        check_range(self, 0, 256, "num_workers")
+        check_range(self, 1, 2**31 - 1, "max_image_pixels")  # (0 or less would skip every image)
+        check_range(self, 1, 10_000, "max_aspect_ratio")  # (NaN would pass every comparison: no check at all)
 
 
 @dataclass
@@ -94,7 +101,26 @@ class SequenceConfig:
     skip_bad_shards: bool = False
 
     def __post_init__(self) -> None:
-        # (that max_length holds a document of every task is checked by the loader, which sees the documents)
-        check_min(self, 1, "max_length", "micro_batch_size", "shuffle_shards", "pack_lookahead", "shard_cache")
-        check_min(self, 0, "prefetch", "seed")
+        # (that max_length holds an image span of every visual task is checked by the loader, which knows the grid:
+        # check_max_length; that it holds a whole document, on the first documents)
+        check_range(self, 1, MAX_LENGTH, "max_length")
+        check_range(self, 1, 4096, "micro_batch_size")
+        if self.max_length * self.micro_batch_size > MAX_ROW_TOKENS:
+            raise ConfigError(f"micro_batch_size: {self.micro_batch_size} rows of max_length {self.max_length} tokens is "
+                              f"{self.max_length * self.micro_batch_size:,} tokens per micro-step, above {MAX_ROW_TOKENS:,}")
+        check_range(self, 1, 1_000_000, "shuffle_shards", "pack_lookahead")
+        check_range(self, 1, 100_000, "shard_cache")
+        check_range(self, 0, 1024, "prefetch")
+        check_min(self, 0, "seed")
         check_range(self, 0, 1, "cfg_dropout")
+
+
+def check_max_length(cfg: SequenceConfig, grid: tuple[int, int] | list[int]) -> None:
+    """data.max_length must exceed one image span (grid positions + <|vision_start|>, <|vision_end|>) for every
+    visual task the mixture draws; otherwise every image document is skipped and training runs text-only."""
+    span = int(grid[0]) * int(grid[1]) + 2
+    for i, comp in enumerate(cfg.mixture):
+        if comp.weight > 0 and comp.task in ("understanding", "generation") and cfg.max_length <= span:
+            raise ConfigError(f"data.max_length={cfg.max_length} holds no {comp.task} document of data.mixture[{i}] "
+                              f"({comp.source!r}): one image is {span} tokens ({grid[0]}x{grid[1]} ids + 2 markers); "
+                              f"set data.max_length >= {span + 1}")

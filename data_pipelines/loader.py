@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semhitok.data_pipelines.config import SequenceConfig
+from semhitok.data_pipelines.config import SequenceConfig, check_max_length
 from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
@@ -283,6 +283,7 @@ class PackedLoader:
             if bad := [k for k in want if found[k] != want[k]]:
                 raise ValueError(f"{manifest}: {bad[0]} {found[bad[0]]} does not match the model's {want[bad[0]]} "
                                  "(pre-tokenized with another tokenizer?)")
+        check_max_length(self.cfg, grid)  # (before any shard is read: a too-short row would drop every image)
         by_source: dict[str, list[ShardSpec]] = {}
         for name, entry in sorted(entries, key=lambda e: e[1]["unit"]):
             by_source.setdefault(name, []).append(specs[entry["unit"]])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import StaticCache
 
-from semhitok.common.config_io import ConfigError, check_finite, check_min, check_range
+from semhitok.common.config_io import ConfigError, check_min, check_range
 from semhitok.common.hub import resolve_pretrained
+from semhitok.common.io import loads_json
 from semhitok.common.plot import sample_grid
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
@@ -46,17 +48,20 @@ from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
 from semhitok.tokenizer import to_pil
 from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
+MAX_CFG_SCALE = 100.0
+MAX_SAMPLES_PER_PROMPT = 10_000  # sample_images' per_prompt (and `semhitok sample --samples-per-prompt`)
+
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's
+    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's; 0 to MAX_CFG_SCALE (0: unconditional)
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
 
     def __post_init__(self) -> None:  # at config load, at the CLI and at every API call that builds one
-        check_finite(self, "cfg_scale")
+        check_range(self, 0, MAX_CFG_SCALE, "cfg_scale")  # beyond it the mixed logits overflow into a degenerate image
         check_min(self, 0, "temperature", "top_k")
         check_range(self, 0, 1, "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -411,10 +416,10 @@ def read_prompts(path: str | Path) -> list[str]:
         if path.suffix != ".jsonl":
             prompts.append(line.strip())
             continue
+        row = loads_json(line, f"{path}:{n}")
         try:
-            row = json.loads(line)
             prompts.append(next(row[k] for k in ("prompt", "caption", "text") if k in row))
-        except (json.JSONDecodeError, StopIteration, TypeError):
+        except (StopIteration, TypeError):
             raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt', 'caption' or 'text' field") from None
     return prompts
 
@@ -437,19 +442,21 @@ def sample_images(decoder: Decoder, visual: VisualTokenizer, prompts: list[str],
     eval.world_eval.prompt_checker) and out/grid.png (plot.sample_grid: each image with its prompt, framed by
     its verdict; up to grid_limit images). Image (prompt, j) is keyed by (seed, j, prompt): the same whatever
     batch_size."""
-    if per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"samples per prompt and batch size must be >= 1, got {per_prompt} and {batch_size}")
+    if not 1 <= per_prompt <= MAX_SAMPLES_PER_PROMPT or batch_size < 1:
+        raise ValueError(f"samples per prompt must lie in [1, {MAX_SAMPLES_PER_PROMPT}] and batch size be >= 1, "
+                         f"got {per_prompt} and {batch_size}")
     if not prompts:
         raise ValueError("no prompts to sample")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(per_prompt)]
+    total = len(prompts) * per_prompt
+    jobs = ((i, j) for i in range(len(prompts)) for j in range(per_prompt))  # (not a list: drawn a batch at a time)
     settings = {"seed": sampling.seed, "cfg_scale": sampling.cfg_scale, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p}
     shown: list[tuple[Image.Image, str, bool | None]] = []
     with open(out / "prompts.jsonl", "w") as index:
-        for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", dynamic_ncols=True):
-            batch = jobs[start : start + batch_size]
+        for _ in tqdm(range(0, total, batch_size), desc="sample", unit="batch", dynamic_ncols=True):
+            batch = list(itertools.islice(jobs, batch_size))
             ids = decoder.image_ids([prompts[i] for i, _ in batch], sampling, samples=[j for _, j in batch])
             for (i, j), image in zip(batch, visual.decode(ids.to(visual.device))):
                 name = f"images/{i:05d}_{j}.png"

@@ -83,6 +83,15 @@ def check_device(device: str | None) -> None:
                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
+MAX_BATCH = 4096  # --batch-size of every command: images held on the device together
+
+
+def check_flag(value, lo, hi, flag: str) -> None:
+    """A numeric flag within [lo, hi] (ValueError naming the flag; NaN and infinities never lie in a range)."""
+    if not lo <= value <= hi:
+        raise ValueError(f"{flag}: must lie in [{lo}, {hi}], got {value!r}")
+
+
 def _model_dir(name_or_path: str) -> Path:
     """--model: a directory, or a Hub id (org/name) fetched into huggingface_hub's cache."""
     from semhitok.common.hub import resolve_pretrained
@@ -126,11 +135,17 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_tokenizer_encode(args) -> None:
     import numpy as np
 
+    from semhitok.common.io import check_output_dir
     from semhitok.tokenizer import encode_paths, list_images, load_tokenizer
 
+    check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
+    out = Path(args.out if args.out.endswith(".npz") else f"{args.out}.npz")  # (what np.savez writes)
+    if Path(args.out).is_dir() or out.is_dir():
+        raise ValueError(f"--out {args.out}: a folder; pass the .npz file to write (e.g. {Path(args.out) / 'ids.npz'})")
+    check_output_dir(out.parent, "--out's folder")
+    paths = list_images(args.inputs)
     model = load_tokenizer(args.model, args.device)
-    kept, ids = encode_paths(model, list_images(args.inputs), args.batch_size)
-    out = Path(args.out)
+    kept, ids = encode_paths(model, paths, args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, ids=ids.numpy().astype(np.int32), paths=np.array([str(p) for p in kept]))
     print(f"{len(kept)} images -> ids {list(ids.shape)}, code vocabularies {list(model.code_vocab_sizes)} -> {out}")
@@ -142,6 +157,7 @@ def cmd_tokenizer_decode(args) -> None:
 
     from semhitok.tokenizer import load_tokenizer, to_pil
 
+    check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
     try:
         data = np.load(args.ids, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -176,19 +192,25 @@ def cmd_tokenizer_decode(args) -> None:
 def cmd_tokenizer_reconstruct(args) -> None:
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
 
+    check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
     model = load_tokenizer(args.model, args.device)
     grid = reconstruct_to_dir(model, list_images(args.inputs), Path(args.out), args.batch_size, args.grid)
     print(f"side-by-side PNGs (input above reconstruction) -> {args.out}; overview: {grid}")
 
 
 def cmd_tokenizer_eval(args) -> None:
-    from semhitok.common.io import write_json
+    from semhitok.common.io import check_output_dir, write_json
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.tokenizer import load_tokenizer
 
     inputs = list(args.inputs) + list(args.images or [])
     if not inputs:
         raise ValueError("tokenizer eval: give images, folders or jsonl files (as for `semhitok tokenizer encode`)")
+    check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
+    if args.json and Path(args.json).is_dir():  # before the evaluation runs, not after
+        raise ValueError(f"--json {args.json}: a folder; pass the file to write (e.g. {Path(args.json) / 'eval.json'})")
+    if args.json:
+        check_output_dir(Path(args.json).parent, "--json's folder")
     model = load_tokenizer(args.model, args.device)
     result = evaluate_reconstruction(model, inputs, args.batch_size, fid=not args.no_fid)
     if args.json:
@@ -243,7 +265,8 @@ def _sampling(args):
 
 def _sampling_args(p, seed_default, seed_help: str) -> None:
     """The image sampling flags (sample, chat)."""
-    p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"), help="classifier-free guidance scale (1: off)")
+    p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"),
+                   help="classifier-free guidance scale, 0 to 100 (1: off; 0: unconditional)")
     p.add_argument("--temperature", type=float, default=SamplingDefault("temperature"), help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=SamplingDefault("top_k"), help="keep the k most likely ids (0: off)")
     p.add_argument("--top-p", type=float, default=SamplingDefault("top_p"), help="nucleus sampling mass (1: off)")
@@ -257,12 +280,12 @@ def cmd_sample(args) -> None:
     import dataclasses
 
     from semhitok.common.run_dir import record_run
-    from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
+    from semhitok.mllm.sample import MAX_SAMPLES_PER_PROMPT, load_sampler, read_prompts, sample_images
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
     sampling = _sampling(args)  # checked before the model is resolved (perhaps downloaded) and loaded
-    if args.samples_per_prompt < 1 or args.batch_size < 1:
-        raise ValueError(f"samples per prompt and batch size must be >= 1, got {args.samples_per_prompt} and {args.batch_size}")
+    check_flag(args.samples_per_prompt, 1, MAX_SAMPLES_PER_PROMPT, "--samples-per-prompt")  # (sample.py's bound)
+    check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
     args.model = str(_model_dir(args.model))
     record_run(args.out, {"model": str(Path(args.model).resolve()), "prompt": args.prompt, "prompts": args.prompts,
                           "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
@@ -355,11 +378,13 @@ def cmd_push(args) -> None:
     """Upload an export with its model card refreshed (metrics of its eval summary, the repo id); the export's
     README.md becomes that card once the upload succeeded."""
     from semhitok.common.hub import push_export
+    from semhitok.common.io import read_json
 
     model = Path(args.model)
     if (model / "semhitok_mllm.json").is_file():
         from semhitok.mllm.hf_export import write_mllm_card as write_card
-    elif (model / "config.json").is_file() and json.loads((model / "config.json").read_text()).get("model_type") == "semhitok":
+    elif (model / "config.json").is_file() and isinstance(meta := read_json(model / "config.json"), dict) \
+            and meta.get("model_type") == "semhitok":
         from semhitok.tokenizer.hub import write_tokenizer_card as write_card
     else:
         raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json)")
@@ -598,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompts", help=".txt (a prompt per line) or .jsonl (prompt/caption/text field)")
     p.add_argument("--out", required=True, help="output folder (images/, prompts.jsonl, grid.png, config.yaml, run.json)")
     _sampling_args(p, SamplingDefault("seed"), "an image depends on (seed, prompt, sample index) only, not on the batch")
-    p.add_argument("--batch-size", type=int, default=8, help="images decoded together (does not change them)")
-    p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="images decoded together, 1 to 4096 (does not change them)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt, 1 to 10,000")
     _device_arg(p)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
@@ -657,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p):
         p.add_argument("--model", required=True, help="tokenizer directory (save_pretrained output) or a Hub id (org/name)")
         _device_arg(p)
-        p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+        p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, 1 to 4096")
 
     inputs_help = "image files, folders of images, or .jsonl files with an `image` field"
     p = command(tok, "encode", "image files/folders -> ids .npz", cmd_tokenizer_encode)

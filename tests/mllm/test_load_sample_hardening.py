@@ -90,7 +90,7 @@ def test_sampling_refuses_nonsense_and_overlong_prompts(sampler):
 
 @pytest.mark.parametrize("flags, message", [
     (["--cfg-scale", "nan"], "cfg_scale"), (["--temperature", "-1"], "temperature"), (["--top-p", "inf"], "top_p"),
-    (["--top-k", "-2"], "top_k"), (["--samples-per-prompt", "0"], "samples per prompt"),
+    (["--top-k", "-2"], "top_k"), (["--samples-per-prompt", "0"], "--samples-per-prompt"),
 ])
 def test_sample_cli_errors_are_one_line(tiny_mllm_dir, tmp_path, capsys, flags, message):
     assert main(["sample", "--model", str(tiny_mllm_dir), "--prompt", "a bus", "--out", str(tmp_path), *flags]) == 2

@@ -62,8 +62,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(trained_
 ])
 def test_a_max_length_no_image_document_fits_is_refused(text_tokenizer, pretokenized_sample, mixture):
     cfg = SequenceConfig(max_length=50, micro_batch_size=1, **({"mixture": mixture} if mixture else {}))
-    loader = PackedLoader(cfg, text_tokenizer, TokenLayout.from_tokenizer(text_tokenizer, 256 * 12), pretokenized_sample)
     with pytest.raises(ValueError, match=r"data.max_length=50 holds no (generation|understanding) document of .*set data.max_length >= \d+"):
+        loader = PackedLoader(cfg, text_tokenizer, TokenLayout.from_tokenizer(text_tokenizer, 256 * 12), pretokenized_sample)
         for _ in range(2000):
             loader.next_batch()
 
