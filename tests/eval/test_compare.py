@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from semhitok.cli import main
+from semhitok.common.model_card import eval_dir
 from semhitok.config import load_project_config
 from semhitok.eval.compare import ROW_FILE, STAGE_STEPS, group_usage, kind_overrides, mllm_scores, render, world_scores
 from tests.conftest import SAMPLE
@@ -68,7 +69,7 @@ def test_table_matches_independent_recomputation(compared):
         cos = torch.nn.functional.cosine_similarity(tok.semantic(images)[0], teacher(pixel_values=images).last_hidden_state, dim=-1)
     assert row["teacher_cosine"] == pytest.approx(float(cos.mean()), abs=1e-4)
     # MLLM columns: the pipeline's own eval of this kind
-    summary = json.loads((compared / "semhitok" / "eval" / "summary.json").read_text())
+    summary = json.loads((eval_dir(compared / "semhitok" / "mllm" / "final") / "summary.json").read_text())
     assert row["understanding_loss"] == summary["gaps"]["understanding"]["loss_true"]
     assert row["generation_loss"] == summary["gaps"]["generation"]["loss_true"]
     assert row["pope_accuracy"] == summary["pope"]["accuracy"]
