@@ -31,6 +31,7 @@ from typing import Iterator
 
 import webdataset as wds
 
+from semhitok.common.io import sha256_file_cached
 from semhitok.data_pipelines.config import SourceConfig
 from semhitok.data_pipelines.sequences import ROLES
 
@@ -94,20 +95,10 @@ def file_stat(path: str) -> dict:
     return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-@functools.lru_cache(maxsize=256)
-def _file_content(path: str, size: int, mtime_ns: int) -> dict:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return {"bytes": n, "sha256": h.hexdigest()}
-
-
 def local_input(path: str) -> InputRead:
     """A local file's content and stat, hashed once per process while the file is unchanged (size, mtime)."""
     stat = file_stat(path)
-    return InputRead(**_file_content(stat["path"], stat["size"], stat["mtime_ns"]), stat=stat)
+    return InputRead(bytes=stat["size"], sha256=sha256_file_cached(stat["path"], stat["size"], stat["mtime_ns"]), stat=stat)
 
 
 @dataclass

@@ -8,6 +8,7 @@ the umask), not mkstemp's 0600/0700. A directory of checkpoint files can carry a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,13 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def sha256_file_cached(path: str, size: int, mtime_ns: int) -> str:
+    """sha256_file of a file known by its resolved path, size and mtime: hashed once per process while those
+    stay the same (the key is the cache's; the caller stats the file)."""
+    return sha256_file(path)
 
 
 def write_manifest(directory: str | Path, extra: dict | None = None) -> None:

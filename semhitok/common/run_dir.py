@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from semhitok import IS_CHECKOUT, REPO_ROOT, __version__
-from semhitok.common.io import atomic_path, check_output_dir, sha256_file, write_json
+from semhitok.common.io import atomic_path, check_output_dir, sha256_file_cached, write_json
 from semhitok.common.resources import shipped
 
 log = logging.getLogger("semhitok")
@@ -66,14 +66,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
 def _content(path: Path) -> tuple:
     st = path.stat()
-    return st.st_size, _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return st.st_size, sha256_file_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _listing(folder: Path, limit: int = 10_000) -> list[tuple[str, int]] | None:
