@@ -5,7 +5,13 @@
 
 Each table trains its stage-1 runs once (shared by the variants that need the same one), then a stage 2 per
 variant with the same steps, batch and learning rate, and measures on the held-out images: rFID (when the
-Inception weights load, else '-'), PSNR, SSIM, codebook usage and the teacher cosine of the semantic branch.
+Inception weights load, else '-'), PSNR, SSIM, codebook usage, the teacher cosine of the semantic branch and the
+GFLOPs of one image through stage 2's forward. What would confound the rows is held equal: the joint row's
+semantic branch distils as many steps as the others' (its own stage 1 is shorter by the stage-2 steps in which
+it keeps distilling), and a "semantic" perceptual term reads the frozen teacher in every row. Table 5's "w/o
+sem" keeps the paper's sub-codebooks (its "Subc Size 12"): the decoder sees no semantic code, but the pixel code
+is chosen in the semantic id's sub-codebook; the extra row "w/o sem, shared codebook" quantizes in one codebook
+of the K * m codes, so that no semantic id reaches the pixel code, the decoder or the LLM.
 
 With the LLM path (default when the config has world.enabled; the shapes world, data_pipelines/world.py),
 each variant's tokenizer then goes through the rest of the pipeline as `semhitok pipeline` runs it: the
@@ -66,7 +72,28 @@ class Table:
 
 
 # Stage-1 runs the variants share: stage-1 overrides by key.
-STAGE1 = {"teacher_init": [], "random_init": ["tokenizer_train.student_from_teacher=false"]}
+STAGE1 = {"teacher_init": [], "random_init": ["tokenizer_train.student_from_teacher=false"], "joint": []}
+# The joint row's stage 2 keeps distilling the semantic branch for its `steps` steps, so its own stage 1 runs
+# stage1_steps - steps: every row's semantic branch then distils the same number of steps.
+JOINT_STAGE1 = "joint"
+
+
+def default_stage1_steps(number: int, only: list[str] | None, max_steps: int, steps: int) -> int:
+    """Stage-1 steps when none are given: tokenizer_train.max_steps, or with the joint row among the variants
+    max_steps + steps (the joint row's own stage 1 then runs max_steps)."""
+    table = TABLES.get(number)
+    joint = table is not None and any(v.stage1 == JOINT_STAGE1 and (only is None or v.name in only) for v in table.variants)
+    return max_steps + steps if joint else max_steps
+
+
+# Every row's stage 2: a "semantic" perceptual term reads the frozen teacher, not the row's own encoder (a random
+# student, a teacher-initialised one, or one that joint training moves).
+FIXED_STAGE2 = ["tokenizer_train.perceptual_network=teacher"]
+
+
+def stage1_budget(key: str, stage1_steps: int, steps: int) -> int:
+    """The stage-1 steps of the stage-1 run `key` (STAGE1) when every row's stage 1 is `stage1_steps`."""
+    return stage1_steps - steps if key == JOINT_STAGE1 else stage1_steps
 
 Y = "✓"
 TABLES = {
@@ -78,7 +105,7 @@ TABLES = {
             Variant("spc_teacher_init", [Y, "", ""], ["tokenizer.fusion=semantic_only"], "teacher_init", ["2.73", "58.2", "83.1", "57.4"]),
             # Texture incorporated into the semantic tokenizer by joint training (MUSE-VL): stage 2 also
             # updates the semantic branch, which keeps its distillation loss.
-            Variant("spc_joint", [Y, Y, ""], ["tokenizer.fusion=semantic_only", "tokenizer_train.trains=joint"], "teacher_init",
+            Variant("spc_joint", [Y, Y, ""], ["tokenizer.fusion=semantic_only", "tokenizer_train.trains=joint"], JOINT_STAGE1,
                     ["2.10", "58.0", "77.3", "56.7"]),
             Variant("sghc", [Y, "", Y], [], "teacher_init", ["1.24", "58.8", "83.2", "58.7"]),
         ],
@@ -90,6 +117,10 @@ TABLES = {
         [
             Variant("wo_sem_m12", ["w/o sem", "12"], ["tokenizer.fusion=pixel_only", "tokenizer.pix_codes_per_group=12"],
                     paper=["1.99", "98.4%"]),
+            # "w/o sem" taken strictly: no semantic id in the pixel code either (one shared codebook of K * m codes)
+            Variant("wo_sem_shared_m12", ["w/o sem, shared codebook", "12"],
+                    ["tokenizer.fusion=pixel_only", "tokenizer.pix_codebook=shared", "tokenizer.pix_codes_per_group=12"],
+                    paper=["-", "-"]),
             Variant("len_m12", ["Len", "12"], ["tokenizer.fusion=length", "tokenizer.pix_codes_per_group=12"], paper=["1.45", "97.1%"]),
             Variant("dim_m8", ["Dim", "8"], ["tokenizer.fusion=concat", "tokenizer.pix_codes_per_group=8"], paper=["1.42", "96.4%"]),
             Variant("dim_m12", ["Dim", "12"], ["tokenizer.fusion=concat", "tokenizer.pix_codes_per_group=12"], paper=["1.26", "93.7%"]),
@@ -99,7 +130,7 @@ TABLES = {
     ),
 }
 
-OUR_COLUMNS = ["rFID", "PSNR", "SSIM", "Sem usage", "Sub-code usage", "Teacher cos"]
+OUR_COLUMNS = ["rFID", "PSNR", "SSIM", "Sem usage", "Sub-code usage", "Teacher cos", "GFLOPs / img"]
 LLM_FILE = "llm.json"  # a variant's finished LLM path, beside its tokenizer's metrics.json
 
 
@@ -123,14 +154,18 @@ def measure(model: SemHiTok, tok: TokenizerConfig, train: TokenizerTrainConfig, 
     # Usage over all sample images: the held-out set alone is too small to fill K * m ids. Sub-code usage
     # normalises by the groups that occur (distinct ids / (m * distinct semantic ids)): at a scale where most
     # of the K groups never occur it is the comparable figure to the paper's usage.
+    # With pix_codebook=shared the ids are indices into one codebook of K * m codes, not semantic * m + pixel:
+    # its sub-code usage is the share of those K * m codes that occur.
     sem_used, ids_used = set(), set()
     for _, images in iter_image_batches(list_images(train.train_data + train.holdout_data), model.image_size, 32):
-        ids = model.encode(images.to(model.device)).flatten()
-        ids_used.update(ids.tolist())
-        sem_used.update(model.split_ids(ids)[0].tolist())
+        images = images.to(model.device)
+        ids_used.update(model.encode(images).flatten().tolist())
+        sem_used.update(model.semantic_ids(images).flatten().tolist())
     m = model.codes_per_group
     result["semantic_usage"] = len(sem_used) / model.config.sem_codebook_size
-    result["subcode_usage"] = None if m == 1 else len(ids_used) / (m * len(sem_used))
+    shared = tok.pix_codebook == "shared"
+    result["subcode_usage"] = None if m == 1 else len(ids_used) / (m * (model.config.sem_codebook_size if shared else len(sem_used)))
+    result["gflops_per_image"] = forward_gflops(model)
     torch.manual_seed(train.seed)  # then built from the run's config, as stage 1 did: a random teacher comes out the same
     teacher = load_teacher(tok).to(model.device)
     holdout = ImageDataset(train.holdout_data, model.image_size)
@@ -138,6 +173,28 @@ def measure(model: SemHiTok, tok: TokenizerConfig, train: TokenizerTrainConfig, 
     cosine, _ = distill_loss(model.semantic(images)[0], teacher(pixel_values=images).last_hidden_state)
     result["teacher_cosine"] = 1 - float(cosine)
     return result
+
+
+@torch.no_grad()
+def forward_gflops(model: SemHiTok) -> float:
+    """GFLOPs of one image through stage 2's training forward (semantic branch for the ids and codes, pixel
+    branch: encoder, quantizer, decoder), counted by torch's FlopCounterMode (matmuls and convolutions). The
+    variants differ here: "Len" decodes 2N tokens, "w/o sem" searches K * m codes per patch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.zeros(1, 3, model.image_size, model.image_size, device=model.device)
+    with FlopCounterMode(display=False) as counter:
+        _, sem, _, q_sem = model.semantic(image, with_codes=True)
+        model.pixel(image, sem, q_sem, 0.25)
+    return counter.get_total_flops() / 1e9
+
+
+def _trained_steps(run: Path) -> int | None:
+    """The max_steps a tokenizer run directory was trained with (its run_config.json), None when unreadable."""
+    try:
+        return json.loads((run / "run_config.json").read_text())["train"]["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fmt(value, kind: str) -> str:
@@ -163,7 +220,7 @@ def render(table: Table, results: dict[str, dict], budget: str, llm: bool = Fals
         r = results.get(v.name)
         ours = ["(not run)"] + [""] * (len(ours_head) - 1) if r is None else [
             _fmt(r.get("rfid"), "2"), _fmt(r["psnr"], "db"), _fmt(r["ssim"], "3"), _fmt(r["semantic_usage"], "pct"),
-            _fmt(r["subcode_usage"], "pct"), _fmt(r["teacher_cosine"], "3")]
+            _fmt(r["subcode_usage"], "pct"), _fmt(r["teacher_cosine"], "3"), _fmt(r.get("gflops_per_image"), "2")]
         if r is not None and llm:
             ours += ["(LLM not run)", ""] if r.get("llm") is None else world_cells(r["llm"]["scores"])
         lines.append("| " + " | ".join(v.cells + ours + v.paper) + " |")
@@ -253,11 +310,17 @@ def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: 
                          f"table {number} has {[v.name for v in table.variants]}")
     if llm:
         _require_world(cfg)
+    short = [v.name for v in variants if stage1_budget(v.stage1, stage1_steps, steps) < 1]
+    if short:
+        raise ValueError(f"{', '.join(short)}: its stage 1 runs --stage1-steps minus --steps ({stage1_steps} - {steps}) so "
+                         f"that its semantic branch distils as many steps as the other rows'; pass --stage1-steps > --steps")
     tok, train = cfg.tokenizer, cfg.tokenizer_train
     out.mkdir(parents=True, exist_ok=True)
     prepare_stage0(cfg)
-    budget = (f"Each variant: stage 1 {stage1_steps} steps (shared), stage 2 {steps} steps, batch {train.batch_size}, "
-              f"lr {train.lr}; metrics on {len(list_images(train.holdout_data))} held-out images.")
+    joint = any(v.stage1 == JOINT_STAGE1 for v in variants)
+    budget = (f"Each variant: stage 1 {stage1_steps} steps (shared{'; the joint row ' + str(stage1_steps - steps) + ' then ' + str(steps) + ' of joint distillation in stage 2' if joint else ''}), "
+              f"stage 2 {steps} steps, batch {train.batch_size}, lr {train.lr}; metrics on "
+              f"{len(list_images(train.holdout_data))} held-out images; GFLOPs: one image through stage 2's forward.")
     if llm:
         e = cfg.eval
         budget += (f" Then its LLM: {cfg.mllm_train.max_steps} steps, micro-batch {cfg.data.micro_batch_size}, lr "
@@ -286,10 +349,14 @@ def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: 
             start = time.time()
             tok1, train1 = _apply(tok, train, STAGE1[v.stage1])
             stage1 = out / f"stage1_{v.stage1}"
+            n1 = stage1_budget(v.stage1, stage1_steps, steps)
             if not (stage1 / "final" / "config.json").is_file():
-                log.info("ablation: stage 1 (%s) -> %s", v.stage1, stage1)
-                train_tokenizer(tok1, dataclasses.replace(train1, stage=1, max_steps=stage1_steps), stage1)
-            tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides)
+                log.info("ablation: stage 1 (%s, %d steps) -> %s", v.stage1, n1, stage1)
+                train_tokenizer(tok1, dataclasses.replace(train1, stage=1, max_steps=n1), stage1)
+            elif (had := _trained_steps(stage1)) != n1:
+                raise ValueError(f"{stage1}: a stage 1 of {had} steps, this table asks for {n1}: use another --out, "
+                                 f"or --stage1-steps to match")
+            tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides + FIXED_STAGE2)
             log.info("ablation %s: stage 2 %s", v.name, v.overrides)
             model = train_tokenizer(tok2, dataclasses.replace(train2, stage=2, max_steps=steps), out / v.name, stage1 / "final")
             result = {**measure(model, tok2, train2, fid), "variant": v.name, "overrides": v.overrides,

@@ -394,15 +394,17 @@ def cmd_push(args) -> None:
 
 # -- ablations ---------------------------------------------------------------------------------------
 def cmd_ablate(args) -> None:
-    from semhitok.eval.ablate import run_table
+    from semhitok.eval.ablate import default_stage1_steps, run_table
 
     cfg = _load(args)
     t = cfg.tokenizer_train
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "ablate" / f"table{args.table}"
     llm = cfg.world.enabled if args.llm is None else args.llm
+    only = args.only.split(",") if args.only else None
+    steps = args.steps or t.max_steps
+    stage1 = args.stage1_steps or default_stage1_steps(args.table, only, t.max_steps, steps)
     _record(out, cfg, "ablate", args)
-    path = run_table(args.table, cfg, out, args.stage1_steps or t.max_steps, args.steps or t.max_steps,
-                     args.only.split(",") if args.only else None, fid=not args.no_fid, llm=llm)
+    path = run_table(args.table, cfg, out, stage1, steps, only, fid=not args.no_fid, llm=llm)
     print(path.read_text())
     print(f"table: {path}")
 
@@ -416,7 +418,9 @@ def _ablate_parser(sub) -> None:
                        formatter_class=HelpFormatter)
     p.add_argument("--table", type=int, choices=(4, 5), required=True, help="the paper's table to reproduce (4 or 5)")
     p.add_argument("--out", default=None, help="output folder (default: <run_dir>/ablate/table<N>); reruns skip finished variants")
-    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default: tokenizer_train.max_steps)")
+    p.add_argument("--stage1-steps", type=int, default=None,
+                   help="stage-1 steps (default: tokenizer_train.max_steps; with table 4's joint row that plus --steps, "
+                   "since the joint row's own stage 1 is --stage1-steps minus --steps)")
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: tokenizer_train.max_steps)")
     p.add_argument("--only", default=None, help="comma-separated variants to run (names as in the output folders)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")

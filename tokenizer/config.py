@@ -43,6 +43,11 @@ class TokenizerConfig:
     # it each group there collapses onto a code or two and shapes come back as blocks of patches). Off by default:
     # the paper does not say, and the 256/384 recipes keep what they were run with.
     pix_restart_dead: bool = False
+    # hierarchical: a patch is quantized in its semantic id's sub-codebook, the id is semantic * m + pixel (the
+    # paper's SGHC). shared: the K * m codes form one codebook searched whole, the id is the code's index and
+    # carries no semantic id (Table 5's "w/o sem" taken strictly; needs fusion=pixel_only, since the decoder could
+    # not recover the semantic codes from such an id).
+    pix_codebook: Literal["hierarchical", "shared"] = "hierarchical"
     # The paper (sec. 4.1): ViT-B pixel encoder and decoder, the decoder enlarged to ViT-L (1024 wide,
     # 16 heads, 24 layers) in the last stage-2 phase (configs/recipes/*_stage2c_*.yaml).
     pix_encoder_width: int = 768
@@ -78,6 +83,8 @@ class TokenizerConfig:
             width, heads = getattr(self, f"pix_{side}_width"), getattr(self, f"pix_{side}_heads")
             if width % heads:
                 raise ConfigError(f"pix_{side}_width: {width} is not a multiple of pix_{side}_heads={heads}")
+        if self.pix_codebook == "shared" and self.fusion != "pixel_only":
+            raise ConfigError(f"pix_codebook: 'shared' ids carry no semantic id, so they need fusion=pixel_only, not {self.fusion!r}")
 
     @property
     def codes_per_group(self) -> int:
@@ -131,6 +138,10 @@ class TokenizerTrainConfig:
     # the fix named (never a silent switch). semantic: distances between the frozen semantic encoder's hidden
     # states (the tiny preset's choice). The term that ran is recorded in <stage dir>/run_config.json.
     perceptual: Literal["auto", "lpips", "semantic", "none"] = "auto"
+    # perceptual=semantic reads the hidden states of this tokenizer's frozen semantic encoder (student) or of the
+    # frozen teacher (teacher: one fixed network, whatever each student became; the ablations' choice, so that no
+    # row's perceptual term looks through another encoder). trains=joint always reads the teacher's.
+    perceptual_network: Literal["student", "teacher"] = "student"
     perceptual_weight: float = 1.0
     gan_weight: float = 0.1
     disc_start: int = 20_000

@@ -122,6 +122,7 @@ class PixelBranch(nn.Module):
         # 15 / 405 at 384 px, where the image is resized onto the canvas and the output back to image_size)
         patch, self.canvas = pixel_geometry(image_size, grid)
         self.fusion, self.patch, self.grid, self.image_size = cfg.fusion, patch, grid, image_size
+        self.codes_per_group, self.shared_codebook = cfg.codes_per_group, cfg.pix_codebook == "shared"
         self.code_dim, n = cfg.pix_code_dim, grid * grid
         if cfg.fusion != "semantic_only":
             enc = cfg.pix_encoder_width
@@ -155,20 +156,24 @@ class PixelBranch(nn.Module):
     def quantize(
         self, images: torch.Tensor, sem_ids: torch.Tensor, beta: float = 0.25
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W], semantic ids [B, N] -> (pixel codes [B, N, d] straight-through,
-        pixel ids [B, N] in [0, m), vq loss []). Without pixel codes: ([B, N, 0], zeros, 0)."""
+        """images [B, 3, H, W], semantic ids [B, N] -> (pixel codes [B, N, d] straight-through, visual ids
+        [B, N] in [0, K*m), vq loss []). The id is semantic * m + pixel; with pix_codebook=shared the patch is
+        quantized in one codebook of the K*m codes, not indexed by the semantic id, and the id is that code's index.
+        Without pixel codes: ([B, N, 0], the semantic ids, 0)."""
         if self.fusion == "semantic_only":
-            return self.lookup(sem_ids, sem_ids), torch.zeros_like(sem_ids), images.new_zeros(())
+            return self.lookup(sem_ids, sem_ids), sem_ids, images.new_zeros(())
         z = self.to_code(self.encoder(self.patch_embed(patchify(resize(images, self.canvas), self.patch))))
         b, n, d = z.shape
-        q, pix_ids, vq_loss = self.codebook(z.reshape(b * n, d), sem_ids.reshape(-1), beta)
-        return q.view(b, n, d), pix_ids.view(b, n), vq_loss
+        shared = self.shared_codebook
+        q, pix_ids, vq_loss = self.codebook(z.reshape(b * n, d), None if shared else sem_ids.reshape(-1), beta)
+        ids = pix_ids.view(b, n) if shared else sem_ids * self.codes_per_group + pix_ids.view(b, n)
+        return q.view(b, n, d), ids, vq_loss
 
     def forward(self, images: torch.Tensor, sem_ids: torch.Tensor, q_sem: torch.Tensor, beta: float):
         """Training path. images [B, 3, H, W], semantic ids [B, N], semantic codes [B, N, c] ->
-        (reconstruction [B, 3, H, W], pixel ids [B, N], vq loss [])"""
-        q_pix, pix_ids, vq_loss = self.quantize(images, sem_ids, beta)
-        return self.decode(q_sem, q_pix), pix_ids, vq_loss
+        (reconstruction [B, 3, H, W], visual ids [B, N], vq loss [])"""
+        q_pix, ids, vq_loss = self.quantize(images, sem_ids, beta)
+        return self.decode(q_sem, q_pix), ids, vq_loss
 
     def decode(self, q_sem: torch.Tensor, q_pix: torch.Tensor) -> torch.Tensor:
         """semantic codes [B, N, c], pixel codes [B, N, d] -> images [B, 3, H, W]"""
@@ -263,7 +268,8 @@ class SemHiTok(nn.Module):
 
     # -- ids ---------------------------------------------------------------------------------------
     def split_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """flattened ids [...] -> (semantic ids [...], pixel ids [...])"""
+        """flattened ids [...] -> (semantic ids [...], pixel ids [...]). With pix_codebook=shared the id is an
+        index into one shared codebook: the pair addresses its code (codes[h // m, h % m]), h // m is no semantic id."""
         return ids // self.codes_per_group, ids % self.codes_per_group
 
     def join_ids(self, sem: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
@@ -274,10 +280,13 @@ class SemHiTok(nn.Module):
         """The quantized features behind the ids: (semantic codes [K, sem_dim], pixel codes [K*m, pix_dim]).
 
         Visual id h stands for semantic code sem[h // m] and pixel code pix[h]. Without pixel codes
-        (fusion semantic_only, m = 1) the pixel codes are zeros [K, pix_dim]."""
+        (fusion semantic_only, m = 1) the pixel codes are zeros [K, pix_dim]; with ids that carry no semantic id
+        (pix_codebook=shared) the semantic codes are zeros."""
         sem = self.semantic.codebook.embed.detach().clone()
         if self.config.fusion == "semantic_only":
             return sem, sem.new_zeros(sem.shape[0], self.config.pix_code_dim)
+        if self.config.pix_codebook == "shared":
+            sem = torch.zeros_like(sem)
         return sem, l2norm(self.pixel.codebook.codes.detach()).flatten(0, 1)
 
     # -- encode / decode ---------------------------------------------------------------------------
@@ -294,8 +303,8 @@ class SemHiTok(nn.Module):
         self._require_stage(2)
         sem = self.semantic_ids(images)
         with self._autocast():
-            _, pix, _ = self.pixel.quantize(images, sem)
-        return self.join_ids(sem, pix).view(-1, self.grid, self.grid)
+            _, ids, _ = self.pixel.quantize(images, sem)
+        return ids.view(-1, self.grid, self.grid)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

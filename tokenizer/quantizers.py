@@ -5,7 +5,8 @@ initialised on features gathered across ranks and over the first batches until t
 GPU at 256 px sees 32 x 256 = 8,192 < 16,384 per step), dead codes restarted from current features.
 
 HierarchicalCodebook: stage 2's pixel codebook. K sub-codebooks of m codes; a patch whose semantic code
-is i is quantized only inside sub-codebook i, so the flattened id is i * m + j.
+is i is quantized only inside sub-codebook i, so the flattened id is i * m + j. Without semantic ids (the
+"w/o sem" ablation) the same K * m codes form one shared codebook searched whole: the id is the code's flat index.
 
 Both searches (nearest code, argmax of cosine similarity) run in fp32 with autocast off, whatever context
 they are called from: in bf16 about 0.8% of the argmaxes flip against fp32 at K = 16384.
@@ -165,32 +166,49 @@ class HierarchicalCodebook(nn.Module):
         return l2norm(self.codes[sem_idx, pix_idx])
 
     def forward(
-        self, z: torch.Tensor, sem_idx: torch.Tensor, beta: float
+        self, z: torch.Tensor, sem_idx: torch.Tensor | None, beta: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z [n, d], sem_idx [n] -> (q [n, d] straight-through, pix_idx [n] in [0, m), vq loss [])."""
+        """z [n, d], sem_idx [n] -> (q [n, d] straight-through, pix_idx [n] in [0, m), vq loss []).
+        sem_idx None: one shared codebook of K * m codes, pix_idx [n] in [0, K * m) (the flat index)."""
         with fp32(z.device):
             z = l2norm(z.float())
-            # [n, m, d]: only the patch's own sub-codebook. index_select, not codes[sem_idx]: its backward
-            # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
-            group = l2norm(torch.index_select(self.codes.float(), 0, sem_idx))
-            pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
+            usage = getattr(self, "usage", None)
+            if sem_idx is None:
+                flat = l2norm(self.codes.float().flatten(0, 1))  # [K*m, d]
+                pix_idx = (z.detach() @ flat.detach().t()).argmax(dim=1)
+                # restart over one group holding every code
+                groups, codes = torch.zeros_like(pix_idx), self.codes.data.view(1, -1, self.dim)
+                usage = None if usage is None else usage.view(1, -1)
+            else:
+                # [n, m, d]: only the patch's own sub-codebook. index_select, not codes[sem_idx]: its backward
+                # (index_add) accumulates in a fixed order on CPU, so runs and resumes are bit-reproducible.
+                group = l2norm(torch.index_select(self.codes.float(), 0, sem_idx))
+                pix_idx = torch.einsum("nd,nmd->nm", z.detach(), group.detach()).argmax(dim=1)
+                groups, codes = sem_idx, self.codes.data
             if self.restart and self.training and self.codes.requires_grad:  # (frozen codebooks keep their ids)
-                self._restart_dead(z.detach(), sem_idx, pix_idx)
-            q = group[torch.arange(z.shape[0], device=z.device), pix_idx]  # [n, d], differentiable in codes
+                self._restart_dead(z.detach(), groups, pix_idx, codes, usage)
+            # [n, d], differentiable in codes (after a restart: the restarted codes are not the chosen ones)
+            if sem_idx is None:
+                q = l2norm(torch.index_select(self.codes.float().flatten(0, 1), 0, pix_idx))
+            else:
+                q = group[torch.arange(z.shape[0], device=z.device), pix_idx]
             loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
         return z + (q - z).detach(), pix_idx, loss
 
+    @staticmethod
     @torch.no_grad()
-    def _restart_dead(self, z: torch.Tensor, sem_idx: torch.Tensor, pix_idx: torch.Tensor) -> None:
-        """z [n, d] (normalised), sem_idx, pix_idx [n]: update the use EMA; dead codes of seen groups take a
-        random z of their group (the codes the assignment just chose stay as they are for this step's loss)."""
-        counts = torch.zeros_like(self.usage).index_put_((sem_idx, pix_idx), torch.ones_like(z[:, 0]), accumulate=True)
-        self.usage.mul_(0.99).add_(counts, alpha=0.01)
-        seen = counts.sum(1) > 0  # [K]
-        dead = (self.usage < 1e-3) & seen[:, None]  # [K, m]
+    def _restart_dead(z: torch.Tensor, groups: torch.Tensor, pix_idx: torch.Tensor, codes: torch.Tensor,
+                      usage: torch.Tensor) -> None:
+        """z [n, d] (normalised), groups, pix_idx [n], codes [G, m, d] and usage [G, m] (views of the module's
+        tensors, updated in place): update the use EMA; dead codes of seen groups take a random z of their
+        group (the codes the assignment just chose stay as they are for this step's loss)."""
+        counts = torch.zeros_like(usage).index_put_((groups, pix_idx), torch.ones_like(z[:, 0]), accumulate=True)
+        usage.mul_(0.99).add_(counts, alpha=0.01)
+        seen = counts.sum(1) > 0  # [G]
+        dead = (usage < 1e-3) & seen[:, None]  # [G, m]
         for g in dead.any(1).nonzero().flatten().tolist():
-            rows = (sem_idx == g).nonzero().flatten()
+            rows = (groups == g).nonzero().flatten()
             slots = dead[g].nonzero().flatten()
             pick = rows[torch.randint(len(rows), (len(slots),), device=rows.device)]
-            self.codes.data[g, slots] = z[pick].to(self.codes.dtype)
-            self.usage[g, slots] = 1e-2  # a grace period before it can be restarted again
+            codes[g, slots] = z[pick].to(codes.dtype)
+            usage[g, slots] = 1e-2  # a grace period before it can be restarted again

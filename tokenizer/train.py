@@ -180,8 +180,12 @@ class Stage2Task(_Task):
             module.requires_grad_(True)
         self.trained_params = [p for m in trained for p in m.parameters() if p.requires_grad]
         # The perceptual term must not look through an encoder that this run trains.
-        self.perceptual = build_perceptual(train.perceptual, self.teacher if self.joint else model.semantic.encoder)
+        through_teacher = self.joint or train.perceptual_network == "teacher"
+        if through_teacher and self.teacher is None:
+            raise ValueError("tokenizer_train.perceptual_network=teacher needs the teacher (build_task loads it)")
+        self.perceptual = build_perceptual(train.perceptual, self.teacher if through_teacher else model.semantic.encoder)
         self.run_info["perceptual"] = "none" if self.perceptual is None else self.perceptual.kind
+        self.run_info["perceptual_network"] = "teacher" if through_teacher else "student"
         disc = PatchDiscriminator().to(device)
         wrap = (lambda m: DDP(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
         self.pixel, self.disc = wrap(model.pixel), wrap(disc)
@@ -214,7 +218,7 @@ class Stage2Task(_Task):
         gan_on = step >= t.disc_start
         sem, q_sem, sem_loss = self._semantic(images)
         with self.autocast:
-            recon, pix, vq = self.pixel(images, sem, q_sem, t.commit_weight)
+            recon, ids, vq = self.pixel(images, sem, q_sem, t.commit_weight)
             l1 = (recon.float() - images).abs().mean()
             perc = self.perceptual(recon, images) if self.perceptual is not None else torch.zeros((), device=self.device)
             g_adv = hinge_g_loss(self.disc(recon)) if gan_on else torch.zeros((), device=self.device)
@@ -230,7 +234,7 @@ class Stage2Task(_Task):
             **({"semantic_loss": sem_loss.item()} if self.joint else {}),
             "grad_norm": norm,
             "train_psnr": float(psnr(recon.detach().float(), images)),
-            "pix_codes_used": float(torch.unique(self.model.join_ids(sem, pix)).numel()),
+            "pix_codes_used": float(torch.unique(ids).numel()),
         }
         if gan_on:
             metrics["d_loss"] = self._disc_step(images, recon)
@@ -477,7 +481,7 @@ def build_task(stage: int, tok_cfg: TokenizerConfig, train: TokenizerTrainConfig
             raise FileNotFoundError(f"stage 2 starts from a stage-1 or stage-2 tokenizer; none at {init_from} (run stage 1 first)")
         # The teacher first, right after seeding and from this run's config, as stage 1 did: a random (tiny)
         # teacher comes out the same.
-        teacher = load_teacher(tok_cfg) if train.trains == "joint" else None
+        teacher = load_teacher(tok_cfg) if train.trains == "joint" or train.perceptual_network == "teacher" else None
         parent = SemHiTok.from_pretrained(init_from)
         if 1 not in parent.trained_stages:
             raise ValueError(f"{init_from} has trained stages {parent.trained_stages}; stage 1 is needed")

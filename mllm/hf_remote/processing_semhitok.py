@@ -102,6 +102,7 @@ class VisualEncoder(nn.Module):
         siglip = SiglipVisionConfig.from_dict({**cfg["siglip_config"], "vision_use_head": False})
         self.image_size, self.grid = siglip.image_size, siglip.image_size // siglip.patch_size
         self.semantic_only = cfg["fusion"] == "semantic_only"
+        self.shared = cfg.get("pix_codebook") == "shared"  # one codebook of K * m codes, the id its index
         self.m = 1 if self.semantic_only else cfg["pix_codes_per_group"]
         k = cfg["sem_codebook_size"]
         self.semantic = nn.Module()
@@ -141,6 +142,8 @@ class VisualEncoder(nn.Module):
         b, p = images.shape[0], self.patch
         patches = images.view(b, 3, self.grid, p, self.grid, p).permute(0, 2, 4, 3, 5, 1).reshape(b, self.grid ** 2, p * p * 3)
         zp = l2norm(self.pixel.to_code(self.pixel.encoder(self.pixel.patch_embed(patches))).float())  # [B, N, d]
+        if self.shared:
+            return (zp @ l2norm(self.pixel.codebook.codes.float().flatten(0, 1)).t()).argmax(-1)  # [B, N]
         group = l2norm(self.pixel.codebook.codes.float()[sem])  # [B, N, m, d]: the patch's own sub-codebook
         pix = torch.einsum("bnd,bnmd->bnm", zp, group).argmax(-1)
         return sem * self.m + pix

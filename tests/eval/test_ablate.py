@@ -7,7 +7,7 @@ import pytest
 
 from semhitok.cli import main
 from semhitok.config import load_project_config
-from semhitok.eval.ablate import LLM_FILE, TABLES, render, run_table
+from semhitok.eval.ablate import LLM_FILE, TABLES, default_stage1_steps, forward_gflops, render, run_table
 from tests.conftest import SAMPLE, tiny_config
 
 
@@ -18,11 +18,13 @@ def test_one_table5_variant_trains_measures_and_is_skipped_on_rerun(tmp_path, ca
     result = json.loads((out / "dim_m12" / "metrics.json").read_text())
     assert result["overrides"] == ["tokenizer.fusion=concat", "tokenizer.pix_codes_per_group=12"]
     assert 5 < result["psnr"] < 40 and 0 < result["subcode_usage"] <= 1 and 0 < result["semantic_usage"] <= 1
-    assert -1 <= result["teacher_cosine"] <= 1 and result["rfid"] is None
+    assert -1 <= result["teacher_cosine"] <= 1 and result["rfid"] is None and result["gflops_per_image"] > 0
+    # one fixed perceptual network for every row: the semantic term read the teacher
+    assert json.loads((out / "dim_m12" / "run_config.json").read_text())["perceptual_network"] == "teacher"
     lines = path.read_text().splitlines()
     assert lines[2].startswith("| Fusion | Subc Size | rFID (ours) | PSNR (ours)") and lines[2].endswith("| rFID (paper) | Usage (paper) |")
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in lines[4:9]}
-    assert len(rows) == 5 and "1.26 | 93.7%" in rows["Dim", "12"] and f"{result['psnr']:.2f}" in rows["Dim", "12"]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in lines[4:10]}
+    assert len(rows) == 6 and "1.26 | 93.7%" in rows["Dim", "12"] and f"{result['psnr']:.2f}" in rows["Dim", "12"]
     assert "(not run)" in rows["w/o sem", "12"] and "1.99 | 98.4%" in rows["w/o sem", "12"]
     # rerun through the CLI: the finished variant is not trained again
     stamp = (out / "dim_m12" / "metrics.json").stat().st_mtime_ns
@@ -34,7 +36,8 @@ def test_one_table5_variant_trains_measures_and_is_skipped_on_rerun(tmp_path, ca
 
 
 def test_tables_carry_the_papers_rows():
-    assert [v.cells for v in TABLES[5].variants] == [["w/o sem", "12"], ["Len", "12"], ["Dim", "8"], ["Dim", "12"], ["Dim", "16"]]
+    assert [v.cells for v in TABLES[5].variants] == [["w/o sem", "12"], ["w/o sem, shared codebook", "12"], ["Len", "12"],
+                                                     ["Dim", "8"], ["Dim", "12"], ["Dim", "16"]]
     assert [v.paper[0] for v in TABLES[4].variants] == ["3.10", "2.73", "2.10", "1.24"]
     with pytest.raises(ValueError, match="unknown variant"):
         run_table(5, None, None, 1, 1, only=["dim_m99"])
@@ -69,7 +72,7 @@ def test_a_semantic_only_variant_through_the_llm_path_scores_the_world(tmp_path,
     single = [r["ok"] for r in checked if r["category"] == "single_object"]
     assert llm["scores"]["world_cfg_scale"] == 2.0 and llm["scores"]["world_generation_single_object"] == sum(single) / len(single)
     lines = path.read_text().splitlines()
-    assert lines[2].endswith("| Teacher cos (ours) | World und. (ours) | World gen. (ours) | rFID (paper) | GQA (paper) | POPE (paper) | SEEDB (paper) |")
+    assert lines[2].endswith("| Teacher cos (ours) | GFLOPs / img (ours) | World und. (ours) | World gen. (ours) | rFID (paper) | GQA (paper) | POPE (paper) | SEEDB (paper) |")
     row = next(ln for ln in lines if ln.startswith("| ✓ |  |  |"))
     assert f"| {100 * llm['scores']['world_understanding']:.1f}% (" in row and row.endswith("| 2.73 | 58.2 | 83.1 | 57.4 |")
     assert "Then its LLM: 2 steps" in lines[0]
@@ -86,9 +89,9 @@ def test_render_shows_the_llm_columns_and_variants_whose_llm_did_not_run():
     results = {"spc_random_init": {**tok, "llm": {"scores": scores}}, "spc_teacher_init": tok}
     lines = render(TABLES[4], results, "budget", llm=True).splitlines()
     rows = [ln for ln in lines if ln.startswith("| ")][1:]
-    assert "| 0.900 | 50.0% (100.0% / -) | 25.0% (50.0%) | 3.10 |" in rows[0]
-    assert "| 0.900 | (LLM not run) |  | 2.73 |" in rows[1]
-    assert "| (not run) |" + "  |" * 7 + " 2.10 |" in rows[2]
+    assert "| 0.900 | - | 50.0% (100.0% / -) | 25.0% (50.0%) | 3.10 |" in rows[0]
+    assert "| 0.900 | - | (LLM not run) |  | 2.73 |" in rows[1]
+    assert "| (not run) |" + "  |" * 8 + " 2.10 |" in rows[2]
     assert len({ln.count("|") for ln in rows}) == 1
     assert "World und. (ours)" not in render(TABLES[4], results, "budget")
 
@@ -96,3 +99,36 @@ def test_render_shows_the_llm_columns_and_variants_whose_llm_did_not_run():
 def test_the_llm_path_needs_the_world(tmp_path, capsys):
     assert main(["ablate", "--table", "5", "--config", "tiny", "--out", str(tmp_path), "--llm", f"run_dir={tmp_path}"]) == 2
     assert "use a config with world.enabled=true" in capsys.readouterr().err and not list(tmp_path.glob("*/metrics.json"))
+
+
+def test_the_joint_row_distils_as_many_steps_as_the_others(tmp_path):
+    """Table 4's joint row keeps distilling in stage 2, so its own stage 1 is stage1_steps - steps long."""
+    assert default_stage1_steps(4, None, 500, 300) == 800 and default_stage1_steps(4, ["sghc"], 500, 300) == 500
+    assert default_stage1_steps(5, None, 500, 300) == 500
+    cfg = tiny_config(tmp_path, "tokenizer_train.batch_size=8", "tokenizer_train.perceptual=none")
+    with pytest.raises(ValueError, match="spc_joint: its stage 1 runs --stage1-steps minus --steps"):
+        run_table(4, cfg, tmp_path / "t4", stage1_steps=2, steps=2, only=["spc_joint"], fid=False)
+    assert not (tmp_path / "t4").exists()  # refused before anything was written
+    run_table(4, cfg, tmp_path / "t4", stage1_steps=3, steps=2, only=["spc_joint"], fid=False)
+    state = json.loads((tmp_path / "t4" / "stage1_joint" / "final" / "config.json").read_text())
+    assert state["trained_stages"] == [1]
+    assert json.loads((tmp_path / "t4" / "stage1_joint" / "run_config.json").read_text())["train"]["max_steps"] == 1  # 3 - 2
+    # the stage-1 runs live in the output folder: a table asking for another stage-1 budget there is refused
+    (tmp_path / "t4" / "spc_joint" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="stage1_joint: a stage 1 of 1 steps, this table asks for 2"):
+        run_table(4, cfg, tmp_path / "t4", stage1_steps=4, steps=2, only=["spc_joint"], fid=False)
+
+
+@pytest.mark.parametrize("overrides,more", [(["tokenizer.fusion=length"], True), (["tokenizer.fusion=semantic_only"], False),
+                                            (["tokenizer.fusion=pixel_only", "tokenizer.pix_codebook=shared"], True)])
+def test_forward_gflops_counts_what_a_variant_adds(tmp_path, overrides, more):
+    """"Len" decodes 2N tokens and a shared codebook is searched whole (K * m codes per patch): both cost more than
+    concat; without pixel codes, less."""
+    from semhitok.tokenizer import SemHiTok
+    from semhitok.tokenizer.model import load_teacher
+
+    def gflops(*overrides):
+        cfg = tiny_config(tmp_path, *overrides)
+        return forward_gflops(SemHiTok.from_teacher(cfg.tokenizer, load_teacher(cfg.tokenizer)))
+
+    assert (gflops(*overrides) > gflops("tokenizer.fusion=concat")) == more

@@ -98,3 +98,46 @@ def test_offline_teacher_fails_with_one_clear_line(tmp_path):
 def test_from_pretrained_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         SemHiTok.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "pixel_only", "shared"])
+def test_a_shared_pixel_codebook_ignores_the_semantic_id(tmp_path, fusion):
+    """concat and pixel_only: the id is semantic * m + pixel (the patch's own sub-codebook); pix_codebook=shared:
+    the nearest of all K * m codes, whatever the semantic id, and the LLM's features carry no semantic code."""
+    from semhitok.common.config_io import ConfigError
+    from semhitok.tokenizer.quantizers import l2norm
+
+    with pytest.raises(ConfigError, match="pix_codebook: 'shared' ids carry no semantic id"):
+        tiny_config(tmp_path, "tokenizer.pix_codebook=shared")
+    cfg = tiny_config(tmp_path, *(["tokenizer.fusion=pixel_only", "tokenizer.pix_codebook=shared"] if fusion == "shared"
+                                  else [f"tokenizer.fusion={fusion}"]))
+    model = SemHiTok.from_teacher(cfg.tokenizer, load_teacher(cfg.tokenizer)).eval()
+    model.trained_stages = [1, 2]
+    images = torch.rand(2, 3, model.image_size, model.image_size) * 2 - 1
+    sem = model.semantic_ids(images)
+    with torch.no_grad():
+        q, ids, _ = model.pixel.quantize(images, sem)
+        _, ids_other_sem, _ = model.pixel.quantize(images, (sem + 1) % cfg.tokenizer.sem_codebook_size)
+    flat = l2norm(model.pixel.codebook.codes.detach().flatten(0, 1))  # [K*m, d]
+    assert torch.allclose(q, flat[ids], atol=1e-5) and torch.equal(model.encode(images).flatten(1), ids)
+    assert torch.equal(ids, ids_other_sem) == (fusion == "shared")
+    if fusion != "shared":
+        assert torch.equal(ids // model.codes_per_group, sem)
+    sem_codes, _ = model.code_features()
+    assert (sem_codes.abs().sum() == 0) == (fusion == "shared")
+
+
+@pytest.mark.parametrize("codebook", ["hierarchical", "shared"])
+def test_the_exported_encoder_gives_semhitoks_ids(tmp_path, codebook):
+    """The transformers-only encoder shipped in exports (mllm/hf_remote) finds the same ids, a shared codebook included."""
+    import json
+
+    from semhitok.mllm.hf_remote.processing_semhitok import VisualEncoder
+
+    cfg = tiny_config(tmp_path, "tokenizer.fusion=pixel_only", f"tokenizer.pix_codebook={codebook}")
+    model = SemHiTok.from_teacher(cfg.tokenizer, load_teacher(cfg.tokenizer)).eval()
+    model.trained_stages = [1, 2]
+    model.save_pretrained(tmp_path / "tok")
+    encoder = VisualEncoder(json.loads((tmp_path / "tok" / "config.json").read_text())).load(str(tmp_path / "tok" / "model.safetensors"))
+    images = torch.rand(2, 3, model.image_size, model.image_size) * 2 - 1
+    assert torch.equal(encoder(images), model.encode(images).flatten(1))

@@ -92,3 +92,18 @@ def test_stage2_records_the_perceptual_term_that_ran(trained_tokenizer):
     run_config = json.loads((stage2 / "run_config.json").read_text())
     assert run_config["stage"] == 2 and run_config["perceptual"] == "semantic"
     assert run_config["train"]["perceptual"] == "semantic"
+
+
+@pytest.mark.parametrize("network", ["student", "teacher"])
+def test_the_semantic_perceptual_term_reads_the_network_asked_for(trained_tokenizer, network):
+    """perceptual_network=teacher: the frozen teacher, one fixed network (the ablations' rows); student: the tokenizer's own."""
+    import dataclasses
+
+    from semhitok.tokenizer.train import build_task
+
+    stage1 = trained_tokenizer.parent.parent / "stage1" / "final"
+    cfg = load_project_config("tiny")
+    train = dataclasses.replace(cfg.tokenizer_train, perceptual="semantic", perceptual_network=network)
+    task = build_task(2, cfg.tokenizer, train, stage1, torch.device("cpu"), 1)
+    assert task.run_info["perceptual_network"] == network
+    assert task.perceptual.encoder is (task.teacher if network == "teacher" else task.model.semantic.encoder)

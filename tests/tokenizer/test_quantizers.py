@@ -81,3 +81,23 @@ def test_hierarchical_restart_revives_dead_codes_from_their_own_group():
     kept = frozen.codes.detach().clone()
     frozen(z, sem, beta=0.25)
     assert torch.equal(frozen.codes, kept)  # a frozen codebook keeps every id
+
+
+def test_hierarchical_without_semantic_ids_is_one_shared_codebook():
+    """sem_idx None ("w/o sem"): the nearest of all K*m codes, its flat index the id; restarts over every code."""
+    torch.manual_seed(0)
+    hc = HierarchicalCodebook(num_groups=3, codes_per_group=4, dim=8)
+    z = torch.randn(32, 8, requires_grad=True)
+    q, idx, loss = hc(z, None, beta=0.25)
+    flat = l2norm(hc.codes.detach().flatten(0, 1))  # [12, 8]
+    assert torch.equal(idx, (l2norm(z.detach()) @ flat.t()).argmax(1))
+    assert idx.max() >= 4  # the search reaches beyond the first group
+    assert torch.allclose(q, flat[idx], atol=1e-5)
+    assert torch.allclose(hc.lookup(idx // 4, idx % 4), flat[idx])  # the flat id decodes as group * m + code
+    loss.backward()
+    assert hc.codes.grad is not None and hc.codes.grad.flatten(0, 1)[idx].abs().sum() > 0
+    restart = HierarchicalCodebook(3, 4, 8, restart=True).train()
+    before = restart.codes.detach().clone()
+    _, idx, _ = restart(z.detach()[:2], None, beta=0.25)  # 2 patches: at most 2 codes chosen, the other 10 dead
+    moved = (restart.codes != before).any(dim=-1).flatten()
+    assert moved.sum() == 12 - len(idx.unique()) and not moved[idx].any()
