@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semhitok.common.config_io import load_config
+from semhitok.common.config_io import ConfigError, load_config
 from semhitok.common.resources import map_strings, resolve_shipped
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.data_pipelines.world import WorldConfig
@@ -32,6 +32,16 @@ class ProjectConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     toklip: TokLIPConfig = field(default_factory=TokLIPConfig)  # tokenizer.kind=toklip's architecture and stages
     dualtoken: DualTokenConfig = field(default_factory=DualTokenConfig)  # tokenizer.kind=dualtoken's architecture
+
+    def __post_init__(self) -> None:
+        # adapter_inputs=semantic drops the pixel codes from every visual input, the generated images' too: the
+        # model would draw pixel codes it can never see. It is the paper's understanding-side comparison only.
+        if self.mllm.adapter_inputs == "semantic":
+            for i, comp in enumerate(self.data.mixture):
+                if comp.task == "generation" and comp.weight > 0:
+                    raise ConfigError(f"mllm.adapter_inputs=semantic is for understanding only (the model could not "
+                                      f"see the pixel codes it generates), but data.mixture[{i}] ({comp.source!r}) "
+                                      "is a generation task: drop it or set mllm.adapter_inputs=both")
 
     def tokenizer_stage_dir(self, stage: int) -> Path:
         return Path(self.run_dir) / "tokenizer" / f"stage{stage}"
