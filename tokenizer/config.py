@@ -20,6 +20,10 @@ class TokenizerConfig:
     kind: str = "semhitok"
     # Semantic teacher: a SigLIP vision tower by HF name or local path. The student starts as a copy of it.
     teacher: str = "google/siglip-large-patch16-256"
+    # The teacher features stage 1 distils (and semantic_alignment reports): last = the last layer after the
+    # tower's final LayerNorm (last_hidden_state; the paper does not say which); penultimate = hidden_states[-2],
+    # the second-to-last layer's output before any norm (TokenFlow's choice with the same SigLIP teachers).
+    distill_layer: Literal["last", "penultimate"] = "last"
     # When set, the teacher is a randomly initialised SiglipVisionModel of this SiglipVisionConfig
     # (tiny preset and tests: nothing to download). Filled in from the loaded teacher at build time and
     # saved, so from_pretrained rebuilds the student with no hub access.
@@ -38,6 +42,10 @@ class TokenizerConfig:
 
     # Stage 2, semantic-guided hierarchical codebook: K sub-codebooks of m pixel codes.
     pix_codes_per_group: int = 12  # m: 8, 12 or 16 in the paper's ablation
+    # The pixel branch's patch in canvas px (vit.pixel_geometry). 0: the smallest that covers the image on the
+    # teacher's grid (16 at 256; 15 at 384 under so400m/14's 27x27 grid, a 405 px canvas); 16 at 384: TokenFlow's
+    # 16 px patches on a 432 px canvas (27 x 16), the image resized onto it and the output back.
+    pix_patch: int = 0
     pix_code_dim: int = 8
     # Restart pixel codes no patch uses (quantizers.HierarchicalCodebook; the shapes preset turns it on: without
     # it each group there collapses onto a code or two and shapes come back as blocks of patches). Off by default:
@@ -77,7 +85,7 @@ class TokenizerConfig:
         self.pix_width = self.pix_heads = None
         check_min(self, 1, "sem_codebook_size", "sem_code_dim", "pix_codes_per_group", "pix_code_dim", "pix_encoder_width",
                   "pix_encoder_heads", "pix_encoder_layers", "pix_decoder_width", "pix_decoder_heads", "pix_decoder_layers")
-        check_min(self, 0, "sem_decoder_layers", "sem_dead_code_threshold", "sem_kmeans_iters")
+        check_min(self, 0, "sem_decoder_layers", "sem_dead_code_threshold", "sem_kmeans_iters", "pix_patch")
         check_range(self, 0, 1, "sem_ema_decay")
         for side in ("encoder", "decoder"):
             width, heads = getattr(self, f"pix_{side}_width"), getattr(self, f"pix_{side}_heads")
@@ -121,6 +129,11 @@ class TokenizerTrainConfig:
     trains: Literal["pixel", "decoder", "joint"] = "pixel"
     # Stage 1: the student starts as a copy of the teacher (Table 4's "SemEnc Init"); false: random weights.
     student_from_teacher: bool = True
+    # Stage 1: the student's SigLIP encoder trains (trained, at lr) or stays the teacher's copy (frozen: only the
+    # code projection, codebook and semantic decoder learn). The paper contradicts itself: eq. (1) calls the
+    # semantic encoder E_sem "a frozen text-aligned image encoder", while Table 4's "SemEnc Init" row (initialising
+    # it from SigLIP, against a randomly initialised one) only makes sense for an encoder that trains.
+    semantic_encoder: Literal["trained", "frozen"] = "trained"
 
     batch_size: int = 32  # per process
     max_steps: int = 100_000
@@ -167,6 +180,9 @@ class TokenizerTrainConfig:
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "weight_decay", "warmup_steps", "commit_weight", "l1_weight", "codebook_weight",
                   "perceptual_weight", "gan_weight", "disc_start", "num_workers", "seed")
+        if self.semantic_encoder == "frozen" and not self.student_from_teacher:
+            raise ConfigError("semantic_encoder=frozen with student_from_teacher=false would distil through a frozen "
+                              "random encoder; set one of them back")
 
 
 def _tiny_vision() -> dict:

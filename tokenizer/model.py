@@ -31,8 +31,9 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (typically: offline and not in the local cache)."""
 
 
-def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
-    """The frozen SigLIP vision tower, by HF name or local path; or a random one of `cfg.siglip_config`.
+def load_teacher(cfg: TokenizerConfig, head: bool = False) -> SiglipVisionModel:
+    """The frozen SigLIP vision tower, by HF name or local path; or a random one of `cfg.siglip_config`;
+    head: with its pooling head (DualToken's official variant), else without.
 
     A path or name may hold a vision-only SiglipVisionModel or a full SiglipModel (the google/siglip-* repos:
     text and vision towers, `vision_model.` key prefix, nested `vision_config`): transformers maps the
@@ -41,10 +42,20 @@ def load_teacher(cfg: TokenizerConfig) -> SiglipVisionModel:
     if cfg.teacher == RANDOM_TEACHER:
         if cfg.siglip_config is None:
             raise ValueError("tokenizer.teacher=random needs tokenizer.siglip_config (SiglipVisionConfig fields)")
-        teacher = SiglipVisionModel(SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": False}))
+        teacher = SiglipVisionModel(SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": head}))
     else:
-        teacher = load_complete(SiglipVisionModel, cfg.teacher, "tokenizer.teacher", "vision weights", vision_use_head=False)
+        teacher = load_complete(SiglipVisionModel, cfg.teacher, "tokenizer.teacher", "vision weights", vision_use_head=head)
     return teacher.eval().requires_grad_(False)
+
+
+def teacher_features(teacher: SiglipVisionModel, images: torch.Tensor, layer: str = "last") -> torch.Tensor:
+    """images [B, 3, H, W] -> the teacher features stage 1 distils [B, N, D] (TokenizerConfig.distill_layer):
+    last = last_hidden_state (after the final LayerNorm), penultimate = hidden_states[-2] (no norm)."""
+    if layer == "last":
+        return teacher(pixel_values=images).last_hidden_state
+    if layer == "penultimate":
+        return teacher(pixel_values=images, output_hidden_states=True).hidden_states[-2]
+    raise ValueError(f"distill_layer {layer!r}: expected last or penultimate")
 
 
 def load_complete(cls, name: str, option: str, what: str = "weights", **kwargs) -> nn.Module:
@@ -119,8 +130,9 @@ class PixelBranch(nn.Module):
     def __init__(self, cfg: TokenizerConfig, image_size: int, grid: int):
         super().__init__()
         # patch x patch pixels per id on a canvas of grid * patch px (see vit.pixel_geometry: 16 / 256 at 256 px,
-        # 15 / 405 at 384 px, where the image is resized onto the canvas and the output back to image_size)
-        patch, self.canvas = pixel_geometry(image_size, grid)
+        # 15 / 405 at 384 px, or tokenizer.pix_patch=16: 16 / 432; the image is resized onto the canvas and the
+        # output back to image_size)
+        patch, self.canvas = pixel_geometry(image_size, grid, cfg.pix_patch)
         self.fusion, self.patch, self.grid, self.image_size = cfg.fusion, patch, grid, image_size
         self.codes_per_group, self.shared_codebook = cfg.codes_per_group, cfg.pix_codebook == "shared"
         self.code_dim, n = cfg.pix_code_dim, grid * grid
@@ -331,7 +343,7 @@ class SemHiTok(nn.Module):
                 teacher = load_teacher(self.config).to(self.device)
             self.__dict__["_teacher"] = teacher  # not a submodule: stays out of state_dict and save_pretrained
         images = images.to(self.device)
-        return self.semantic(images)[0].float(), teacher(pixel_values=images).last_hidden_state.float()
+        return self.semantic(images)[0].float(), teacher_features(teacher, images, self.config.distill_layer).float()
 
     def _require_stage(self, stage: int) -> None:
         if stage not in self.trained_stages:

@@ -38,7 +38,7 @@ from semhitok.tokenizer.losses import (
     hinge_g_loss,
 )
 from semhitok.tokenizer.metrics import psnr
-from semhitok.tokenizer.model import SemHiTok, load_teacher
+from semhitok.tokenizer.model import SemHiTok, load_teacher, teacher_features
 
 log = logging.getLogger("semhitok")
 
@@ -109,6 +109,8 @@ class Stage1Task(_Task):
         super().__init__(train, device)
         self.model, self.teacher = model.to(device), teacher.to(device)
         model.pixel.requires_grad_(False)
+        if train.semantic_encoder == "frozen":  # eq. (1)'s frozen E_sem: the teacher's copy stays as loaded
+            model.semantic.encoder.requires_grad_(False)
         branch = model.semantic
         self.branch = DDP(branch, broadcast_buffers=False) if world > 1 else branch
         self.optimizers = {"semantic": self._optimizer(branch.parameters(), train.lr)}
@@ -118,7 +120,7 @@ class Stage1Task(_Task):
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, float]:
         self.branch.train()
         with torch.no_grad(), self.autocast:
-            target = self.teacher(pixel_values=images).last_hidden_state
+            target = teacher_features(self.teacher, images, self.model.config.distill_layer)
         with self.autocast:
             pred, ids, commit = self.branch(images)
         cosine, l1 = distill_loss(pred, target)
@@ -141,7 +143,7 @@ class Stage1Task(_Task):
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor) -> dict[str, float]:
         self.model.eval()
-        target = self.teacher(pixel_values=images).last_hidden_state
+        target = teacher_features(self.teacher, images, self.model.config.distill_layer)
         pred, _, _ = self.model.semantic(images)  # eval mode: no codebook update
         cosine, _ = distill_loss(pred, target)
         return {"holdout_teacher_cosine": 1 - float(cosine)}
@@ -206,7 +208,7 @@ class Stage2Task(_Task):
                 return sem, self.model.semantic.codebook.lookup(sem), torch.zeros((), device=self.device)
         self.semantic.train()
         with torch.no_grad(), self.autocast:
-            target = self.teacher(pixel_values=images).last_hidden_state
+            target = teacher_features(self.teacher, images, self.model.config.distill_layer)
         with self.autocast:
             pred, sem, commit, q_sem = self.semantic(images, with_codes=True)
         cosine, l1 = distill_loss(pred, target)
@@ -246,7 +248,7 @@ class Stage2Task(_Task):
         recon = self._reconstruct(images)
         out = {"holdout_psnr": float(psnr(recon, images))}
         if self.teacher is not None:
-            cosine, _ = distill_loss(self.model.semantic(images)[0], self.teacher(pixel_values=images).last_hidden_state)
+            cosine, _ = distill_loss(self.model.semantic(images)[0], teacher_features(self.teacher, images, self.model.config.distill_layer))
             out["holdout_teacher_cosine"] = 1 - float(cosine)
         return out
 

@@ -42,17 +42,20 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-def pixel_geometry(image_size: int, grid: int) -> tuple[int, int]:
+def pixel_geometry(image_size: int, grid: int, patch: int = 0) -> tuple[int, int]:
     """The pixel branch's (patch, canvas) for an image of `image_size` px under the teacher's grid x grid ids.
 
-    The pixel branch works on the teacher's grid, so each pixel id sits on the patch its semantic id sees.
-    When image_size is a multiple of the grid (256 px / 16 = 16) the canvas is the image itself. Otherwise
-    (384 px under SigLIP so400m/14: a 27x27 grid, since the patch embedding drops 384 - 27*14 = 6 px) the
-    patch is rounded up (15) and the branch works on a canvas of grid*patch px (405): the whole 384 image is
-    resized onto it before patchify, and the decoder's 405 px output is resized back to 384. Nothing is
-    cropped, and the decoder has at least as many output samples as the image, so reconstruction of the
-    full image stays possible."""
-    patch = -(-image_size // grid)
+    The pixel branch works on the teacher's grid: pixel id (r, c) and semantic id (r, c) describe the same
+    region of the image up to the teacher's rounding. When image_size is a multiple of the grid (256 px / 16 =
+    16) the canvas is the image itself and the two coincide. Otherwise (384 px under SigLIP so400m/14: a 27x27
+    grid, since the patch embedding drops 384 - 27*14 = 6 px) the patch is rounded up (15) and the branch works
+    on a canvas of grid*patch px (405): the whole 384 image is resized onto it before patchify, and the
+    decoder's 405 px output is resized back to 384. Nothing is cropped, and the decoder has at least as many
+    output samples as the image. The ids then do not see exactly the same pixels: SigLIP's patches cover
+    [14 r, 14 r + 14) of [0, 378), the pixel patches [384 r / 27, 384 (r + 1) / 27) of [0, 384), so the pixel
+    patch drifts by 6 r / 27 px, 5.8 px at the last row (59% of its SigLIP patch overlapped).
+    patch > 0 sets the patch instead (16 at 384: TokenFlow's 432 px canvas; the same drift)."""
+    patch = patch or -(-image_size // grid)
     return patch, grid * patch
 
 
