@@ -48,6 +48,11 @@ class MLLMTrainConfig:
     # transformer and every text row stay fixed); full: everything.
     trainable: Literal["adapter", "full"] = "full"
     deepspeed_config: str = "configs/deepspeed/zero3.json"  # "none": plain PyTorch (single process)
+    # deepspeed: ZeRO (deepspeed_config); megatron: the base as megatron-core's GPTModel with tensor parallelism
+    # (mllm/megatron/, docs/megatron.md; needs the `megatron` extra). TP x PP must divide the ranks; DP is the rest.
+    backend: Literal["deepspeed", "megatron"] = "deepspeed"
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # > 1 is refused for now: megatron-core's pipeline schedules are CUDA-only
     max_steps: int = 10_000
     lr: float = 2e-5
     adapter_lr: float = 1e-4  # the adapter, the visual head rows and the depth heads (L > 1: visual_head)
@@ -81,6 +86,7 @@ class MLLMTrainConfig:
     log_backends: list[str] | None = None  # default: jsonl + tensorboard
 
     def __post_init__(self) -> None:
+        check_min(self, 1, "tensor_parallel", "pipeline_parallel")
         check_min(self, 1, "max_steps", "gradient_accumulation", "log_every", "ckpt_every", "keep_checkpoints")
         check_min(self, 0, "loss_chunk")  # 0: from loss_memory_gb
         check_positive(self, "lr", "adapter_lr", "loss_memory_gb")

@@ -1,0 +1,99 @@
+"""The Megatron-Core backend (mllm/megatron/) against transformers on CPU (gloo): weight conversion both ways, and
+the converted model's logits, losses and adapter gradients equal to SemHiTokLM's (fp32)."""
+
+import pytest
+import torch
+
+from semhitok.mllm.megatron.convert import head_dim, hf_to_megatron, megatron_to_hf, padded_vocab
+from semhitok.mllm.megatron.model import MegatronLM, document_mask, from_semhitok
+from tests.mllm.megatron_common import QWEN25_05B, TINY_LLAMA, TINY_QWEN2, TINYLLAMA_11B, init_megatron, packed_batch, tiny_semhitok
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from megatron.core import parallel_state
+
+    created = init_megatron(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        torch.distributed.destroy_process_group()
+
+
+def test_padded_vocabulary_is_a_multiple_of_128_per_tensor_rank():
+    assert [padded_vocab(300, tp) for tp in (1, 2, 8)] == [384, 512, 1024]
+    assert padded_vocab(151_936 + 196_608, 8) == 349_184 and padded_vocab(256, 2) == 256
+
+
+def test_document_mask_is_causal_within_each_packed_document():
+    mask = document_mask(torch.tensor([[0, 1, 2, 0, 1, 0]]))[0, 0]  # True = masked
+    sees = (~mask).int().tolist()
+    assert sees == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("base", [TINY_QWEN2, TINY_LLAMA, TINYLLAMA_11B], ids=["qwen2_tied", "llama_untied", "tinyllama_1layer"])
+def test_conversion_round_trips_exactly(base):
+    model = tiny_semhitok(base)
+    state = dict(model.lm.state_dict())
+    tied = base["tie_word_embeddings"]
+    if tied:
+        state.pop("lm_head.weight")
+    rows = padded_vocab(model.layout.vocab_size, 2)
+    mg = hf_to_megatron(state, model.lm.config, rows)
+    assert mg["embedding.word_embeddings.weight"].shape[0] == rows and ("output_layer.weight" in mg) != tied
+    layer = mg["decoder.layers.0.self_attention.linear_qkv.weight"]
+    heads, groups, c = base["num_attention_heads"], base["num_key_value_heads"], head_dim(model.lm.config)
+    assert layer.shape == ((heads + 2 * groups) * c, base["hidden_size"])
+    # group 0's rows: its query heads, then k head 0, then v head 0
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(layer[: heads // groups * c], q[: heads // groups * c], rtol=0, atol=0)
+    torch.testing.assert_close(layer[heads // groups * c : (heads // groups + 1) * c], state["model.layers.0.self_attn.k_proj.weight"][:c], rtol=0, atol=0)
+    back = megatron_to_hf(mg, model.lm.config, model.layout.vocab_size, state["model.embed_tokens.weight"].shape[0])
+    assert (back["lm_head.weight"] is back["model.embed_tokens.weight"]) == tied
+    if tied:
+        back.pop("lm_head.weight")
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("base", [TINY_QWEN2, TINY_LLAMA, QWEN25_05B], ids=["qwen2_tied", "llama_untied", "qwen2.5_0.5b_1layer"])
+def test_converted_model_gives_transformers_logits_losses_and_adapter_gradients(one_rank, base):
+    model = tiny_semhitok(base)
+    batch = packed_batch(model.layout)
+    assert (batch["input_ids"] >= model.layout.visual_offset).sum() >= 8  # visual ids reach the adapter
+    with torch.no_grad():
+        ref = model.logits(model.hidden_states(batch["input_ids"], batch["position_ids"]).last_hidden_state)  # [B, T, V]
+    mg = from_semhitok(model)
+    assert isinstance(mg, MegatronLM) and mg.adapter is model.adapter
+    with torch.no_grad():
+        logits = mg(batch["input_ids"], batch["position_ids"])  # [B, T, V_pad]
+    assert logits.shape[-1] == padded_vocab(model.layout.vocab_size, 1)
+    torch.testing.assert_close(logits[..., : model.layout.vocab_size], ref, rtol=0, atol=1e-4)
+    assert logits[..., model.layout.vocab_size :].abs().max() == 0  # padded rows: zero weights
+
+    model.zero_grad()
+    ref_loss = model(**batch)["loss"]
+    ref_loss.backward()
+    ref_grad = model.adapter.sem_mlp[0].weight.grad.clone()
+    model.zero_grad()
+    losses = mg(**batch)  # [B, T], 0 where the next token has no label
+    supervised = (batch["labels"][:, 1:] != -100).sum()
+    loss = losses.sum() / supervised
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    loss.backward()
+    torch.testing.assert_close(model.adapter.sem_mlp[0].weight.grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_backend_and_parallel_sizes_are_checked():
+    from semhitok.common.config_io import ConfigError
+    from semhitok.config import load_project_config
+
+    cfg = load_project_config("tiny", ["mllm_train.backend=megatron", "mllm_train.tensor_parallel=2"])
+    assert (cfg.mllm_train.backend, cfg.mllm_train.tensor_parallel, cfg.mllm_train.pipeline_parallel) == ("megatron", 2, 1)
+    assert load_project_config("tiny", []).mllm_train.backend == "deepspeed"
+    with pytest.raises(ConfigError, match="tensor_parallel"):
+        load_project_config("tiny", ["mllm_train.tensor_parallel=0"])
+    with pytest.raises(ConfigError, match="backend"):
+        load_project_config("tiny", ["mllm_train.backend=fsdp"])
