@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageStat, UnidentifiedImageError
 
 log = logging.getLogger("semhitok")
 
@@ -144,22 +144,31 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def pad_to_square(img: Image.Image) -> Image.Image:
-    """Pad the shorter side with the image's mean colour, centred, to a square (LLaVA-1.5's expand2square
-    uses the image processor's mean; here the image's own, which the [-1, 1] convention has no other of)."""
+def mean_colour(img: Image.Image) -> tuple[int, ...]:
+    """The RGB image's mean colour, rounded, from its histogram (no copy of the pixels)."""
+    return tuple(int(round(c)) for c in ImageStat.Stat(img).mean)
+
+
+def pad_to_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the longer side is `size`, then pad the shorter side with the image's mean colour, centred, to
+    size x size (LLaVA-1.5's expand2square pads first and uses the image processor's mean; here the image's own,
+    which the [-1, 1] convention has no other of). Resizing first bounds the memory by the image's and the
+    output's: padding a 1341x26820 image first would build a 26820^2 canvas, 2.2 GB."""
     w, h = img.size
-    if w == h:
+    fill = mean_colour(img)
+    img = img.resize((max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))), Image.BICUBIC)
+    if img.width == img.height:
         return img
-    fill = tuple(int(round(c)) for c in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0))
-    canvas = Image.new("RGB", (max(w, h), max(w, h)), fill)
-    canvas.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
     return canvas
 
 
 def square(img: Image.Image, size: int, mode: str = "crop") -> Image.Image:
-    """crop: centre crop (generation); pad: pad to square, then resize (understanding, as LLaVA-1.5)."""
+    """crop: centre crop (generation); pad: resize the longer side to `size`, then pad to square (understanding,
+    as LLaVA-1.5, which pads first: the same picture but for the blend at the image's border)."""
     if mode == "pad":
-        return pad_to_square(img).resize((size, size), Image.BICUBIC)
+        return pad_to_square(img, size)
     if mode != "crop":
         raise ValueError(f"image mode {mode!r}: expected crop or pad")
     return center_crop_resize(img, size)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageStat
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, SiglipVisionConfig, SiglipVisionModel
 from transformers.image_utils import load_image
@@ -171,16 +171,18 @@ def open_image(source) -> Image.Image:
 
 
 def square(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """pad: pad to square with the image's mean colour, then resize (understanding); crop: centre crop."""
+    """pad: resize the longer side to size, then pad to square with the image's mean colour (understanding);
+    crop: centre crop (as semhitok.tokenizer.data.square)."""
     img = to_rgb(img, size)
     w, h = img.size
-    if mode == "pad":
-        if w != h:
-            fill = tuple(int(round(c)) for c in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0))
-            canvas = Image.new("RGB", (max(w, h), max(w, h)), fill)
-            canvas.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-            img = canvas
-        return img.resize((size, size), Image.BICUBIC)
+    if mode == "pad":  # the longer side resized to size first: no max(w, h)^2 canvas
+        fill = tuple(int(round(c)) for c in ImageStat.Stat(img).mean)
+        img = img.resize((max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))), Image.BICUBIC)
+        if img.width == img.height:
+            return img
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+        return canvas
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.BICUBIC)

@@ -18,7 +18,7 @@ def wide_image() -> Image.Image:
 
 def test_pad_keeps_the_whole_image_and_fills_with_its_mean_colour():
     img = wide_image()
-    padded = np.asarray(pad_to_square(img))
+    padded = np.asarray(pad_to_square(img, 144))  # 144 wide already: padded, not resized
     assert padded.shape == (144, 144, 3)
     np.testing.assert_array_equal(padded[48:96], np.asarray(img))  # centred, nothing cut
     np.testing.assert_array_equal(padded[:48], np.full((48, 144, 3), 85, np.uint8))  # mean of thirds: 255/3
