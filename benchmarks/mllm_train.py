@@ -12,6 +12,10 @@ per document (restarting position_ids), every position but each document's first
   chunked_fused  differs from chunked only by Liger-Kernel RMSNorm/RoPE/SwiGLU (CUDA + liger-kernel)
   zero3_engine   the trainer's own setup: built partitioned under the shipped ZeRO-3 config
                  (configs/deepspeed/zero3.json), deepspeed.initialize, engine.backward/step, one process
+Every arm reports `loss`, its first step's (before any update), on the same batch: hf_loss, chunked (and
+chunked_fused) build the same weights from one seed, so their losses agree unless an arm computes another loss;
+zero3_engine's weights are drawn under ZeRO-3's partitioned init, so its loss is only close (tiny on CPU: 8.390
+vs 8.376, both near ln 4096 = 8.318).
 MFU = training FLOPs / s / peak, FLOPs counted by mllm/flops.py (head on supervised positions only,
 attention per document); `mfu_row_formula` is the old 6N + 12 L d T per token figure, for comparison.
 Prints one JSON line.
@@ -53,7 +57,8 @@ def make_model(shape: str, attn: str, device, dtype) -> SemHiTokLM:
 
 
 def packed_batch(model: SemHiTokLM, batch: int, seq: int, doc_len: int, device):
-    ids = torch.randint(0, model.layout.vocab_size, (batch, seq), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)  # the same batch in every arm, whatever its model's init drew
+    ids = torch.randint(0, model.layout.vocab_size, (batch, seq), device=device, generator=gen)
     pos = (torch.arange(seq, device=device) % doc_len).expand(batch, -1).contiguous()
     return ids, pos, ids.masked_fill(pos == 0, -100)
 
@@ -102,11 +107,15 @@ def run_arm(arm: str, args, device, dtype, attn: str) -> dict:
     if arm == "zero3_engine":
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
 
+    first_loss = []
+
     def step():
         if arm == "hf_loss":
             loss = model.lm(inputs_embeds=model.embed(ids), position_ids=pos, labels=labels, use_cache=False).loss
         else:
             loss = (engine or model)(input_ids=ids, position_ids=pos, labels=labels)["loss"]
+        if not first_loss:  # before any update (one host sync)
+            first_loss.append(loss.item())
         if engine is not None:
             engine.backward(loss)
             engine.step()
@@ -121,7 +130,7 @@ def run_arm(arm: str, args, device, dtype, attn: str) -> dict:
         return {"oom": True}
     flops = batch_flops(model, pos, labels, torch.ones_like(ids, dtype=torch.bool), ids) * args.steps
     peak = peak_flops()
-    out.update(tokens_per_s=ids.numel() * args.steps / elapsed,
+    out.update(loss=first_loss[0], tokens_per_s=ids.numel() * args.steps / elapsed,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                tflops_per_s=flops / elapsed / 1e12,
                mfu=flops / elapsed / peak if peak else None,
