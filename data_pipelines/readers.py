@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from typing import Iterator
 
 import webdataset as wds
 
-from semhitok.common.io import sha256_file_cached
+from semhitok.common.io import loads_json, sha256_file_cached
 from semhitok.data_pipelines.config import SourceConfig
 from semhitok.data_pipelines.sequences import ROLES
 
@@ -164,9 +163,9 @@ def check_sources(sources: list[SourceConfig]) -> None:
 def _json_list(path: str) -> list:
     """A LLaVA json file, parsed once for all the units a process reads from it in a row."""
     try:
-        data = json.loads(Path(path).read_bytes())
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DataError(f"{path}: not a JSON file ({type(err).__name__}: {str(err)[:200]})") from None
+        data = loads_json(Path(path).read_bytes(), str(path))  # depth-limited
+    except ValueError as err:  # invalid, not UTF-8, or nested deeper than MAX_JSON_DEPTH
+        raise DataError(f"{path}: not a JSON file ({str(err).removeprefix(f'{path}: ')})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: must hold a JSON list of conversations, not a {type(data).__name__}")
     return data
@@ -323,9 +322,9 @@ def _read_rows(unit: WorkUnit, errors: Counter) -> Iterator[Record]:
                 continue
             origin = f"{unit.file}:{lineno}"
             try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, too deep, huge integers
-                skip(errors, "bad_json", origin, f"bad JSON ({type(err).__name__}: {str(err)[:100]})")
+                row = loads_json(line, "row")
+            except ValueError as err:  # bad JSON, not UTF-8, nested deeper than MAX_JSON_DEPTH, huge integers
+                skip(errors, "bad_json", origin, f"bad JSON ({str(err)[:100]})")
                 continue
             if (record := _from_row(unit, row, origin, errors)) is not None:
                 yield record
@@ -342,9 +341,9 @@ def _tar_caption(sample: dict, origin: str, errors: Counter) -> str | None:
             return text
     if "json" in sample:
         try:
-            meta = json.loads(sample["json"])
-        except (ValueError, RecursionError) as err:
-            return skip(errors, "bad_json", origin, f".json is not JSON ({type(err).__name__})")
+            meta = loads_json(sample["json"], ".json")
+        except ValueError as err:
+            return skip(errors, "bad_json", origin, str(err)[:200])
         if not isinstance(meta, dict):
             return skip(errors, "bad_json", origin, ".json is not an object")
         caption = meta.get("caption", meta.get("text"))

@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from semhitok.common.config_io import ConfigError, check_min, check_range
-from semhitok.common.io import atomic_dir, write_json
+from semhitok.common.io import atomic_dir, read_json, read_jsonl, write_json
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -376,7 +376,7 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
     if cfg.turns_per_conversation == 1:  # worlds written before the option existed stay valid
         del record["world"]["turns_per_conversation"]
     if (out / "WORLD.json").is_file():
-        old = json.loads((out / "WORLD.json").read_text())
+        old = read_json(out / "WORLD.json")  # (depth-limited: a hostile file is one line, not a RecursionError)
         if old != record:
             raise ValueError(f"{out}: holds a world made with another config (WORLD.json); pick another "
                              "world.out_dir or delete it")
@@ -417,5 +417,12 @@ def write_world(cfg: WorldConfig, out: str | Path) -> Path:
 
 def read_scenes(world: str | Path, split: str | None = None) -> list[tuple[str, Scene, bool]]:
     """(image path relative to the world, scene, contains a held-out combination) for the split (None: all)"""
-    rows = [json.loads(line) for line in open(Path(world) / "scenes.jsonl")]
-    return [(r["image"], Scene.from_json(r), r["heldout_combo"]) for r in rows if split in (None, r["split"])]
+    path = Path(world) / "scenes.jsonl"
+    out = []
+    for lineno, r in enumerate(read_jsonl(path), 1):
+        try:
+            if split in (None, r["split"]):
+                out.append((str(r["image"]), Scene.from_json(r), bool(r["heldout_combo"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: row {lineno}: not a scene ({type(err).__name__}: {str(err)[:200]})") from None
+    return out

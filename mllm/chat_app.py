@@ -21,7 +21,6 @@ thread); every control has a range (PAGE_RANGES; the CLI refuses starting values
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semhitok.common.config_io import ConfigError
+from semhitok.common.io import read_json, read_jsonl
 from semhitok.mllm.chat import ChatEngine, UploadRejected
 from semhitok.mllm.sample import SamplingConfig
 
@@ -98,7 +98,7 @@ def world_examples(world: str | Path, n: int = 4) -> ChatExamples:
     """From a shapes world's held-out files (data_pipelines/world.py): n held-out images with a question each
     (one per image, the types in turn) and n prompts, single objects and positions in turn."""
     world = Path(world)
-    rows = [json.loads(line) for line in (world / "questions.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(world / "questions.jsonl")  # (depth-limited; a bad row is one line naming it)
     questions, images = [], set()
     for k in range(n * len(WORLD_QUESTION_TYPES)):
         kind = WORLD_QUESTION_TYPES[k % len(WORLD_QUESTION_TYPES)]
@@ -109,8 +109,7 @@ def world_examples(world: str | Path, n: int = 4) -> ChatExamples:
         if len(questions) == n:
             break
     by_category = {c: [] for c in WORLD_PROMPT_CATEGORIES}
-    for line in (world / "prompts.jsonl").read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in read_jsonl(world / "prompts.jsonl"):
         if row.get("category") in by_category and row["prompt"] not in by_category[row["category"]]:
             by_category[row["category"]].append(row["prompt"])
     prompts = [p for group in itertools.zip_longest(*by_category.values()) for p in group if p is not None][:n]
@@ -124,7 +123,7 @@ def sample_examples(n: int = 4) -> ChatExamples:
     holdout = RESOURCE_ROOT / "data" / "sample" / "holdout.jsonl"
     if not holdout.is_file():
         return ChatExamples()
-    rows = [json.loads(line) for line in holdout.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(holdout)
     questions = [(str(holdout.parent / r["image"]), SAMPLE_QUESTIONS[i % len(SAMPLE_QUESTIONS)]) for i, r in enumerate(rows[:n])]
     return ChatExamples(questions, [r["caption"] for r in rows[n : 2 * n]], "the shipped sample's held-out photos")
 
@@ -133,7 +132,7 @@ def trained_on_shapes(model: str | Path) -> bool:
     """The model's training mixture (semhitok_mllm.json) drew from the shapes world's sources (configs/shapes.yaml
     names them shapes_captions, shapes_llava, shapes_text)."""
     try:
-        mixture = json.loads((Path(model) / "semhitok_mllm.json").read_text())["sequence_config"]["mixture"]
+        mixture = read_json(Path(model) / "semhitok_mllm.json")["sequence_config"]["mixture"]
         return any(str(m["source"]).startswith("shapes") for m in mixture)
     except (OSError, ValueError, KeyError, TypeError):
         return False

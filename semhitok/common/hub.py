@@ -14,13 +14,14 @@ upload that cannot reach the Hub (or that the Hub refuses) raises PushFailed, on
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from semhitok.common.io import loads_json
 
 MLLM_MODEL_TYPE = "semhitok_mllm"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -50,23 +51,46 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) ->
                                  f"--local-dir /path/{name.split('/')[-1]}` and pass that directory") from None
 
 
+# A transformers LLM config's sizes: each an int >= 1 when present (num_hidden_layers=-1 or 0 would build a model of
+# no layers, or fail inside transformers' validators with a multi-line error)
+LLM_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+def llm_config(base: dict, where: str, **extra):
+    """A base LLM's config dict (with its model_type) -> its transformers config; ValueError (one line naming
+    `where` and the field) for a config that is not an object, a size that is not an int >= 1, or one that
+    transformers refuses."""
+    if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
+        raise ValueError(f"{where}: must be an object with a model_type (llama, qwen2, ...), got {type(base).__name__}")
+    for key in LLM_SIZES:
+        value = base.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+    from transformers import AutoConfig
+
+    base = dict(base)
+    try:
+        return AutoConfig.for_model(base.pop("model_type"), **base, **extra)
+    except Exception as err:  # noqa: BLE001 (transformers raises ValueError, TypeError, KeyError and its validators' own)
+        text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+        raise ValueError(f"{where}: not a usable config ({type(err).__name__}: {text})") from None
+
+
 def export_base_config(path: str | Path):
     """The base LLM's transformers config of a semhitok MLLM export (config.json's text_config), else None.
 
     Such a config.json is model_type "semhitok_mllm" with an auto_map to remote code: anything that only needs
-    the base LLM's config (the text tokenizer, the LLM weights) is given this one instead of asking for it."""
+    the base LLM's config (the text tokenizer, the LLM weights) is given this one instead of asking for it. A
+    text_config that is present but unusable is a ValueError naming the file (llm_config)."""
     config_file = Path(path) / "config.json"
     try:
-        meta = json.loads(config_file.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        meta = loads_json(config_file.read_bytes(), str(config_file))
+    except (OSError, ValueError):
         return None
-    base = meta.get("text_config") if isinstance(meta, dict) and meta.get("model_type") == MLLM_MODEL_TYPE else None
-    if not isinstance(base, dict) or "model_type" not in base:
+    if not isinstance(meta, dict) or meta.get("model_type") != MLLM_MODEL_TYPE or "text_config" not in meta:
         return None
-    from transformers import AutoConfig
-
-    base = dict(base)
-    return AutoConfig.for_model(base.pop("model_type"), **base)
+    return llm_config(meta["text_config"], f"{config_file}: text_config")
 
 
 class PushFailed(Exception):

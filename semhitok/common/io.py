@@ -86,6 +86,23 @@ def read_json(path: str | Path):
     return loads_json(text, str(path))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """A JSON-lines file -> its rows (blank lines skipped), each an object read with loads_json's depth limit;
+    ValueError (one line naming path:line) for a row that is not valid JSON or not an object."""
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            row = loads_json(line, f"{path}:{lineno}")
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """A folder a job will create or write into: ValueError (one line) when it, or a folder above it, is a file."""
     path = Path(path)
@@ -164,11 +181,11 @@ def verify_manifest(directory: str | Path) -> tuple[dict | None, str]:
     if not marker.is_file():
         return None, f"no {MANIFEST} (the save did not finish)"
     try:
-        manifest = json.loads(marker.read_text())
+        manifest = loads_json(marker.read_bytes(), str(marker))
         files = manifest["files"]
-        if not isinstance(files, dict) or not files:
-            raise ValueError("no files listed")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        if not isinstance(files, dict) or not files or not all(isinstance(w, dict) for w in files.values()):
+            raise ValueError("no files listed, or an entry that is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
         return None, f"unreadable {MANIFEST} ({err})"
     for rel, want in files.items():
         p = directory / rel
