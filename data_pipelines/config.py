@@ -25,7 +25,7 @@ class SourceConfig:
     kind: SourceKind
     path: str
     image_root: str = ""  # images are relative to this folder; empty: the folder of `path`
-    # How images become the tokenizer's square input: pad (to a square of the image's mean colour, as LLaVA-1.5
+    # How images become the tokenizer's square input: pad (to a square of the vision processor's mean, as LLaVA-1.5
     # does for understanding) or crop (centre crop, for generation targets); auto: pad for llava_json
     # (understanding data), crop for caption and wds sources (generation data).
     image_mode: Literal["auto", "pad", "crop"] = "auto"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageStat, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger("semhitok")
 
@@ -144,18 +144,16 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def mean_colour(img: Image.Image) -> tuple[int, ...]:
-    """The RGB image's mean colour, rounded, from its histogram (no copy of the pixels)."""
-    return tuple(int(round(c)) for c in ImageStat.Stat(img).mean)
+# The pad colour of understanding images: LLaVA-1.5's expand2square fills with the image processor's mean,
+# tuple(int(x * 255) for x in image_mean); SigLIP's processor mean is 0.5 (the [-1, 1] input convention here).
+PAD_FILL = (127, 127, 127)
 
 
-def pad_to_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the longer side is `size`, then pad the shorter side with the image's mean colour, centred, to
-    size x size (LLaVA-1.5's expand2square pads first and uses the image processor's mean; here the image's own,
-    which the [-1, 1] convention has no other of). Resizing first bounds the memory by the image's and the
-    output's: padding a 1341x26820 image first would build a 26820^2 canvas, 2.2 GB."""
+def pad_to_square(img: Image.Image, size: int, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:
+    """Resize so the longer side is `size`, then pad the shorter side with `fill` (the vision processor's mean, as
+    LLaVA-1.5), centred, to size x size. LLaVA-1.5 pads first and resizes after; resizing first bounds the memory
+    by the image's and the output's: padding a 1341x26820 image first would build a 26820^2 canvas, 2.2 GB."""
     w, h = img.size
-    fill = mean_colour(img)
     img = img.resize((max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))), Image.BICUBIC)
     if img.width == img.height:
         return img

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageStat
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, SiglipVisionConfig, SiglipVisionModel
 from transformers.image_utils import load_image
@@ -171,12 +171,12 @@ def open_image(source) -> Image.Image:
 
 
 def square(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """pad: resize the longer side to size, then pad to square with the image's mean colour (understanding);
-    crop: centre crop (as semhitok.tokenizer.data.square)."""
+    """pad: resize the longer side to size, then pad to square with the vision processor's mean (LLaVA-1.5's
+    expand2square: SigLIP's 0.5 -> 127) (understanding); crop: centre crop (as semhitok.tokenizer.data.square)."""
     img = to_rgb(img, size)
     w, h = img.size
     if mode == "pad":  # the longer side resized to size first: no max(w, h)^2 canvas
-        fill = tuple(int(round(c)) for c in ImageStat.Stat(img).mean)
+        fill = (127, 127, 127)  # semhitok.tokenizer.data.PAD_FILL (remote code imports nothing of semhitok)
         img = img.resize((max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))), Image.BICUBIC)
         if img.width == img.height:
             return img

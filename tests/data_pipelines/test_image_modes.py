@@ -16,12 +16,15 @@ def wide_image() -> Image.Image:
     return Image.fromarray(arr)
 
 
-def test_pad_keeps_the_whole_image_and_fills_with_its_mean_colour():
+def test_pad_keeps_the_whole_image_and_fills_with_the_processors_mean():
     img = wide_image()
     padded = np.asarray(pad_to_square(img, 144))  # 144 wide already: padded, not resized
     assert padded.shape == (144, 144, 3)
     np.testing.assert_array_equal(padded[48:96], np.asarray(img))  # centred, nothing cut
-    np.testing.assert_array_equal(padded[:48], np.full((48, 144, 3), 85, np.uint8))  # mean of thirds: 255/3
+    # LLaVA-1.5's fill: the vision processor's mean (SigLIP's 0.5 -> 127), not the image's own (85 here)
+    np.testing.assert_array_equal(padded[:48], np.full((48, 144, 3), 127, np.uint8))
+    dark = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
+    assert np.asarray(pad_to_square(dark, 30))[0, 0].tolist() == [127, 127, 127]  # the same for any image
     pad, crop = preprocess([img], 32, "pad")[0], preprocess([img], 32, "crop")[0]  # [3, 32, 32] in [-1, 1]
     assert pad[0, 16, 1] > 0.9 and pad[2, 16, -2] > 0.9  # red and blue edges survive padding
     assert crop[1].mean() > 0.9 and crop[0, :, 1:-1].max() < -0.5  # the crop keeps the green middle only
