@@ -240,3 +240,99 @@ def test_presets():
     assert tiny.depth == 8 and tiny.pixel_layer < tiny.semantic_layer <= tiny.siglip_config["num_hidden_layers"]
     model = DualToken(tiny)
     assert model.code_groups == (8, 8) and model.code_vocab_sizes == (256,) * 16 and model.grid == 8
+
+
+# -- variant=official (the authors' repo's settings) -------------------------------------------------------
+OFFICIAL_CONV = dict(decoder_latent=8, conv_channels=16, conv_ch_mult=[1, 2, 2, 4], conv_in_channels=64, conv_res_blocks=1)
+
+
+def test_shared_codebook_serves_every_depth_and_updates_once_per_step():
+    torch.manual_seed(0)
+    vq = ResidualVQ(num_codes=16, dim=8, depth=4, decay=0.5, shared=True).train()
+    assert vq.embed.shape == (1, 16, 8) and vq.codebooks.shape == (4, 16, 8)
+    z = clusters()
+    q, idx, commit = vq(z)
+    chosen = sum(vq.embed[0][idx[:, k]] for k in range(4))  # every depth indexes the one codebook
+    torch.testing.assert_close(q, chosen)
+    torch.testing.assert_close(vq.lookup(idx), chosen)
+    before = vq.embed.clone()
+    for _ in range(5):
+        vq(z)
+    assert not torch.equal(before, vq.embed)
+    _, _, norms = vq.eval().quantize(z)
+    assert norms.mean(1)[-1] < 0.5 * norms.mean(1)[0]  # the shared codes still refine depth by depth
+
+
+def official(**kw) -> DualToken:
+    cfg = tiny_config(variant="official", **{**OFFICIAL_CONV, **kw})
+    torch.manual_seed(0)
+    return DualToken.from_teacher(cfg, load_teacher(cfg, head=True))
+
+
+def test_official_variant_builds_the_repo_architecture():
+    from semhitok.tokenizer.dualtoken.official import AttnProjection, ConvDecoder
+
+    paper = DualTokenConfig(siglip_config=TINY_SIGLIP)
+    assert (paper.sem_code_dim, paper.recon_weight, paper.commit_weight, paper.shortcut_layer) == (64, 1.0, 0.25, 0)
+    repo = DualTokenConfig(variant="official")  # the 384 settings: 32 dims, x5, layer-4 shortcut at 0.6
+    assert (repo.sem_code_dim, repo.pix_code_dim, repo.recon_weight, repo.commit_weight) == (32, 32, 5.0, 5.0)
+    assert (repo.shortcut_layer, repo.shortcut_weight, repo.decoder_latent) == (4, 0.6, 24)
+    model = official(shortcut_layer=1)
+    assert model.tower.head is not None and len(model.tower.encoder.layers) == 3  # the whole tower, pooling head
+    assert isinstance(model.to_sem, AttnProjection) and isinstance(model.from_sem, AttnProjection)
+    assert isinstance(model.to_pix, AttnProjection) and isinstance(model.to_pix_shortcut, AttnProjection)
+    assert isinstance(model.decoder.conv, ConvDecoder)
+    assert model.sem_vq.shared and model.pix_vq.shared and model.sem_vq.embed.shape == (1, 32, 8)
+    model.train().quantize(torch.rand(4, 3, 64, 64) * 2 - 1)
+    model.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids = model.encode(x)
+    assert ids.shape == (2, 8, 8, 16) and model.decode(ids).shape == (2, 3, 64, 64)
+    feats = model.input_features()(ids.flatten(1, 2))
+    torch.testing.assert_close(feats[..., 8:], model.pix_vq.lookup(ids[..., 8:]).flatten(1, 2))
+    out = model(x)
+    assert out["pooled"].shape == (2, 96)
+    # the shortcut feeds the pixel codes: without it (weight 0) the pixel ids change, the semantic ids do not
+    model.config.shortcut_weight = 0.0
+    ids0 = model.encode(x)
+    assert torch.equal(ids0[..., :8], ids[..., :8]) and not torch.equal(ids0[..., 8:], ids[..., 8:])
+    with pytest.raises(ValueError, match="decodes 128 px"):
+        official(decoder_latent=16)
+
+
+def test_official_variant_trains_at_tiny_and_freeze_tower_fixes_the_lower_layers(tmp_path):
+    from semhitok.tokenizer import list_images, load_rgb, preprocess
+    from semhitok.tokenizer.dualtoken.train import DualTokenTask, train
+    from tests.conftest import SAMPLE
+
+    cfg = run_config(tmp_path, "dualtoken.variant=official", "tokenizer_train.max_steps=2",
+                     "tokenizer_train.perceptual=none", "tokenizer_train.warmup_steps=1")
+    assert cfg.dualtoken.official and cfg.dualtoken.commit_weight == 5.0
+    final = train(cfg)  # the kind's entry point, at the tiny preset
+    assert DualToken.from_pretrained(final).config.variant == "official"
+
+    x = preprocess([load_rgb(p) for p in list_images([SAMPLE / "train.jsonl"])[:2]], 64)
+    for freeze in (False, True):
+        model = official(freeze_tower=freeze)
+        task = DualTokenTask(model, cfg.tokenizer_train, torch.device("cpu"), world=1)
+        lower = {k: v.clone() for k, v in model.tower.state_dict().items() if not k.startswith(("head.", "post_layernorm."))
+                 and not k.startswith(f"encoder.layers.{model.config.semantic_layer}.")}
+        head = {k: v.clone() for k, v in model.tower.head.state_dict().items()}
+        steps = [task.train_step(x, step) for step in range(6)]
+        assert steps[-1]["loss"] < steps[0]["loss"] and "semantic_pooled_loss" in steps[0]
+        moved = [k for k, v in model.tower.state_dict().items() if k in lower and not torch.equal(v, lower[k])]
+        assert (not moved) == freeze, moved[:3]  # the repo's stage 0 keeps embeddings and layers 1..26
+        assert any(not torch.equal(v, head[k]) for k, v in model.tower.head.state_dict().items())  # the head trains
+
+
+def test_compare_samples_dualtoken_at_its_papers_cfg_unless_the_user_says_otherwise():
+    from pathlib import Path
+
+    from semhitok.config import load_project_config
+    from semhitok.eval.compare import kind_overrides
+
+    scale = {kind: load_project_config("tiny", kind_overrides("tiny", [], kind, Path("/x"))).eval.sampling.cfg_scale
+             for kind in ("semhitok", "dualtoken")}
+    assert scale == {"semhitok": 2.0, "dualtoken": 3.0}  # each paper's CFG
+    mine = kind_overrides("tiny", ["eval.sampling.cfg_scale=1.5"], "dualtoken", Path("/x"))
+    assert load_project_config("tiny", mine).eval.sampling.cfg_scale == 1.5

@@ -8,6 +8,11 @@
 `initial` is a frozen copy of the tower as loaded (its state F_0 for the semantic loss ||F - F_0||^2 and for
 semantic_alignment); it is saved with the model so evaluation needs no hub access. `from_sem` maps the
 summed semantic codes back to the tower's width: the tokenizer's prediction of F_0 from its ids.
+
+variant=official (config.py, official.py) changes the parts the paper leaves open: attention projections for
+to_sem / from_sem / to_pix (and the shortcut's), one shared codebook per vocabulary, a layer-`shortcut_layer`
+shortcut into the pixel features, from_sem's output run through the tower's remaining layers and pooling head
+(`pooled`, matched to the initial tower's pooled feature), and a conv decoder on a resized latent.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
+from semhitok.tokenizer.dualtoken.official import AttnProjection, ConvDecoder, ResBlock
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.saved import load_staged
@@ -30,13 +36,21 @@ from semhitok.tokenizer.vit import Transformer, pixel_geometry, resize, unpatchi
 
 
 def tower_config(cfg: DualTokenConfig) -> SiglipVisionConfig:
-    """cfg.siglip_config cut after semantic_layer (the layers above it are unused), without the pooling head."""
+    """paper: cfg.siglip_config cut after semantic_layer (the layers above it are unused), without the pooling
+    head; official: the whole tower with its pooling head (the pooled semantic loss runs through both)."""
     if cfg.siglip_config is None:
         raise ValueError("DualTokenConfig.siglip_config is unset: build with DualToken.from_teacher or from_pretrained")
     layers = cfg.siglip_config.get("num_hidden_layers", 12)
     if cfg.semantic_layer > layers:
         raise ValueError(f"dualtoken.semantic_layer={cfg.semantic_layer} but the SigLIP tower has {layers} layers")
+    if cfg.official:
+        return SiglipVisionConfig.from_dict({**cfg.siglip_config, "vision_use_head": True})
     return SiglipVisionConfig.from_dict({**cfg.siglip_config, "num_hidden_layers": cfg.semantic_layer, "vision_use_head": False})
+
+
+def projection(a: int, b: int, cfg: DualTokenConfig) -> nn.Module:
+    """[B, N, a] -> [B, N, b]: linear (paper) or the repo's attention projection (official)"""
+    return AttnProjection(a, b) if cfg.official else nn.Linear(a, b)
 
 
 class PixelDecoder(nn.Module):
@@ -56,6 +70,29 @@ class PixelDecoder(nn.Module):
         return resize(unpatchify(x, self.patch, self.grid), self.image_size)
 
 
+class OfficialPixelDecoder(nn.Module):
+    """official: summed pixel codes [B, N, d] -> attention projection to the tower's width -> grid x grid map
+    resized to decoder_latent^2 -> residual block to conv_in_channels -> ConvDecoder -> images [B, 3, H, W]."""
+
+    def __init__(self, cfg: DualTokenConfig, width: int, image_size: int, grid: int):
+        super().__init__()
+        self.grid, self.latent = grid, cfg.decoder_latent
+        out = cfg.decoder_latent * 2 ** (len(cfg.conv_ch_mult) - 1)
+        if out != image_size:
+            raise ValueError(f"dualtoken.decoder_latent={cfg.decoder_latent} with {len(cfg.conv_ch_mult)} conv_ch_mult "
+                             f"levels decodes {out} px images, the tower takes {image_size} px")
+        self.proj_in = AttnProjection(cfg.pix_code_dim, width)
+        self.post_quant = ResBlock(width, cfg.conv_in_channels)
+        self.conv = ConvDecoder(cfg.conv_in_channels, cfg.conv_channels, cfg.conv_ch_mult, cfg.conv_res_blocks)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        b = q.shape[0]
+        x = self.proj_in(q).transpose(1, 2).reshape(b, -1, self.grid, self.grid)  # [B, W, g, g]
+        if self.grid != self.latent:
+            x = torch.nn.functional.interpolate(x.float(), size=(self.latent, self.latent), mode="bilinear").to(x.dtype)
+        return self.conv(self.post_quant(x))
+
+
 class DualTokenFeatures(VisualFeatures):
     """Frozen ids [n, N, 2D] -> concat(sum of the D semantic code vectors, sum of the D pixel ones) [n, N, ds + dp]:
     the paper's unified visual token (sec. 3.3, semantic and pixel tokens concatenated on channels); one split."""
@@ -64,8 +101,8 @@ class DualTokenFeatures(VisualFeatures):
 
     def __init__(self, sem_embed: torch.Tensor, pix_embed: torch.Tensor):
         super().__init__()
-        self.register_buffer("sem_embed", sem_embed.detach().float().cpu().clone())  # [D, Ks, ds]
-        self.register_buffer("pix_embed", pix_embed.detach().float().cpu().clone())  # [D, Kp, dp]
+        self.register_buffer("sem_embed", sem_embed.detach().float().cpu().contiguous().clone())  # [D, Ks, ds]
+        self.register_buffer("pix_embed", pix_embed.detach().float().cpu().contiguous().clone())  # [D, Kp, dp]
         self.depth = sem_embed.shape[0]
         self.splits = (sem_embed.shape[-1] + pix_embed.shape[-1],)
         self.requires_grad_(False)
@@ -91,19 +128,29 @@ class DualToken(nn.Module):
         self.grid = siglip.image_size // siglip.patch_size  # 384 // 14 = 27: SigLIP drops the remainder
         self.tower = SiglipVisionModel(siglip)  # trained
         self.initial = SiglipVisionModel(siglip).requires_grad_(False)  # frozen copy of the tower as loaded
-        for tower in (self.tower, self.initial):  # hidden states are read, never last_hidden_state's final norm
-            tower.post_layernorm = nn.Identity()
-        self.to_sem = nn.Linear(width, cfg.sem_code_dim)
-        self.sem_vq = ResidualVQ(cfg.sem_codebook_size, cfg.sem_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold)
-        self.from_sem = nn.Linear(cfg.sem_code_dim, width)
-        self.to_pix = nn.Linear(width, cfg.pix_code_dim)
-        self.pix_vq = ResidualVQ(cfg.pix_codebook_size, cfg.pix_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold)
-        self.decoder = PixelDecoder(cfg, self.image_size, self.grid)
+        if not cfg.official:  # hidden states are read, never last_hidden_state's final norm (official: the head's input)
+            for tower in (self.tower, self.initial):
+                tower.post_layernorm = nn.Identity()
+        shared = cfg.official
+        self.to_sem = projection(width, cfg.sem_code_dim, cfg)
+        self.sem_vq = ResidualVQ(cfg.sem_codebook_size, cfg.sem_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold,
+                                 shared=shared)
+        self.from_sem = projection(cfg.sem_code_dim, width, cfg)
+        self.to_pix = projection(width, cfg.pix_code_dim, cfg)
+        self.pix_vq = ResidualVQ(cfg.pix_codebook_size, cfg.pix_code_dim, cfg.depth, cfg.ema_decay, cfg.dead_code_threshold,
+                                 shared=shared)
+        if cfg.shortcut_layer:
+            self.to_pix_shortcut = projection(width, cfg.pix_code_dim, cfg)
+        if cfg.official:
+            self.decoder = OfficialPixelDecoder(cfg, width, self.image_size, self.grid)
+        else:
+            self.decoder = PixelDecoder(cfg, self.image_size, self.grid)
         self.trained_stages: list[int] = []  # [1] once trained (tokenizer/train.py's loop marks its stage)
 
     @classmethod
     def from_teacher(cls, cfg: DualTokenConfig, teacher: SiglipVisionModel) -> "DualToken":
-        """A new tokenizer whose tower and frozen initial copy both start as the loaded SigLIP tower."""
+        """A new tokenizer whose tower and frozen initial copy both start as the loaded SigLIP tower (official:
+        loaded with its pooling head, load_teacher(cfg, head=cfg.official))."""
         model = cls(dataclasses.replace(cfg, siglip_config=teacher.config.to_dict()))
         state = {k: v for k, v in teacher.state_dict().items() if k in model.tower.state_dict()}
         for tower in (model.tower, model.initial):
@@ -123,32 +170,66 @@ class DualToken(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.to_pix.weight.device
+        return self.sem_vq.embed.device
 
     # -- features and quantization -----------------------------------------------------------------
     def features(self, images: torch.Tensor, tower: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (shallow features [B, N, W], deep features [B, N, W]) of `tower` (default: the trained one)"""
-        hidden = (tower or self.tower)(pixel_values=images, output_hidden_states=True).hidden_states
+        hidden = self.hidden_states(images, tower)
         return hidden[self.config.pixel_layer], hidden[self.config.semantic_layer]
+
+    def hidden_states(self, images: torch.Tensor, tower: nn.Module | None = None) -> list[torch.Tensor]:
+        """images -> [embeddings, layer 1 .. layer semantic_layer outputs], each [B, N, W]"""
+        tower = tower or self.tower
+        h = tower.embeddings(images)
+        hidden = [h]
+        for layer in tower.encoder.layers[: self.config.semantic_layer]:
+            h = layer(h, None)
+            hidden.append(h)
+        return hidden
+
+    def pooled(self, deep: torch.Tensor, tower: nn.Module | None = None) -> torch.Tensor:
+        """official: features after layer semantic_layer [B, N, W] -> the tower's remaining layers, final norm and
+        pooling head -> [B, W]"""
+        tower = tower or self.tower
+        for layer in tower.encoder.layers[self.config.semantic_layer :]:
+            deep = layer(deep, None)
+        return tower.head(tower.post_layernorm(deep))
 
     def quantize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images -> {deep [B, N, W], q_sem [B, N, ds] / q_pix [B, N, dp] (straight-through), sem_ids / pix_ids
         [B, N, D], sem_commit / pix_commit []}; codebooks update when the quantizers are in training mode."""
-        shallow, deep = self.features(images)
+        c = self.config
+        hidden = self.hidden_states(images)
+        deep = hidden[c.semantic_layer]
         b, n, _ = deep.shape
+        pix = self.to_pix(hidden[c.pixel_layer])
+        if c.shortcut_layer:
+            pix = pix + c.shortcut_weight * self.to_pix_shortcut(hidden[c.shortcut_layer])
         out = {"deep": deep}
-        for name, proj, vq, feats in (("sem", self.to_sem, self.sem_vq, deep), ("pix", self.to_pix, self.pix_vq, shallow)):
-            z = proj(feats).reshape(b * n, -1)
-            q, idx, commit = vq(z)
+        for name, vq, z in (("sem", self.sem_vq, self.to_sem(deep)), ("pix", self.pix_vq, pix)):
+            q, idx, commit = vq(z.reshape(b * n, -1))
             out[f"q_{name}"], out[f"{name}_ids"], out[f"{name}_commit"] = q.view(b, n, -1), idx.view(b, n, -1), commit
         return out
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training path: quantize's outputs plus recon [B, 3, H, W] decoded from the straight-through pixel codes
-        and sem_pred [B, N, W] (every trained module runs inside forward, as DDP needs)."""
+        and sem_pred [B, N, W] (every trained module runs inside forward, as DDP needs); official also pooled [B, W],
+        sem_pred through the tower's layers above semantic_layer and its head."""
         out = self.quantize(images)
         out["recon"] = self.decoder(out["q_pix"])
         out["sem_pred"] = self.from_sem(out["q_sem"])  # [B, N, W]: the semantic codes' prediction of F_0
+        if self.config.official:
+            out["pooled"] = self.pooled(out["sem_pred"])
+        return out
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen initial tower's {deep [B, N, W]} (official: and its pooled feature [B, W])"""
+        hidden = self.hidden_states(images, self.initial)
+        out = {"deep": hidden[self.config.semantic_layer]}
+        if self.config.official:
+            out["pooled"] = self.pooled(out["deep"], self.initial)
         return out
 
     @torch.no_grad()
@@ -176,7 +257,7 @@ class DualToken(nn.Module):
         return self.decoder(self.pix_vq.lookup(pix)).float().clamp(-1, 1)
 
     def input_features(self) -> DualTokenFeatures:
-        return DualTokenFeatures(self.sem_vq.embed, self.pix_vq.embed)
+        return DualTokenFeatures(self.sem_vq.codebooks, self.pix_vq.codebooks)
 
     @torch.no_grad()
     def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

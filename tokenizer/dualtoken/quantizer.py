@@ -10,6 +10,11 @@ Codebooks are buffers, not parameters: each depth's codes follow an EMA of the r
 paper's restart of unused codes). The commitment loss ||z - sg(quantize(z))||^2 (paper eq. 1) is the only
 gradient: it reaches the encoder through z; the decoder sees q straight-through.
 Distances run in fp32 with autocast off (semhitok.tokenizer.quantizers.fp32).
+
+shared=True (DualToken's official repo, RQ-VAE's shared_codebook): one codebook C [K, d] serves every depth;
+`embed` is then [1, K, d], its EMA is updated once a step on the residuals of all depths together (assigned
+greedily against the codebook before the update, then reassigned), and the first batch seeds K/D codes from
+each depth's residuals.
 """
 
 from __future__ import annotations
@@ -24,28 +29,38 @@ from semhitok.tokenizer.quantizers import fp32
 
 class ResidualVQ(nn.Module):
     def __init__(self, num_codes: int, dim: int, depth: int, decay: float = 0.99, dead_threshold: float = 0.03,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, shared: bool = False):
         super().__init__()
-        self.num_codes, self.dim, self.depth = num_codes, dim, depth
+        self.num_codes, self.dim, self.depth, self.shared = num_codes, dim, depth, shared
         self.decay, self.dead_threshold, self.eps = decay, dead_threshold, eps
-        self.register_buffer("embed", torch.randn(depth, num_codes, dim) * 0.02)  # [D, K, d]
-        self.register_buffer("cluster_size", torch.ones(depth, num_codes))  # [D, K] EMA assignments per step
-        self.register_buffer("embed_sum", self.embed.clone())  # [D, K, d] EMA of the assigned residuals' sum
+        books = 1 if shared else depth
+        self.register_buffer("embed", torch.randn(books, num_codes, dim) * 0.02)  # [D or 1, K, d]
+        self.register_buffer("cluster_size", torch.ones(books, num_codes))  # [D or 1, K] EMA assignments per step
+        self.register_buffer("embed_sum", self.embed.clone())  # [D or 1, K, d] EMA of the assigned residuals' sum
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
         return (self.num_codes,) * self.depth
 
+    def book(self, k: int) -> int:
+        """the index into `embed` of depth k's codebook"""
+        return 0 if self.shared else k
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """[D, K, d]: depth k's codebook at k (the shared one repeated when shared)"""
+        return self.embed.expand(self.depth, -1, -1)
+
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [..., D'] (D' <= D: the first D' depths) -> summed codes [..., d]"""
-        codes = [self.embed[k][idx[..., k]] for k in range(idx.shape[-1])]
+        codes = [self.embed[self.book(k)][idx[..., k]] for k in range(idx.shape[-1])]
         return torch.stack(codes).sum(0)
 
     def nearest(self, r: torch.Tensor, k: int) -> torch.Tensor:
         """r [n, d] residuals -> idx [n] of depth k's nearest code (squared L2, fp32)."""
         with fp32(r.device):
-            e = self.embed[k].float()
+            e = self.embed[self.book(k)].float()
             dist = (r.float().pow(2).sum(1, keepdim=True) - 2 * r.float() @ e.t() + e.pow(2).sum(1)[None])
             return dist.argmin(dim=1)
 
@@ -58,21 +73,50 @@ class ResidualVQ(nn.Module):
         q = torch.zeros_like(r)
         if update and not bool(self.initialized):
             self._init_from(r)
+        if update and self.shared:  # one EMA step over every depth's residuals, then assign as in eval
+            self._ema_update(0, *self._greedy(r))
+            update = False
         for k in range(self.depth):
             idx = self.nearest(r, k)
             if update:
                 self._ema_update(k, r, idx)
                 idx = self.nearest(r, k)  # codes moved: assign against the updated codebook
-            code = self.embed[k][idx]
+            code = self.embed[self.book(k)][idx]
             q, r = q + code, r - code
             ids.append(idx)
             norms.append(r.norm(dim=1))
         return q, torch.stack(ids, dim=1), torch.stack(norms)
 
+    def _greedy(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """r [n, d] -> (the residuals every depth receives [D*n, d], their assigned codes [D*n])"""
+        rs, ids = [], []
+        for k in range(self.depth):
+            idx = self.nearest(r, k)
+            rs.append(r)
+            ids.append(idx)
+            r = r - self.embed[self.book(k)][idx]
+        return torch.cat(rs), torch.cat(ids)
+
     @torch.no_grad()
     def _init_from(self, r: torch.Tensor) -> None:
-        """Depth k's codes start as random residuals of this batch at depth k (greedy through the depths)."""
+        """Depth k's codes start as random residuals of this batch at depth k (greedy through the depths); shared:
+        codes [k*K/D, (k+1)*K/D) of the one codebook from depth k's residuals, assigned against those seeded so far."""
         pool = D.all_gather_cat(r)
+        if self.shared:
+            bounds = [self.num_codes * k // self.depth for k in range(self.depth + 1)]
+            for k in range(self.depth):
+                lo, hi = bounds[k], bounds[k + 1]
+                pick = pool[torch.randint(pool.shape[0], (hi - lo,)).to(pool.device)]
+                D.broadcast(pick)
+                self.embed[0, lo:hi] = pick
+                self.embed_sum[0, lo:hi] = pick
+                self.cluster_size[0, lo:hi] = 1.0
+                seeded = self.embed[0, :hi]
+                with fp32(pool.device):
+                    nearest = torch.cdist(pool.float(), seeded.float()).argmin(1)
+                pool = pool - seeded[nearest]
+            self.initialized.fill_(True)
+            return
         for k in range(self.depth):
             pick = pool[torch.randint(pool.shape[0], (self.num_codes,)).to(pool.device)]
             D.broadcast(pick)

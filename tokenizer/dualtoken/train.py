@@ -5,6 +5,9 @@ Loss (paper eq. 2-4): recon_weight * (||x^ - x||^2 + perceptual_weight * percept
 + semantic_weight * L_sem + commit_weight * (commitment of both vocabularies). L_sem = ||F - F_0||^2 on the tower's
 layer-`semantic_layer` features against the frozen initial copy (the paper's), plus ||from_sem(q_sem) - F_0||^2
 (ours: it trains the map from the semantic codes back to the tower's width, which semantic_alignment reports).
+variant=official (the authors' repo): 5 * l2 + perceptual + GAN + semantic_weight * L_sem + 5 * commitment, with
+L_sem = 5 * (MSE + (1 - cos)) on the layer-`semantic_layer` features + (MSE + (1 - cos)) on the pooled head output
+of the quantized path; with freeze_tower (the repo's stage 0) L_sem = 5 * the pooled term alone.
 The perceptual and GAN terms, their weights, disc_start, lr and steps come from the run's tokenizer_train
 section (LPIPS at 384; the tiny preset's `semantic` stand-in looks through the frozen initial tower).
 """
@@ -42,6 +45,9 @@ class DualTokenTask(_Task):
         self.model = model.to(device)
         self.cfg = model.config
         model.initial.requires_grad_(False).eval()
+        if model.config.freeze_tower:  # the repo's stage 0: embeddings and layers 1..semantic_layer fixed
+            model.tower.embeddings.requires_grad_(False)
+            model.tower.encoder.layers[: model.config.semantic_layer].requires_grad_(False)
         self.trained_params = [p for n, p in model.named_parameters() if not n.startswith("initial.") and p.requires_grad]
         self.perceptual = build_perceptual(train.perceptual, model.initial)
         self.run_info["perceptual"] = "none" if self.perceptual is None else self.perceptual.kind
@@ -62,19 +68,30 @@ class DualTokenTask(_Task):
         gan_on = step >= t.disc_start
         zero = torch.zeros((), device=self.device)
         with torch.no_grad(), self.autocast:
-            _, target = self.model.features(images, self.model.initial)  # F_0 [B, N, W]
+            targets = self.model.targets(images)  # F_0 [B, N, W] (official: and the pooled feature [B, W])
         with self.autocast:
             out = self.net(images)
             recon = out["recon"]
             perc = self.perceptual(recon, images) if self.perceptual is not None else zero
             g_adv = hinge_g_loss(self.disc(recon)) if gan_on else zero
-        target = target.float()
+        target = targets["deep"].float()
         l2 = F.mse_loss(recon.float(), images)
         sem_tower = F.mse_loss(out["deep"].float(), target)
         sem_codes = F.mse_loss(out["sem_pred"].float(), target)
         commit = out["sem_commit"] + out["pix_commit"]
-        loss = (c.recon_weight * (l2 + t.perceptual_weight * perc + t.gan_weight * g_adv)
-                + c.semantic_weight * (sem_tower + sem_codes) + c.commit_weight * commit)
+        extra = {}
+        if c.official:
+            pooled, pooled0 = out["pooled"].float(), targets["pooled"].float()
+            sem_pooled = F.mse_loss(pooled, pooled0) + 1 - F.cosine_similarity(pooled, pooled0, dim=-1).mean()
+            # the repo's stage 0 (tower frozen): 5 x pooled; stage 1: 5 x (MSE + cosine) on layer 26 + pooled
+            cos_tower = 1 - F.cosine_similarity(out["deep"].float(), target, dim=-1).mean()
+            sem = 5 * sem_pooled if c.freeze_tower else 5 * (sem_tower + cos_tower) + sem_pooled
+            loss = (c.recon_weight * l2 + t.perceptual_weight * perc + t.gan_weight * g_adv
+                    + c.semantic_weight * sem + c.commit_weight * commit)
+            extra = {"semantic_pooled_loss": sem_pooled.item()}
+        else:
+            loss = (c.recon_weight * (l2 + t.perceptual_weight * perc + t.gan_weight * g_adv)
+                    + c.semantic_weight * (sem_tower + sem_codes) + c.commit_weight * commit)
         norm = self._step("tokenizer", loss, self.trained_params)
         metrics = {
             "loss": loss.item(),
@@ -89,6 +106,7 @@ class DualTokenTask(_Task):
             "train_psnr": float(psnr(recon.detach().float().clamp(-1, 1), images)),
             "sem_codes_used": float(torch.unique(out["sem_ids"][..., 0]).numel()),  # first depth
             "pix_codes_used": float(torch.unique(out["pix_ids"][..., 0]).numel()),
+            **extra,
         }
         if gan_on:
             metrics["d_loss"] = self._disc_step(images, recon)
@@ -125,7 +143,7 @@ def train(cfg) -> Path:
     info = D.init_distributed()
     device = D.default_device(info.local_rank)
     torch.manual_seed(cfg.tokenizer_train.seed)  # identical initial weights on every rank
-    model = DualToken.from_teacher(cfg.dualtoken, load_teacher(cfg.dualtoken))
+    model = DualToken.from_teacher(cfg.dualtoken, load_teacher(cfg.dualtoken, head=cfg.dualtoken.official))
     task = DualTokenTask(model, cfg.tokenizer_train, device, info.world_size)
     Trainer(task, cfg.tokenizer_train, final.parent, info).fit()
     return final
