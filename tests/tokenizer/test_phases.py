@@ -194,13 +194,15 @@ def test_recipes_chain_the_papers_phases(res, tmp_path):
     assert decoders == [(768, 12)] * 3 + [(1024, 24)]  # ViT-B, then ViT-L in the last phase
     assert [c.tokenizer_train.trains for c in cfgs[1:]] == ["pixel", "pixel", "decoder"]
     # The dry run's own config check (`python -m semhitok.cli config`, a process loading torch for each recipe) is
-    # load_project_config above, with the same overrides; tests/test_launch_and_docker.py runs the real check.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "python").chmod(0o755)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    # load_project_config above, with the same overrides; tests/test_launch_and_docker.py runs the real check. So the
+    # scripts run in a stand-in environment (SEMHITOK_VENV, which they activate) whose python is a stub.
+    stub = tmp_path / "stub_env" / "bin"
+    stub.mkdir(parents=True)
+    (stub / "python").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "python").chmod(0o755)
+    (stub / "activate").write_text(f'PATH="{stub}:$PATH"\nexport PATH\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "SEMHITOK_CONDA_ENV"},
+           "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1", "SEMHITOK_VENV": str(stub.parent)}
     for i, name in enumerate(RECIPES):  # the sbatch line each recipe names runs it
         proc = subprocess.run(["bash", "launch_scripts/tokenizer_train.sbatch", "1" if i == 0 else "2", f"recipes/{res}_{name}", str(tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
