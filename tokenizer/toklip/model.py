@@ -2,16 +2,19 @@
 transformer layers, attention made causal) -> features an LLM reads; the ids themselves are the VQGAN's.
 
     ids [B, h, w] --VQGAN codebook--> codes [B, N, 8] --MLP--> [B, N, c] + pos --causal SigLIP layers-->
-    features [B, N, c] --post-LN--> (per position: what the MLLM adapter reads) --SigLIP MAP head--> z [B, c]
+    features [B, N, c] --post-LN--> (per position, concatenated with codes: what the MLLM adapter reads)
+    --SigLIP MAP head--> z [B, c]
 
-z is trained against the teacher's text features (InfoNCE) and its image features (MSE) (train.py). The
-frozen teacher vision tower is kept (and saved) so `semantic_alignment` works from a saved directory alone.
+z is trained against the teacher's text features (InfoNCE at a learned logit scale) and its image features
+(MSE) (train.py). The frozen teacher vision tower is kept (and saved) so `semantic_alignment` works from a
+saved directory alone.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -88,21 +91,45 @@ class TokenEncoder(nn.Module):
 
 
 class TokLIPFeatures(VisualFeatures):
-    """The adapter's input: ids [n, N', 1] (whole images, N' = N, or the first N' positions of partial ones) ->
-    token-encoder features [n, N', c] (contextual: position t depends on positions <= t)."""
+    """The paper's generation input (Table 7, "concatenation"): ids [n, N', 1] (whole images, N' = N, or the
+    first N' positions of partial ones) -> [n, N', c + d]: the token encoder's feature [c] (contextual: position t
+    depends on positions <= t) then the position's VQ code vector [d]. Two splits, so the MLLM adapter gives each
+    its own MLP and concatenates their outputs; adapter_inputs=semantic keeps the encoder's alone (the paper's
+    understanding input)."""
 
+    split_names = ("encoder", "code")  # the adapter's encoder_mlp and code_mlp
     per_id = False
 
     def __init__(self, codes: torch.Tensor, encoder: TokenEncoder):
         super().__init__()
         self.register_buffer("codes", codes.clone())  # [V, d] the VQGAN's unit code vectors
         self.encoder = encoder
-        self.splits = (encoder.post_layernorm.normalized_shape[0],)
+        self.splits = (encoder.post_layernorm.normalized_shape[0], codes.shape[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 3 or ids.shape[-1] != 1:
             raise ValueError(f"TokLIP features take ids [n, N, 1], got {list(ids.shape)}")
-        return self.encoder(self.codes[ids[..., 0]])
+        codes = self.codes[ids[..., 0]]  # [n, N', d]
+        return torch.cat([self.encoder(codes), codes], dim=-1)
+
+
+class VQCodeFeatures(VisualFeatures):
+    """The plain-VQGAN baseline of the paper's Table 7 (toklip.llm_inputs=vqgan): id -> its VQ code vector [d]."""
+
+    split_names = ("code",)
+    per_id = True
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes.clone())  # [V, d]
+        self.splits = (codes.shape[1],)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n, N, 1] (or [n, N]) -> [n, N, d]"""
+        return self.codes[ids[..., 0] if ids.dim() == 3 else ids]
+
+    def table(self) -> torch.Tensor:
+        return self.codes
 
 
 class TokLIP(nn.Module):
@@ -119,6 +146,8 @@ class TokLIP(nn.Module):
         self.encoder = TokenEncoder(cfg.vqgan.code_dim, vision, self.grid, cfg.mlp_ratio, cfg.causal)
         self.head = SiglipMultiheadAttentionPoolingHead(vision)  # z: the pooled feature the losses see
         self.teacher = SiglipVisionModel(vision).requires_grad_(False)  # frozen: distillation target, alignment
+        # InfoNCE's learned log logit scale (the repo's CLIP.logit_scale): exp() multiplies the cosine similarities
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.trained_stages: list[int] = []  # 1: VQGAN, 2: token encoder
 
     @classmethod
@@ -167,9 +196,13 @@ class TokLIP(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features(ids)
 
-    def input_features(self) -> TokLIPFeatures:
-        """A frozen fp32 CPU copy of the code table, MLP and token encoder."""
-        feats = TokLIPFeatures(self.vqgan.quantizer.codes().detach().cpu(), copy.deepcopy(self.encoder).cpu().float())
+    def input_features(self) -> TokLIPFeatures | VQCodeFeatures:
+        """What the MLLM reads (toklip.llm_inputs): a frozen fp32 CPU copy of the code table (and the MLP and token
+        encoder for "concat")."""
+        codes = self.vqgan.quantizer.codes().detach().cpu()
+        if self.config.llm_inputs == "vqgan":
+            return VQCodeFeatures(codes).requires_grad_(False)
+        feats = TokLIPFeatures(codes, copy.deepcopy(self.encoder).cpu().float())
         return feats.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -1,6 +1,9 @@
-"""TokLIP training: stage 1 trains the VQGAN (L1 + codebook + commitment + perceptual + hinge GAN), stage 2 the
-MLP and token encoder over the frozen VQGAN's codes (InfoNCE to the teacher's text features + MSE to its
-image features). Both stages are tasks of tokenizer/train.py's Trainer (data order, exact resume, logging,
+"""TokLIP training: stage 1 trains the VQGAN (L1 + codebook + commitment + perceptual + hinge GAN) or converts
+LlamaGen's released one (toklip.vqgan_pretrained, llamagen.py), stage 2 the MLP and token encoder over the
+frozen VQGAN's codes: the loss of TencentARC/TokLIP's training code (open_clip's DistillClipLoss): InfoNCE
+between the normalised pooled z and the teacher's text features over the batch gathered from every rank, at a
+learned logit scale clamped to <= 100, plus 1000 x MSE between the normalised z and the teacher's normalised
+image features. Both stages are tasks of tokenizer/train.py's Trainer (data order, exact resume, logging,
 holdout evaluation, pictures), written under <run_dir>/tokenizer/toklip_vqgan and <run_dir>/tokenizer/toklip.
 """
 
@@ -9,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import string
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from semhitok.common import dist as D
@@ -24,6 +30,7 @@ from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hing
 from semhitok.tokenizer.metrics import psnr
 from semhitok.tokenizer.text import byte_caption_ids
 from semhitok.tokenizer.toklip.config import TokLIPConfig
+from semhitok.tokenizer.toklip.llamagen import load_llamagen
 from semhitok.tokenizer.toklip.model import TokLIP, load_siglip
 from semhitok.tokenizer.toklip.vqgan import VQGAN
 from semhitok.tokenizer.train import Trainer, _Task
@@ -92,15 +99,43 @@ class VQGANTask(_Task):
         return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self.model.decode(self.model.encode(images)).cpu()])
 
 
-def info_nce(z_img: torch.Tensor, z_text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """z_img, z_text [B, c] (pair i matches i) -> symmetric InfoNCE [] on cosine similarities / temperature"""
-    logits = F.normalize(z_img.float(), dim=-1) @ F.normalize(z_text.float(), dim=-1).t() / temperature  # [B, B]
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """x [n, ...] on each rank (equal n) -> [world*n, ...] in rank order, the gradient flowing into this rank's own
+    rows only (open_clip's gather_features without gather_with_grad, as TokLIP trains); x itself on one process."""
+    if not D.is_dist():
+        return x
+    everyone = D.all_gather_cat(x.detach())
+    lo, hi = dist.get_rank() * len(x), (dist.get_rank() + 1) * len(x)
+    return torch.cat([everyone[:lo], x, everyone[hi:]])
+
+
+def info_nce(z_img: torch.Tensor, z_text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """z_img, z_text [B, c] (pair i matches i) -> symmetric InfoNCE [] on logit_scale * cosine similarities"""
+    logits = logit_scale * F.normalize(z_img.float(), dim=-1) @ F.normalize(z_text.float(), dim=-1).t()  # [B, B]
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def toklip_losses(z: torch.Tensor, z_text: torch.Tensor, z_img: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's pooled z [n, c], the teacher's text and image features [n, c], the log logit scale [] ->
+    (InfoNCE over the batch of every rank, MSE between the normalised z and teacher image features [] (unweighted))."""
+    z = F.normalize(z.float(), dim=-1)
+    contrast = info_nce(gather_with_local_grad(z), gather_with_local_grad(z_text.float()), logit_scale.exp())
+    return contrast, F.mse_loss(z, F.normalize(z_img.float(), dim=-1))
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str) -> str:
+    """open_clip's canonicalize_text, the clean step of TokLIP's SigLIP2 tokenizer: "_" -> space, ASCII
+    punctuation removed, lowercase, runs of whitespace -> one space, stripped."""
+    return " ".join(text.replace("_", " ").translate(_PUNCTUATION).lower().split())
+
+
 class CaptionTokenizer:
-    """captions -> input_ids [B, T] for the teacher's text tower (padded to text_max_length, as SigLIP is)."""
+    """captions -> input_ids [B, T] for the teacher's text tower (cleaned as toklip.caption_clean says, padded to
+    text_max_length, as SigLIP is)."""
 
     def __init__(self, cfg: TokLIPConfig):
         self.max_length, self.hf = cfg.text_max_length, None
@@ -108,8 +143,11 @@ class CaptionTokenizer:
             from transformers import AutoTokenizer  # noqa: PLC0415
 
             self.hf = AutoTokenizer.from_pretrained(cfg.text_tokenizer or cfg.teacher)
+        self.canonical = cfg.caption_clean == "canonicalize" or (cfg.caption_clean == "auto" and self.hf is not None)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.canonical:
+            captions = [canonicalize(c) for c in captions]
         if self.hf is not None:
             return self.hf(captions, padding="max_length", truncation=True, max_length=self.max_length,
                            return_tensors="pt")["input_ids"]
@@ -140,7 +178,8 @@ def list_captions(sources: list[str]) -> list[str]:
 
 
 class EncoderTask(_Task):
-    """Stage 2: only the MLP, token encoder and pooling head train; the VQGAN and both teacher towers are frozen."""
+    """Stage 2: only the MLP, token encoder, pooling head and logit scale train; the VQGAN and both teacher towers
+    are frozen."""
 
     stage = 2
     needs_index = True
@@ -154,10 +193,13 @@ class EncoderTask(_Task):
         self.trained = [model.encoder, model.head]
         for module in self.trained:
             module.requires_grad_(True)
-        self.params = [p for m in self.trained for p in m.parameters()]
+        model.logit_scale.requires_grad_(True)
+        self.params = [p for m in self.trained for p in m.parameters()] + [model.logit_scale]
         self.net = _wrap(model, world)
-        self.optimizers = {"encoder": torch.optim.AdamW(self.params, lr=train.lr, betas=(0.9, 0.98),
-                                                        weight_decay=train.weight_decay)}  # Table A1
+        # Table A1's AdamW; as the repo, no weight decay on gains, biases and the logit scale (ndim < 2)
+        groups = [{"params": [p for p in self.params if p.ndim >= 2]},
+                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizers = {"encoder": torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.98), weight_decay=train.weight_decay)}
         self.schedulers = self._schedulers({"encoder": train.max_steps})
         self.extra_modules = {}
 
@@ -173,11 +215,13 @@ class EncoderTask(_Task):
             z_text = self.text_model(input_ids=tokens).pooler_output  # [B, c]
         with self.autocast:
             _, z = self.net(ids)
-        contrast = info_nce(z, z_text, cfg.temperature)
-        distill = F.mse_loss(z.float(), z_img.float())
+        contrast, distill = toklip_losses(z, z_text, z_img, self.model.logit_scale)
         loss = cfg.contrast_weight * contrast + cfg.distill_weight * distill
         norm = self._step("encoder", loss, self.params)
+        with torch.no_grad():  # the repo clamps the log scale to [0, ln 100] after every step
+            self.model.logit_scale.clamp_(0, math.log(cfg.logit_scale_max))
         return {"loss": loss.item(), "contrast_loss": contrast.item(), "distill_loss": distill.item(), "grad_norm": norm,
+                "logit_scale": float(self.model.logit_scale.detach().exp()),
                 "teacher_cosine": float(F.cosine_similarity(z.detach().float(), z_img.float(), dim=-1).mean())}
 
     @torch.no_grad()
@@ -204,8 +248,24 @@ def stage_train(cfg, stage: int) -> TokenizerTrainConfig:
 
 
 def vqgan_dir(cfg) -> Path:
-    """The trained VQGAN the encoder stage reads: toklip.vqgan_dir, else this run's stage 1."""
-    return Path(cfg.toklip.vqgan_dir) if cfg.toklip.vqgan_dir else Path(cfg.run_dir) / "tokenizer" / "toklip_vqgan" / "final"
+    """The trained VQGAN the encoder stage reads: toklip.vqgan_pretrained when that is a VQGAN directory, else this
+    run's stage 1 (trained, or converted from the LlamaGen checkpoint file toklip.vqgan_pretrained names)."""
+    given = cfg.toklip.vqgan_pretrained
+    return Path(given) if given and Path(given).is_dir() else Path(cfg.run_dir) / "tokenizer" / "toklip_vqgan" / "final"
+
+
+def convert_pretrained(cfg) -> Path:
+    """Stage 1 from LlamaGen's released VQGAN: toklip.vqgan_pretrained (a file) converted into vqgan_dir(cfg)
+    at toklip.vqgan.image_size (rank 0 writes, every rank waits)."""
+    info, out, given = D.init_distributed(), vqgan_dir(cfg), Path(cfg.toklip.vqgan_pretrained)
+    if given.is_dir():
+        raise FileNotFoundError(f"toklip.vqgan_pretrained={given}: a directory without config.json, not a trained VQGAN")
+    if info.is_main:
+        model = load_llamagen(cfg.toklip.vqgan_pretrained, cfg.toklip.vqgan.image_size)
+        model.save_pretrained(out)
+        log.info("converted LlamaGen's VQGAN %s -> %s (%s)", cfg.toklip.vqgan_pretrained, out, model.config)
+    D.barrier()
+    return out
 
 
 def final_dir(cfg) -> Path:
@@ -234,10 +294,14 @@ def train_stage(cfg, stage: int) -> nn.Module:
 
 
 def train(cfg) -> Path:
-    """The VQGAN (unless toklip.vqgan_dir names one), then the token encoder; a finished stage is skipped."""
+    """The VQGAN (trained, or converted from the LlamaGen checkpoint toklip.vqgan_pretrained names, or that
+    VQGAN directory itself), then the token encoder; a finished stage is skipped."""
     for stage, done in ((1, vqgan_dir(cfg)), (2, final_dir(cfg))):
         if (done / "config.json").is_file():
             log.info("== toklip stage %d already finished at %s; skipping", stage, done)
+            continue
+        if stage == 1 and cfg.toklip.vqgan_pretrained:
+            convert_pretrained(cfg)
             continue
         log.info("== toklip stage %d -> %s", stage, done.parent)
         train_stage(cfg, stage)

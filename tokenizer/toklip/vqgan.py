@@ -1,8 +1,17 @@
-"""A compact VQGAN after LlamaGen's VQ-16 (FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py):
+"""LlamaGen's VQ-16 (FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py) as our own code:
 conv encoder -> 1x1 conv to code_dim -> l2-normalised nearest-code quantization -> 1x1 conv -> conv decoder.
 
-Our own code, not a port: the block layout follows LlamaGen's (ResNet blocks per level, stride-2 downsampling,
-mid block with one self-attention, nearest-neighbour upsampling), sizes come from VQGANConfig.
+The layout is VQ-16's, so its released weights load through tokenizer/toklip/llamagen.py (names differ):
+  encoder: 3x3 conv_in; per level (widths channels * channel_mult) res_blocks ResNet blocks, each followed by
+           a self-attention block at the lowest resolution only, then (not after the last level) a stride-2
+           3x3 conv on the input zero-padded by one row and column at the bottom/right (asymmetric);
+           mid = ResNet, attention, ResNet; GroupNorm, SiLU, 3x3 conv_out to z_channels.
+  decoder: 3x3 conv_in from z_channels; mid; levels from the lowest resolution up, res_blocks + 1 ResNet blocks
+           each (attention after each at the lowest resolution), then (not after the last) nearest x2 + 3x3 conv;
+           GroupNorm, SiLU, 3x3 conv_out to RGB.
+With VQ-16's res_blocks=2 that is 2 + 1 attention blocks in the encoder and 3 + 1 in the decoder, all at 1/16.
+Attention is single-head over the h*w positions with separate 1x1 q, k, v and output convs. GroupNorm has 32
+groups as LlamaGen's (gcd(32, c) groups below 32 channels: the tiny preset's 16-channel levels).
 Images are [B, 3, H, W] in [-1, 1]; ids [B, h, w] with h = H / downsample.
 """
 
@@ -30,28 +39,73 @@ def _norm(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
+    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1x1 conv on the skip when the width changes."""
+
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.body = nn.Sequential(_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, 1, 1),
-                                  _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, c_in, h, w] -> [B, c_out, h, w]
-        return self.skip(x) + self.body(x)
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions."""
+    """Single-head self-attention over the h*w positions: separate 1x1 q, k, v convs, softmax(q k^T / sqrt(c)) v."""
 
     def __init__(self, c: int):
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = _norm(c)
+        self.q, self.k, self.v, self.proj = (nn.Conv2d(c, c, 1) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, c, h, w] -> same
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # [B, hw, c] each
+        y = self.norm(x)
+        q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # [B, hw, c] each
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """x2 down: zero-pad one column right and one row below, then a 3x3 stride-2 conv without padding."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, c, h, w] -> [B, c, h/2, w/2]
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """x2 up: nearest neighbour, then a 3x3 conv."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, c, h, w] -> [B, c, 2h, 2w]
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: n ResNet blocks (the first c_in -> c_out), each followed by attention when `attn`, then
+    the resampling (Downsample, Upsample or nothing)."""
+
+    def __init__(self, c_in: int, c_out: int, n: int, attn: bool, resample: type[nn.Module] | None):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out) for i in range(n))
+        self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n if attn else 0))
+        self.resample = resample(c_out) if resample is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.res):
+            x = block(x)
+            if self.attn:
+                x = self.attn[i](x)
+        return self.resample(x)
 
 
 def _mid(c: int) -> nn.Sequential:
@@ -62,38 +116,39 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        layers: list[nn.Module] = [nn.Conv2d(3, cfg.channels, 3, 1, 1)]
-        c = cfg.channels
-        for i, w in enumerate(widths):
-            for _ in range(cfg.res_blocks):
-                layers.append(ResBlock(c, w))
-                c = w
-            if i < len(widths) - 1:
-                layers.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
-        layers += [_mid(c), _norm(c), nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 3, 1, 1)]
-        self.net = nn.Sequential(*layers)
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(3, cfg.channels, 3, 1, 1)
+        self.levels = nn.ModuleList(
+            Level(cfg.channels if i == 0 else widths[i - 1], w, cfg.res_blocks, attn=i == last,
+                  resample=Downsample if i < last else None)
+            for i, w in enumerate(widths))
+        self.mid = _mid(widths[-1])
+        self.norm_out, self.conv_out = _norm(widths[-1]), nn.Conv2d(widths[-1], cfg.z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, z, h, w]
-        return self.net(x)
+        x = self.conv_in(x)
+        for level in self.levels:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        widths = [cfg.channels * m for m in reversed(cfg.channel_mult)]
-        c = widths[0]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, c, 3, 1, 1), _mid(c)]
-        for i, w in enumerate(widths):
-            for _ in range(cfg.res_blocks + 1):
-                layers.append(ResBlock(c, w))
-                c = w
-            if i < len(widths) - 1:
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)]
-        layers += [_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, 1, 1)]
-        self.net = nn.Sequential(*layers)
+        widths = [cfg.channels * m for m in reversed(cfg.channel_mult)]  # lowest resolution first
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, 1, 1)
+        self.mid = _mid(widths[0])
+        self.levels = nn.ModuleList(
+            Level(widths[max(i - 1, 0)], w, cfg.res_blocks + 1, attn=i == 0, resample=Upsample if i < last else None)
+            for i, w in enumerate(widths))
+        self.norm_out, self.conv_out = _norm(widths[-1]), nn.Conv2d(widths[-1], 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, H, W]
-        return self.net(z)
+        x = self.mid(self.conv_in(z))
+        for level in self.levels:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class VectorQuantizer(nn.Module):
@@ -101,7 +156,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes: int, dim: int):
         super().__init__()
-        self.embedding = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))
+        init = torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes)
+        self.embedding = nn.Parameter(l2norm(init))  # unit rows from the start, as LlamaGen's
 
     def codes(self) -> torch.Tensor:
         """[V, d] unit code vectors (what the ids stand for)"""
