@@ -5,7 +5,7 @@ mllm/model.py's SemHiTokLM with its base as megatron-core's GPTModel, for tensor
                  tied/untied head, vocabulary padded to a multiple of 128 x TP), both ways
     model.py     MegatronLM: this rank's GPTModel beside the adapter, per-document attention of packed rows,
                  vocabulary-parallel cross-entropy; TP slicing and gathering of full state dicts
-    engine.py    the training step (DP gradient averaging, TP-aware clipping) and dist_checkpointing checkpoints
+    engine.py    the training step (DP gradient averaging, TP-aware clipping) and checkpoints loadable at any TP
     train.py     the training loop of `semhitok train` with mllm_train.backend=megatron, export to the usual format
     cpu.py       the CUDA assumptions of megatron-core 0.16 bypassed on CPU (tests, gloo): a no-op on GPU
 

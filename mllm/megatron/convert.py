@@ -65,6 +65,9 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype =
     from megatron.core.transformer import TransformerConfig
 
     check_supported(hf_config)
+    if hf_config.num_key_value_heads % tp or hf_config.num_attention_heads % tp:
+        raise ValueError(f"mllm_train.tensor_parallel {tp} must divide the base's {hf_config.num_key_value_heads} key/value "
+                         f"heads and {hf_config.num_attention_heads} query heads")
     cuda = torch.cuda.is_available()
     kw = dict(
         num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
@@ -98,19 +101,20 @@ def _unqkv(qkv: torch.Tensor, hf_config) -> tuple[torch.Tensor, torch.Tensor, to
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if w.shape[0] < rows else w
+def vocab_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """A vocabulary matrix [r, ...] -> [rows, ...]: zero rows added, or padding rows (beyond the real vocabulary) cut."""
+    return w[:rows] if w.shape[0] >= rows else torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
 
 
-def hf_to_megatron(state: dict[str, torch.Tensor], hf_config, vocab_rows: int) -> dict[str, torch.Tensor]:
+def hf_to_megatron(state: dict[str, torch.Tensor], hf_config, rows: int) -> dict[str, torch.Tensor]:
     """A transformers state_dict (model.* and lm_head.*) -> the full GPTModel state_dict, embedding/head padded
-    with zero rows to vocab_rows (padded_vocab); tied when `lm_head.weight` is absent or the same tensor."""
+    with zero rows to `rows` (padded_vocab); tied when `lm_head.weight` is absent or the same tensor."""
     groups = hf_config.num_key_value_heads
     tied = "lm_head.weight" not in state or state["lm_head.weight"] is state["model.embed_tokens.weight"]
-    out = {"embedding.word_embeddings.weight": _pad_rows(state["model.embed_tokens.weight"], vocab_rows),
+    out = {"embedding.word_embeddings.weight": vocab_rows(state["model.embed_tokens.weight"], rows),
            "decoder.final_layernorm.weight": state["model.norm.weight"]}
     if not tied:
-        out["output_layer.weight"] = _pad_rows(state["lm_head.weight"], vocab_rows)
+        out["output_layer.weight"] = vocab_rows(state["lm_head.weight"], rows)
     for i in range(hf_config.num_hidden_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn = hf + "self_attn."

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from semhitok.data_pipelines.sequences import IGNORE
-from semhitok.mllm.megatron.convert import hf_to_megatron, padded_vocab, rope_theta, transformer_config
+from semhitok.mllm.megatron.convert import hf_to_megatron, padded_vocab, rope_theta, transformer_config, vocab_rows
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class MegatronLM(nn.Module):
         return losses * supervised
 
 
-def gpt_model(hf_config, vocab_rows: int, pre_process: bool = True, post_process: bool = True, **config_overrides):
+def gpt_model(hf_config, rows: int, pre_process: bool = True, post_process: bool = True, **config_overrides):
     """A GPTModel with the local layer spec (RMSNorm, SwiGLU, GQA, qkv bias, RoPE) shaped as `hf_config`, under the
     TP/PP of the initialised parallel_state."""
     from megatron.core import parallel_state
@@ -89,7 +89,7 @@ def gpt_model(hf_config, vocab_rows: int, pre_process: bool = True, post_process
 
     cfg = transformer_config(hf_config, parallel_state.get_tensor_model_parallel_world_size(),
                              parallel_state.get_pipeline_model_parallel_world_size(), **config_overrides)
-    return GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False), vocab_size=vocab_rows,
+    return GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False), vocab_size=rows,
                     max_sequence_length=hf_config.max_position_embeddings, pre_process=pre_process, post_process=post_process,
                     share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings), position_embedding_type="rope",
                     rotary_base=rope_theta(hf_config))
@@ -116,14 +116,23 @@ def _tp_slice(param: torch.Tensor, full: torch.Tensor, name: str) -> torch.Tenso
     return full.chunk(tp, dim)[rank]
 
 
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
 @torch.no_grad()
 def load_full_state(gpt, full: dict[str, torch.Tensor]) -> None:
-    """Copy this rank's slices of a full (TP=1, PP=1) GPTModel state_dict into `gpt`."""
+    """Copy this rank's slices of a full (TP=1, PP=1) GPTModel state_dict into `gpt`; the vocabulary's padding may be
+    another TP's."""
+    from megatron.core import parallel_state
+
     for name, param in gpt.named_parameters():
         key = _global_name(gpt, name)
         if key not in full and name == "output_layer.weight":  # tied, on a last PP stage (its copy of the table)
             key = "embedding.word_embeddings.weight"
-        part = _tp_slice(param, full[key], name)
+        value = full[key]
+        if key in VOCAB_KEYS:  # padded to 128 x the writer's TP: to 128 x this TP (the padded rows are zero)
+            value = vocab_rows(value, param.shape[0] * parallel_state.get_tensor_model_parallel_world_size())
+        part = _tp_slice(param, value, name)
         if part.shape != param.shape:
             raise ValueError(f"{key}: shape {tuple(part.shape)} for the parameter {tuple(param.shape)}")
         param.copy_(part)

@@ -97,3 +97,14 @@ def test_backend_and_parallel_sizes_are_checked():
         load_project_config("tiny", ["mllm_train.tensor_parallel=0"])
     with pytest.raises(ConfigError, match="backend"):
         load_project_config("tiny", ["mllm_train.backend=fsdp"])
+
+
+def test_tensor_parallel_must_divide_the_key_value_heads():
+    from transformers import AutoConfig
+
+    from semhitok.mllm.megatron.convert import transformer_config
+
+    qwen15 = AutoConfig.for_model("qwen2", hidden_size=96, num_attention_heads=12, num_key_value_heads=2, intermediate_size=96)
+    assert transformer_config(qwen15, tp=2).tensor_model_parallel_size == 2
+    with pytest.raises(ValueError, match="tensor_parallel 4 must divide the base's 2 key/value heads"):
+        transformer_config(qwen15, tp=4)

@@ -1,0 +1,96 @@
+"""One training run of the Megatron backend on the packed test batches, for tests/mllm/test_megatron_train.py:
+
+    python tests/mllm/megatron_worker.py OUT.json [--tp N] [--steps S] [--save-at K] [--resume] [--ckpt DIR]
+    python -m torch.distributed.run --nproc_per_node 2 tests/mllm/megatron_worker.py OUT.json --tp 2
+
+A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N, AdamW with the trainer's two groups and clipping,
+S steps of 2 micro-batches each; rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
+(a held-out batch after training); --export writes the weights back in SemHiTokLM's names (safetensors). --save-at K
+writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag there first and continues;
+--weights-from TAG loads a tag's weights alone (written at any TP) and continues from its step with a fresh optimizer.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.* imports
+
+from tests.mllm.megatron_common import TINY_QWEN2, init_megatron, packed_batch, tiny_semhitok  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--save-at", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--export", default="", help="write the trained weights, converted back to transformers' names, here")
+    ap.add_argument("--weights-from", default="", help="a checkpoint tag: its weights only (any TP), from its step on")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    init_megatron(args.tp, 1)
+    from megatron.core import parallel_state
+
+    from semhitok.mllm.megatron.engine import MegatronEngine
+    from semhitok.mllm.megatron.model import from_semhitok
+
+    model = tiny_semhitok(TINY_QWEN2)
+    mg = from_semhitok(model)
+    adapter = [p for n, p in mg.named_parameters() if n.startswith("adapter.")]
+    other = [p for n, p in mg.named_parameters() if not n.startswith("adapter.")]
+    optimizer = torch.optim.AdamW([{"params": adapter, "lr": 3e-3}, {"params": other, "lr": 1e-3}], betas=(0.9, 0.95), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
+    engine = MegatronEngine(mg, optimizer, scheduler, gradient_accumulation=2, grad_clip=1.0, bf16=False, device=torch.device("cpu"))
+    start = 0
+    if args.resume:
+        tag = sorted(p.name for p in Path(args.ckpt).glob("step*"))[-1]
+        _, client = engine.load_checkpoint(args.ckpt, tag)
+        start = client["step"]
+    if args.weights_from:
+        from semhitok.mllm.megatron.engine import load_weights
+
+        load_weights(mg, args.weights_from)
+        start = int(Path(args.weights_from).name[4:])
+    losses, norms = [], []
+    for step in range(start, args.steps):
+        total = 0.0
+        for micro in range(2):
+            batch = packed_batch(mg.layout, seed=10 * step + micro)
+            out = engine(**batch)
+            engine.backward(out["loss"])
+            engine.step()
+            total += float(out["loss"]) / 2
+        losses.append(total)
+        norms.append(engine.get_global_grad_norm())
+        if args.save_at and step + 1 == args.save_at:
+            engine.save_checkpoint(args.ckpt, f"step{step + 1:08d}", {"step": step + 1})
+    with torch.no_grad():  # after training, on a batch it never saw
+        eval_loss = float(engine(**packed_batch(mg.layout, seed=999))["loss"])
+    if args.export:
+        from safetensors.torch import save_file
+
+        from semhitok.mllm.megatron.convert import megatron_to_hf
+        from semhitok.mllm.megatron.model import gather_full_state
+
+        full = gather_full_state(mg.gpt)
+        if torch.distributed.get_rank() == 0:
+            hf = megatron_to_hf(full, model.lm.config, mg.layout.vocab_size)
+            hf.pop("lm_head.weight")  # tied
+            save_file({**{f"lm.{k}": v for k, v in hf.items()}, **{f"adapter.{k}": v.contiguous() for k, v in mg.adapter.state_dict().items()}},
+                      args.export)
+    if torch.distributed.get_rank() == 0:
+        Path(args.out).write_text(json.dumps({"losses": losses, "grad_norms": norms, "start": start, "eval_loss": eval_loss,
+                                              "tp": parallel_state.get_tensor_model_parallel_world_size()}))
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The Megatron backend's training step on CPU (gloo, fp32): tensor parallelism over two processes gives the losses
+and gradient norms of one process, and a checkpoint resumes to the uninterrupted losses, also at another TP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHILD_ENV, REPO
+from tests.mllm.megatron_common import free_port
+
+WORKER = REPO / "tests" / "mllm" / "megatron_worker.py"
+
+
+def start(out: Path, *args: str, nproc: int = 1) -> tuple[subprocess.Popen, Path]:
+    """The worker in a subprocess (torch.distributed.run for nproc > 1); runs overlap, each on its own port."""
+    env = dict(os.environ, **CHILD_ENV)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, str(WORKER), str(out), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
+
+
+def finish(*started: tuple[subprocess.Popen, Path]) -> list[dict]:
+    results = []
+    for proc, out in started:
+        log, _ = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, log[-4000:]
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """TP=1 (one process) and TP=2 (two processes), side by side: 4 steps, a checkpoint after step 2, the export;
+    -> {"tp1": (result, checkpoint dir), "tp2": ...}"""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("tp1", "tp2")}
+    runs = [start(dirs[name] / "run.json", "--tp", str(tp), "--steps", "4", "--save-at", "2", "--ckpt", str(dirs[name] / "ckpt"),
+                  "--export", str(dirs[name] / "export.safetensors"), nproc=tp) for name, tp in (("tp1", 1), ("tp2", 2))]
+    return {name: (result, dirs[name] / "ckpt") for name, result in zip(("tp1", "tp2"), finish(*runs))}
+
+
+@pytest.fixture(scope="module")
+def continued(trained, tmp_path_factory):
+    """From the checkpoints, side by side: TP=1 resumed from its own (optimizer and all), and TP=1 from the weights
+    TP=2 wrote (resharded on load) with a fresh optimizer."""
+    tmp = tmp_path_factory.mktemp("continued")
+    resumed, loaded = finish(start(tmp / "resumed.json", "--steps", "4", "--resume", "--ckpt", str(trained["tp1"][1])),
+                             start(tmp / "loaded.json", "--steps", "3", "--weights-from", str(trained["tp2"][1] / "step00000002")))
+    return {"resumed": resumed, "loaded": loaded}
+
+
+def test_tensor_parallel_2_gives_the_losses_of_one_process(trained):
+    ref, got = trained["tp1"][0], trained["tp2"][0]
+    assert got["tp"] == 2 and len(got["losses"]) == 4
+    assert ref["losses"][0] > ref["losses"][-1]  # it learns
+    assert got["losses"] == pytest.approx(ref["losses"], abs=2e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(trained, continued):
+    ref, resumed = trained["tp1"][0], continued["resumed"]
+    assert resumed["start"] == 2
+    assert resumed["losses"] == pytest.approx(ref["losses"][2:], abs=1e-6)
+    assert resumed["grad_norms"] == pytest.approx(ref["grad_norms"][2:], rel=1e-5)
+
+
+def test_a_tensor_parallel_2_checkpoint_loads_at_tp1(trained, continued):
+    """The weights a TP=2 job wrote give one process (TP=1) the loss of step 3."""
+    ref, loaded = trained["tp1"][0], continued["loaded"]
+    assert loaded["start"] == 2 and loaded["losses"][0] == pytest.approx(ref["losses"][2], abs=2e-5)
+
+
+def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
+    """Gathered over TP and converted back, the trained weights load into SemHiTokLM, whose loss on a held-out
+    batch is the Megatron model's; TP=2's export equals TP=1's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.mllm.megatron_common import TINY_QWEN2, packed_batch, tiny_semhitok
+
+    one, two = (load_file(str(trained[name][1].parent / "export.safetensors")) for name in ("tp1", "tp2"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    model = tiny_semhitok(TINY_QWEN2)
+    before = model.lm.model.norm.weight.clone()
+    result = model.load_state_dict(one, strict=False)
+    assert set(result.missing_keys) <= {"lm.lm_head.weight"} and not result.unexpected_keys  # tied: the table
+    assert not torch.equal(model.lm.model.norm.weight, before)  # trained weights arrived
+    with torch.no_grad():
+        loss = model(**packed_batch(model.layout, seed=999))["loss"]
+    assert float(loss) == pytest.approx(trained["tp1"][0]["eval_loss"], abs=1e-5)
+    assert float(loss) == pytest.approx(trained["tp2"][0]["eval_loss"], abs=2e-5)
