@@ -38,6 +38,7 @@ from semhitok.mllm.config import MLLMConfig  # noqa: E402
 from semhitok.mllm.flops import numel  # noqa: E402
 from semhitok.mllm.model import SemHiTokLM, load_base_lm  # noqa: E402
 from semhitok.mllm.partition import zero3_build  # noqa: E402
+from semhitok.tokenizer.interface import IdStructure  # noqa: E402
 from semhitok.tokenizer.model import SemHiTokFeatures  # noqa: E402
 
 
@@ -64,7 +65,8 @@ def old_arm(shape: str, layers: int) -> dict:
     full_head = torch.nn.Linear(lm.config.hidden_size, layout.vocab_size, bias=False)  # the old wrapper's own weight
     del full_head
     d = lm.config.hidden_size
-    model = SemHiTokLM(lm, VisualAdapter(SemHiTokFeatures(sem, pix, m), d, d), layout, cfg, 16)
+    ids = IdStructure("semhitok", 16, (layout.visual_vocab_size,), (1,))
+    model = SemHiTokLM(lm, VisualAdapter(SemHiTokFeatures(sem, pix, m), d, d), layout, cfg, ids)
     with torch.no_grad():  # the old _init_visual_head_rows, on the full head
         weight = model.lm.lm_head.weight
         text_norm = weight[: layout.text_vocab_size].norm(dim=1).mean()

@@ -26,8 +26,8 @@ rest padded. A batch is a dict of tensors:
     cu_seqlens   int32 [D + 1]   document boundaries over the flattened B*L tokens (padding tails count as
                                  documents), for varlen attention; max_seqlen: int
     origins      list[str]       where each document came from (error reports)
-    visual_codes int64 [B, L, C]  only when the tokenizer has C > 1 codes per position: the C codes of the visual
-                                 token at each position (-1 where the token is not visual)
+    visual_codes int64 [B, L, C]  only when the visual codec carries codes beside the tokens (depth codes, C per
+                                 position, tokenizer/codec.py): the visual token's codes (-1 where it is not visual)
     loader_state dict            (from batches()/iteration) the state to resume after this batch
 """
 
@@ -244,13 +244,12 @@ class PackedLoader:
         """ids: the model's visual id structure (kind, codes per position, vocabularies); the corpus's manifest
         must agree. None: one code per position, checked by the layout's visual vocabulary only."""
         self.cfg, self.layout, self.rank, self.world, self.ids = cfg, layout, rank, world_size, ids
-        self.codes = ids.codes if ids is not None else 1
-        self.builder = SequenceBuilder(tokenizer, layout, cfg, self.codes)
         weights = np.array([c.weight for c in cfg.mixture], np.float64)
         if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"data.mixture: weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self.weights = weights / weights.sum()
         self.sources = self._open_sources(Path(pretokenized_dir))  # (sets self.shard: the verifying reader)
+        self.builder = SequenceBuilder(tokenizer, layout, cfg, ids)  # (after the manifest's check: its error names the corpus)
         self.next_draw, self.cursors = 0, [0] * len(cfg.mixture)
         self.pending: list[tuple[Draw, Document]] = []
         self.stats: Counter = Counter()
@@ -440,7 +439,7 @@ class PackedLoader:
         labels = np.full((B, L), IGNORE, np.int64)
         position_ids = np.zeros((B, L), np.int64)
         task_ids = np.full((B, L), -1, np.int64)
-        codes = np.full((B, L, self.codes), -1, np.int64) if self.codes > 1 else None
+        codes = self.builder.codec.batch_codes((B, L))  # [B, L, C] beside the tokens, or None
         cu_seqlens, origins = [0], []
         for b in range(B):
             start = 0

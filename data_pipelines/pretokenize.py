@@ -10,8 +10,8 @@ Output (`<output_dir>/`):
                                      (the input's content, record range, records_per_shard, kind, image mode
                                      and root, max_text_tokens, tokenizer), written last
     manifest.json                    every unit, totals and the tokenizer's identity, kind, grid, code_vocab_sizes (L
-                                     entries), code_groups and visual_vocab_size (the LLM's visual rows: the one
-                                     code vocabulary when L == 1, 1 placeholder row when L > 1) (when all are done)
+                                     entries), code_groups and visual_vocab_size (the LLM's visual rows, as the
+                                     visual codec lays them out: tokenizer/codec.py) (when all are done)
 
 A unit is done iff its .done.json exists and describes the same unit; both files are written atomically, so
 a job killed anywhere and started again redoes at most the units it was in the middle of, and writes every
@@ -245,10 +245,7 @@ def _read_done(path: Path) -> dict:
 def visual_manifest(model: VisualTokenizer) -> dict:
     """The manifest's description of the ids (what the loader checks against the model)."""
     ids = IdStructure.of(model)
-    info = {**ids.to_dict(), "grid": [ids.grid, ids.grid], "visual_vocab_size": ids.visual_vocab_size}
-    if hasattr(model, "codes_per_group"):  # SemHiTok's m
-        info["codes_per_group"] = model.codes_per_group
-    return info
+    return {**ids.to_dict(), "grid": [ids.grid, ids.grid], "visual_vocab_size": ids.visual_vocab_size}
 
 
 def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: VisualTokenizer, tokenizer_dir: Path,

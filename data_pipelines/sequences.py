@@ -22,9 +22,9 @@ Loss sits on the tokens whose characters overlap the supervised text (character 
     generation      <s>{system} USER: {caption} ASSISTANT: [img]</s>, loss after <|vision_start|>
     text            <s>{text}</s>
 
-Ids with L > 1 codes per position (a residual depth, e.g. DualToken): an image row holds h*w*L codes
-(position-major); each position is ONE token, the placeholder `layout.visual_offset` (also its label where
-supervised), and its L codes travel beside it in `Document.codes` [T, L] (-1 at non-visual tokens).
+An image row becomes tokens through the tokenizer's visual codec (tokenizer/codec.py): flat ids are
+vocabulary rows of their own; depth codes are one placeholder token per position (also its label where
+supervised) with the position's L codes beside it in `Document.codes` [T, L] (-1 at non-visual tokens).
 
 The system prompt is `SequenceConfig.system_prompt`, or the family's default (text_tokenizer.DEFAULT_SYSTEM).
 `generation_prompt` is the generation document up to and including <|vision_start|>: the sampler's prefix.
@@ -38,6 +38,8 @@ import numpy as np
 
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.text_tokenizer import DEFAULT_SYSTEM, IMAGE_END, IMAGE_START, TokenLayout, chat_format
+from semhitok.tokenizer.codec import VisualCodec
+from semhitok.tokenizer.interface import IdStructure
 
 IGNORE = -100  # label of positions without loss
 TASKS = ("understanding", "generation", "text")
@@ -57,7 +59,7 @@ class Document:
     task: str
     origin: str  # where the sample came from (file:line), for error reports
     uncond: bool = False  # generation caption replaced by the unconditional prompt
-    codes: np.ndarray | None = None  # int64 [T, L] when L > 1: the codes of each visual token, -1 elsewhere
+    codes: np.ndarray | None = None  # int64 [T, L] beside the tokens (the codec's side codes), -1 at non-visual tokens
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -81,12 +83,14 @@ def render(fmt: str, system: str, turns: list[tuple[str, str]], eos: str, open_a
 
 
 class SequenceBuilder:
-    def __init__(self, tokenizer, layout: TokenLayout, cfg: SequenceConfig, codes: int = 1):
-        """codes: L, the codes per visual position (1: each id is its own token)."""
-        self.tokenizer, self.layout, self.cfg, self.codes = tokenizer, layout, cfg, codes
-        if codes > 1 and layout.visual_vocab_size != 1:
-            raise ValueError(f"{codes} codes per position need a layout with one visual placeholder row, "
-                             f"not {layout.visual_vocab_size}")
+    def __init__(self, tokenizer, layout: TokenLayout, cfg: SequenceConfig, ids: IdStructure | None = None):
+        """ids: the tokenizer's id structure (None: one flat id per position, as many as the layout's visual rows)."""
+        self.tokenizer, self.layout, self.cfg = tokenizer, layout, cfg
+        ids = ids or IdStructure("", 0, (layout.visual_vocab_size,), (1,))
+        if ids.visual_vocab_size != layout.visual_vocab_size:
+            raise ValueError(f"a tokenizer with codes {list(ids.code_vocab_sizes)} needs {ids.visual_vocab_size} visual "
+                             f"row(s) in the layout, not {layout.visual_vocab_size}")
+        self.codec = VisualCodec.of(ids, layout.visual_offset)
         self.format = chat_format(tokenizer, cfg.chat_format)
         self.system = DEFAULT_SYSTEM[self.format] if cfg.system_prompt is None else cfg.system_prompt
         self.bos = [tokenizer.bos_token_id] if self.format == "vicuna_v1" and tokenizer.bos_token_id is not None else []
@@ -95,29 +99,16 @@ class SequenceBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def visual_tokens(self, ids: np.ndarray) -> list[int]:
-        """an image row [h*w*L] -> its h*w LLM tokens (L == 1: offset ids; L > 1: the placeholder each)"""
-        ids = np.asarray(ids, np.int64)
-        if self.codes == 1:
-            return (ids + self.layout.visual_offset).tolist()
-        if len(ids) % self.codes:
-            raise ValueError(f"an image row of {len(ids)} codes is not a whole number of positions of {self.codes} codes")
-        return [self.layout.visual_offset] * (len(ids) // self.codes)
+        """an image row [h*w*L] -> its h*w LLM tokens"""
+        return self.codec.tokens(ids)
 
     def image_span(self, ids: np.ndarray) -> list[int]:
         """visual ids [h*w*L] -> <|vision_start|> tokens <|vision_end|>"""
         return [self.layout.image_start, *self.visual_tokens(ids), self.layout.image_end]
 
     def codes_of(self, tokens: list[int], images: list[np.ndarray]) -> np.ndarray | None:
-        """L > 1: [T, L] int64, each image's codes at its visual tokens (in order), -1 elsewhere; L == 1: None."""
-        if self.codes == 1:
-            return None
-        out = np.full((len(tokens), self.codes), -1, np.int64)
-        at = np.flatnonzero(np.asarray(tokens, np.int64) == self.layout.visual_offset)
-        rows = np.concatenate([np.asarray(i, np.int64).reshape(-1, self.codes) for i in images]) if images else out[:0]
-        if len(at) != len(rows):
-            raise ValueError(f"{len(at)} visual tokens for {len(rows)} positions of codes")
-        out[at] = rows
-        return out
+        """the codes beside a document's tokens [T, L] (-1 elsewhere), or None when the codec has none"""
+        return self.codec.side_codes(tokens, images)
 
     def tokenize(self, pieces: list[Piece], images: list[np.ndarray]) -> tuple[list[int], list[int]]:
         """Rendered pieces with one IMAGE per entry of `images` -> (tokens, labels). The text is tokenized in

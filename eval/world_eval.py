@@ -297,10 +297,10 @@ def answer_batch(decoder, turns: list[list[tuple[str, str]]], image_ids: list[to
     for turn, ids in zip(turns, image_ids):
         flat = ids.flatten().cpu().numpy()
         prompts.append(decoder.builder.chat_prompt(turn, flat))
-        codes.append(decoder.builder.codes_of(prompts[-1], [flat]))  # L > 1: [T, L]; else None
+        codes.append(decoder.builder.codes_of(prompts[-1], [flat]))  # the codes beside the tokens [T, L], or None
     stop = decoder.layout.im_end
     tokens = decoder.decode(prompts, max_new_tokens, (0, len(decoder.tokenizer)), SamplingConfig(temperature=0.0),
-                            stop=stop, codes=None if codes[0] is None else codes)
+                            stop=stop, codes=codes)
     replies = []
     for row in tokens.tolist():
         row = row[: row.index(stop)] if stop in row else row

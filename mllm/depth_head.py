@@ -1,6 +1,6 @@
 """Depth heads: the visual output of the unified LLM when each image position carries L > 1 codes.
 
-A tokenizer with residual depth (DualToken: 8 semantic residual codes then 8 pixel ones per position,
+The depth codes format (tokenizer/codec.py DepthCodes) hands these heads the hidden states. A tokenizer with residual depth (DualToken: 8 semantic residual codes then 8 pixel ones per position,
 code_groups (8, 8)) cannot list its ids as vocabulary rows (16384^8 combinations). As in DualToken
 (arXiv 2503.14324, sec. 3.3, after RQ-VAE's depth transformer), the LLM's hidden state h_p at the position
 before a visual token goes to one small causal transformer per code group, which predicts that group's D
@@ -18,8 +18,9 @@ pixel codes and vice versa. A position's loss is the summed NLL of all L codes (
 `forward(hidden [M, d], codes [M, L]) -> [M]` is the teacher-forced loss (called as a module so ZeRO-3 gathers
 the weights); `loss` is the same. M may be 0 (a batch without visual targets): every parameter still gets a
 (zero) gradient, so ZeRO-3 ranks stay in step. The MLLM (SemHiTokLM.visual_head) adds it at the positions
-whose next token is visual, on top of the flat head's loss for the placeholder row. `sample(hidden [B, d], pick) -> codes [B, L]` decodes step by step,
-recomputing the depth transformer over the codes so far at every step (D = 8 is short: no KV cache).
+whose next token is visual, on top of the flat head's loss for the placeholder row. `sample(hidden [B, d], pick) -> codes [B, L]` decodes step by step
+with a KV cache over depth: each code runs one position through the blocks, attending to the keys and values
+of the depths before it (the teacher-forced forward's causal attention, one row at a time).
 Classifiers are ChunkedLMHead's: no [M, V] logits are kept for backward.
 """
 
@@ -50,10 +51,17 @@ class DepthBlock(nn.Module):
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, k, w] -> [M, k, w]
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """[M, k, w] -> [M, k, w], causal over k. cache: the keys and values of the depths before x ([M, heads,
+        j, w/heads] each, appended to in place; empty at the first depth), x then being the next depth(s)."""
         m, k, w = x.shape
         q, kk, v = self.qkv(self.norm1(x)).view(m, k, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, kk, v, is_causal=True)  # [M, heads, k, w/heads]
+        if cache is not None:
+            if cache:
+                kk, v = torch.cat([cache[0], kk], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [kk, v]
+        # one new depth sees every cached one; several new ones (or no cache) attend causally
+        attn = F.scaled_dot_product_attention(q, kk, v, is_causal=k > 1)  # [M, heads, k, w/heads]
         x = x + self.out(attn.transpose(1, 2).reshape(m, k, w))
         return x + self.mlp(self.norm2(x))
 
@@ -87,6 +95,14 @@ class DepthTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def step(self, inputs: torch.Tensor, k: int, cache: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Depth k's input I_k [M, d or width] (k == 0: h_p, projected here; else the code embeddings' sum) and
+        each block's cache of depths < k (appended to) -> depth k's features [M, width]"""
+        x = (self.proj(inputs.to(self.proj.weight.dtype)) if k == 0 else inputs)[:, None] + self.pos[k]
+        for block, kv in zip(self.blocks, cache):
+            x = block(x, kv)
+        return self.norm(x)[:, 0]
 
 
 class DepthHeads(nn.Module):
@@ -162,8 +178,13 @@ class DepthHeads(nn.Module):
         guided id for both)."""
         out = torch.empty(hidden.shape[0], len(self.code_vocab_sizes), dtype=torch.long, device=hidden.device)
         for group, start, n in zip(self.groups, self.starts, self.code_groups):
+            cache: list[list[torch.Tensor]] = [[] for _ in group.blocks]
+            inputs = hidden
             for k in range(n):
-                feats = group(hidden, out[:, start : start + k])  # [B, k + 1, w], recomputed over the codes so far
-                out[:, start + k] = pick(group.classifiers[k](feats[:, k]).float(), start + k)
+                feats = group.step(inputs, k, cache)  # [B, w]: one position through the blocks
+                out[:, start + k] = pick(group.classifiers[k](feats).float(), start + k)
+                if k + 1 < n:  # I_{k+1} = sum_{j<=k} e_j(r_j)
+                    e = group.embeds[k](out[:, start + k])
+                    inputs = e if k == 0 else inputs + e
         return out
 

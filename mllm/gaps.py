@@ -35,7 +35,7 @@ CONDITIONS = {"understanding": ("true", "shuffled", "no_image"), "generation": (
 @dataclass
 class HeldoutPairs:
     captions: list[str]
-    ids: torch.Tensor  # [N, h, w] visual ids in [0, K*m) (L > 1: [N, h, w, L] codes), CPU
+    ids: torch.Tensor  # [N, h, w] (or [N, h, w, L]) visual ids as the tokenizer encodes them, CPU
 
 
 def load_pairs(path: str | Path, visual: VisualTokenizer, limit: int = 0) -> HeldoutPairs:
@@ -64,7 +64,7 @@ def derangement(n: int) -> list[int]:
 
 
 def documents(builder: SequenceBuilder, pairs: HeldoutPairs, task: str, condition: str) -> list[tuple[list[int], list[int], np.ndarray | None]]:
-    """(prompt tokens, target tokens, the row's codes [T, L] when L > 1 else None) per pair for one task and condition."""
+    """(prompt tokens, target tokens, the codes beside the row's tokens [T, L] or None) per pair for one task and condition."""
     n = len(pairs.captions)
     other = derangement(n)
     docs = []
@@ -88,9 +88,9 @@ def documents(builder: SequenceBuilder, pairs: HeldoutPairs, task: str, conditio
 def score(model, docs: list[tuple[list[int], list[int], np.ndarray | None]], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(prompt, target, codes) rows -> per-sample mean target loss [N] and teacher-forced token accuracy [N].
 
-    L > 1 (model.visual_head): a visual target's loss adds its L codes' summed NLL to the placeholder's, as in
-    training, and it is a hit when the placeholder and every code (teacher-forced argmax) are right.
-    Rows are right-padded: causal attention never lets a real token see the padding behind it."""
+    A target's loss and hit are the model's (its visual codec's: depth codes add the codes' NLL, and a hit
+    needs every code right), as in training. Rows are right-padded: causal attention never lets a real token
+    see the padding behind it."""
     losses, accs = [], []
     for start in range(0, len(docs), batch_size):
         batch = docs[start : start + batch_size]
@@ -98,24 +98,18 @@ def score(model, docs: list[tuple[list[int], list[int], np.ndarray | None]], bat
         ids = torch.full((len(rows), max(map(len, rows))), model.layout.eos, dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
-        codes = None
-        if batch[0][2] is not None:  # L > 1: each row's codes, -1 at text and padding
-            codes = torch.full((*ids.shape, batch[0][2].shape[1]), -1, dtype=torch.long)
-            for r, (_, _, c) in enumerate(batch):
+        codes = torch.full((*ids.shape, model.codec.L), -1, dtype=torch.long)  # each row's side codes, -1 elsewhere
+        for r, (_, _, c) in enumerate(batch):
+            if c is not None:
                 codes[r, : len(c)] = torch.from_numpy(c)
-            codes = codes.to(model.device)
+        codes = codes.to(model.device)
         hidden = model.hidden_states(ids.to(model.device), visual_codes=codes).last_hidden_state  # [B, T, d]
         for r, (prompt, target, _) in enumerate(batch):
-            h = hidden[r, len(prompt) - 1 : len(prompt) + len(target) - 1]  # [t, d]: positions predicting the target
+            at = slice(len(prompt) - 1, len(prompt) + len(target) - 1)  # the positions predicting the target
+            h, side = hidden[r, at], codes[r, at.start + 1 : at.stop + 1]  # [t, d], the targets' codes [t, L]
             wanted = torch.tensor(target, device=h.device)
-            loss = model.lm.lm_head(h, wanted)  # [t] chunked CE, no [t, V] logits kept
-            hits = torch.cat([model.lm.lm_head(h[c : c + 256]).argmax(-1) == wanted[c : c + 256] for c in range(0, len(h), 256)])
-            visual = wanted == model.layout.visual_offset
-            if model.visual_head is not None and bool(visual.any()):
-                want = codes[r, len(prompt) : len(prompt) + len(target)][visual]  # [m, L]
-                loss = loss.float().masked_scatter(visual, loss.float()[visual] + model.visual_head.loss(h[visual], want))
-                guess = torch.stack([x.argmax(-1) for x in model.visual_head.logits(h[visual], want)], dim=-1)  # [m, L]
-                hits = hits.masked_scatter(visual, hits[visual] & (guess == want).all(-1))
+            loss = model.target_losses(h, wanted, side)  # [t] chunked CE, no [t, V] logits kept
+            hits = model.target_hits(h, wanted, side)
             losses.append(loss.float().mean().item())
             accs.append(hits.float().mean().item())
     return np.array(losses), np.array(accs)

@@ -6,10 +6,12 @@ How visual ids enter and leave the model (any tokenizer.kind, see tokenizer/inte
   - input: a visual token's embedding is NOT an embedding row. The adapter holds the tokenizer's frozen
     features module (input_features()) and one MLP per feature split: for SemHiTok the features of id h are
     its semantic code sem[h // m] and pixel code pix[h], mapped to concat(MLP_sem(sem) [d - d/2],
-    MLP_pix(pix) [d/2]) = [d] (adapter_inputs=semantic: MLP_sem(sem) [d] alone). Tokenizers with L > 1 codes
-    per position feed every visual position as one placeholder token with its codes beside it (visual_codes).
+    MLP_pix(pix) [d/2]) = [d] (adapter_inputs=semantic: MLP_sem(sem) [d] alone). The tokenizer's visual codec
+    (tokenizer/codec.py, `model.codec`) says which codes a visual token carries: its own id (flat ids), or the
+    L codes beside its placeholder token (depth codes, `visual_codes`).
   - output: the head (the causal LM's lm_head, resized to T + K*m rows) scores all text and visual rows;
-    generation predicts flattened ids h directly. Its visual rows start as the adapter's projection of
+    generation predicts flattened ids h directly (depth codes: the placeholder row, and the depth head
+    `visual_head`, mllm/depth_head.py, the codes; the codec adds its loss). Its visual rows start as the adapter's projection of
     the same code features, rescaled to the norm of the text rows, so codes that are close in the
     tokenizer start close in the head (not zeros, not unrelated noise). With tied embeddings (Qwen2.5
     <= 3B) the embedding table's visual rows are these head rows and are never read as inputs; an untied
@@ -50,13 +52,14 @@ from semhitok.mllm.hf_export import finish_export, push_export, text_config
 from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
+from semhitok.tokenizer.codec import VisualCodec
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
-from semhitok.tokenizer.model import SemHiTokFeatures
+from semhitok.tokenizer.model import SemHiTok, SemHiTokFeatures
 
 log = logging.getLogger("semhitok")
 MLLM_CONFIG = "semhitok_mllm.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-VISUAL_HEAD_WEIGHTS = "visual_head.safetensors"  # L > 1 only: the depth heads (mllm/depth_head.py)
+VISUAL_HEAD_WEIGHTS = "visual_head.safetensors"  # depth codes only: the depth heads (mllm/depth_head.py)
 VISUAL_TOKENIZER = "visual_tokenizer"
 
 
@@ -103,18 +106,18 @@ class VisualAdapter(nn.Module):
 
 
 class SemHiTokLM(nn.Module):
-    def __init__(self, lm: PreTrainedModel, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, image_grid: int,
-                 sequence_config: SequenceConfig | None = None, ids: IdStructure | None = None):
+    def __init__(self, lm: PreTrainedModel, adapter: VisualAdapter, layout: TokenLayout, cfg: MLLMConfig, ids: IdStructure,
+                 sequence_config: SequenceConfig | None = None, visual_head: nn.Module | None = None):
         super().__init__()
-        self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, image_grid
-        # The visual tokenizer's id structure (kind, L codes per position, vocabularies); before kinds: SemHiTok's.
-        self.ids = ids or IdStructure("semhitok", image_grid, (layout.visual_vocab_size,), (1,))
-        if self.ids.visual_vocab_size != layout.visual_vocab_size:
-            raise ValueError(f"the layout has {layout.visual_vocab_size} visual rows, a {self.ids.kind} tokenizer with "
-                             f"codes {list(self.ids.code_vocab_sizes)} needs {self.ids.visual_vocab_size}")
-        # L > 1: the module that predicts a visual position's L codes from the hidden state before it (mllm/depth_head.py,
-        # set by its owner); called as visual_head.loss(hidden [M, d], codes [M, L]) -> [M] in forward.
-        self.visual_head: nn.Module | None = None
+        self.lm, self.adapter, self.layout, self.config, self.image_grid = lm, adapter, layout, cfg, ids.grid
+        self.ids = ids  # the visual tokenizer's id structure (kind, L codes per position, vocabularies)
+        if ids.visual_vocab_size != layout.visual_vocab_size:
+            raise ValueError(f"the layout has {layout.visual_vocab_size} visual rows, a {ids.kind} tokenizer with "
+                             f"codes {list(ids.code_vocab_sizes)} needs {ids.visual_vocab_size}")
+        self.codec = VisualCodec.of(ids, layout.visual_offset)
+        # depth codes: the module predicting a position's L codes from the hidden state before it
+        # (mllm/depth_head.py); the codec calls visual_head.loss / .logits / .sample
+        self.visual_head = visual_head
         # The document format trained on (system, unconditional and caption prompts): sampling reuses it.
         self.sequence_config = sequence_config or SequenceConfig()
         self.text_frozen = False
@@ -144,9 +147,9 @@ class SemHiTokLM(nn.Module):
             self.lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
 
     def embed(self, input_ids: torch.Tensor, visual_codes: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] (text and visual tokens), visual_codes [B, T, L] (L > 1: the codes of each visual token)
-        -> input embeddings [B, T, d]"""
-        visual = input_ids >= self.layout.visual_offset
+        """input_ids [B, T] (text and visual tokens), visual_codes [B, T, L] (the codes beside the tokens, depth
+        codes only) -> input embeddings [B, T, d]"""
+        visual = self.codec.is_visual(input_ids)
         embeds = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
         if self.text_frozen:  # with tied weights the table is the head: no gradient into its text rows
             embeds = embeds.detach()
@@ -160,12 +163,7 @@ class SemHiTokLM(nn.Module):
         Per-id features see all positions at once; contextual ones (per_id False) see whole images: the visual
         positions come in runs of consecutive tokens, one per image, grouped [n, N, L] (a run of another length,
         e.g. an image still being generated, is its own group)."""
-        if self.ids.codes > 1:
-            if visual_codes is None:
-                raise ValueError(f"a {self.ids.kind} model has {self.ids.codes} codes per visual token: pass visual_codes")
-            codes = visual_codes[visual]  # [M, L]
-        else:
-            codes = (input_ids[visual] - self.layout.visual_offset)[:, None]  # [M, 1]
+        codes = self.codec.codes(input_ids, visual_codes)[visual]  # [M, L]
         if self.adapter.features.per_id:
             return self.adapter.images(codes[None])[0]
         flat = visual.flatten().nonzero()[:, 0]  # [M] positions in the flattened [B*T]
@@ -176,31 +174,25 @@ class SemHiTokLM(nn.Module):
         done = iter(self.adapter.images(torch.stack(whole)).unbind(0)) if whole else iter(())
         return torch.cat([next(done) if len(r) == n else self.adapter.images(r[None])[0] for r in runs])
 
-    def embed_static(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_static(self, input_ids: torch.Tensor, visual_codes: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, t] -> [B, t, d], equal to `embed` but without data-dependent shapes, so torch.compile
-        and CUDA graphs can capture it. Runs the adapter at every position: meant for decoding steps."""
-        visual = input_ids >= self.layout.visual_offset
+        and CUDA graphs can capture it. Runs the adapter at every position (per-id features): meant for decoding
+        steps. visual_codes [B, t, L] as in `embed`."""
+        visual = self.codec.is_visual(input_ids)
         text = self.lm.model.embed_tokens(input_ids.masked_fill(visual, 0))
-        if self.ids.codes > 1:  # a placeholder id carries no codes: text decoding steps only (depth heads draw images)
-            return text
-        image = self.adapter((input_ids - self.layout.visual_offset).clamp(min=0)).to(text.dtype)
+        codes = self.codec.codes(input_ids, visual_codes)  # [B, t, L]
+        image = self.adapter.images(codes.reshape(1, -1, codes.shape[-1])).reshape(*input_ids.shape, -1).to(text.dtype)
         return torch.where(visual[..., None], image, text)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False,
                       visual_codes: torch.Tensor | None = None, **kw):
-        """input_ids [B, T] (visual_codes [B, T, L] when L > 1) -> transformers' model output (last_hidden_state
+        """input_ids [B, T] (visual_codes [B, T, L] as in `embed`) -> transformers' model output (last_hidden_state
         [B, T, d], past_key_values).
 
         Without a cache, restarting position_ids mark packed documents (per-document causal attention);
         transformers ignores them when a cache exists, so training must keep use_cache=False."""
         embeds = self.embed(input_ids, visual_codes)
         return self.lm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=use_cache, **kw)
-
-    def visual_targets(self, labels: torch.Tensor, visual_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L > 1: the positions whose next token is a supervised visual token -> (mask [B, T-1] over hidden[:, :-1],
-        the codes they predict [M, L])."""
-        mask = labels[:, 1:] == self.layout.visual_offset
-        return mask, visual_codes[:, 1:][mask]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (for sampling a few positions, never for training)"""
@@ -209,20 +201,17 @@ class SemHiTokLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 task_ids: torch.Tensor | None = None, visual_codes: torch.Tensor | None = None,
                 task_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Packed rows [B, T] (visual_codes [B, T, L] when L > 1) -> {"loss": mean next-token loss over supervised
+        """Packed rows [B, T] (visual_codes [B, T, L] as in `embed`) -> {"loss": mean next-token loss over supervised
         positions, "task_loss_sum" [n_tasks], "task_tokens" [n_tasks]} (the last two detached, unweighted, for
         logging). task_weights [n_tasks] (needs task_ids): the mean weighted by each token's task.
 
-        L > 1: the flat head predicts the placeholder (that an image position comes); with a visual_head its
-        per-position loss over the L codes is added at those positions."""
+        The per-target loss is the codec's: the flat head's cross-entropy (depth codes: for the placeholder,
+        plus the depth head's summed NLL of the position's L codes)."""
         hidden = self.hidden_states(input_ids, position_ids, visual_codes=visual_codes).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE
-        losses = self.lm.lm_head(hidden[:, :-1][mask], targets[mask])  # [N]
-        if self.visual_head is not None and visual_codes is not None:
-            at, codes = self.visual_targets(labels, visual_codes)
-            extra = torch.zeros_like(losses).masked_scatter(at[mask], self.visual_head.loss(hidden[:, :-1][at], codes).float())
-            losses = losses + extra
+        side = visual_codes[:, 1:][mask] if visual_codes is not None else None  # [N, L]
+        losses = self.target_losses(hidden[:, :-1][mask], targets[mask], side)  # [N]
         tasks = task_ids[:, 1:][mask] if task_ids is not None else None
         if task_weights is not None:
             weights = task_weights.to(losses.dtype)[tasks]  # [N]
@@ -234,6 +223,16 @@ class SemHiTokLM(nn.Module):
             out["task_loss_sum"] = torch.zeros(len(TASKS), device=loss.device).index_add_(0, tasks, losses.detach())
             out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
         return out
+
+    def target_losses(self, hidden: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d] before targets [N] (their side codes [N, L], depth codes) -> per-target loss [N] fp32"""
+        return self.codec.losses(self.lm.lm_head, self.visual_head, hidden, targets, codes)
+
+    @torch.no_grad()
+    def target_hits(self, hidden: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """teacher-forced hits [N] bool: every prediction of each target (its token, and its codes) is the argmax"""
+        argmax = torch.cat([self.lm.lm_head(hidden[c : c + 256]).argmax(-1) for c in range(0, len(hidden), 256)])
+        return self.codec.hits(argmax, self.visual_head, hidden, targets, codes)
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -252,7 +251,7 @@ class SemHiTokLM(nn.Module):
     def from_base(cls, lm: PreTrainedModel, layout: TokenLayout, sem_codes: torch.Tensor, pix_codes: torch.Tensor,
                   codes_per_group: int, image_grid: int, cfg: MLLMConfig, sequence_config: SequenceConfig | None = None) -> SemHiTokLM:
         """A base LM with T text rows + SemHiTok's codes [K, sem_dim], [K*m, pix_dim] -> the extended model."""
-        ids = IdStructure("semhitok", image_grid, (layout.visual_vocab_size,), (1,))
+        ids = IdStructure(SemHiTok.kind, image_grid, (layout.visual_vocab_size,), (1,))
         return cls.from_features(lm, layout, SemHiTokFeatures(sem_codes, pix_codes, codes_per_group), ids, cfg, sequence_config)
 
     @classmethod
@@ -264,7 +263,7 @@ class SemHiTokLM(nn.Module):
         one code per position: table()), else as random rows; both rescaled to the mean norm of the text rows."""
         d = lm.config.hidden_size
         adapter = VisualAdapter(features, cfg.adapter_hidden or d, d, cfg.adapter_inputs)
-        visual_head = DepthHeads.for_ids(cfg, d, ids.code_vocab_sizes, ids.code_groups)  # L > 1: the depth heads; else None
+        visual_head = DepthHeads.for_ids(cfg, d, ids.code_vocab_sizes, ids.code_groups)  # depth codes: the depth heads; else None
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # every rank fills its own shard of the head from this adapter: rank 0's, on every rank (and its depth heads)
             on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -294,9 +293,8 @@ class SemHiTokLM(nn.Module):
         if not _tied(lm) and full_shape(table.weight)[0] < layout.text_vocab_size:  # delimiters added to the tokenizer
             lm.set_input_embeddings(with_rows(table, layout.text_vocab_size))
         extend_head(lm, layout.vocab_size, visual_rows)
-        model = cls(lm, adapter.to(lm.get_input_embeddings().weight.dtype), layout, cfg, ids.grid, sequence_config, ids)
-        model.visual_head = visual_head.to(lm.get_input_embeddings().weight.dtype) if visual_head is not None else None
-        return model
+        dtype = lm.get_input_embeddings().weight.dtype
+        return cls(lm, adapter.to(dtype), layout, cfg, ids, sequence_config, visual_head.to(dtype) if visual_head is not None else None)
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, text_tokenizer, visual_tokenizer_dir: str | Path,
@@ -351,19 +349,21 @@ class SemHiTokLM(nn.Module):
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
             lm.set_input_embeddings(with_rows(lm.get_input_embeddings(), layout.text_vocab_size))
-        ids = IdStructure.from_dict(meta["ids"]) if "ids" in meta else IdStructure("semhitok", meta["image_grid"],
-                                                                                    (layout.visual_vocab_size,), (1,))
+        try:
+            ids = IdStructure.from_dict(meta["ids"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{meta_file}: bad ids {meta['ids']!r} ({type(err).__name__}: {err})") from None
         adapter = VisualAdapter(export_features(path, ids, meta), meta["adapter_hidden"], lm.config.hidden_size, cfg.adapter_inputs)
         adapter.load_state_dict(_adapter_state(load_file(str(path / ADAPTER_WEIGHTS))))
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
         if full_shape(lm.get_output_embeddings().weight)[0] < layout.vocab_size:
             raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
                              f"layout needs {layout.vocab_size}")
-        model = cls(lm, adapter.to(dtype or torch.float32), layout, cfg, meta["image_grid"], seq_cfg, ids)
-        if "visual_head" in meta:  # L > 1: the depth heads
-            model.visual_head = DepthHeads.from_spec(meta["visual_head"], str(meta_file)).to(dtype or torch.float32)
-            model.visual_head.load_state_dict(load_file(str(path / VISUAL_HEAD_WEIGHTS)))
-        return model.to(device).eval()
+        visual_head = None
+        if "visual_head" in meta:  # depth codes: the depth heads
+            visual_head = DepthHeads.from_spec(meta["visual_head"], str(meta_file)).to(dtype or torch.float32)
+            visual_head.load_state_dict(load_file(str(path / VISUAL_HEAD_WEIGHTS)))
+        return cls(lm, adapter.to(dtype or torch.float32), layout, cfg, ids, seq_cfg, visual_head).to(device).eval()
 
 
 def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
@@ -386,7 +386,7 @@ def _adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {back.get(k, k): v for k, v in state.items()}
 
 
-MLLM_KEYS = ("layout", "image_grid", "codes_per_group", "adapter_hidden", "config", "sequence_config")
+MLLM_KEYS = ("layout", "image_grid", "ids", "codes_per_group", "adapter_hidden", "config", "sequence_config")
 
 
 def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:

@@ -1,20 +1,21 @@
 """Decoding with the unified LLM: CFG text-to-image sampling and image-grounded chat answers.
 
-Both run one KV-cached loop (`Decoder.decode`): the prompt is encoded once into a static cache
-(preallocated, updated in place), then one token per step. With `compile=True` the step (embedding,
-every layer, the head's rows) is one torch.compile graph, replayed as a CUDA graph on GPUs: at batch 1 an
-eager step is bound by kernel launches, not by the GPU.
+One KV-cached loop (`Decoder.loop`, after LlamaGen's prefill / decode_one_token / decode_n_tokens) with a
+pluggable draw: the prompts are encoded once into a static cache (preallocated, updated in place); then each
+step picks (CFG mix, temperature / top-k / top-p, the row's noise), draws, and feeds the drawn token back as
+one cached step. With `compile=True` the cached step (embedding, every layer, the head's rows) is one
+torch.compile graph, replayed as a CUDA graph on GPUs: at batch 1 an eager step is bound by kernel launches.
   - images: conditional and unconditional rows (the unconditional prompt used in training, see
-    SequenceConfig.uncond_prompt) are one batch; logits are computed for the visual ids only (the image
-    span admits nothing else), mixed as uncond + scale * (cond - uncond), filtered (temperature, top-k,
-    top-p) and sampled; both rows receive the sampled id. Exactly h*w ids per image.
-  - images with L > 1 codes per position (DualToken; `Decoder.decode_codes`, eager, KV-cached): each step's
-    last hidden state, cond and uncond rows, goes to the depth heads (mllm/depth_head.py), which draw the L
-    codes one at a time with CFG mixed at every depth; the codes' adapter embedding is the next input.
-  - text: logits over the text tokenizer's ids only, until the turn's end (<|im_end|>; Vicuna: </s>) or
-    max_new_tokens.
+    SequenceConfig.uncond_prompt) are one batch; the draw is the model's visual codec (tokenizer/codec.py):
+    flat ids take logits over the visual rows only (the image span admits nothing else), mixed as
+    uncond + scale * (cond - uncond), filtered and sampled; depth codes hand the hidden state to the depth
+    heads (mllm/depth_head.py), which draw the L codes one at a time with CFG mixed at every depth. Both rows
+    of a pair receive the guided draw. Exactly h*w positions per image.
+  - text (`VocabRows`): logits over the text tokenizer's ids only, until the turn's end (<|im_end|>;
+    Vicuna: </s>) or max_new_tokens.
 Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
-count real tokens only. With a fixed seed, results are deterministic, cached or not.
+count real tokens only. With a fixed seed, results are deterministic; the tests check the loop against an
+uncached reference that re-runs the whole sequence every step (tests/mllm/reference_decoder.py).
 
 Randomness is per row and stateless: row r draws token t by Gumbel-max, argmax(log p + g), with the
 noise g a hash (splitmix64) of the row's key, the step and the vocabulary index. An image's key is made
@@ -46,6 +47,7 @@ from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
 from semhitok.tokenizer import to_pil
+from semhitok.tokenizer.codec import Pick
 from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 
 MAX_CFG_SCALE = 100.0
@@ -143,12 +145,34 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return ids.to(device), mask.to(device)
 
 
-def left_pad_codes(codes: list[np.ndarray], width: int, device) -> torch.Tensor:
-    """per-row codes [T_r, L] -> [B, width, L] aligned with left_pad's rows (-1 in the padding)"""
-    out = torch.full((len(codes), width, codes[0].shape[1]), -1, dtype=torch.long)
+def left_pad_codes(codes: list[np.ndarray | None], width: int, L: int, device) -> torch.Tensor:
+    """per-row codes beside the tokens [T_r, L] (None: none) -> [B, width, L] aligned with left_pad's rows (-1 in
+    the padding and where a row has none)"""
+    out = torch.full((len(codes), width, L), -1, dtype=torch.long)
     for i, row in enumerate(codes):
-        out[i, width - len(row) :] = torch.as_tensor(row)
+        if row is not None:
+            out[i, width - len(row) :] = torch.as_tensor(row)
     return out.to(device)
+
+
+@dataclass(frozen=True)
+class VocabRows:
+    """A draw of one token per step from the head's vocabulary rows [lo, hi) (text answers). It has the
+    interface of a visual codec's draw (tokenizer/codec.py), which image steps use."""
+
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return self.lo, self.hi
+
+    @property
+    def noise(self) -> tuple[int, None]:
+        return 1, None
+
+    def draw(self, logits: torch.Tensor, head, pick: Pick) -> tuple[torch.Tensor, None]:
+        return pick(logits, 0) + self.lo, None
 
 
 class Decoder:
@@ -164,7 +188,7 @@ class Decoder:
     def __init__(self, model: SemHiTokLM, text_tokenizer, compile: bool = False):
         self.model, self.layout = model, model.layout
         self.seq_cfg = model.sequence_config  # the prompt format the model was trained with
-        self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg, model.ids.codes)
+        self.builder = SequenceBuilder(text_tokenizer, model.layout, self.seq_cfg, model.ids)
         self.tokenizer = text_tokenizer
         if model.lm.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
             raise ValueError(f"decoding needs sdpa, eager or flex_attention, not {model.lm.config._attn_implementation} "
@@ -173,7 +197,7 @@ class Decoder:
         mode = "reduce-overhead" if model.device.type == "cuda" else None
         # not fullgraph: a graph break on some other stack slows decoding instead of stopping it (the tests
         # check that here the step is a single graph)
-        self._step = torch.compile(self._step_logits, mode=mode) if compile else self._step_logits
+        self._step = torch.compile(self._step_output, mode=mode) if compile else self._step_output
         self._cache: tuple[tuple[int, int], StaticCache, torch.Tensor] | None = None  # reused: fixed addresses
 
     def _static_cache(self, rows: int, length: int) -> tuple[StaticCache, torch.Tensor]:
@@ -189,31 +213,31 @@ class Decoder:
         mask.fill_(1)
         return cache, mask
 
-    def _step_logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
-                     lo: int, hi: int) -> torch.Tensor:
-        """One new token per row: ids [B, 1], positions [B, 1], padding mask [B, L] -> logits [B, hi - lo]
-        fp32 over vocabulary rows [lo, hi); the token's keys/values are written into `cache` in place."""
-        return self._step_from_embeds(self.model.embed_static(ids), pos, mask, cache, lo, hi)
+    # -- the pieces of a step ------------------------------------------------------------------------------
+    def _head_rows(self, hidden: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+        """hidden [B, d] -> fp32 logits [B, hi - lo] of vocabulary rows [lo, hi) only; rows None: hidden itself"""
+        return hidden if rows is None else (hidden @ self.model.lm.lm_head.weight[rows[0] : rows[1]].t()).float()
 
-    def _step_from_embeds(self, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
-                          lo: int, hi: int) -> torch.Tensor:
-        """_step_logits from the new token's input embeddings [B, 1, d]"""
+    def _step_output(self, ids: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                     cache: StaticCache, rows: tuple[int, int] | None) -> torch.Tensor:
+        """The cached step: one new token per row, ids [B, 1] with its codes [B, 1, L], positions [B, 1], padding
+        mask [B, S] -> `_head_rows` of its hidden state; its keys/values are written into `cache` in place."""
+        return self._from_embeds(self.model.embed_static(ids, codes), pos, mask, cache, rows)
+
+    def _from_embeds(self, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: StaticCache,
+                     rows: tuple[int, int] | None) -> torch.Tensor:
+        """_step_output from the new token's input embeddings [B, 1, d]"""
         out = self.model.lm.model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
-        return self._head_rows(out.last_hidden_state[:, -1], lo, hi)
+        return self._head_rows(out.last_hidden_state[:, -1], rows)
 
-    def _head_rows(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """hidden [B, d] -> fp32 logits [B, hi - lo] of vocabulary rows [lo, hi) only"""
-        return (hidden @ self.model.lm.lm_head.weight[lo:hi].t()).float()
-
-    def _prompt_logits(self, ids: torch.Tensor, mask: torch.Tensor, vocab: tuple[int, int] | None,
+    def _prompt_logits(self, ids: torch.Tensor, mask: torch.Tensor, rows: tuple[int, int] | None,
                        cache: StaticCache | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole left-padded rows ids [B, T] with their padding mask [B, >= T] (codes [B, T, L] when L > 1) ->
-        logits [B, hi - lo] of the last position (fp32, rows [lo, hi) only; vocab None: its hidden state [B, d]);
-        with a cache, their keys/values fill it."""
+        """The prefill: whole left-padded rows ids [B, T] with their padding mask [B, >= T] (codes [B, T, L]
+        beside them) -> `_head_rows` of the last position; with a cache, their keys/values fill it."""
         pos = (mask[:, : ids.shape[1]].cumsum(-1) - 1).clamp(min=0)
         out = self.model.hidden_states(ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
                                        visual_codes=codes)
-        return out.last_hidden_state[:, -1] if vocab is None else self._head_rows(out.last_hidden_state[:, -1], *vocab)
+        return self._head_rows(out.last_hidden_state[:, -1], rows)
 
     @torch.no_grad()
     def first_logits(self, prompts: list[list[int]], vocab: tuple[int, int], cfg_scale: float | None = None) -> torch.Tensor:
@@ -222,162 +246,130 @@ class Decoder:
         logits = self._prompt_logits(ids, mask, vocab)
         return logits if cfg_scale is None else cfg_mix(*logits.chunk(2), cfg_scale)
 
-    @torch.no_grad()
-    def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
-               guided: bool = False, stop: int | None = None, use_cache: bool = True,
-               keys: list[int] | None = None, codes: list[np.ndarray] | None = None) -> torch.Tensor:
-        """prompts (token lists; with guided, the first half conditional, the second unconditional) ->
-        new tokens [B, <= steps] (B = rows, or half of them when guided), drawn from rows [lo, hi).
-        keys: each output row's noise key (row_key); default row_key(sampling.seed, row index).
-        codes: L > 1, each prompt's visual codes [len(prompt), L] (SequenceBuilder.codes_of)."""
-        return torch.stack(list(self.stream(prompts, steps, vocab, sampling, guided, stop, use_cache, keys, codes)), dim=1)
+    def picker(self, sampling: SamplingConfig, keys: torch.Tensor, guided: bool, step: int, draw) -> Pick:
+        """Step `step`'s pick(logits [B, V], l) -> ids [B]: CFG mix of the cond/uncond halves (guided; both rows
+        get the guided id), then temperature / top-k / top-p and each row's noise at counter step * C + l
+        (C, width: the draw's `noise`)."""
+        counters, width = draw.noise
 
-    @torch.no_grad()  # (applied around every step of the generator)
-    def stream(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
-               guided: bool = False, stop: int | None = None, use_cache: bool = True, keys: list[int] | None = None,
-               codes: list[np.ndarray] | None = None):
-        """`decode` one step at a time: yields each step's new tokens [B] as soon as they are drawn."""
-        sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
-        device = self.model.device
+        def pick(logits: torch.Tensor, l: int) -> torch.Tensor:
+            if guided:
+                logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
+            token = choose(logits, sampling, keys, step * counters + l, width)
+            return token.repeat(2) if guided else token
+
+        return pick
+
+    def prepare(self, prompts: list[list[int]], steps: int, sampling: SamplingConfig, guided: bool, keys: list[int] | None,
+                codes: list[np.ndarray | None] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked prompts -> (ids [B, T] left-padded, their mask [B, T], their codes [B, T, L] (-1 where none),
+        the output rows' noise keys [n])"""
         context = self.model.lm.config.max_position_embeddings
         if steps < 1 or not prompts:
             raise ValueError(f"nothing to decode: {len(prompts)} prompt(s), {steps} new token(s)")
         if max(map(len, prompts)) + steps > context:
             raise ValueError(f"the prompt is {max(map(len, prompts))} tokens; with {steps} new tokens that exceeds the "
                              f"model's context of {context} tokens")
+        device = self.model.device
         ids, mask = left_pad(prompts, self.layout.eos, device)
-        prompt_codes = left_pad_codes(codes, ids.shape[1], device) if codes is not None else None
-        lo, hi = vocab
+        width = ids.shape[1]
+        side = left_pad_codes(codes or [None] * len(prompts), width, self.model.codec.L, device)  # [B, T, L]
         n = len(prompts) // 2 if guided else len(prompts)
         keys = keys if keys is not None else [row_key(sampling.seed, r) for r in range(n)]
         if len(keys) != n:
             raise ValueError(f"decode: {len(keys)} noise keys for {n} rows")
-        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        out = torch.empty((n, 0), dtype=torch.long, device=device)  # the tokens so far (contextual features)
+        return ids, mask, side, torch.tensor(keys, dtype=torch.int64, device=device)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    @torch.no_grad()  # (applied around every step of the generator)
+    def loop(self, prompts: list[list[int]], steps: int, draw, sampling: SamplingConfig, guided: bool = False,
+              stop: int | None = None, keys: list[int] | None = None, codes: list[np.ndarray | None] | None = None):
+        """The decode loop. prompts (token lists; with guided, the first half conditional, the second
+        unconditional) -> yields each step's (new tokens [n], their codes [n, L] or None) as soon as drawn
+        (n = rows, or half of them when guided).
+
+        draw: what a step draws from the hidden state: VocabRows(lo, hi) (a token of those rows) or the model's
+        visual codec (`model.codec`: an image position, its token and codes). keys: each output row's noise key
+        (row_key); default row_key(sampling.seed, row index). codes: each prompt's codes beside its tokens
+        [len(prompt), L] (SequenceBuilder.codes_of; None: a row without).
+
+        prefill (the prompts into a static KV cache) -> per step: pick (CFG mix, filter, draw: `picker`) ->
+        the cached step (one token per row; contextual features re-read the image drawn so far)."""
+        sampling = dataclasses.replace(sampling)  # checks its values again (a caller may have changed a field)
+        ids, mask, side, row_keys = self.prepare(prompts, steps, sampling, guided, keys, codes)
+        n, device, rows = len(row_keys), ids.device, draw.rows
+        cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
+        cache_mask[:, : ids.shape[1]] = mask  # later slots stay 1: causality hides those not yet written
+        out = self._prompt_logits(ids, cache_mask, rows, cache, side)
+        next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: the position of each row's first new token
+        no_codes = torch.full_like(side[:, :1], -1)  # [B, 1, L]: what a text token carries
+        drawn: list[torch.Tensor] = []  # the codes so far (contextual features)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
-        if use_cache:
-            cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
-            cache_mask[:, : ids.shape[1]] = mask  # later slots stay 1: causality hides those not yet written
-            logits = self._prompt_logits(ids, cache_mask, vocab, cache, prompt_codes)
-            next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: the position of each row's first new token
-        else:
-            logits = self._prompt_logits(ids, mask, vocab, codes=prompt_codes)
-        # contextual visual features (per_id False): a new image token's input depends on the image so far
-        contextual = lo >= self.layout.visual_offset and not self.model.adapter.features.per_id
         for step in range(steps):
-            if guided:
-                logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
-            token = choose(logits, sampling, row_keys, step) + lo
+            tokens, step_codes = draw.draw(out, self.model.visual_head, self.picker(sampling, row_keys, guided, step, draw))
+            token = tokens[:n]
             if stop is not None:
                 token = token.masked_fill(finished, stop)
                 finished |= token == stop
-            out = torch.cat([out, token[:, None]], dim=1)
+                tokens = token.repeat(2) if guided else token
+            yield token, None if step_codes is None else step_codes[:n]
+            if (stop is not None and finished.all()) or step + 1 == steps:
+                break
+            if step_codes is not None and not self.model.adapter.features.per_id:  # contextual: the image so far
+                drawn.append(step_codes)
+                embeds = self.model.adapter.images(torch.stack(drawn, dim=1))[:, -1:]
+                out = self._from_embeds(embeds.to(self.model.lm.dtype), next_pos + step, cache_mask, cache, rows)
+                continue
+            if self.compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            out = self._step(tokens[:, None], no_codes if step_codes is None else step_codes[:, None], next_pos + step,
+                             cache_mask, cache, rows)
+
+    def stream(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
+               guided: bool = False, stop: int | None = None, keys: list[int] | None = None,
+               codes: list[np.ndarray | None] | None = None):
+        """Tokens of vocabulary rows [lo, hi) = vocab, one step at a time (`steps`): yields each step's new tokens [n]."""
+        for token, _ in self.loop(prompts, steps, VocabRows(*vocab), sampling, guided, stop, keys, codes):
             yield token
-            if stop is not None and finished.all():
-                break
-            step_ids = token.repeat(2)[:, None] if guided else token[:, None]
-            if use_cache:
-                if contextual:
-                    prefix = (out.repeat(2, 1) if guided else out) - self.layout.visual_offset  # [B, step + 1]
-                    embeds = self.model.adapter.images(prefix[..., None])[:, -1:]
-                    logits = self._step_from_embeds(embeds.to(self.model.lm.dtype), next_pos + step, cache_mask, cache, lo, hi)
-                    continue
-                if self.compile and device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                logits = self._step(step_ids, next_pos + step, cache_mask, cache, lo, hi)
-            else:  # the whole sequence again: the reference the cache must reproduce
-                ids = torch.cat([ids, step_ids], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                if prompt_codes is not None:  # new text tokens carry no codes
-                    prompt_codes = torch.cat([prompt_codes, prompt_codes.new_full((len(ids), 1, prompt_codes.shape[2]), -1)], dim=1)
-                logits = self._prompt_logits(ids, mask, vocab, codes=prompt_codes)
 
-    @torch.no_grad()
-    def decode_codes(self, prompts: list[list[int]], steps: int, sampling: SamplingConfig, guided: bool = False,
-                     use_cache: bool = True, keys: list[int] | None = None) -> torch.Tensor:
-        """L > 1 (mllm/depth_head.py): prompts as in `decode` -> codes [n, steps, L] of `steps` visual positions.
-
-        Each step the last hidden state of every row (cond and uncond rows when guided) goes to the depth heads,
-        which draw the L codes one at a time: CFG mixes cond/uncond logits at every depth, then temperature,
-        top-k, top-p and the row's noise (counter step * L + l); both rows of a pair get the guided code. The
-        codes' adapter embedding is the next input (a visual placeholder token carrying them)."""
-        sampling = dataclasses.replace(sampling)
-        heads, device = self.model.visual_head, self.model.device
-        if heads is None:
-            raise ValueError("decode_codes needs a model with depth heads (a tokenizer with L > 1 codes per position)")
-        context = self.model.lm.config.max_position_embeddings
-        if steps < 1 or not prompts or max(map(len, prompts)) + steps > context:
-            raise ValueError(f"cannot decode {steps} visual position(s) after {len(prompts)} prompt(s) of up to "
-                             f"{max(map(len, prompts), default=0)} tokens in a context of {context}")
-        ids, mask = left_pad(prompts, self.layout.eos, device)
-        n = len(prompts) // 2 if guided else len(prompts)
-        keys = keys if keys is not None else [row_key(sampling.seed, r) for r in range(n)]
-        if len(keys) != n:
-            raise ValueError(f"decode_codes: {len(keys)} noise keys for {n} rows")
-        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        vocabs = heads.code_vocab_sizes
-        L, width = len(vocabs), max(vocabs)
-        codes = torch.full((len(prompts), ids.shape[1], L), -1, dtype=torch.long, device=device)  # the prompts carry none
-        if use_cache:
-            cache, cache_mask = self._static_cache(len(prompts), ids.shape[1] + steps)
-            cache_mask[:, : ids.shape[1]] = mask
-            hidden = self._prompt_logits(ids, cache_mask, None, cache, codes)  # [B, d]
-            next_pos = mask.sum(-1, keepdim=True)
-        else:
-            hidden = self._prompt_logits(ids, mask, None, codes=codes)
-        out = torch.empty((n, steps, L), dtype=torch.long, device=device)
-        for step in range(steps):
-            def pick(logits: torch.Tensor, l: int) -> torch.Tensor:  # [B, V_l] -> [B]
-                if guided:
-                    logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
-                token = choose(logits, sampling, row_keys, step * L + l, width)
-                return token.repeat(2) if guided else token
-
-            step_codes = heads.sample(hidden, pick)  # [B, L]
-            out[:, step] = step_codes[:n]
-            if step + 1 == steps:
-                break
-            placeholder = torch.full((len(prompts), 1), self.layout.visual_offset, dtype=torch.long, device=device)
-            if use_cache:
-                embeds = self.model.embed(placeholder, step_codes[:, None])
-                hidden = self.model.lm.model(inputs_embeds=embeds, position_ids=next_pos + step, attention_mask=cache_mask,
-                                             past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            else:  # the whole sequence again: the reference the cache must reproduce
-                ids, codes = torch.cat([ids, placeholder], dim=1), torch.cat([codes, step_codes[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                hidden = self._prompt_logits(ids, mask, None, codes=codes)
-        return out
+    def decode(self, prompts: list[list[int]], steps: int, vocab: tuple[int, int], sampling: SamplingConfig,
+               guided: bool = False, stop: int | None = None, keys: list[int] | None = None,
+               codes: list[np.ndarray | None] | None = None) -> torch.Tensor:
+        """`stream`, whole: new tokens [n, <= steps]."""
+        return torch.stack(list(self.stream(prompts, steps, vocab, sampling, guided, stop, keys, codes)), dim=1)
 
     # -- the two uses ------------------------------------------------------------------------------------
-    def image_ids(self, captions: list[str], sampling: SamplingConfig, use_cache: bool = True,
-                  samples: list[int] | None = None) -> torch.Tensor:
-        """captions -> visual ids [B, h, w] in [0, K*m) (L > 1: codes [B, h, w, L] from the depth heads, as the
-        tokenizer encodes them). Image r is keyed by (sampling.seed, samples[r],
-        captions[r]); samples defaults to each caption's occurrence count in `captions` (0, 1, ...), so a
-        repeated caption gives distinct images and a batch gives the images its rows give alone."""
+    def image_prompts(self, captions: list[str], sampling: SamplingConfig,
+                      samples: list[int] | None = None) -> tuple[list[list[int]], list[int], bool]:
+        """captions -> (prompt rows: conditional, then unconditional when guided; each image's noise key; guided).
+        Image r is keyed by (sampling.seed, samples[r], captions[r]); samples defaults to each caption's
+        occurrence count in `captions` (0, 1, ...), so a repeated caption gives distinct images and a batch gives
+        the images its rows give alone."""
         if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}")
         captions = [c if c.strip() else self.seq_cfg.uncond_prompt for c in captions]  # "": the unconditional prompt
         if samples is None:
             samples = [captions[:r].count(c) for r, c in enumerate(captions)]
+        guided = sampling.cfg_scale != 1
         cond = [self.builder.generation_prompt(c) for c in captions]
-        rows = cond + [self.builder.generation_prompt(self.seq_cfg.uncond_prompt)] * len(captions) if sampling.cfg_scale != 1 else cond
-        lo = self.layout.visual_offset
-        grid = self.model.image_grid
-        keys = [row_key(sampling.seed, j, c) for j, c in zip(samples, captions)]
-        if self.model.visual_head is not None:  # L > 1: [B, h, w, L], as the tokenizer's encode gives them
-            codes = self.decode_codes(rows, grid * grid, sampling, guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
-            return codes.view(len(captions), grid, grid, -1)
-        tokens = self.decode(rows, grid * grid, (lo, lo + self.layout.visual_vocab_size), sampling,
-                             guided=sampling.cfg_scale != 1, use_cache=use_cache, keys=keys)
-        return (tokens - lo).view(len(captions), grid, grid)
+        rows = cond + [self.builder.generation_prompt(self.seq_cfg.uncond_prompt)] * len(captions) if guided else cond
+        return rows, [row_key(sampling.seed, j, c) for j, c in zip(samples, captions)], guided
 
-    def _chat_prompt(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None) -> tuple[list[int], list | None]:
-        """turns (+ the image's ids) -> the prompt's tokens and, L > 1, its codes ([[T, L]]; else None)"""
+    def image_ids(self, captions: list[str], sampling: SamplingConfig, samples: list[int] | None = None) -> torch.Tensor:
+        """captions -> visual ids as the tokenizer's encode gives them ([B, h, w], or [B, h, w, L] for depth
+        codes), keyed as in `image_prompts`."""
+        rows, keys, guided = self.image_prompts(captions, sampling, samples)
+        codec = self.model.codec
+        codes = [c for _, c in self.loop(rows, self.model.ids.positions, codec, sampling, guided, keys=keys)]
+        return codec.image(torch.stack(codes, dim=1))  # [B, h*w, L] -> the tokenizer's shape
+
+
+    def _chat_prompt(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None) -> tuple[list[int], list]:
+        """turns (+ the image's ids) -> the prompt's tokens and the codes beside them ([[T, L]] or [None])"""
         ids = None if image_ids is None else image_ids.flatten().cpu().numpy()
         prompt = self.builder.chat_prompt(turns, ids)
-        codes = self.builder.codes_of(prompt, [] if ids is None else [ids])  # L > 1: [T, L]; else None
-        return prompt, None if codes is None else [codes]
+        codes = self.builder.codes_of(prompt, [] if ids is None else [ids])  # [T, L] or None
+        return prompt, [codes]
 
     def answer(self, turns: list[tuple[str, str]], image_ids: torch.Tensor | None, sampling: SamplingConfig,
                max_new_tokens: int = 128) -> str:

@@ -226,7 +226,7 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     if t.eval_every <= 0:
         return None
     pairs = load_pairs(t.eval_data, load_visual_tokenizer(visual_tokenizer_dir, device), t.eval_limit)
-    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data, model.ids.codes)
+    builder = SequenceBuilder(text_tokenizer, model.layout, cfg.data, model.ids)
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
@@ -284,6 +284,9 @@ def train_mllm(cfg) -> Path:
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
     weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
     tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
+    # non-finite losses are counted on the device and checked where values are reduced anyway (logging, checkpoints,
+    # evaluation): no host sync per micro-step. [non-finite micro-steps, the first one's step] since the last check
+    health, window_origins, checked = torch.zeros(2, device=device), {}, start_step
     batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
     loader_state = loader.state_dict()
     bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
@@ -294,10 +297,10 @@ def train_mllm(cfg) -> Path:
             result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                             labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
                             **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}), **weighted)
-            bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
-            if bad.item() > 0:
-                where = f"this rank's batch: {batch['origins'][:4]}" if not torch.isfinite(result["loss"]) else "another rank's batch"
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({where}); last checkpoint: {ckpt_root}")
+            bad = ~torch.isfinite(result["loss"].detach())
+            health[1] = torch.where((health[0] == 0) & bad, float(step + 1), health[1])
+            health[0] += bad.float()
+            window_origins.setdefault(step + 1, []).extend(batch["origins"][:4])
             engine.backward(result["loss"])
             engine.step()
             task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
@@ -306,6 +309,15 @@ def train_mllm(cfg) -> Path:
                                    device=device)
         done = step + 1
         metrics = {}
+        if done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps or (gap_eval and done % t.eval_every == 0):
+            bad_here, first = health.tolist()  # (every rank checks at the same steps)
+            if D.all_reduce_sum(health[:1].clone()).item() > 0:
+                at, where = (f"step {int(first)}", f"this rank's batch: {window_origins[int(first)][:4]}") if bad_here else \
+                    (f"a step in {checked + 1}-{done}", "another rank's batch")
+                raise NonFiniteLoss(f"non-finite loss at {at} ({where}); last checkpoint: {ckpt_root}")
+            health.zero_()
+            window_origins.clear()
+            checked = done
         if done % t.log_every == 0 or done == t.max_steps:
             D.all_reduce_sum(task_sums)
             D.all_reduce_sum(tokens)

@@ -44,10 +44,13 @@ def test_mllm_memory_benchmark_builds_partitioned_on_two_ranks():
 
 
 def test_sample_benchmark_prints_one_json_line():
-    proc = subprocess.run([sys.executable, "benchmarks/sample.py", "--shape", "tiny", "--batches", "1"],
+    proc = subprocess.run([sys.executable, "benchmarks/sample.py", "--shape", "tiny", "--batches", "1", "--depth-positions", "8"],
                           cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "sample" and result["ids_per_image"] == 256
     row = result["results"][0]
     assert row["ours_img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["compiled_img_per_s"] > 0
     assert row["cached_img_per_s"] > 0 and row["speedup_vs_cached"] > 0  # the KV-cached eager baseline
+    depth = row["depth"]  # the depth heads' draw with and without their KV cache over depth: the same greedy codes
+    assert depth["positions"] == 8 and depth["rows"] == 2 and depth["codes_agree"] == 1.0
+    assert depth["cached_s"] > 0 and 0.2 < depth["speedup"] < 100

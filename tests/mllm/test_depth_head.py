@@ -23,6 +23,7 @@ from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.model import load_teacher
 from tests.conftest import tiny_config
 from tests.conftest import TINY_QWEN
+from tests.mllm.reference_decoder import reference_image_ids
 from tests.test_kinds import HERE as KINDS_MODULE
 from tests.test_kinds import PatchRVQ
 
@@ -163,7 +164,7 @@ def _rq_lm(tok, text_tokenizer) -> SemHiTokLM:
 
 def _generation_batch(model, text_tokenizer, caption: str, codes: torch.Tensor) -> dict[str, torch.Tensor]:
     """one generation document (caption -> image codes [g, g, L]) as a packed batch of one row"""
-    builder = SequenceBuilder(text_tokenizer, model.layout, model.sequence_config, model.ids.codes)
+    builder = SequenceBuilder(text_tokenizer, model.layout, model.sequence_config, model.ids)
     doc = builder.generation({"text": caption}, codes.flatten().numpy(), uncond=False)
     labels = torch.from_numpy(doc.labels)[None].clone()
     labels[0, 0] = IGNORE
@@ -209,7 +210,7 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
     # the held-out conditioning gaps score L > 1 images too: the trained pair's visual targets are all hits
     other = tok.encode(-images)[0]
     pairs = HeldoutPairs(["a red square", "a blue sky"], torch.stack([codes, other]))
-    builder = SequenceBuilder(text_tokenizer, model.layout, model.sequence_config, model.ids.codes)
+    builder = SequenceBuilder(text_tokenizer, model.layout, model.sequence_config, model.ids)
     gen_loss, gen_acc = score(model, documents(builder, pairs, "generation", "true"))
     assert gen_acc[0] == 1.0 and gen_loss[0] < 0.5, (gen_acc, gen_loss)
     gaps = flat_metrics(conditioning_gaps(model, builder, pairs))
@@ -230,7 +231,7 @@ def test_mllm_with_depth_heads_trains_saves_and_samples(rq_kind, text_tokenizer,
     # CFG 3 with sampling: the KV-cached loop equals the whole-sequence reference, and images decode
     sampling = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=3, seed=7)
     cached = decoder.image_ids(["a red square", "a blue sky"], sampling)
-    assert torch.equal(cached, decoder.image_ids(["a red square", "a blue sky"], sampling, use_cache=False))
+    assert torch.equal(cached, reference_image_ids(decoder, ["a red square", "a blue sky"], sampling))
     assert all((cached[..., l] < v).all() for l, v in enumerate(tok.code_vocab_sizes)) and (cached >= 0).all()
     grid = sample_images(decoder, visual, ["a red square"], tmp_path / "samples", sampling)
     assert grid.is_file() and (tmp_path / "samples" / "images" / "00000_0.png").is_file()

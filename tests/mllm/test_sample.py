@@ -9,6 +9,7 @@ from PIL import Image
 from semhitok.cli import main
 from semhitok.mllm.sample import Decoder, SamplingConfig, cfg_mix, filter_logits, read_prompts
 from tests.conftest import SAMPLE
+from tests.mllm.reference_decoder import reference_decode, reference_image_ids
 
 CAPTIONS = ["a red bus on a street", "two dogs playing in the snow", "a bowl of fruit"]
 
@@ -34,8 +35,8 @@ def test_cfg_mixes_conditional_and_unconditional_logits_like_a_direct_computatio
 
 def test_cached_and_uncached_decoding_give_identical_ids(decoder):
     sampling = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=200, top_p=0.95, seed=3)
-    cached = decoder.image_ids(CAPTIONS, sampling, use_cache=True)
-    uncached = decoder.image_ids(CAPTIONS, sampling, use_cache=False)
+    cached = decoder.image_ids(CAPTIONS, sampling)
+    uncached = reference_image_ids(decoder, CAPTIONS, sampling)
     grid = decoder.model.image_grid
     assert cached.shape == (3, grid, grid)  # exactly h*w ids per image
     assert cached.min() >= 0 and cached.max() < decoder.layout.visual_vocab_size  # visual ids only
@@ -114,6 +115,7 @@ def test_a_streamed_answer_grows_and_ends_as_the_whole_answer_at_the_same_seed(d
     vocab, stop = (0, len(decoder.tokenizer)), decoder.layout.im_end
     steps = list(decoder.stream([prompt], 16, vocab, sampling, stop=stop))
     assert torch.equal(torch.stack(steps, 1), decoder.decode([prompt], 16, vocab, sampling, stop=stop))
+    assert torch.equal(torch.stack(steps, 1), reference_decode(decoder, [prompt], 16, vocab, sampling, stop=stop))  # the cache
     parts = list(decoder.answer_stream(turns, image, sampling, max_new_tokens=16))
     assert len(parts) > 1 and all(b.startswith(a) or len(b) > len(a) for a, b in zip(parts, parts[1:]))
     assert parts[-1] == decoder.answer(turns, image, sampling, max_new_tokens=16)
