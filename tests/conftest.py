@@ -1,5 +1,7 @@
+import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Every DeepSpeed process on CPU loads its shared-memory allreduce op (deepspeed_shm_comm) from TORCH_EXTENSIONS_DIR,
+# building it first if the folder's build is not for this environment (two C++ files: 67 CPU-s measured here).
+# torch's default folder is one per Python/torch version, shared by every environment of the machine, so another
+# venv's DeepSpeed run rebuilds it, and the suite's next DeepSpeed child again. One folder per environment: one build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" /
+                                                  f"semhitok-tests-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -94,6 +102,18 @@ def tiny_mllm_dir(tiny_mllm, text_tokenizer, trained_tokenizer, tmp_path_factory
     return out
 
 
+def stub_python_env(tmp_path: Path) -> dict:
+    """SEMHITOK_VENV for a launch script's dry run whose config check is not the point: a stand-in environment the
+    scripts activate (launch_scripts/common.sh), whose python is a stub. The check is a process that loads the config
+    (6.0-6.5 CPU-s here: it imports torch); tests/test_launch_and_docker.py runs the real one."""
+    stub = tmp_path / "stub_env" / "bin"
+    stub.mkdir(parents=True)
+    (stub / "python").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "python").chmod(0o755)
+    (stub / "activate").write_text(f'PATH="{stub}:$PATH"\nexport PATH\n')
+    return {"SEMHITOK_VENV": str(stub.parent)}
+
+
 def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path, *overrides: str, nproc: int = 1,
               check: bool = True):
     """`semhitok train` on the tiny preset in a subprocess (DeepSpeed on CPU, gloo), like a user runs it."""
@@ -118,3 +138,48 @@ def trained_mllm_run(trained_tokenizer, pretokenized_sample, tmp_path_factory) -
     run_dir = tmp_path_factory.mktemp("mllm_run")
     run_train(run_dir, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20")
     return run_dir
+
+
+# `semhitok compare`'s budget on the tiny preset (tests/eval/test_compare.py), which the suite's one end-to-end
+# pipeline run (tests/test_pipeline.py) shares: one tiny pipeline trained for both.
+COMPARE_BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",
+                  "tokenizer_train.ckpt_every=1000", "mllm_train.max_steps=2", "mllm_train.eval_every=0", "eval.geneval_metadata=",
+                  f"tokenizer_train.train_data=[{SAMPLE / 'train.jsonl'}]", f"tokenizer_train.holdout_data=[{SAMPLE / 'holdout.jsonl'}]"]
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def compare(out: Path, *extra: str) -> int:
+    """`semhitok compare --kinds semhitok` at COMPARE_BUDGET, in-process (each kind's pipeline is its child process)."""
+    from semhitok.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in CHILD_ENV.items():
+            mp.setenv(key, value)
+        return main(["compare", "--config", "tiny", "--out", str(out), "--kinds", "semhitok", "--figure-images", "4",
+                     "--no-fid", f"run_dir={out}", *COMPARE_BUDGET, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """The suite's end-to-end `semhitok pipeline` on the tiny preset, in a child process as a user runs it: at
+    COMPARE_BUDGET in <out>/semhitok, with the command line compare gives it (eval/compare.py run_pipeline, its
+    output appended to <out>/semhitok/pipeline.log), so `compared` finds it trained. Returns <out>."""
+    from semhitok.eval.compare import KindFailed, kind_overrides, run_pipeline
+
+    out = tmp_path_factory.mktemp("compare")
+    log = out / "semhitok" / "pipeline.log"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in CHILD_ENV.items():
+            mp.setenv(key, value)
+        try:
+            run_pipeline("tiny", kind_overrides("tiny", [f"run_dir={out}", *COMPARE_BUDGET], "semhitok", out), log)
+        except KindFailed as err:
+            pytest.fail(f"{err}\n{log.read_text()[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def compared(tiny_pipeline) -> Path:
+    """`semhitok compare --kinds semhitok` over tiny_pipeline's run: its pipeline, run again, skips the trained stages."""
+    assert compare(tiny_pipeline) == 0
+    return tiny_pipeline

@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from semhitok.data_pipelines.pretokenize import job_split
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, stub_python_env
 
 SCRIPTS = sorted((REPO / "launch_scripts").glob("*.sbatch")) + [REPO / "launch_scripts" / name for name in
                                                                   ("common.sh", "submit.sh", "site.example.sh")] + [
@@ -25,17 +25,6 @@ def sbatch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", f"launch_scripts/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
-def stub_env(tmp_path: Path) -> dict:
-    """SEMHITOK_VENV for a dry run whose config check is not the point: a stand-in environment the scripts activate,
-    whose python is a stub (the check is a process loading torch, 6.4 CPU-s; the tests below run the real one)."""
-    stub = tmp_path / "stub_env" / "bin"
-    stub.mkdir(parents=True)
-    (stub / "python").write_text("#!/bin/sh\nexit 0\n")
-    (stub / "python").chmod(0o755)
-    (stub / "activate").write_text(f'PATH="{stub}:$PATH"\nexport PATH\n')
-    return {"SEMHITOK_VENV": str(stub.parent)}
-
-
 def test_shell_scripts_are_shellcheck_clean():
     proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
@@ -43,7 +32,7 @@ def test_shell_scripts_are_shellcheck_clean():
 
 def test_multi_node_training_wires_ranks_from_slurm(tmp_path):
     proc = sbatch("mllm_train.sbatch", "256", "/tmp/run", "mllm_train.lr=1e-5", DRY_RUN="1", SLURM_JOB_ID="4242",
-                  SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", SLURM_JOB_NODELIST="gpu[07-09]", **stub_env(tmp_path))
+                  SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", SLURM_JOB_NODELIST="gpu[07-09]", **stub_python_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "world_size=24 nodes=3 gpus_per_node=8 master=gpu07:" in proc.stdout
     nodes = re.findall(r"\+ node (\d) \(ranks (\d+)-(\d+)\): (.*)", proc.stdout)
@@ -56,7 +45,7 @@ def test_multi_node_training_wires_ranks_from_slurm(tmp_path):
 
 def test_pretokenize_array_tasks_split_the_work(monkeypatch, tmp_path):
     proc = sbatch("pretokenize.sbatch", "256", "/tmp/run", DRY_RUN="1", SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="2",
-                  SLURM_ARRAY_TASK_COUNT="8", SLURM_CPUS_PER_TASK="12", **stub_env(tmp_path))
+                  SLURM_ARRAY_TASK_COUNT="8", SLURM_CPUS_PER_TASK="12", **stub_python_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "+ python -m semhitok.cli pretokenize --config 256 run_dir=/tmp/run pretokenize.num_workers=12" in proc.stdout
     for var, value in dict(SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="2", SLURM_ARRAY_TASK_COUNT="8").items():

@@ -1,5 +1,6 @@
 """`semhitok compare` on the tiny preset at a very small budget: the table's numbers against independent
-recomputation, resuming without rerunning a finished kind, and a failing kind shown in its row."""
+recomputation, resuming without rerunning a finished kind, and a failing kind shown in its row. The compared run
+(fixture `compared`, tests/conftest.py) is the suite's end-to-end pipeline run, which tests/test_pipeline.py checks."""
 
 import json
 from pathlib import Path
@@ -9,31 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from semhitok.cli import main
 from semhitok.common.model_card import eval_dir
 from semhitok.config import load_project_config
 from semhitok.eval.compare import ROW_FILE, STAGE_STEPS, group_usage, kind_overrides, mllm_scores, render, world_scores
-from tests.conftest import SAMPLE
-
-BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",
-          "tokenizer_train.ckpt_every=1000", "mllm_train.max_steps=2", "mllm_train.eval_every=0", "eval.geneval_metadata=",
-          f"tokenizer_train.train_data=[{SAMPLE / 'train.jsonl'}]", f"tokenizer_train.holdout_data=[{SAMPLE / 'holdout.jsonl'}]"]
-CHILD_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-
-
-def compare(out: Path, *extra: str) -> int:
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in CHILD_ENV.items():
-            mp.setenv(key, value)
-        return main(["compare", "--config", "tiny", "--out", str(out), "--kinds", "semhitok", "--figure-images", "4",
-                     "--no-fid", f"run_dir={out}", *BUDGET, *extra])
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("compare")
-    assert compare(out) == 0
-    return out
+from tests.conftest import SAMPLE, compare
 
 
 def holdout_images(size: int) -> torch.Tensor:

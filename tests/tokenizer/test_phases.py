@@ -14,7 +14,7 @@ from semhitok.tokenizer import SemHiTok, TokenizerConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images
 from semhitok.tokenizer.model import load_teacher
 from semhitok.tokenizer.train import Stage2Task, build_task, stage_dirs, train_tokenizer
-from tests.conftest import REPO, SAMPLE, tiny_config
+from tests.conftest import REPO, SAMPLE, stub_python_env, tiny_config
 
 CPU = torch.device("cpu")
 QUIET = ["tokenizer_train.perceptual=semantic", "tokenizer_train.disc_start=1000"]
@@ -193,16 +193,9 @@ def test_recipes_chain_the_papers_phases(res, tmp_path):
     decoders = [(c.tokenizer.pix_decoder_width, c.tokenizer.pix_decoder_layers) for c in cfgs]
     assert decoders == [(768, 12)] * 3 + [(1024, 24)]  # ViT-B, then ViT-L in the last phase
     assert [c.tokenizer_train.trains for c in cfgs[1:]] == ["pixel", "pixel", "decoder"]
-    # The dry run's own config check (`python -m semhitok.cli config`, a process loading torch for each recipe) is
-    # load_project_config above, with the same overrides; tests/test_launch_and_docker.py runs the real check. So the
-    # scripts run in a stand-in environment (SEMHITOK_VENV, which they activate) whose python is a stub.
-    stub = tmp_path / "stub_env" / "bin"
-    stub.mkdir(parents=True)
-    (stub / "python").write_text("#!/bin/sh\nexit 0\n")
-    (stub / "python").chmod(0o755)
-    (stub / "activate").write_text(f'PATH="{stub}:$PATH"\nexport PATH\n')
+    # the dry run's own config check (a process importing torch) is load_project_config above, same overrides: stubbed
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "SEMHITOK_CONDA_ENV"},
-           "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1", "SEMHITOK_VENV": str(stub.parent)}
+           "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1", **stub_python_env(tmp_path)}
     for i, name in enumerate(RECIPES):  # the sbatch line each recipe names runs it
         proc = subprocess.run(["bash", "launch_scripts/tokenizer_train.sbatch", "1" if i == 0 else "2", f"recipes/{res}_{name}", str(tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
