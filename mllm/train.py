@@ -231,6 +231,10 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
 
 
 def train_mllm(cfg) -> Path:
+    if cfg.mllm_train.backend == "megatron":  # the base as megatron-core's GPTModel, tensor parallel (docs/megatron.md)
+        from semhitok.mllm.megatron.train import train_megatron
+
+        return train_megatron(cfg)
     import deepspeed  # (also for export: gathering is a no-op on plain parameters)
 
     t = cfg.mllm_train

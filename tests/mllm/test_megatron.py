@@ -108,3 +108,15 @@ def test_tensor_parallel_must_divide_the_key_value_heads():
     assert transformer_config(qwen15, tp=2).tensor_model_parallel_size == 2
     with pytest.raises(ValueError, match="tensor_parallel 4 must divide the base's 2 key/value heads"):
         transformer_config(qwen15, tp=4)
+
+
+def test_semhitok_train_hands_the_megatron_backend_to_its_loop(monkeypatch, tmp_path):
+    """train_mllm (semhitok train, the pipeline) runs mllm/megatron/train.py's loop when backend=megatron."""
+    from semhitok.config import load_project_config
+    from semhitok.mllm import train
+    from semhitok.mllm.megatron import train as megatron_train
+
+    seen = []
+    monkeypatch.setattr(megatron_train, "train_megatron", lambda cfg: seen.append(cfg) or tmp_path / "final")
+    cfg = load_project_config("tiny", [f"run_dir={tmp_path}", "mllm_train.backend=megatron"])
+    assert train.train_mllm(cfg) == tmp_path / "final" and seen == [cfg]
