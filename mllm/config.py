@@ -24,9 +24,11 @@ class MLLMConfig:
     # are present, else sdpa; or any transformers attn_implementation (sdpa, flex_attention, eager).
     attn_implementation: str = "auto"
     adapter_hidden: int = 0  # width of the dual-MLP adapter's hidden layer; 0: the LLM's hidden size
-    # Inputs of a visual token: both = concat(semantic MLP, pixel MLP) (SemHiTok's dual adapter); semantic =
-    # the semantic MLP alone, [d] (the paper's semantic-only comparison for understanding).
-    adapter_inputs: Literal["both", "semantic"] = "both"
+    # Inputs of a visual token: both = concat(semantic MLP, pixel MLP) (SemHiTok's dual adapter, the ICLR
+    # version's); semantic = the semantic MLP alone, [d] (the paper's semantic-only comparison, understanding only);
+    # concat = one MLP on the concatenated semantic and pixel code vectors (the arXiv text: "quantized semantic and
+    # texture features are spliced as input to LLM ... after a simple MLP layer").
+    adapter_inputs: Literal["both", "semantic", "concat"] = "both"
     # Depth heads (mllm/depth_head.py), built when the tokenizer has L > 1 codes per position (DualToken): layers
     # per code group's depth transformer (the paper's 3), its width (0: the LLM's hidden size), attention heads
     # (0: width // 64).

@@ -144,7 +144,8 @@ def write_mllm_card(folder: Path, target: Path | None = None, repo: str | None =
         f"{layout['text_vocab_size']:,} text rows)",
         f"- visual tokenizer (in `visual_tokenizer/`): SemHiTok, {grid}x{grid} ids per image, "
         f"{layout['visual_vocab_size']:,} visual ids, semantic teacher {visual.get('teacher')}",
-        f"- visual ids enter through a dual-MLP adapter ({cfg.get('adapter_inputs')}); the head scores text and visual ids",
+        f"- visual ids enter through the adapter (adapter_inputs={cfg.get('adapter_inputs')}: both = a dual MLP, concat = "
+        "one MLP on the concatenated code vectors, semantic = the semantic MLP); the head scores text and visual ids",
     ]
     return write_model_card(folder, title="SemHiTok unified MLLM", about=about, pipeline_tag="image-text-to-text",
                             usage=USAGE.format(repo=repo or "ORG/NAME"), base_model=base,

@@ -66,14 +66,16 @@ VISUAL_TOKENIZER = "visual_tokenizer"
 class VisualAdapter(nn.Module):
     """The tokenizer's frozen features module (tokenizer.input_features()) and one MLP per entry of its `splits`,
     their outputs concatenated to [d]: SemHiTok's dual MLP (semantic d - d//2, pixel d//2; inputs=semantic: the
-    first split's MLP alone fills d), one MLP of width d for one split. MLPs are named <split name>_mlp
-    (the features' `split_names`, default split0, split1, ...)."""
+    first split's MLP alone fills d), one MLP of width d for one split (inputs=concat: one MLP, visual_mlp, on all
+    splits concatenated). MLPs are named <split name>_mlp (the features' `split_names`, default split0, ...)."""
 
     def __init__(self, features: VisualFeatures, hidden: int, d: int, inputs: str = "both"):
         super().__init__()
         self.features = features.requires_grad_(False)
         splits = tuple(features.splits)
         names = tuple(getattr(features, "split_names", ())) or tuple(f"split{i}" for i in range(len(splits)))
+        if inputs == "concat":  # one MLP on the whole feature vector: visual_mlp
+            splits, names = (sum(splits),), ("visual",)
         used = 1 if inputs == "semantic" else len(splits)
         widths = [d - (used - 1) * (d // used)] + [d // used] * (used - 1)  # two splits: d - d//2, d//2
         self.splits, self.mlp_names = splits, names[:used]

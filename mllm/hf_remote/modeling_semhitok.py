@@ -22,7 +22,8 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 class VisualAdapter(nn.Module):
-    """visual ids [N] -> input embeddings [N, d]: concat(MLP_sem(sem code), MLP_pix(pix code)) (semantic: MLP_sem alone)."""
+    """visual ids [N] -> input embeddings [N, d]: concat(MLP_sem(sem code), MLP_pix(pix code)) (semantic: MLP_sem alone;
+    concat: MLP_visual(concat(sem code, pix code)))."""
 
     def __init__(self, config: SemHiTokMLLMConfig):
         super().__init__()
@@ -31,10 +32,19 @@ class VisualAdapter(nn.Module):
         self.register_buffer("sem_codes", torch.zeros(config.visual_vocab_size // m, config.sem_code_dim))
         self.register_buffer("pix_codes", torch.zeros(config.visual_vocab_size, config.pix_code_dim))
         both = config.adapter_inputs == "both"
+        if config.adapter_inputs == "concat":  # one MLP on concat(sem code, pix code)
+            width = config.sem_code_dim + config.pix_code_dim
+            self.visual_mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, d))
+            self.sem_mlp = self.pix_mlp = None
+            return
+        self.visual_mlp = None
         self.sem_mlp = nn.Sequential(nn.Linear(config.sem_code_dim, hidden), nn.GELU(), nn.Linear(hidden, d - d // 2 if both else d))
         self.pix_mlp = nn.Sequential(nn.Linear(config.pix_code_dim, hidden), nn.GELU(), nn.Linear(hidden, d // 2)) if both else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.visual_mlp is not None:
+            feats = torch.cat([self.sem_codes[ids // self.codes_per_group], self.pix_codes[ids]], dim=-1)
+            return self.visual_mlp(feats.to(self.visual_mlp[0].weight.dtype))
         dtype = self.sem_mlp[0].weight.dtype
         sem = self.sem_mlp(self.sem_codes[ids // self.codes_per_group].to(dtype))
         return sem if self.pix_mlp is None else torch.cat([sem, self.pix_mlp(self.pix_codes[ids].to(dtype))], dim=-1)
