@@ -46,7 +46,7 @@ from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import SemHiTok, TokenizerConfig, TokenizerTrainConfig, iter_image_batches, list_images
 from semhitok.tokenizer.data import ImageDataset, collate_images
 from semhitok.tokenizer.losses import distill_loss
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.model import load_teacher, teacher_features
 from semhitok.tokenizer.train import train_tokenizer
 
 log = logging.getLogger("semhitok")
@@ -170,7 +170,7 @@ def measure(model: SemHiTok, tok: TokenizerConfig, train: TokenizerTrainConfig, 
     teacher = load_teacher(tok).to(model.device)
     holdout = ImageDataset(train.holdout_data, model.image_size)
     images = collate_images([holdout[i] for i in range(len(holdout))])[0].to(model.device)
-    cosine, _ = distill_loss(model.semantic(images)[0], teacher(pixel_values=images).last_hidden_state)
+    cosine, _ = distill_loss(model.semantic(images)[0], teacher_features(teacher, images, tok.distill_layer))
     result["teacher_cosine"] = 1 - float(cosine)
     return result
 
