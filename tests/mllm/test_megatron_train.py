@@ -96,3 +96,31 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
         loss = model(**packed_batch(model.layout, seed=999))["loss"]
     assert float(loss) == pytest.approx(trained["tp1"][0]["eval_loss"], abs=1e-5)
     assert float(loss) == pytest.approx(trained["tp2"][0]["eval_loss"], abs=2e-5)
+
+
+def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(trained_tokenizer, pretokenized_sample, tmp_path):
+    """`semhitok train` with mllm_train.backend=megatron on the tiny preset: the plain engine's losses (same model,
+    same packed batches, fp32), a resume from the step-2 checkpoint reproduces step 3, and the export loads."""
+    import shutil
+
+    from semhitok.mllm.model import SemHiTokLM
+    from tests.conftest import run_train
+
+    args = ["mllm_train.max_steps=3", "mllm_train.ckpt_every=2", "mllm_train.eval_every=0", "mllm_train.deepspeed_config=none"]
+    run_train(tmp_path / "plain", trained_tokenizer, pretokenized_sample, *args)
+    run_train(tmp_path / "megatron", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "mllm" / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "megatron")) == 3
+    assert (tmp_path / "megatron" / "mllm" / "checkpoints" / "step00000002" / "weights.safetensors").is_file()  # MegatronEngine's
+    assert losses(tmp_path / "megatron") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    shutil.copytree(tmp_path / "megatron", tmp_path / "resumed")
+    for gone in ("checkpoints/step00000003", "final"):
+        shutil.rmtree(tmp_path / "resumed" / "mllm" / gone)
+    proc = run_train(tmp_path / "resumed", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
+    assert "resumed from" in proc.stderr + proc.stdout
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "megatron")
+    model = SemHiTokLM.from_pretrained(tmp_path / "megatron" / "mllm" / "final")
+    assert model.layout.vocab_size == model.lm.lm_head.weight.shape[0]
