@@ -35,7 +35,9 @@ def test_newest_intact_checkpoint_skips_unmarked_and_damaged_ones(tmp_path):
 def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(trained_mllm_run, trained_tokenizer,
                                                                         pretokenized_sample, tmp_path):
     """Checkpoints at 20 and 40, the one at 40 truncated and `latest` empty: the job resumes at 20 and reproduces
-    steps 21-40; metrics.jsonl ends with one row per step."""
+    steps 21-40 (step 21, the first after the restart, bit for bit); metrics.jsonl ends with one row per step.
+    Also the suite's test of a plain DeepSpeed resume (tests/mllm/test_resume_safety.py's clean checkpoint too):
+    the same restart through the same safe loader, one 20-step run instead of three."""
     src, dst = trained_mllm_run / "mllm", tmp_path / "mllm"
     shutil.copytree(src / "checkpoints", dst / "checkpoints")
     shutil.copytree(src / "text_tokenizer", dst / "text_tokenizer")
@@ -52,6 +54,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(trained_
     want = [json.loads(line) for line in open(src / "metrics.jsonl")]
     got = [json.loads(line) for line in open(dst / "metrics.jsonl")]
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 41))
+    assert got[20]["loss"] == want[20]["loss"]  # bit for bit
     for a, b in zip(want[20:], got[20:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 
