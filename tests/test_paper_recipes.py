@@ -10,7 +10,7 @@ import pytest
 
 from semhitok.common.config_io import ConfigError
 from semhitok.config import load_project_config
-from tests.conftest import REPO
+from tests.conftest import REPO, stub_python_env
 
 # recipe -> (base model, tasks of its mixture, trainable, image side)
 RECIPES = {
@@ -40,12 +40,9 @@ def test_paper_recipe_loads_and_its_sbatch_lines_run(name, tmp_path):
     assert [line[0] for line in lines] == ["pretokenize", "mllm_train"] and all(line[1] == f"recipes/{name}" for line in lines)
     # The dry runs' own config check (`python -m semhitok.cli config`, a process importing torch) is the
     # load_project_config above; a stub python stands in for it (as test_phases; test_launch_and_docker runs the real one).
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "python").chmod(0o755)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    # (through SEMHITOK_VENV: in a checkout with .venv the scripts activate it, and a stub first on PATH would lose)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "SEMHITOK_CONDA_ENV"},
+           "SEMHITOK_REPO": str(REPO), "DRY_RUN": "1", **stub_python_env(tmp_path)}
     for script, recipe, run_dir in lines:
         proc = subprocess.run(["bash", f"launch_scripts/{script}.sbatch", recipe, run_dir], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
