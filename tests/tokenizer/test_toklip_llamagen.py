@@ -8,7 +8,6 @@ l2-normalised codebook): a functional implementation over the raw tensors by Lla
 with tokenizer/toklip/vqgan.py, so a wrong rename or a layer in the wrong place changes the outputs.
 """
 
-import argparse
 import json
 import math
 
@@ -209,6 +208,13 @@ def test_a_renamed_or_missing_tensor_is_refused(source):
         from_llamagen(broken, SIZE)
 
 
+class TrainingArgs:
+    """What a training script might pickle beside its weights."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
 def test_checkpoint_files_pickle_safely_and_the_cli_writes_a_vqgan_dir(source, images, tmp_path):
     torch.save({"model": source, "steps": 10}, tmp_path / "vq.pt")
     assert read_checkpoint(tmp_path / "vq.pt").keys() == source.keys()
@@ -218,7 +224,9 @@ def test_checkpoint_files_pickle_safely_and_the_cli_writes_a_vqgan_dir(source, i
     save_file({k: v.contiguous() for k, v in source.items()}, str(tmp_path / "vq.safetensors"))
     assert torch.equal(load_llamagen(tmp_path / "vq.safetensors", SIZE).encode(images),
                        load_llamagen(tmp_path / "vq.pt", SIZE).encode(images))
-    torch.save({"model": source, "args": argparse.Namespace(lr=1)}, tmp_path / "code.pt")  # needs a class to unpickle
+    # needs a class to unpickle: one of this module's, since argparse.Namespace is on torch's safe list once
+    # megatron-core is imported in the process (megatron.core.safe_globals registers it)
+    torch.save({"model": source, "args": TrainingArgs(lr=1)}, tmp_path / "code.pt")
     with pytest.raises(ValueError, match="code.pt: refused to unpickle"):
         read_checkpoint(tmp_path / "code.pt")
     torch.save({"weights": [1, 2]}, tmp_path / "empty.pt")
