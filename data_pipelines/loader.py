@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import re
 from collections import Counter, OrderedDict
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semhitok.common.io import loads_json
 from semhitok.data_pipelines.config import SequenceConfig, check_max_length
 from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.sequences import IGNORE, TASKS, Document, SequenceBuilder, UnsuitableSample
@@ -125,7 +125,7 @@ class ShardReader:
         source = spec.path
         if self._hashed.get(spec.path) != signature:
             try:
-                done = json.loads(spec.done.read_text())
+                done = loads_json(spec.done.read_bytes(), spec.done.name)
                 want = done["sha256"]
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise self._bad(spec, f"its {spec.done.name} is unreadable ({type(err).__name__})") from None
@@ -139,7 +139,7 @@ class ShardReader:
             source = io.BytesIO(data)
         try:
             with np.load(source, allow_pickle=False) as data:
-                ids, meta = data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
+                ids, meta = data["ids"], loads_json(bytes(data["meta_json"]), "meta_json")
         except Exception as err:  # noqa: BLE001 (whatever numpy, zipfile or json raise on bad bytes)
             raise self._bad(spec, f"unreadable ({type(err).__name__}: {str(err)[:120]})") from None
         self._check(spec, ids, meta)
@@ -263,7 +263,7 @@ class PackedLoader:
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} not found: run `semhitok pretokenize` (to completion) first")
         try:
-            info = json.loads(manifest.read_text())
+            info = loads_json(manifest.read_bytes(), "manifest.json")
             grid, vocab = [int(g) for g in info["grid"]], [int(v) for v in info.get("code_vocab_sizes", [info["visual_vocab_size"]])]
             entries = [(str(e.get("source", e["unit"].rsplit("-", 1)[0])), e) for e in info["shards"]]
             specs = {e["unit"]: ShardSpec(root / "shards" / Path(e["file"]).name, root / "shards" / f"{Path(e['unit']).name}.done.json",

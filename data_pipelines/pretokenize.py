@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semhitok.common.io import atomic_path, check_output_dir, sha256_file, write_json
+from semhitok.common.io import atomic_path, check_output_dir, loads_json, sha256_file, write_json
 from semhitok.data_pipelines.config import PretokenizeConfig, SourceConfig
 from semhitok.data_pipelines.readers import (DataError, InputRead, Record, WorkUnit, file_stat, local_input, plan_units,
                                              read_unit)
@@ -109,7 +109,7 @@ def image_mode(source: SourceConfig) -> str:
 def load_shard(path: str | Path) -> tuple[np.ndarray, list[dict]]:
     """A pre-tokenized shard -> (ids int32 [n_images, h*w*L], per-sample metadata)."""
     with np.load(path, allow_pickle=False) as data:
-        return data["ids"], json.loads(bytes(data["meta_json"]).decode("utf-8"))
+        return data["ids"], loads_json(bytes(data["meta_json"]), f"{path}: meta_json")
 
 
 def tokenizer_identity(tokenizer_dir: str | Path) -> str:
@@ -237,7 +237,7 @@ def encode_distinct(model: VisualTokenizer, images: list[torch.Tensor]) -> torch
 
 def _read_done(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return loads_json(path.read_bytes(), str(path))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable ({type(err).__name__}); delete it to redo that unit") from None
 

@@ -33,7 +33,8 @@ from PIL import Image, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
-from semhitok.common.io import atomic_path
+from semhitok.common.io import atomic_path, read_json
+from semhitok.common.io import read_jsonl as read_object_lines
 from semhitok.common.plot import Cell, Figure, labelled_grid
 from semhitok.data_pipelines.world import BACKGROUND, COLOURS, NUMBERS, WorldConfig, make_scenes, prompts, render
 from semhitok.mllm.sample import SamplingConfig
@@ -286,7 +287,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a world directory is written by data_pipelines.world.write_world)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_object_lines(path)  # depth-limited; a row that is not an object is one line naming path:line
 
 
 @torch.no_grad()
@@ -348,7 +349,10 @@ def world_config(world_dir: str | Path) -> WorldConfig:
     path = Path(world_dir) / "WORLD.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a world directory is written by data_pipelines.world.write_world)")
-    return WorldConfig(**json.loads(path.read_text())["world"])
+    world = read_json(path)
+    if not isinstance(world, dict) or not isinstance(world.get("world"), dict):
+        raise ValueError(f"{path}: must hold an object with a \"world\" object, the config that wrote the world")
+    return WorldConfig(**world["world"])
 
 
 def pick_prompts(rows: list[dict], limit_per_category: int = 0) -> list[tuple[int, dict]]:

@@ -98,3 +98,33 @@ def test_a_usable_base_config_and_other_directories_load_as_before(tmp_path):
     assert export_base_config(tmp_path) is None
     (tmp_path / "config.json").write_bytes(DEEP)  # unreadable here: from_pretrained's read_json names it
     assert export_base_config(tmp_path) is None
+
+
+def test_the_world_evaluation_reads_its_files_with_the_depth_limit(tmp_path):
+    from semhitok.eval.world_eval import read_jsonl as read_world_rows
+    from semhitok.eval.world_eval import world_config
+
+    (tmp_path / "questions.jsonl").write_bytes(b'{"a": 1}\n' + DEEP + b"\n")
+    with pytest.raises(ValueError, match="questions.jsonl:2: JSON nested deeper than 100"):
+        read_world_rows(tmp_path / "questions.jsonl")
+    (tmp_path / "WORLD.json").write_bytes(DEEP)
+    with pytest.raises(ValueError, match="WORLD.json: JSON nested deeper than 100"):
+        world_config(tmp_path)
+    (tmp_path / "WORLD.json").write_text('["not", "an object"]')
+    with pytest.raises(ValueError, match=r'WORLD.json: must hold an object with a "world" object'):
+        world_config(tmp_path)
+
+
+def test_a_shard_and_a_done_record_nested_deep_are_one_line(tmp_path):
+    import numpy as np
+
+    from semhitok.data_pipelines.pretokenize import _read_done, load_shard
+    from semhitok.data_pipelines.readers import DataError
+
+    shard = tmp_path / "s-00000.npz"
+    np.savez(shard, ids=np.zeros((1, 4), np.int32), meta_json=np.frombuffer(DEEP, np.uint8))
+    with pytest.raises(ValueError, match="s-00000.npz: meta_json: JSON nested deeper than 100"):
+        load_shard(shard)
+    (tmp_path / "s-00000.done.json").write_bytes(DEEP)
+    with pytest.raises(DataError, match=r"s-00000.done.json: unreadable \(ValueError\); delete it to redo that unit"):
+        _read_done(tmp_path / "s-00000.done.json")

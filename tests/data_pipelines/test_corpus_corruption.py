@@ -19,6 +19,7 @@ from semhitok.data_pipelines.pretokenize import load_shard
 from semhitok.data_pipelines.readers import DataError
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError
 VICTIM = "coco_llava-00002.npz"  # images and conversations; not the first shard, so found while drawing
 
 
@@ -84,6 +85,9 @@ CORRUPTIONS = {  # name -> (damage, what the one line says after "<shard>: bad s
     "rows 128 ids wide": (lambda s: wide(s, 128), r"rows of 128 ids"),
     "meta_json truncated": (lambda s: reseal(s, meta_bytes=json.dumps(load_shard(s)[1]).encode()[:-40]),
                             r"unreadable \(JSONDecodeError"),
+    "meta_json nested 100,000 deep": (lambda s: reseal(s, meta_bytes=DEEP), r"unreadable \(ValueError: meta_json: JSON nested deeper than 100"),
+    "its .done.json nested 100,000 deep": (lambda s: s.with_name("coco_llava-00002.done.json").write_bytes(DEEP),
+                                           r"its coco_llava-00002.done.json is unreadable \(ValueError\)"),
     "meta_json an object": (lambda s: reseal(s, meta={"not": "a list"}), r"meta_json is a JSON dict, not a list"),
     "meta_json shorter than the manifest's count": (dropped_sample, r"15 samples in meta_json, the manifest says 16"),
     "a sample's image row past the ids": (bad_image_row, r"sample 3: not an object with ids_row .* among its 16 image rows"),
@@ -120,6 +124,13 @@ def test_a_corrupted_shard_stops_training_with_one_line_naming_it(corpus, text_t
     assert "\n" not in message
     assert re.match(rf"{re.escape(str(victim))}: bad shard, {says}", message), message
     assert message.endswith("or set data.skip_bad_shards=true")
+
+
+def test_a_manifest_nested_100000_deep_is_one_line_naming_it(corpus, text_tokenizer):
+    (corpus / "manifest.json").write_bytes(DEEP)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(corpus / 'manifest.json'))}: unreadable \(ValueError: manifest.json: "
+                                        r"JSON nested deeper than 100"):
+        loader(corpus, text_tokenizer)
 
 
 def test_the_background_worker_reports_a_bad_shard_in_one_line(corpus, text_tokenizer):
