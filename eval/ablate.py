@@ -296,11 +296,11 @@ def train_and_score_llm(cfg, tokenizer_dir: Path, out: Path) -> dict:
             "mllm_micro_batch": c.data.micro_batch_size, "mllm_lr": c.mllm_train.lr, "seconds": round(time.time() - start, 1)}
 
 
-def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: list[str] | None = None,
-              fid: bool = True, llm: bool = False) -> Path:
-    """Train and measure every variant of table `number` (or those named in `only`) from the run's config
-    `cfg` (ProjectConfig; the variants override its tokenizer and tokenizer_train); with `llm`, each variant's
-    LLM too (train_and_score_llm). Writes <out>/table<N>.md, after every variant."""
+def check_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: list[str] | None = None,
+                llm: bool = False) -> list[Variant]:
+    """The variants run_table would train -> refuse (ValueError, one line) a request it cannot serve: an unknown
+    table or variant, a joint row without stage-1 steps, LLM columns without the world, a stage 1 in `out` of
+    another budget. The CLI calls this before it records anything."""
     if number not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {number}")
     table = TABLES[number]
@@ -314,6 +314,22 @@ def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: 
     if short:
         raise ValueError(f"{', '.join(short)}: its stage 1 runs --stage1-steps minus --steps ({stage1_steps} - {steps}) so "
                          f"that its semantic branch distils as many steps as the other rows'; pass --stage1-steps > --steps")
+    for v in variants:
+        stage1, n1 = out / f"stage1_{v.stage1}", stage1_budget(v.stage1, stage1_steps, steps)
+        if not (out / v.name / "metrics.json").is_file() and (stage1 / "final" / "config.json").is_file() \
+                and (had := _trained_steps(stage1)) != n1:
+            raise ValueError(f"{stage1}: a stage 1 of {had} steps, this table asks for {n1}: use another --out, "
+                             f"or --stage1-steps to match")
+    return variants
+
+
+def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: list[str] | None = None,
+              fid: bool = True, llm: bool = False) -> Path:
+    """Train and measure every variant of table `number` (or those named in `only`) from the run's config
+    `cfg` (ProjectConfig; the variants override its tokenizer and tokenizer_train); with `llm`, each variant's
+    LLM too (train_and_score_llm). Writes <out>/table<N>.md, after every variant."""
+    variants = check_table(number, cfg, out, stage1_steps, steps, only, llm)
+    table = TABLES[number]
     tok, train = cfg.tokenizer, cfg.tokenizer_train
     out.mkdir(parents=True, exist_ok=True)
     prepare_stage0(cfg)
@@ -350,12 +366,9 @@ def run_table(number: int, cfg, out: Path, stage1_steps: int, steps: int, only: 
             tok1, train1 = _apply(tok, train, STAGE1[v.stage1])
             stage1 = out / f"stage1_{v.stage1}"
             n1 = stage1_budget(v.stage1, stage1_steps, steps)
-            if not (stage1 / "final" / "config.json").is_file():
+            if not (stage1 / "final" / "config.json").is_file():  # (one of another budget: refused by check_table)
                 log.info("ablation: stage 1 (%s, %d steps) -> %s", v.stage1, n1, stage1)
                 train_tokenizer(tok1, dataclasses.replace(train1, stage=1, max_steps=n1), stage1)
-            elif (had := _trained_steps(stage1)) != n1:
-                raise ValueError(f"{stage1}: a stage 1 of {had} steps, this table asks for {n1}: use another --out, "
-                                 f"or --stage1-steps to match")
             tok2, train2 = _apply(tok, train, STAGE1[v.stage1] + v.overrides + FIXED_STAGE2)
             log.info("ablation %s: stage 2 %s", v.name, v.overrides)
             model = train_tokenizer(tok2, dataclasses.replace(train2, stage=2, max_steps=steps), out / v.name, stage1 / "final")

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from semhitok.common.config_io import from_dict
-from semhitok.common.hub import resolve_pretrained
+from semhitok.common.hub import llm_config, resolve_pretrained
 from semhitok.common.io import atomic_dir, read_json
 from semhitok.data_pipelines.config import SequenceConfig
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
@@ -356,7 +356,10 @@ class SemHiTokLM(nn.Module):
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{meta_file}: bad ids {meta['ids']!r} ({type(err).__name__}: {err})") from None
         adapter = VisualAdapter(export_features(path, ids, meta), meta["adapter_hidden"], lm.config.hidden_size, cfg.adapter_inputs)
-        adapter.load_state_dict(_adapter_state(load_file(str(path / ADAPTER_WEIGHTS))))
+        try:
+            adapter.load_state_dict(_adapter_state(load_file(str(path / ADAPTER_WEIGHTS))))
+        except RuntimeError as err:  # missing, unexpected or misshapen tensors: one line naming the file
+            raise ValueError(f"{path / ADAPTER_WEIGHTS}: does not fit the saved config ({' '.join(str(err).split())[:300]})") from None
         seq_cfg = from_dict(SequenceConfig, meta["sequence_config"], where=str(meta_file))
         if full_shape(lm.get_output_embeddings().weight)[0] < layout.vocab_size:
             raise ValueError(f"{path}: the LLM's head has {full_shape(lm.get_output_embeddings().weight)[0]} rows, the saved "
@@ -373,7 +376,12 @@ def export_features(path: Path, ids: IdStructure, meta: dict) -> VisualFeatures:
     adapter.safetensors). SemHiTok's is two code tables, shaped from the adapter file alone."""
     if ids.kind == "semhitok":
         state = _adapter_state(load_file(str(path / ADAPTER_WEIGHTS)))
-        return SemHiTokFeatures(state["features.sem_codes"], state["features.pix_codes"], meta["codes_per_group"])
+        sem, pix, m, vocab = state.get("features.sem_codes"), state.get("features.pix_codes"), meta["codes_per_group"], ids.code_vocab_sizes[0]
+        if sem is None or pix is None or sem.dim() != 2 or pix.dim() != 2 or sem.shape[0] * m != vocab or pix.shape[0] != vocab:
+            shapes = [None if t is None else list(t.shape) for t in (sem, pix)]
+            raise ValueError(f"{path / ADAPTER_WEIGHTS}: code tables sem_codes {shapes[0]} and pix_codes {shapes[1]} do not fit "
+                             f"the saved ids ({vocab} visual ids = {vocab // m} groups x {m} codes): damaged or from another model")
+        return SemHiTokFeatures(sem, pix, m)
     return load_visual_tokenizer(path / VISUAL_TOKENIZER).input_features()
 
 
@@ -400,6 +408,9 @@ def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
         layout = TokenLayout(**meta["layout"])
     except TypeError as err:
         raise ValueError(f"{meta_file}: bad layout ({err})") from None
+    for key, low in (("image_grid", 1), ("codes_per_group", 1), ("adapter_hidden", 0)):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < low:
+            raise ValueError(f"{meta_file}: {key} must be an integer >= {low}, got {meta[key]!r}")
     return meta, layout
 
 
@@ -469,11 +480,8 @@ def random_base_config(cfg: MLLMConfig):
     base = dict(cfg.base_config if cfg.base_config is not None else cfg.qwen2_config or {})
     if not base:
         raise ValueError("mllm.base_model=random needs mllm.base_config (a config dict with its model_type, e.g. llama, qwen2)")
-    model_type = base.pop("model_type", "qwen2")
-    try:
-        return AutoConfig.for_model(model_type, **base, attn_implementation=attention_kernel(cfg.attn_implementation))
-    except ValueError as err:
-        raise ValueError(f"mllm.base_config: {err}") from None
+    base.setdefault("model_type", "qwen2")
+    return llm_config(base, "mllm.base_config", attn_implementation=attention_kernel(cfg.attn_implementation))
 
 
 def load_base_lm(cfg: MLLMConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

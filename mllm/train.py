@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from semhitok.common import dist as D
 from semhitok.common.hub import resolve_pretrained
-from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, write_json, write_manifest
+from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, read_json, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
 from semhitok.common.safe_load import load_state, weights_only_loads
@@ -126,7 +126,8 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit())
 
 
-def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo) -> None:
+def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo,
+                    identity: dict | None = None) -> None:
     """Per-rank data position and RNG, then DeepSpeed's states, then (rank 0, after every rank is done) the
     completion marker listing every file with its size: resume trusts only marked, matching directories."""
     tag = f"step{step:08d}"
@@ -140,10 +141,42 @@ def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     D.barrier()
     if dist.is_main:
-        write_manifest(root / tag, {"step": step, "world_size": dist.world_size})
+        write_manifest(root / tag, {"step": step, "world_size": dist.world_size, "resume": identity or {"world_size": dist.world_size}})
         for old in _checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
+
+
+def resume_identity(cfg, world_size: int) -> dict:
+    """What a checkpoint's states depend on besides the step (saved in its marker): a job with other values cannot
+    load them, and check_resume refuses it before anything is recorded."""
+    t = cfg.mllm_train
+    return {"world_size": world_size, "engine": "plain" if t.deepspeed_config.strip().lower() == "none" else "deepspeed",
+            "trainable": t.trainable, "mixture_components": len(cfg.data.mixture), "init_from": t.init_from,
+            "mllm": {k: v for k, v in dataclasses.asdict(cfg.mllm).items() if k not in ("text_corpus", "attn_implementation")}}
+
+
+def check_resume(cfg) -> None:
+    """Refuse (ValueError, one line) a job whose newest intact checkpoint another configuration wrote (world size,
+    engine, trainable part, mixture components, the model's config), before a command records anything: a refused
+    resume leaves the run's config.yaml, run.json and runs.jsonl as they were. (A marker of an older save holds
+    the world size only.)"""
+    from semhitok.common.run_dir import changed_keys
+
+    chosen, _ = newest_intact_checkpoint(cfg.mllm_dir / "checkpoints")
+    if chosen is None:
+        return
+    manifest = read_json(chosen / MANIFEST)
+    saved = manifest.get("resume") or {"world_size": manifest.get("world_size")}
+    now = resume_identity(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    changed = changed_keys(saved, {k: v for k, v in now.items() if k in saved})
+    if changed:
+        from semhitok.common.run_dir import flatten
+
+        old, new = flatten(saved), flatten(now)
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"{chosen} was written by another configuration ({shown}): resume with the same values, "
+                         "or train into another mllm_dir")
 
 
 def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
@@ -344,7 +377,7 @@ def train_mllm(cfg) -> Path:
         if metrics:  # one row per step: the training metrics and/or the gaps
             logger.log(done, metrics)
         if done % t.ckpt_every == 0 or done == t.max_steps:
-            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
+            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size))
     bar.close()
     logger.close()
     if dist.is_main:

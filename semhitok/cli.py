@@ -115,11 +115,15 @@ def cmd_config(args) -> None:
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> None:
+    import dataclasses
+
     from semhitok.tokenizer.interface import kind_trainer
-    from semhitok.tokenizer.train import stage_dirs, train_tokenizer
+    from semhitok.tokenizer.train import check_resume, check_resumes, stage_dirs, train_tokenizer
 
     cfg = _load(args)
     if args.stage is None:  # every stage of tokenizer.kind, through its registered trainer
+        if cfg.tokenizer.kind == "semhitok":
+            check_resumes(cfg)  # a refused resume records nothing (the other kinds' trainers refuse after it)
         _record(Path(cfg.run_dir) / "tokenizer", cfg, f"tokenizer-{cfg.tokenizer.kind}", args)
         log.info("%s tokenizer done: %s", cfg.tokenizer.kind, kind_trainer(cfg.tokenizer.kind)[0](cfg))
         return
@@ -127,6 +131,7 @@ def cmd_tokenizer_train(args) -> None:
         raise ValueError(f"--stage is SemHiTok's; tokenizer.kind={cfg.tokenizer.kind!r} trains all its stages without it")
     cfg.tokenizer_train.stage = args.stage
     out, init_from = stage_dirs(cfg.run_dir, args.stage, cfg.tokenizer_train)
+    check_resume(out, args.stage, dataclasses.asdict(cfg.tokenizer))
     _record(out, cfg, f"tokenizer-stage{args.stage}", args)
     train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, out, init_from)
     log.info("stage %d done: %s", args.stage, out / "final")
@@ -232,9 +237,10 @@ def cmd_pretokenize(args) -> None:
 
 # -- mllm ------------------------------------------------------------------------------------------
 def cmd_train(args) -> None:
-    from semhitok.mllm.train import train_mllm
+    from semhitok.mllm.train import check_resume, train_mllm
 
     cfg = _load(args)
+    check_resume(cfg)  # a refused resume records nothing
     _record(cfg.mllm_dir, cfg, "mllm-train", args)
     print(f"exported: {train_mllm(cfg)}")
 
@@ -394,7 +400,7 @@ def cmd_push(args) -> None:
 
 # -- ablations ---------------------------------------------------------------------------------------
 def cmd_ablate(args) -> None:
-    from semhitok.eval.ablate import default_stage1_steps, run_table
+    from semhitok.eval.ablate import check_table, default_stage1_steps, run_table
 
     cfg = _load(args)
     t = cfg.tokenizer_train
@@ -403,6 +409,7 @@ def cmd_ablate(args) -> None:
     only = args.only.split(",") if args.only else None
     steps = args.steps or t.max_steps
     stage1 = args.stage1_steps or default_stage1_steps(args.table, only, t.max_steps, steps)
+    check_table(args.table, cfg, out, stage1, steps, only, llm)  # a refused request records nothing
     _record(out, cfg, "ablate", args)
     path = run_table(args.table, cfg, out, stage1, steps, only, fid=not args.no_fid, llm=llm)
     print(path.read_text())
@@ -517,6 +524,8 @@ def cmd_pipeline(args) -> None:
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.eval.summary import evaluate_model
     from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
+    from semhitok.mllm.train import check_resume as check_mllm_resume
+    from semhitok.tokenizer.train import check_resumes as check_tokenizer_resumes
     from semhitok.mllm.train import train_mllm
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
     from semhitok.tokenizer.interface import kind_trainer
@@ -524,6 +533,9 @@ def cmd_pipeline(args) -> None:
     cfg = _load(args)
     stages = pipeline_stages(cfg)
     check_resume(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)  # a refused resume records nothing
+    check_mllm_resume(cfg)
+    if cfg.tokenizer.kind == "semhitok":
+        check_tokenizer_resumes(cfg)
     _record(cfg.run_dir, cfg, "pipeline", args)
     if cfg.world.enabled:
         from semhitok.data_pipelines.world import write_world

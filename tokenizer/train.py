@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from semhitok.common import dist as D
-from semhitok.common.io import atomic_dir, intact_dirs, write_json, write_manifest
+from semhitok.common.io import atomic_dir, intact_dirs, read_json, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.plot import code_map_grid, reconstruction_grid
 from semhitok.common.safe_load import UnsafeCheckpoint, load_state
@@ -280,6 +280,32 @@ def rank_batches(dataset: ImageDataset, batch_size: int, seed: int, rank: int, w
         epoch, offset = epoch + 1, 0
 
 
+def checkpoint_dirs(ckpt_dir: Path) -> list[Path]:
+    """step_<n> directories, oldest first (names that are not step_<number> are ignored)"""
+    found = [p for p in Path(ckpt_dir).glob("step_*") if p.name.split("_", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
+
+
+def check_resume(out_dir: Path, stage: int, tokenizer: dict) -> None:
+    """Refuse (ValueError, one line) to train into out_dir when its newest intact checkpoint was written for another
+    stage or tokenizer config (`tokenizer`: the config as a dict; the teacher's derived siglip_config is not compared):
+    its states would not load, and starting from step 0 instead would delete it (keep_checkpoints). The CLI calls this
+    before it records anything, the trainer again before it loads."""
+    from semhitok.common.run_dir import changed_keys, flatten
+
+    for path, _ in intact_dirs(reversed(checkpoint_dirs(Path(out_dir) / "checkpoints")), []):
+        meta = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+        saved = {"stage": meta.get("stage", stage), **{k: v for k, v in (meta.get("tokenizer") or {}).items() if k != "siglip_config"}}
+        now = {"stage": stage, **{k: v for k, v in tokenizer.items() if k != "siglip_config" and k in saved}}
+        changed = changed_keys(saved, now)
+        if changed:
+            old, new = flatten(saved), flatten(now)
+            shown = ", ".join(f"{'' if k == 'stage' else 'tokenizer.'}{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            raise ValueError(f"{path} was written by another configuration ({shown}): resume with the same values, "
+                             "or train into another folder")
+        return  # the newest intact one decides (an older one is only read when it is damaged)
+
+
 class Trainer:
     def __init__(self, task: _Task, train: TokenizerTrainConfig, out_dir: Path, dist_info: D.DistInfo):
         self.task, self.cfg, self.out, self.dist = task, train, Path(out_dir), dist_info
@@ -295,9 +321,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
-        """step_<n> directories, oldest first (names that are not step_<number> are ignored)"""
-        found = [p for p in self.ckpt_dir.glob("step_*") if p.name.split("_", 1)[1].isdigit()]
-        return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
+        return checkpoint_dirs(self.ckpt_dir)
 
     def save_checkpoint(self, step: int) -> None:
         if self.dist.is_main:
@@ -327,7 +351,9 @@ class Trainer:
         A checkpoint is trusted only when its completion marker (written last) lists files that all match;
         a damaged one (missing files, truncated, garbage, unloadable) is skipped with a warning and the next
         older one is tried. With none intact the run starts from step 0, with a warning naming them. A state
-        asking to unpickle anything but tensors and containers is no damage: UnsafeCheckpoint stops the job."""
+        asking to unpickle anything but tensors and containers is no damage: UnsafeCheckpoint stops the job, and
+        one written for another stage or tokenizer config is refused (check_resume)."""
+        check_resume(self.out, self.task.stage, dataclasses.asdict(self.task.model.config))
         skipped: list[str] = []
         for path, manifest in intact_dirs(reversed(self._checkpoints()), skipped):
             try:
@@ -513,6 +539,14 @@ def train_tokenizer(tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, out_d
 def final_dir(cfg) -> Path:
     """The finished stage-2 tokenizer of a run config (semhitok.config.ProjectConfig), as later jobs consume it."""
     return Path(cfg.run_dir) / "tokenizer" / "stage2" / "final"
+
+
+def check_resumes(cfg) -> None:
+    """check_resume for each stage train_all would run (before a command records anything)."""
+    for stage in (1, 2):
+        out = Path(cfg.run_dir) / "tokenizer" / f"stage{stage}"
+        if not (out / "final" / "config.json").is_file():
+            check_resume(out, stage, dataclasses.asdict(cfg.tokenizer))
 
 
 def train_all(cfg) -> Path:

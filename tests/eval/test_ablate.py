@@ -6,6 +6,7 @@ import json
 import pytest
 
 from semhitok.cli import main
+from semhitok.common.run_dir import record_run
 from semhitok.config import load_project_config
 from semhitok.eval.ablate import LLM_FILE, TABLES, default_stage1_steps, forward_gflops, render, run_table
 from tests.conftest import SAMPLE, tiny_config
@@ -117,6 +118,12 @@ def test_the_joint_row_distils_as_many_steps_as_the_others(tmp_path):
     (tmp_path / "t4" / "spc_joint" / "metrics.json").unlink()
     with pytest.raises(ValueError, match="stage1_joint: a stage 1 of 1 steps, this table asks for 2"):
         run_table(4, cfg, tmp_path / "t4", stage1_steps=4, steps=2, only=["spc_joint"], fid=False)
+    # ... by the CLI before it records anything
+    record_run(tmp_path / "t4", cfg, "ablate")
+    records = {n: (tmp_path / "t4" / n).read_bytes() for n in ("config.yaml", "run.json", "runs.jsonl")}
+    args = ["--table", "4", "--out", str(tmp_path / "t4"), "--only", "spc_joint", "--stage1-steps", "4", "--steps", "2"]
+    assert main(["ablate", *args, "--config", "tiny", f"run_dir={tmp_path}"]) == 2
+    assert {n: (tmp_path / "t4" / n).read_bytes() for n in records} == records
 
 
 @pytest.mark.parametrize("overrides,more", [(["tokenizer.fusion=length"], True), (["tokenizer.fusion=semantic_only"], False),

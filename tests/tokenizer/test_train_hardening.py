@@ -94,3 +94,32 @@ def test_resume_past_a_damaged_checkpoint_reproduces_the_run_and_its_metrics(str
     # rows past step 2 (logged before the "kill") were dropped, then logged again by the resumed run: one set per step
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert [r.get("loss") for r in got] == [r.get("loss") for r in want]
+
+
+def test_a_checkpoint_of_another_tokenizer_config_is_refused_not_skipped_as_damage(straight, tmp_path):
+    """Loading it fails (other shapes); treated as damage the run would start from step 0 and delete it."""
+    ckpts = copy_run(straight, tmp_path)
+    before = sorted(p.name for p in ckpts.iterdir())
+    cfg = tiny_config(tmp_path, *COMMON, "tokenizer.sem_code_dim=8")
+    task = build_task(1, cfg.tokenizer, cfg.tokenizer_train, None, torch.device("cpu"), world=1)
+    trainer = Trainer(task, cfg.tokenizer_train, stage_dir(tmp_path), D.DistInfo(0, 1, 0))
+    with pytest.raises(ValueError, match=r"step_00000004 was written by another configuration \(tokenizer.sem_code_dim 16 -> 8\)"):
+        trainer.fit()
+    assert sorted(p.name for p in ckpts.iterdir()) == before
+
+
+def test_the_cli_refuses_such_a_resume_before_it_records_anything(straight, tmp_path, capsys):
+    from semhitok.cli import main
+    from semhitok.common.run_dir import record_run
+
+    copy_run(straight, tmp_path)
+    cfg = tiny_config(tmp_path, *COMMON)
+    record_run(stage_dir(tmp_path), cfg, "tokenizer-stage1")
+    records = {n: (stage_dir(tmp_path) / n).read_bytes() for n in ("config.yaml", "run.json", "runs.jsonl")}
+    capsys.readouterr()
+    args = [f"run_dir={tmp_path}", *COMMON, "tokenizer.sem_codebook_size=64"]
+    assert main(["tokenizer", "train", "--config", "tiny", "--stage", "1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "written by another configuration (tokenizer.sem_codebook_size" in err, err
+    assert main(["tokenizer", "train", "--config", "tiny", *args]) == 2  # every stage: the same check
+    assert {n: (stage_dir(tmp_path) / n).read_bytes() for n in records} == records
