@@ -149,11 +149,20 @@ class VisualEncoder(nn.Module):
         return sem * self.m + pix
 
 
+MAX_PIXELS, MAX_ASPECT_RATIO = 36_000_000, 20.0  # semhitok.tokenizer.data.ImageLimits' defaults
+
+
 def to_rgb(img: Image.Image, size: int) -> Image.Image:
-    """As semhitok reads images: a large JPEG decoded at the smallest DCT scale keeping both sides >= size,
-    transparency over white. (16-bit and float modes are not rescaled here as semhitok does.)"""
+    """As semhitok reads images: the size checked on the header before any pixel is decoded (ValueError: at most
+    MAX_PIXELS after a JPEG's draft, sides within MAX_ASPECT_RATIO), a large JPEG decoded at the smallest DCT scale
+    keeping both sides >= size, transparency over white. (16-bit and float modes are not rescaled as semhitok does.)"""
+    w, h = img.size
+    if w < 1 or h < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image of {w}x{h}: empty or an aspect ratio above {MAX_ASPECT_RATIO:g}")
     if img.format == "JPEG" and min(img.size) >= 2 * size:
         img.draft("RGB", (size, size))
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        raise ValueError(f"image of {img.size[0]}x{img.size[1]}: above the limit of {MAX_PIXELS:,} pixels")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

@@ -60,3 +60,25 @@ def test_padding_a_tall_or_wide_image_needs_no_more_memory_than_cropping(results
     assert got["shape"] == [3, 64, 64]
     # the picture's red is 200 or 255, the padding grey 127 (PAD_FILL): about -0.01 at worst; black padding: about -0.9
     assert got["red"] > -0.5
+
+
+@pytest.mark.parametrize("size, says", [((6001, 6000), "above the limit of 36,000,000 pixels"),
+                                        ((2100, 100), "an aspect ratio above 20"), ((6000, 6000), None)])
+def test_the_exported_processor_checks_the_header_as_semhitok_does(tmp_path, size, says):
+    """The transformers-only processor (mllm/hf_remote, which imports nothing of semhitok) refuses what
+    semhitok.tokenizer.data.to_rgb refuses, before decoding: its limits are ImageLimits' defaults."""
+    from PIL import Image
+
+    from semhitok.mllm.hf_remote import processing_semhitok as remote
+    from semhitok.tokenizer.data import ImageLimits, ImageRejected, to_rgb
+
+    assert (remote.MAX_PIXELS, remote.MAX_ASPECT_RATIO) == (ImageLimits().max_pixels, ImageLimits().max_aspect_ratio)
+    path = tmp_path / "big.png"
+    Image.new("1", size).save(path)  # 1 bit per pixel: 4.5 MB decoded at most
+    for check, refused in ((lambda im: remote.to_rgb(im, 64), ValueError), (lambda im: to_rgb(im, size=64), ImageRejected)):
+        with Image.open(path) as img:
+            if says is None:
+                assert check(img).size == size
+            else:
+                with pytest.raises(refused, match=says):
+                    check(img)
