@@ -4,7 +4,9 @@ PaLM's model-FLOPs convention (6 per parameter per token, 12 L d per attended pa
 counted in full so figures compare with published MFU), with three corrections for packed SemHiTok rows:
   - the LM head (V x d) is charged only for supervised positions: the others never reach it (mllm/loss.py);
   - attention is charged per document, 12 L d sum(n_i^2), n_i each document's own length, not the row's;
-  - padding tails cost nothing; the adapter is charged for visual input positions only.
+  - padding tails cost nothing; the adapter is charged for visual input positions only;
+  - depth codes: the depth heads (mllm/depth_head.py) are charged per visual target, each group running its D
+    codes through its blocks with attention over the D depths (depth_head_flops).
 A ZeRO-3 parameter is counted by its full size (ds_numel), not its local shard.
 """
 
@@ -33,6 +35,21 @@ def document_lengths(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.T
     return torch.bincount(doc[valid.flatten()])
 
 
+def depth_head_flops(heads, targets: int) -> float:
+    """FLOPs of one forward+backward of DepthHeads (or 0 for None) over `targets` visual targets: per group of D
+    codes, h_p's projection once, the blocks and final norm at each of the D depths, each depth's classifier
+    (V_l x width) once, attention 12 layers width D^2 (the causal square in full, as above); lookups are free."""
+    if heads is None:
+        return 0.0
+    per_target = 0.0
+    for group in heads.groups:
+        depth, width = len(group.vocab_sizes), group.pos.shape[1]
+        blocks = sum(numel(p) for p in group.blocks.parameters()) + sum(numel(p) for p in group.norm.parameters())
+        classifiers = sum(v * width for v in group.vocab_sizes)
+        per_target += 6.0 * (numel(group.proj.weight) + blocks * depth + classifiers) + 12.0 * len(group.blocks) * width * depth**2
+    return per_target * targets
+
+
 def batch_flops(model, position_ids: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                 input_ids: torch.Tensor | None = None) -> float:
     """FLOPs of one forward+backward over a packed batch [B, T]: labels IGNORE (-100) where unsupervised,
@@ -44,7 +61,9 @@ def batch_flops(model, position_ids: torch.Tensor, labels: torch.Tensor, valid: 
     visual = int((input_ids >= model.layout.visual_offset).sum()) if input_ids is not None else tokens
     attn_width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     pairs = float((document_lengths(position_ids, valid).double() ** 2).sum())
-    return 6.0 * (body * tokens + head * supervised + adapter * visual) + 12.0 * c.num_hidden_layers * attn_width * pairs
+    visual_targets = int((labels[:, 1:] >= model.layout.visual_offset).sum())
+    return (6.0 * (body * tokens + head * supervised + adapter * visual) + 12.0 * c.num_hidden_layers * attn_width * pairs
+            + depth_head_flops(model.visual_head, visual_targets))
 
 
 def row_flops(model, tokens: int, seq_len: int) -> float:

@@ -44,3 +44,38 @@ def test_batch_flops_equal_a_hand_count():
     assert batch_flops(model, position_ids, labels, valid, input_ids) == expected
     # the old formula charged the head at every position and attention over the whole row: higher
     assert row_flops(model, tokens, seq_len=8) > 1.5 * expected
+
+
+def test_depth_heads_are_charged_what_torch_counts_for_them():
+    """DepthHeads (two groups of 2 and 3 codes): torch's FlopCounterMode over a teacher-forced forward+backward
+    counts the matmuls; depth_head_flops adds what it does not count here (attention over the depths, and 6 per
+    bias or norm parameter per depth, as the body's convention charges them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from semhitok.mllm.depth_head import DepthHeads
+    from semhitok.mllm.flops import depth_head_flops
+
+    torch.manual_seed(0)
+    vocab, groups, targets = (16, 16, 24, 24, 24), (2, 3), 7
+    heads = DepthHeads(32, vocab, groups, layers=2, width=32, heads=2)
+    hidden = torch.randn(targets, 32, requires_grad=True)
+    codes = torch.stack([torch.randint(0, v, (targets,)) for v in vocab], 1)
+    with FlopCounterMode(display=False) as counter:
+        heads(hidden, codes).sum().backward()
+    small = 2 * (2 * 32 + 2 * 32 + 3 * 32 + 32 + 4 * 32 + 32) + 2 * 32  # per depth: 2 blocks' norms and biases, final norm
+    uncounted = sum(12 * 2 * 32 * d * d + 6 * small * d for d in groups) * targets
+    assert counter.get_total_flops() + uncounted == depth_head_flops(heads, targets)
+    assert depth_head_flops(None, targets) == 0
+
+
+def test_batch_flops_charge_the_depth_heads_at_visual_targets_only():
+    from semhitok.mllm.depth_head import DepthHeads
+    from semhitok.mllm.flops import depth_head_flops
+
+    model = tiny_model()
+    position_ids, labels, valid, input_ids = packed_batch()
+    flat = batch_flops(model, position_ids, labels, valid, input_ids)
+    model.visual_head = DepthHeads(64, (16, 16), (1, 1), layers=1, width=32, heads=2)
+    labels[0, 3] = 11  # a text target: no depth heads
+    extra = batch_flops(model, position_ids, labels, valid, input_ids) - flat - 6 * 1280 * 64  # (the head, one more target)
+    assert extra == depth_head_flops(model.visual_head, 4)  # 3 visual targets in row 0, 1 in row 1
