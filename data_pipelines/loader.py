@@ -497,9 +497,19 @@ class PackedLoader:
         return {"next_draw": self.next_draw, "cursors": list(self.cursors), "rank": self.rank, "world_size": self.world,
                 "pending": [[d.n, d.component, d.cursor] for d, _ in self.pending], "stats": dict(self.stats)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "loader state") -> None:
+        """state_dict's value back; where (its file) names it in the one-line error a state of another shape gets."""
+        def counts(values) -> bool:
+            return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+        if not (isinstance(state, dict) and {"next_draw", "cursors", "rank", "world_size", "pending", "stats"} <= state.keys()
+                and counts([state["next_draw"], state["rank"], state["world_size"]]) and counts(state["cursors"])
+                and isinstance(state["pending"], list) and isinstance(state["stats"], dict)
+                and all(counts(p) and len(p) == 3 and p[1] < len(self.cfg.mixture) for p in state["pending"])
+                and all(isinstance(k, str) and counts([v]) for k, v in state["stats"].items())):
+            raise ValueError(f"{where}: not a loader state (PackedLoader.state_dict: counts, cursors, pending draws, stats)")
         if (state["rank"], state["world_size"]) != (self.rank, self.world) or len(state["cursors"]) != len(self.cfg.mixture):
-            raise ValueError(f"loader state is for rank {state['rank']}/{state['world_size']} with "
+            raise ValueError(f"{where} is for rank {state['rank']}/{state['world_size']} with "
                              f"{len(state['cursors'])} mixture components; this loader is rank {self.rank}/{self.world} "
                              f"with {len(self.cfg.mixture)}")
         self.next_draw, self.cursors = state["next_draw"], list(state["cursors"])

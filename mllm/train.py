@@ -17,7 +17,6 @@ those of the uninterrupted run. No state is unpickled beyond tensors, containers
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -222,12 +221,13 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
     if step < 0:
         return 0
     tag = f"step{step:08d}"
-    manifest = json.loads((root / tag / MANIFEST).read_text())
+    manifest = read_json(root / tag / MANIFEST)
     if manifest.get("world_size") != dist.world_size:
         raise ValueError(f"checkpoint {root / tag} was written by {manifest.get('world_size')} rank(s), this job has "
                          f"{dist.world_size}: resume with the same world size")
     client = load_engine_checkpoint(engine, root, tag)
-    loader.load_state_dict(json.loads((root / tag / f"loader_rank{dist.rank}.json").read_text()))
+    state = root / tag / f"loader_rank{dist.rank}.json"  # (read with the depth limit; a bad one is one line naming it)
+    loader.load_state_dict(read_json(state), str(state))
     rng = load_state(root / tag / f"rng_rank{dist.rank}.pt")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"].numel():

@@ -194,3 +194,25 @@ def test_a_clean_corpus_is_hashed_once_per_shard(corpus, text_tokenizer, monkeyp
     drain(corpus, text_tokenizer, batches=40, shard_cache=1)  # every shard leaves the cache and is read again, often
     shards = len(list((corpus / "shards").glob("*.npz")))
     assert len(hashed) == shards
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: [s],  # a list, not an object
+    lambda s: {k: v for k, v in s.items() if k != "cursors"},  # KeyError before
+    lambda s: {**s, "cursors": ["x"] * len(s["cursors"])},
+    lambda s: {**s, "next_draw": -3},
+    lambda s: {**s, "pending": [[0, 99, 0]]},  # a mixture component that is not there: IndexError before
+    lambda s: {**s, "pending": [[0, 0]]},
+    lambda s: {**s, "stats": {"tokens": "many"}},
+])
+def test_a_forged_loader_state_is_one_line_naming_its_file(corpus, text_tokenizer, change):
+    """A checkpoint's loader_rank<r>.json (JSON, never unpickled) of another shape is refused with one line naming
+    the file, before any of it is used; a clean state loads."""
+    packed = drain(corpus, text_tokenizer, batches=3)
+    state = json.loads(json.dumps(packed.state_dict()))  # as the checkpoint holds it
+    with pytest.raises(ValueError) as err:
+        loader(corpus, text_tokenizer).load_state_dict(change(state), "ckpt/loader_rank0.json")
+    assert "\n" not in str(err.value) and str(err.value).startswith("ckpt/loader_rank0.json: not a loader state"), err.value
+    again = loader(corpus, text_tokenizer)
+    again.load_state_dict(state, "ckpt/loader_rank0.json")
+    assert again.next_batch()["input_ids"].equal(packed.next_batch()["input_ids"])
