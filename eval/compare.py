@@ -170,16 +170,13 @@ def world_cells(scores: dict) -> list[str]:
 # tokenizer_train.max_steps (before the user's overrides, which still win), so every stage of every kind trains
 # that many steps at tokenizer_train.batch_size.
 STAGE_STEPS = {"toklip": ("toklip.vqgan_steps", "toklip.encoder_steps")}
-# Each kind's own paper's settings, also ahead of the user's overrides: DualToken samples at CFG 3 (arXiv
-# 2503.14324 sec. 4.1); SemHiTok's paper at 2, the presets' default.
-KIND_DEFAULTS = {"dualtoken": ("eval.sampling.cfg_scale=3",)}
 
 
 def kind_overrides(config: str, overrides: list[str], kind: str, out: Path) -> list[str]:
-    """The equal-budget steps and the kind's paper defaults, the user's overrides, then this kind's run
-    directory and tokenizer.kind."""
+    """The equal-budget steps, the user's overrides, then this kind's run directory and tokenizer.kind. Each
+    kind samples at its own paper's CFG scale unless the config or an override sets one (load_project_config)."""
     steps = load_project_config(config, overrides).tokenizer_train.max_steps
-    return [*(f"{key}={steps}" for key in STAGE_STEPS.get(kind, ())), *KIND_DEFAULTS.get(kind, ()), *overrides,
+    return [*(f"{key}={steps}" for key in STAGE_STEPS.get(kind, ())), *overrides,
             f"run_dir={out / kind}", f"tokenizer.kind={kind}"]
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from semhitok.common.config_io import ConfigError, check_positive, check_range
-from semhitok.mllm.sample import Decoder, SamplingConfig
+from semhitok.mllm.sample import Decoder, SamplingConfig, kind_sampling
 from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
 from semhitok.tokenizer.interface import VisualTokenizer
 
@@ -97,7 +97,7 @@ class ChatEngine:
         self.context = decoder.model.lm.config.max_position_embeddings  # prompt + answer must fit
         if max_new_tokens >= self.context:
             raise ConfigError(f"max_new_tokens: must be below the model's context of {self.context} tokens, got {max_new_tokens}")
-        self.sampling = sampling or SamplingConfig()  # images: CFG scale 2 (the paper's), temperature 1
+        self.sampling = sampling or kind_sampling(visual.kind)  # images: CFG of the kind's paper, temperature 1
         self.answer_sampling = answer_sampling or SamplingConfig(temperature=0.0)  # answers: greedy
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._sessions_lock = threading.Lock()

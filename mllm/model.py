@@ -53,7 +53,7 @@ from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
 from semhitok.tokenizer.codec import VisualCodec
-from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.interface import KINDS, IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
 from semhitok.tokenizer.model import SemHiTok, SemHiTokFeatures
 
 log = logging.getLogger("semhitok")
@@ -351,10 +351,7 @@ class SemHiTokLM(nn.Module):
         layout = TokenLayout(**meta["layout"])
         if not _tied(lm):  # an untied table's visual rows are export padding: keep the text rows only
             lm.set_input_embeddings(with_rows(lm.get_input_embeddings(), layout.text_vocab_size))
-        try:
-            ids = IdStructure.from_dict(meta["ids"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{meta_file}: bad ids {meta['ids']!r} ({type(err).__name__}: {err})") from None
+        ids = _ids(meta, meta_file)
         adapter = VisualAdapter(export_features(path, ids, meta), meta["adapter_hidden"], lm.config.hidden_size, cfg.adapter_inputs)
         try:
             adapter.load_state_dict(_adapter_state(load_file(str(path / ADAPTER_WEIGHTS))))
@@ -412,6 +409,24 @@ def _read_meta(meta_file: Path) -> tuple[dict, TokenLayout]:
         if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < low:
             raise ValueError(f"{meta_file}: {key} must be an integer >= {low}, got {meta[key]!r}")
     return meta, layout
+
+
+def _ids(meta: dict, meta_file: Path) -> IdStructure:
+    try:
+        ids = IdStructure.from_dict(meta["ids"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{meta_file}: bad ids {meta['ids']!r} ({type(err).__name__}: {err})") from None
+    if ids.kind not in KINDS:
+        raise ValueError(f"{meta_file}: ids.kind {ids.kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
+    return ids
+
+
+def saved_ids(path: str | Path) -> IdStructure:
+    """The visual id structure (tokenizer kind, grid, codes) a local export records, read without its weights."""
+    meta_file = Path(path) / MLLM_CONFIG
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: pass a directory written by SemHiTokLM.save_pretrained")
+    return _ids(_read_meta(meta_file)[0], meta_file)
 
 
 def check_text_tokenizer(path: Path, layout: TokenLayout) -> None:

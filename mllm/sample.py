@@ -48,7 +48,7 @@ from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
 from semhitok.tokenizer import to_pil
 from semhitok.tokenizer.codec import Pick
-from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.interface import PAPER_CFG_SCALE, VisualTokenizer, load_visual_tokenizer, paper_cfg_scale
 
 MAX_CFG_SCALE = 100.0
 MAX_SAMPLES_PER_PROMPT = 10_000  # sample_images' per_prompt (and `semhitok sample --samples-per-prompt`)
@@ -56,7 +56,9 @@ MAX_SAMPLES_PER_PROMPT = 10_000  # sample_images' per_prompt (and `semhitok samp
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 2.0  # 1: no guidance; 2: the SemHiTok paper's; 0 to MAX_CFG_SCALE (0: unconditional)
+    # 1: no guidance; 0 to MAX_CFG_SCALE (0: unconditional). Default: SemHiTok's paper's (2); for a model or config
+    # of another tokenizer kind, its paper's (kind_sampling, PAPER_CFG_SCALE: DualToken 3, TokLIP 2.5).
+    cfg_scale: float = PAPER_CFG_SCALE["semhitok"]
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
@@ -68,6 +70,12 @@ class SamplingConfig:
         check_range(self, 0, 1, "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"top_k and seed must be integers, got {self.top_k!r} and {self.seed!r}")
+
+
+def kind_sampling(kind: str, **given) -> SamplingConfig:
+    """Image sampling settings for a model of tokenizer kind `kind`: the fields in `given`, the others
+    SamplingConfig's defaults, except cfg_scale, which defaults to the kind's paper's (paper_cfg_scale)."""
+    return SamplingConfig(**{"cfg_scale": paper_cfg_scale(kind), **given})
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -48,10 +48,17 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRESE
     p.add_argument("overrides", nargs="*", default=[], help="config overrides such as tokenizer_train.max_steps=100")
 
 
-def _load(args):
+def _load(args, model_kind: str | None = None):
     from semhitok.config import load_project_config
 
-    return load_project_config(args.config, args.overrides)
+    return load_project_config(args.config, args.overrides, model_kind)
+
+
+def _model_kind(model_dir: str | Path) -> str:
+    """The tokenizer kind a local model export records (semhitok_mllm.json), read without loading it."""
+    from semhitok.mllm.model import saved_ids
+
+    return saved_ids(model_dir).kind
 
 
 def _record(job_dir, cfg, job: str, args) -> None:
@@ -258,21 +265,23 @@ class SamplingDefault:
         return f"{getattr(SamplingConfig(), self.name)!r} (SamplingConfig.{self.name})"
 
 
-def _sampling(args):
-    """SamplingConfig defaults, with the flags given on the command line."""
+def _sampling(args, kind: str | None = None):
+    """The flags given on the command line, the other fields SamplingConfig's defaults, except cfg_scale: without
+    --cfg-scale, the paper's of tokenizer kind `kind` (the model's; None: SamplingConfig's, to check the flags)."""
     import dataclasses
 
-    from semhitok.mllm.sample import SamplingConfig
+    from semhitok.mllm.sample import SamplingConfig, kind_sampling
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
              if not isinstance(getattr(args, f.name), SamplingDefault)}
-    return SamplingConfig(**given)
+    return kind_sampling(kind, **given) if kind else SamplingConfig(**given)
 
 
 def _sampling_args(p, seed_default, seed_help: str) -> None:
     """The image sampling flags (sample, chat)."""
     p.add_argument("--cfg-scale", type=float, default=SamplingDefault("cfg_scale"),
-                   help="classifier-free guidance scale, 0 to 100 (1: off; 0: unconditional)")
+                   help="classifier-free guidance scale, 0 to 100 (1: off; 0: unconditional); default: the model's "
+                   "tokenizer kind's paper's CFG (SemHiTok 2, DualToken 3, TokLIP 2.5)")
     p.add_argument("--temperature", type=float, default=SamplingDefault("temperature"), help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=SamplingDefault("top_k"), help="keep the k most likely ids (0: off)")
     p.add_argument("--top-p", type=float, default=SamplingDefault("top_p"), help="nucleus sampling mass (1: off)")
@@ -293,6 +302,7 @@ def cmd_sample(args) -> None:
     check_flag(args.samples_per_prompt, 1, MAX_SAMPLES_PER_PROMPT, "--samples-per-prompt")  # (sample.py's bound)
     check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
     args.model = str(_model_dir(args.model))
+    sampling = _sampling(args, _model_kind(args.model))  # without --cfg-scale: the model's kind's paper's CFG
     record_run(args.out, {"model": str(Path(args.model).resolve()), "prompt": args.prompt, "prompts": args.prompts,
                           "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
                           "samples_per_prompt": args.samples_per_prompt}, "sample")
@@ -315,7 +325,7 @@ def cmd_eval(args) -> None:
         else:
             log.info("config: %s (recorded by the run that trained %s)", recorded, args.model)
         args.config = str(recorded or DEFAULT_PRESET)
-    cfg = _load(args)
+    cfg = _load(args, _model_kind(args.model))  # eval.sampling.cfg_scale, unless set: the model's kind's paper's
     out = Path(args.out) if args.out else eval_dir(args.model)
     _record(out, cfg, "eval", args)
     evaluate_model(args.model, cfg.eval, out, args.device)
@@ -339,6 +349,7 @@ def cmd_chat(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port: must lie in [0, 65535], got {args.port}")
     args.model = str(_model_dir(args.model))
+    sampling = _sampling(args, _model_kind(args.model))  # without --cfg-scale: the model's kind's paper's CFG
     decoder, visual = load_sampler(args.model, args.device, args.compile)
     engine = ChatEngine(decoder, visual, int(limits.max_upload_mb * 2**20), limits.max_pixels, sampling,
                         max_new_tokens=limits.max_new_tokens, answer_sampling=answer)

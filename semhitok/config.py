@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semhitok.common.config_io import ConfigError, load_config
+from semhitok.common.config_io import ConfigError, config_data, from_dict
 from semhitok.common.resources import map_strings, resolve_shipped
 from semhitok.data_pipelines.config import PretokenizeConfig, SequenceConfig
 from semhitok.data_pipelines.world import WorldConfig
@@ -14,7 +14,7 @@ from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TeacherTrainConfig, TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
-from semhitok.tokenizer.interface import kind_trainer
+from semhitok.tokenizer.interface import kind_trainer, paper_cfg_scale
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 
 
@@ -79,11 +79,29 @@ class ProjectConfig:
         return Path(self.run_dir) / "mllm"
 
 
-def load_project_config(preset: str | Path | None, overrides: list[str] | None = None) -> ProjectConfig:
+def load_project_config(preset: str | Path | None, overrides: list[str] | None = None,
+                        model_kind: str | None = None) -> ProjectConfig:
     """Preset (or YAML path) + overrides -> the config, with relative paths into the shipped files
     (`data/...`, `configs/...`) resolved to the repository's or the installed package's copy when the
-    current directory has none (semhitok.common.resources)."""
-    return resolve_shipped(expand_run_dir(load_config(ProjectConfig, preset, overrides)))
+    current directory has none (semhitok.common.resources).
+
+    eval.sampling.cfg_scale, unless the preset or an override sets it (to any value, 2 included), is the CFG
+    scale of tokenizer.kind's paper (tokenizer.interface.PAPER_CFG_SCALE: SemHiTok 2, DualToken 3), or of
+    `model_kind`'s when given (the kind of the model `semhitok eval` scores, whatever the config's)."""
+    data = config_data(preset, overrides)
+    cfg = from_dict(ProjectConfig, data, where=str(preset or ProjectConfig.__name__))
+    if not _is_set(data, "eval", "sampling", "cfg_scale"):
+        cfg.eval.sampling.cfg_scale = paper_cfg_scale(model_kind or cfg.tokenizer.kind)
+    return resolve_shipped(expand_run_dir(cfg))
+
+
+def _is_set(data: dict, *keys: str) -> bool:
+    """Whether the nested mapping `data` holds keys[0] -> keys[1] -> ... (a field the preset or an override set)."""
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
 
 
 def expand_run_dir(cfg: ProjectConfig) -> ProjectConfig:

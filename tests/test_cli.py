@@ -40,7 +40,7 @@ def test_every_flag_has_help_and_shows_its_default():
             if action.option_strings and not action.required and action.default not in (None, []):
                 assert "default" in parser._get_formatter()._get_help_string(action), f"{name} {action.dest}"
     sample = parsers["semhitok sample"].format_help()
-    assert "--batch-size BATCH_SIZE" in sample and "(default: 8)" in sample and "SamplingConfig.cfg_scale" in sample
+    assert "--batch-size BATCH_SIZE" in sample and "(default: 8)" in sample and "SamplingConfig.temperature" in sample
 
 
 

@@ -167,10 +167,11 @@ def train(cfg) -> Path:
 
 @pytest.fixture
 def kinds(monkeypatch):
-    """Both test kinds registered (KINDS, TRAINERS) for the length of one test."""
+    """Both test kinds registered (KINDS, TRAINERS, PAPER_CFG_SCALE) for the length of one test."""
     for kind, cls in (("test_vq", "PatchVQ"), ("test_rvq", "PatchRVQ")):
         monkeypatch.setitem(interface.KINDS, kind, f"{HERE}:{cls}")
         monkeypatch.setitem(interface.TRAINERS, kind, (f"{HERE}:train", f"{HERE}:final_dir"))
+        monkeypatch.setitem(interface.PAPER_CFG_SCALE, kind, 1.5)
 
 
 def pretokenize(tokenizer_dir: Path, out: Path) -> Path:

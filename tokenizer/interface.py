@@ -100,6 +100,23 @@ TRAINERS: dict[str, tuple[str, str]] = {
 }
 
 
+# kind -> the classifier-free guidance scale its paper samples images at: the default of `eval.sampling.cfg_scale`
+# for a config of that tokenizer.kind (semhitok.config) and of `semhitok sample` / `chat` for a model of that kind.
+#   semhitok: 2 (arXiv 2503.06764, sec. 4.1: "classifier-free guidance, with a scale factor of 2");
+#   dualtoken: 3 (arXiv 2503.14324, sec. 4.1: "a CFG value of 3");
+#   toklip: 2.5 (arXiv 2505.05422, sec. 4.4: cfg = 2.5, its only generation setting, for class-conditional ImageNet
+#   generation with LlamaGen's GPT-B/L; the paper reports no text-to-image CFG).
+PAPER_CFG_SCALE: dict[str, float] = {"semhitok": 2.0, "dualtoken": 3.0, "toklip": 2.5}
+
+
+def paper_cfg_scale(kind: str) -> float:
+    """The CFG scale tokenizer kind `kind`'s paper samples at (see PAPER_CFG_SCALE)."""
+    if kind not in PAPER_CFG_SCALE:
+        raise ValueError(f"tokenizer kind {kind!r} declares no CFG scale (tokenizer.interface.PAPER_CFG_SCALE holds "
+                         f"{', '.join(sorted(PAPER_CFG_SCALE))})")
+    return PAPER_CFG_SCALE[kind]
+
+
 def tokenizer_class(kind: str) -> type:
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; known: {', '.join(sorted(KINDS))}")

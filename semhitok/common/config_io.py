@@ -231,6 +231,11 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    return from_dict(cls, config_data(preset, overrides), where=str(preset or cls.__name__))
+
+
+def config_data(preset: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The preset's (or YAML file's) mapping with the overrides merged in: the fields someone set, before defaults."""
     data: dict = {}
     if preset is not None:
         path = resolve_preset(preset)
@@ -241,5 +246,4 @@ def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return from_dict(cls, data, where=str(preset or cls.__name__))
+    return deep_merge(data, parse_overrides(overrides or []))
