@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from semhitok.common.config_io import check_min
+from semhitok.common.config_io import check_min, check_range
 from semhitok.common.resources import shipped
-from semhitok.mllm.sample import SamplingConfig
+from semhitok.mllm.sample import MAX_SAMPLES_PER_PROMPT, SamplingConfig
 
 
 @dataclass
@@ -44,4 +44,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_min(self, 0, "geneval_limit", "gaps_limit", "world_questions_limit", "world_prompts_limit")
-        check_min(self, 1, "geneval_samples", "batch_size")
+        # (semhitok sample --samples-per-prompt's bound; GenEval draws them batch_size at a time)
+        check_range(self, 1, MAX_SAMPLES_PER_PROMPT, "geneval_samples")
+        check_range(self, 1, 4096, "batch_size")  # images generated or reconstructed together

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semhitok.common.io import atomic_dir
+from semhitok.common.io import atomic_dir, loads_json
 from semhitok.eval.fid import FIDUnavailable, GaussianStats, InceptionFeatures, frechet_distance
 from semhitok.tokenizer import image_grid, iter_image_batches, list_images, to_pil
 
 log = logging.getLogger("semhitok")
+GRID_SAMPLES = 64  # the first samples of a prompt shown in its grid.png
 GENEVAL_SETUP = ("GenEval's scorer is not set up: `git clone https://github.com/djghosh13/geneval`, install its "
                  "requirements (mmdet 2.x, mmcv-full, open_clip, clip-benchmark) in this Python, run "
                  "`bash evaluation/download_models.sh MODELS`, then set GENEVAL_DIR=<clone> and GENEVAL_MODELS=MODELS")
@@ -38,21 +39,33 @@ class GenEvalUnavailable(RuntimeError):
     pass
 
 
-def read_metadata(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, text_field: str) -> list[dict]:
+    """jsonl rows, each an object with a string `text_field` (read with the JSON depth limit); a bad row is one
+    line naming path:line."""
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            try:
-                row = json.loads(line)
-                row["prompt"]  # noqa: B018 - required field
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a GenEval metadata object with a 'prompt'") from None
+            row = loads_json(line, f"{path}:{n}")
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise ValueError(f"{path}:{n}: expected an object with a '{text_field}' string")
             rows.append(row)
     return rows
 
 
-def generate_geneval(decoder, visual, metadata: list[dict], out: str | Path, sampling, samples_per_prompt: int = 4) -> int:
-    """Generate every prompt's samples into GenEval's layout; returns how many folders were written now."""
+def read_metadata(path: str | Path) -> list[dict]:
+    """GenEval's evaluation_metadata.jsonl (eval.geneval_metadata) -> its rows"""
+    return read_rows(path, "prompt")
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """jsonl rows {"image", "caption"} (eval.gfid_captions) -> the captions"""
+    return [row["caption"] for row in read_rows(path, "caption")]
+
+
+def generate_geneval(decoder, visual, metadata: list[dict], out: str | Path, sampling, samples_per_prompt: int = 4,
+                     batch_size: int = 16) -> int:
+    """Generate every prompt's samples into GenEval's layout, batch_size images at a time (sample j keyed by j, as
+    in one batch); returns how many folders were written now."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -60,13 +73,17 @@ def generate_geneval(decoder, visual, metadata: list[dict], out: str | Path, sam
         folder = out / f"{i:05d}"
         if len(list(folder.glob("samples/*.png"))) == samples_per_prompt and (folder / "metadata.jsonl").is_file():
             continue
-        ids = decoder.image_ids([meta["prompt"]] * samples_per_prompt, dataclasses.replace(sampling, seed=sampling.seed + i))
-        images = visual.decode(ids.to(visual.device)).cpu()
+        seeded, shown = dataclasses.replace(sampling, seed=sampling.seed + i), []
         with atomic_dir(folder) as tmp:
             (tmp / "samples").mkdir()
-            for j, image in enumerate(images):
-                to_pil(image).save(tmp / "samples" / f"{j:04d}.png")
-            image_grid([images]).save(tmp / "grid.png")
+            for start in range(0, samples_per_prompt, batch_size):  # (held batch by batch, never all at once)
+                samples = list(range(start, min(start + batch_size, samples_per_prompt)))
+                images = visual.decode(decoder.image_ids([meta["prompt"]] * len(samples), seeded, samples=samples)
+                                       .to(visual.device)).cpu()
+                for j, image in zip(samples, images, strict=True):
+                    to_pil(image).save(tmp / "samples" / f"{j:04d}.png")
+                shown += list(images[: GRID_SAMPLES - len(shown)])
+            image_grid([torch.stack(shown)]).save(tmp / "grid.png")
             (tmp / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
         written += 1
     return written

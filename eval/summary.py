@@ -22,7 +22,8 @@ from semhitok.common.io import atomic_path, write_json
 from semhitok.common.model_card import eval_dir
 from semhitok.eval.config import EvalConfig
 from semhitok.eval.fid import FIDUnavailable
-from semhitok.eval.generation import GenEvalUnavailable, generate_geneval, generation_fid, read_metadata, score_geneval
+from semhitok.eval.generation import (GenEvalUnavailable, generate_geneval, generation_fid, read_captions, read_metadata,
+                                      score_geneval)
 from semhitok.eval.pope import load_pope, run_pope
 from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.eval.world_eval import score_world, world_table
@@ -78,7 +79,7 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
     if "geneval" in todo:
         metadata = read_metadata(cfg.geneval_metadata)[: cfg.geneval_limit or None]
         log.info("== GenEval: %d prompts x %d samples", len(metadata), cfg.geneval_samples)
-        generate_geneval(decoder, visual, metadata, out / "geneval", cfg.sampling, cfg.geneval_samples)
+        generate_geneval(decoder, visual, metadata, out / "geneval", cfg.sampling, cfg.geneval_samples, cfg.batch_size)
         summary["geneval"] = {"prompts": len(metadata), "images": str(out / "geneval")}
         try:
             summary["geneval"].update(score_geneval(out / "geneval", out))
@@ -96,8 +97,7 @@ def evaluate_model(model_dir: str | Path, cfg: EvalConfig, out: str | Path, devi
 
     if "gfid" in todo:
         log.info("== gFID: %s", cfg.gfid_captions)
-        rows = [json.loads(line) for line in Path(cfg.gfid_captions).read_text().splitlines() if line.strip()]
-        summary["gfid"] = generation_fid(decoder, visual, [r["caption"] for r in rows], [cfg.gfid_captions],
+        summary["gfid"] = generation_fid(decoder, visual, read_captions(cfg.gfid_captions), [cfg.gfid_captions],
                                          out / "gfid_images", cfg.sampling, cfg.batch_size)
 
     log.info("== tokenizer reconstruction: %s", cfg.recon_images)

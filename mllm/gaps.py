@@ -17,7 +17,6 @@ Works on a plain model and under DeepSpeed ZeRO-3 (every rank must call it: the 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semhitok.common.io import loads_json
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.tokenizer import encode_paths
 from semhitok.tokenizer.interface import VisualTokenizer
@@ -46,9 +46,9 @@ def load_pairs(path: str | Path, visual: VisualTokenizer, limit: int = 0) -> Hel
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            if "image" not in row or "caption" not in row:
-                raise ValueError(f"{path}:{n}: expected a row with 'image' and 'caption'")
+            row = loads_json(line, f"{path}:{n}")  # (depth-limited: one line, not a RecursionError)
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+                raise ValueError(f"{path}:{n}: expected a row with 'image' and 'caption' strings")
             rows.append(row)
     rows = rows[: limit or None]
     kept, ids = encode_paths(visual, [path.parent / r["image"] for r in rows])

@@ -128,3 +128,17 @@ def test_a_shard_and_a_done_record_nested_deep_are_one_line(tmp_path):
     (tmp_path / "s-00000.done.json").write_bytes(DEEP)
     with pytest.raises(DataError, match=r"s-00000.done.json: unreadable \(ValueError\); delete it to redo that unit"):
         _read_done(tmp_path / "s-00000.done.json")
+
+
+def test_teacher_and_toklip_training_rows_nested_deep_are_skipped_like_other_bad_rows(tmp_path, caplog):
+    """The teacher's image-caption pairs and TokLIP's caption list read rows with the depth limit: a deep row is a
+    skipped bad row (logged with file:line), as an invalid one is, not a RecursionError"""
+    from semhitok.tokenizer.teacher import read_pairs
+    from semhitok.tokenizer.toklip.train import list_captions
+
+    (tmp_path / "a.png").write_bytes(b"")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"image": "a.png", "caption": "a cat"}\n' + DEEP + b"\n{\n")
+    assert read_pairs([rows]) == [(tmp_path / "a.png", "a cat")]
+    assert f"{rows}:2: skipped" in caplog.text and "nested deeper than 100" in caplog.text
+    assert list_captions([str(rows)]) == ["a cat"]

@@ -50,6 +50,10 @@ def cli_error(argv: list[str], capsys) -> str:
     ("eval.sampling.cfg_scale=-1e308", "eval.sampling.cfg_scale"),
     ("eval.sampling.cfg_scale=101", "eval.sampling.cfg_scale"),
     ("eval.sampling.cfg_scale=-0.5", "eval.sampling.cfg_scale"),
+    ("eval.geneval_samples=1000000000", "eval.geneval_samples"),  # GenEval drew 2 x 10^9 samples, no end in 5 min
+    ("eval.batch_size=100000", "eval.batch_size"),
+    ("tokenizer_train.semantic_weight=.nan", "tokenizer_train.semantic_weight"),  # NaN, inf and -1 were accepted
+    ("tokenizer_train.semantic_weight=-1", "tokenizer_train.semantic_weight"),
 ])
 def test_out_of_range_knobs_are_one_line_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -160,6 +164,9 @@ def deep_model_dir(tmp_path: Path, name: str) -> Path:
     ("tokenizer", "config.json"),  # a tokenizer directory's config.json
     ("mllm", "semhitok_mllm.json"),  # an MLLM export's own config
     ("pope", "pope.jsonl"),  # eval.pope_questions
+    ("geneval", "geneval.jsonl"),  # eval.geneval_metadata: RecursionError before
+    ("gfid", "captions.jsonl"),  # eval.gfid_captions: RecursionError before
+    ("gaps", "pairs.jsonl"),  # eval.gaps_data: RecursionError before
 ])
 def test_a_100k_deep_json_is_one_line_naming_the_file(reader, file, tmp_path):
     if reader == "prompts":
@@ -172,14 +179,36 @@ def test_a_100k_deep_json_is_one_line_naming_the_file(reader, file, tmp_path):
     elif reader == "mllm":
         from semhitok.mllm.model import SemHiTokLM
         call = lambda: SemHiTokLM.from_pretrained(deep_model_dir(tmp_path, file))  # noqa: E731
-    else:
+    elif reader == "pope":
         from semhitok.eval.pope import load_pope
         (tmp_path / file).write_text(DEEP_JSON + "\n")
         call = lambda: load_pope(tmp_path / file, tmp_path)  # noqa: E731
+    else:
+        from semhitok.eval.generation import read_captions, read_metadata
+        from semhitok.mllm.gaps import load_pairs
+        (tmp_path / file).write_text('{"prompt": "a", "image": "a.png", "caption": "a"}\n' + DEEP_JSON + "\n")
+        read = {"geneval": read_metadata, "gfid": read_captions, "gaps": lambda path: load_pairs(path, None)}[reader]
+        call = lambda: read(tmp_path / file)  # noqa: E731
     with pytest.raises(ValueError) as err:
         call()
     text = one_line(err.value)
     assert file in text and "nested deeper than" in text
+
+
+@pytest.mark.parametrize("row", ['["prompt", "caption", "image"]', '{"prompt": 3, "caption": 3, "image": 3}', '"a"'])
+def test_eval_rows_of_the_wrong_shape_are_one_line_naming_the_row(row, tmp_path):
+    """GenEval metadata, gFID captions and gap pairs: a row that is not an object with its strings is one line
+    naming file:line (gFID's and the gaps' readers ended in TypeError / KeyError tracebacks before)"""
+    from semhitok.eval.generation import read_captions, read_metadata
+    from semhitok.mllm.gaps import load_pairs
+
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a", "image": "a.png", "caption": "a"}\n\n' + row + "\n")
+    for read in (read_metadata, read_captions, lambda path: load_pairs(path, None)):
+        with pytest.raises(ValueError) as err:
+            read(tmp_path / "rows.jsonl")
+        assert one_line(err.value).startswith(f"{tmp_path / 'rows.jsonl'}:3: expected "), err.value
+    (tmp_path / "good.jsonl").write_text('{"prompt": "a", "image": "a.png", "caption": "b"}\n\n')
+    assert read_captions(tmp_path / "good.jsonl") == ["b"] and read_metadata(tmp_path / "good.jsonl")[0]["prompt"] == "a"
 
 
 def test_json_just_deeper_than_the_limit_is_refused_and_at_it_read():

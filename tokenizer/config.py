@@ -179,7 +179,7 @@ class TokenizerTrainConfig:
         check_positive(self, "lr", "disc_lr", "grad_clip")  # grad_clip 0 would zero every gradient
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "weight_decay", "warmup_steps", "commit_weight", "l1_weight", "codebook_weight",
-                  "perceptual_weight", "gan_weight", "disc_start", "num_workers", "seed")
+                  "semantic_weight", "perceptual_weight", "gan_weight", "disc_start", "num_workers", "seed")
         if self.semantic_encoder == "frozen" and not self.student_from_teacher:
             raise ConfigError("semantic_encoder=frozen with student_from_teacher=false would distil through a frozen "
                               "random encoder; set one of them back")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import SiglipConfig, SiglipModel
 
 from semhitok.common.dist import default_device
-from semhitok.common.io import atomic_dir, write_json
+from semhitok.common.io import atomic_dir, loads_json, write_json
 from semhitok.tokenizer.config import TeacherTrainConfig
 from semhitok.tokenizer.data import center_crop_resize, load_rgb
 from semhitok.tokenizer.text import byte_caption_ids
@@ -51,9 +51,9 @@ def read_pairs(sources: list[str | Path]) -> list[tuple[Path, str]]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = loads_json(line, "row")  # (depth-limited: a ValueError, not a RecursionError)
                     image, caption = row["image"], row["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError) as err:
                     log.warning("%s:%d: skipped, no usable \"image\" and \"caption\" (%s)", source, lineno, err)
                     continue
                 if not isinstance(caption, str) or not caption:

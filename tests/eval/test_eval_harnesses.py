@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from semhitok.cli import main
 from semhitok.eval.generation import (GenEvalUnavailable, generate_geneval, generation_fid, read_metadata,
@@ -77,6 +78,22 @@ def test_geneval_folders_follow_the_scorer_layout_and_resume(sampler, tmp_path):
         assert (folder / "grid.png").is_file()
     (tmp_path / "00001" / "samples" / "0001.png").unlink()  # an interrupted folder is redone, the rest kept
     assert generate_geneval(*sampler, metadata, tmp_path, sampling, samples_per_prompt=2) == 1
+
+
+def test_geneval_draws_a_prompts_samples_batch_size_at_a_time_with_the_same_images(tiny_mllm_dir, tmp_path):
+    """eval.geneval_samples images of a prompt were one batch (10^9 of them: no end); now eval.batch_size at a time,
+    sample j keyed by j as before, so the pictures do not depend on the batch size"""
+    decoder, visual = load_sampler(tiny_mllm_dir, "cpu")
+    metadata, sampling = read_metadata(GENEVAL)[:1], SamplingConfig(cfg_scale=2.0, seed=3)
+    asked, image_ids = [], decoder.image_ids
+    decoder.image_ids = lambda captions, *args, **kw: asked.append(len(captions)) or image_ids(captions, *args, **kw)
+    generate_geneval(decoder, visual, metadata, tmp_path / "b2", sampling, samples_per_prompt=5, batch_size=2)
+    assert asked == [2, 2, 1]
+    generate_geneval(decoder, visual, metadata, tmp_path / "b16", sampling, samples_per_prompt=5, batch_size=16)
+    assert asked[3:] == [5]
+    pictures = {b: [np.asarray(Image.open(tmp_path / b / "00000" / "samples" / f"{j:04d}.png")) for j in range(5)] for b in ("b2", "b16")}
+    assert all((x == y).all() for x, y in zip(pictures["b2"], pictures["b16"], strict=True))
+    assert len({x.tobytes() for x in pictures["b2"]}) > 1  # distinct samples, not one picture five times
 
 
 def test_geneval_scorer_explains_its_setup_and_summarizes(tmp_path, monkeypatch):

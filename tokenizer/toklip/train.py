@@ -10,7 +10,6 @@ holdout evaluation, pictures), written under <run_dir>/tokenizer/toklip_vqgan an
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import string
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from semhitok.common import dist as D
+from semhitok.common.io import loads_json
 from semhitok.common.plot import reconstruction_grid
 from semhitok.tokenizer.config import TokenizerTrainConfig
 from semhitok.tokenizer.data import to_pil
@@ -166,9 +166,9 @@ def list_captions(sources: list[str]) -> list[str]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = loads_json(line, "row")  # (depth-limited: a ValueError, not a RecursionError)
                     record["image"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):
                     continue  # list_images skips it too (and says so)
                 caption = record.get("caption")
                 if not isinstance(caption, str) or not caption:
