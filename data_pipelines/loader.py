@@ -268,11 +268,16 @@ class PackedLoader:
             entries = [(str(e.get("source", e["unit"].rsplit("-", 1)[0])), e) for e in info["shards"]]
             specs = {e["unit"]: ShardSpec(root / "shards" / Path(e["file"]).name, root / "shards" / f"{Path(e['unit']).name}.done.json",
                                           int(e["samples"]), int(e["images"])) for _, e in entries}
+            visual_vocab = int(info["visual_vocab_size"])
+            if len(grid) != 2 or not vocab or min(grid + vocab + [visual_vocab]) < 1:
+                raise ValueError(f"grid {grid}, code_vocab_sizes {vocab} and visual_vocab_size {visual_vocab} must be positive")
+            if bad := next((unit for unit, spec in specs.items() if spec.samples < 0 or spec.images < 0), None):
+                raise ValueError(f"unit {bad}: negative samples or images")  # (a shard of -5 samples was dropped unseen)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{manifest}: unreadable ({type(err).__name__}: {str(err)[:120]}); run `semhitok pretokenize` again") from None
         self.shard = ShardReader(int(np.prod(grid)) * len(vocab), vocab, self.cfg.shard_cache)
-        if info["visual_vocab_size"] != self.layout.visual_vocab_size:
-            raise ValueError(f"{manifest}: visual_vocab_size {info['visual_vocab_size']} does not match the model's "
+        if visual_vocab != self.layout.visual_vocab_size:
+            raise ValueError(f"{manifest}: visual_vocab_size {visual_vocab} does not match the model's "
                              f"{self.layout.visual_vocab_size} (pre-tokenized with another tokenizer?)")
         if self.ids is not None:  # a manifest from before tokenizer kinds holds SemHiTok's one flat id per position
             found = {"kind": info.get("kind", "semhitok"), "codes per position": len(info.get("code_vocab_sizes", [0])),

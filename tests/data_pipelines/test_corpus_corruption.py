@@ -216,3 +216,20 @@ def test_a_forged_loader_state_is_one_line_naming_its_file(corpus, text_tokenize
     again = loader(corpus, text_tokenizer)
     again.load_state_dict(state, "ckpt/loader_rank0.json")
     assert again.next_batch()["input_ids"].equal(packed.next_batch()["input_ids"])
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["shards"][0].update(samples=-5), "unit coco_captions-00000: negative samples or images"),  # dropped unseen before
+    (lambda m: m.update(grid=[-8, -8]), "must be positive"),
+    (lambda m: m.update(grid=[8, 8, 1]), "must be positive"),
+    (lambda m: m.update(code_vocab_sizes=[]), "must be positive"),
+    (lambda m: m.update(visual_vocab_size="many"), "invalid literal"),
+])
+def test_a_manifest_with_impossible_counts_or_sizes_is_one_line_naming_it(corpus, text_tokenizer, change, says):
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    change(manifest)
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        loader(corpus, text_tokenizer)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{corpus / 'manifest.json'}: unreadable (ValueError: ")
+    assert says in str(err.value), err.value
