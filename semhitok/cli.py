@@ -167,9 +167,13 @@ def cmd_tokenizer_decode(args) -> None:
     import numpy as np
     import torch
 
+    from semhitok.common.io import check_output_dir
     from semhitok.tokenizer import load_tokenizer, to_pil
 
     check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
+    check_output_dir(args.out, "--out")  # (a file there: one line before the work, not FileExistsError after it)
+    if Path(args.ids).exists() and not Path(args.ids).is_file():  # a FIFO would block np.load forever
+        raise ValueError(f"--ids {args.ids}: not a regular file (write one with `semhitok tokenizer encode`)")
     try:
         data = np.load(args.ids, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -202,9 +206,11 @@ def cmd_tokenizer_decode(args) -> None:
 
 
 def cmd_tokenizer_reconstruct(args) -> None:
+    from semhitok.common.io import check_output_dir
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
 
     check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
+    check_output_dir(args.out, "--out")
     model = load_tokenizer(args.model, args.device)
     grid = reconstruct_to_dir(model, list_images(args.inputs), Path(args.out), args.batch_size, args.grid)
     print(f"side-by-side PNGs (input above reconstruction) -> {args.out}; overview: {grid}")

@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from semhitok.cli import main
@@ -220,8 +221,9 @@ def test_json_just_deeper_than_the_limit_is_refused_and_at_it_read():
 
 
 @pytest.mark.parametrize("case", ["pretokenize_output_dir", "pretokenize_under_a_file", "run_dir_file", "encode_out_dir",
-                                  "json_dir", "encode_fifo_input"])
-def test_output_and_input_paths_of_the_wrong_kind_are_one_line_before_any_work(case, tmp_path, capsys):
+                                  "json_dir", "encode_fifo_input", "decode_out_file", "reconstruct_out_file",
+                                  "decode_fifo_ids"])
+def test_output_and_input_paths_of_the_wrong_kind_are_one_line_before_any_work(case, tmp_path, capsys, alarm):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     folder = tmp_path / "folder"
@@ -247,6 +249,19 @@ def test_output_and_input_paths_of_the_wrong_kind_are_one_line_before_any_work(c
     elif case == "json_dir":  # failed after the whole evaluation before
         line = cli_error(["tokenizer", "eval", "--model", model, str(img), "--json", str(folder)], capsys)
         assert "--json" in line and str(folder) in line
+    elif case in ("decode_out_file", "reconstruct_out_file"):  # FileExistsError / NotADirectoryError tracebacks before
+        ids = tmp_path / "ids.npz"
+        np.savez(ids, ids=np.zeros((1, 8, 8), np.int32))
+        for out in (a_file, a_file / "sub"):
+            argv = (["tokenizer", "decode", "--model", model, "--ids", str(ids)] if case == "decode_out_file"
+                    else ["tokenizer", "reconstruct", "--model", model, str(img)])
+            line = cli_error([*argv, "--out", str(out)], capsys)
+            assert line.startswith(f"semhitok: error: --out {out}: ") and "is a file, not a folder" in line
+    elif case == "decode_fifo_ids":  # blocked forever in np.load before
+        fifo = tmp_path / "ids.npz"
+        os.mkfifo(fifo)
+        line = cli_error(["tokenizer", "decode", "--model", model, "--ids", str(fifo), "--out", str(folder)], capsys)
+        assert str(fifo) in line and "not a regular file" in line
     else:
         fifo = tmp_path / "pipe.png"
         os.mkfifo(fifo)
