@@ -33,6 +33,7 @@ from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, read_json, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.resources import shipped
+from semhitok.common.run_dir import refuse_other_config
 from semhitok.common.safe_load import load_state, weights_only_loads
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.data_pipelines.sequences import TASKS, SequenceBuilder
@@ -160,22 +161,13 @@ def check_resume(cfg) -> None:
     engine, trainable part, mixture components, the model's config), before a command records anything: a refused
     resume leaves the run's config.yaml, run.json and runs.jsonl as they were. (A marker of an older save holds
     the world size only.)"""
-    from semhitok.common.run_dir import changed_keys
-
     chosen, _ = newest_intact_checkpoint(cfg.mllm_dir / "checkpoints")
     if chosen is None:
         return
     manifest = read_json(chosen / MANIFEST)
     saved = manifest.get("resume") or {"world_size": manifest.get("world_size")}
     now = resume_identity(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    changed = changed_keys(saved, {k: v for k, v in now.items() if k in saved})
-    if changed:
-        from semhitok.common.run_dir import flatten
-
-        old, new = flatten(saved), flatten(now)
-        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise ValueError(f"{chosen} was written by another configuration ({shown}): resume with the same values, "
-                         "or train into another mllm_dir")
+    refuse_other_config(chosen, saved, {k: v for k, v in now.items() if k in saved}, "another mllm_dir")
 
 
 def newest_intact_checkpoint(root: Path) -> tuple[Path | None, list[str]]:

@@ -27,6 +27,7 @@ from semhitok.common import dist as D
 from semhitok.common.io import atomic_dir, intact_dirs, read_json, write_json, write_manifest
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.common.plot import code_map_grid, reconstruction_grid
+from semhitok.common.run_dir import refuse_other_config
 from semhitok.common.safe_load import UnsafeCheckpoint, load_state
 from semhitok.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images, id_map_image, to_pil
@@ -291,18 +292,12 @@ def check_resume(out_dir: Path, stage: int, tokenizer: dict) -> None:
     stage or tokenizer config (`tokenizer`: the config as a dict; the teacher's derived siglip_config is not compared):
     its states would not load, and starting from step 0 instead would delete it (keep_checkpoints). The CLI calls this
     before it records anything, the trainer again before it loads."""
-    from semhitok.common.run_dir import changed_keys, flatten
-
     for path, _ in intact_dirs(reversed(checkpoint_dirs(Path(out_dir) / "checkpoints")), []):
         meta = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
-        saved = {"stage": meta.get("stage", stage), **{k: v for k, v in (meta.get("tokenizer") or {}).items() if k != "siglip_config"}}
-        now = {"stage": stage, **{k: v for k, v in tokenizer.items() if k != "siglip_config" and k in saved}}
-        changed = changed_keys(saved, now)
-        if changed:
-            old, new = flatten(saved), flatten(now)
-            shown = ", ".join(f"{'' if k == 'stage' else 'tokenizer.'}{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ValueError(f"{path} was written by another configuration ({shown}): resume with the same values, "
-                             "or train into another folder")
+        saved = {k: v for k, v in (meta.get("tokenizer") or {}).items() if k != "siglip_config"}
+        now = {k: v for k, v in tokenizer.items() if k in saved}
+        refuse_other_config(path, {"stage": meta.get("stage", stage), "tokenizer": saved}, {"stage": stage, "tokenizer": now},
+                            "another folder")
         return  # the newest intact one decides (an older one is only read when it is damaged)
 
 

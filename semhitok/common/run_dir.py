@@ -122,6 +122,17 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if not same_value(a.get(k, "<unset>"), b.get(k, "<unset>")))
 
 
+def refuse_other_config(checkpoint: Path, saved: dict, now: dict, elsewhere: str) -> None:
+    """Raise ValueError (one line) when `now` differs from `saved`, the configuration `checkpoint` was written with,
+    naming up to six changed keys as "key old -> new" (the trainers' resume checks, before anything is recorded)."""
+    changed = changed_keys(saved, now)
+    if changed:
+        old, new = flatten(saved), flatten(now)
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"{checkpoint} was written by another configuration ({shown}): resume with the same values, "
+                         f"or train into {elsewhere}")
+
+
 def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
