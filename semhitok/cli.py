@@ -320,7 +320,7 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     from semhitok.common.model_card import eval_dir
     from semhitok.common.run_dir import find_run_config
-    from semhitok.eval.summary import evaluate_model
+    from semhitok.eval.summary import evaluate_model, runnable
 
     args.model = str(_model_dir(args.model))
     if args.config is None:
@@ -331,6 +331,8 @@ def cmd_eval(args) -> None:
         else:
             log.info("config: %s (recorded by the run that trained %s)", recorded, args.model)
         args.config = str(recorded or DEFAULT_PRESET)
+    if not (checked := _load(args)).eval.allow_skip:  # a requested benchmark without data fails first, naming it
+        runnable(checked.eval, {})
     cfg = _load(args, _model_kind(args.model))  # eval.sampling.cfg_scale, unless set: the model's kind's paper's
     out = Path(args.out) if args.out else eval_dir(args.model)
     _record(out, cfg, "eval", args)

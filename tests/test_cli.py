@@ -4,6 +4,7 @@ paths, shipped paths from any directory, run-directory records and the eval conf
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def test_run_dirs_record_config_overrides_revision_and_warn_on_a_changed_resume(
     assert find_run_config(tmp_path / "elsewhere") is None
 
 
-def test_eval_reads_the_config_recorded_beside_the_model(tmp_path, monkeypatch, capsys):
+def test_eval_reads_the_config_recorded_beside_the_model(tmp_path, monkeypatch, capsys, tiny_mllm_dir):
     seen = {}
 
     def fake_evaluate(model_dir, eval_cfg, out, device=None):  # the scores are tested elsewhere; here: which config
@@ -159,8 +160,10 @@ def test_eval_reads_the_config_recorded_beside_the_model(tmp_path, monkeypatch, 
     cfg = load_project_config("tiny", [f"run_dir={tmp_path}", "eval.geneval_limit=3"])
     record_run(tmp_path / "mllm", cfg, "mllm-train", "tiny", ["eval.geneval_limit=3"])
     (tmp_path / "mllm" / "final").mkdir()
+    shutil.copy(tiny_mllm_dir / "semhitok_mllm.json", tmp_path / "mllm" / "final")  # the model's kind: semhitok
     assert main(["eval", "--model", str(tmp_path / "mllm" / "final")]) == 0
     assert seen["cfg"].geneval_limit == 3  # not tiny's 8
+    assert seen["cfg"].sampling.cfg_scale == 2.0  # SemHiTok's paper's
     assert json.loads((tmp_path / "mllm" / "eval" / "run.json").read_text())["preset"] == str((tmp_path / "mllm" / "config.yaml").resolve())
     assert main(["eval", "--model", str(tmp_path / "mllm" / "final"), "eval.geneval_limit=5"]) == 0
     assert seen["cfg"].geneval_limit == 5  # overrides apply over the recorded config

@@ -84,7 +84,7 @@ CORRUPTIONS = {  # name -> (damage, what the one line says after "<shard>: bad s
     "rows 32 ids wide": (lambda s: wide(s, 32), r"rows of 32 ids, the manifest's grid and 1 code\(s\) per position make 64"),
     "rows 128 ids wide": (lambda s: wide(s, 128), r"rows of 128 ids"),
     "meta_json truncated": (lambda s: reseal(s, meta_bytes=json.dumps(load_shard(s)[1]).encode()[:-40]),
-                            r"unreadable \(JSONDecodeError"),
+                            r"unreadable \(ValueError: meta_json: not valid JSON"),
     "meta_json nested 100,000 deep": (lambda s: reseal(s, meta_bytes=DEEP), r"unreadable \(ValueError: meta_json: JSON nested deeper than 100"),
     "its .done.json nested 100,000 deep": (lambda s: s.with_name("coco_llava-00002.done.json").write_bytes(DEEP),
                                            r"its coco_llava-00002.done.json is unreadable \(ValueError\)"),
