@@ -89,5 +89,6 @@ $(SYSTEM_TOOLS):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver shellcheck >/dev/null
 
+# --durations: the 25 slowest tests, printed after the summary (where the suite's time goes).
 test: $(STAMP) $(SYSTEM_TOOLS)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=25 tests
