@@ -36,7 +36,8 @@ from mllm_train import make_model  # noqa: E402
 
 from semhitok.data_pipelines.text_tokenizer import TokenLayout, train_tiny_text_tokenizer  # noqa: E402
 from semhitok.mllm.depth_head import DepthHeads  # noqa: E402
-from semhitok.mllm.sample import Decoder, SamplingConfig, cfg_mix, filter_logits  # noqa: E402
+from semhitok.mllm.config import SamplingConfig  # noqa: E402
+from semhitok.mllm.sample import Decoder, cfg_mix, filter_logits  # noqa: E402
 
 PROMPT = "a photo of a red bus parked next to a green bicycle on a sunny street"
 

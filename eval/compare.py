@@ -1,6 +1,6 @@
 """`semhitok compare`: every visual tokenizer kind through the same pipeline at equal budget, side by side.
 
-    semhitok compare --config tiny                             # every kind in tokenizer/interface.py KINDS
+    semhitok compare --config tiny                             # every kind in tokenizer/kinds.py KINDS
     semhitok compare --config tiny --kinds semhitok,toklip tokenizer_train.max_steps=300
 
 Each kind runs `semhitok pipeline` in a child process (its log: <out>/<kind>/pipeline.log) with the same
@@ -44,7 +44,8 @@ from semhitok.config import load_project_config
 from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import image_grid, iter_image_batches, list_images
 from semhitok.tokenizer.api import pick_device
-from semhitok.tokenizer.interface import KINDS, load_visual_tokenizer
+from semhitok.tokenizer.interface import load_visual_tokenizer
+from semhitok.tokenizer.kinds import KINDS
 
 log = logging.getLogger("semhitok")
 ROW_FILE = "compare_row.json"  # a kind's finished row

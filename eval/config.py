@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from semhitok.common.config_io import check_min, check_range
 from semhitok.common.resources import shipped
-from semhitok.mllm.sample import MAX_SAMPLES_PER_PROMPT, SamplingConfig
+from semhitok.mllm.config import MAX_SAMPLES_PER_PROMPT, SamplingConfig
 
 
 @dataclass

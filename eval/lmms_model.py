@@ -16,7 +16,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from semhitok.tokenizer import encode_images
 
 

@@ -89,7 +89,7 @@ def load_pope(questions: str | Path, image_root: str | Path) -> list[dict]:
 def run_pope(decoder, visual, rows: list[dict], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Answer every question greedily about its image (padded to square or centre-cropped, as the model's
     data.understanding_image says) -> metrics (overall and per category) + answers."""
-    from semhitok.mllm.sample import SamplingConfig
+    from semhitok.mllm.config import SamplingConfig
 
     ids_of: dict[str, torch.Tensor] = {}
     answers = []

@@ -37,7 +37,7 @@ from semhitok.common.io import atomic_path, read_json
 from semhitok.common.io import read_jsonl as read_object_lines
 from semhitok.common.plot import Cell, Figure, labelled_grid
 from semhitok.data_pipelines.world import BACKGROUND, COLOURS, NUMBERS, WorldConfig, make_scenes, prompts, render
-from semhitok.mllm.sample import SamplingConfig
+from semhitok.mllm.config import SamplingConfig
 from semhitok.tokenizer import encode_images, load_rgb, to_pil
 
 _NAMES = list(COLOURS)

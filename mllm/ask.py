@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from semhitok.mllm.sample import Decoder, SamplingConfig
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import Decoder
 from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb
 from semhitok.tokenizer.interface import VisualTokenizer
 

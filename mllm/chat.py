@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from semhitok.common.config_io import ConfigError, check_positive, check_range
-from semhitok.mllm.sample import Decoder, SamplingConfig, kind_sampling
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import Decoder, kind_sampling
 from semhitok.tokenizer import ImageLimits, ImageRejected, encode_images, open_rgb, to_pil
 from semhitok.tokenizer.interface import VisualTokenizer
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from semhitok.common.config_io import ConfigError
 from semhitok.common.io import read_json, read_jsonl
 from semhitok.mllm.chat import ChatEngine, UploadRejected
-from semhitok.mllm.sample import SamplingConfig
+from semhitok.mllm.config import SamplingConfig
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio's import: no calls home
 import gradio as gr  # noqa: E402

@@ -1,4 +1,5 @@
-"""Configuration of the unified LLM (architecture, saved with the model) and of its training job."""
+"""Configuration of the unified LLM (architecture, saved with the model), of its training job and of its sampling
+(mllm/sample.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 
 from semhitok.common.config_io import ConfigError, check_min, check_positive, check_range
 from semhitok.common.resources import shipped
+from semhitok.tokenizer.kinds import PAPER_CFG_SCALE
 
 
 @dataclass
@@ -101,3 +103,25 @@ class MLLMTrainConfig:
                 raise ConfigError(f"task_loss_weights: unknown task {task!r} (one of {list(TASKS)})")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < float("inf"):
                 raise ConfigError(f"task_loss_weights.{task}: must be a number >= 0, got {weight!r}")
+
+
+MAX_CFG_SCALE = 100.0
+MAX_SAMPLES_PER_PROMPT = 10_000  # sample_images' per_prompt (and `semhitok sample --samples-per-prompt`)
+
+
+@dataclass
+class SamplingConfig:
+    # 1: no guidance; 0 to MAX_CFG_SCALE (0: unconditional). Default: SemHiTok's paper's (2); for a model or config
+    # of another tokenizer kind, its paper's (kind_sampling, PAPER_CFG_SCALE: DualToken 3, TokLIP 2.5).
+    cfg_scale: float = PAPER_CFG_SCALE["semhitok"]
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+    def __post_init__(self) -> None:  # at config load, at the CLI and at every API call that builds one
+        check_range(self, 0, MAX_CFG_SCALE, "cfg_scale")  # beyond it the mixed logits overflow into a degenerate image
+        check_min(self, 0, "temperature", "top_k")
+        check_range(self, 0, 1, "top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"top_k and seed must be integers, got {self.top_k!r} and {self.seed!r}")

@@ -53,7 +53,8 @@ from semhitok.mllm.loss import ChunkedLMHead
 from semhitok.mllm.partition import full_shape, with_rows
 from semhitok.tokenizer import WeightsUnavailable
 from semhitok.tokenizer.codec import VisualCodec
-from semhitok.tokenizer.interface import KINDS, IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.kinds import KINDS
 from semhitok.tokenizer.model import SemHiTok, SemHiTokFeatures
 
 log = logging.getLogger("semhitok")

@@ -39,37 +39,17 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import StaticCache
 
-from semhitok.common.config_io import ConfigError, check_min, check_range
 from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import loads_json
 from semhitok.common.plot import sample_grid
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import load_text_tokenizer
+from semhitok.mllm.config import MAX_SAMPLES_PER_PROMPT, SamplingConfig
 from semhitok.mllm.model import VISUAL_TOKENIZER, SemHiTokLM
 from semhitok.tokenizer import to_pil
 from semhitok.tokenizer.codec import Pick
-from semhitok.tokenizer.interface import PAPER_CFG_SCALE, VisualTokenizer, load_visual_tokenizer, paper_cfg_scale
-
-MAX_CFG_SCALE = 100.0
-MAX_SAMPLES_PER_PROMPT = 10_000  # sample_images' per_prompt (and `semhitok sample --samples-per-prompt`)
-
-
-@dataclass
-class SamplingConfig:
-    # 1: no guidance; 0 to MAX_CFG_SCALE (0: unconditional). Default: SemHiTok's paper's (2); for a model or config
-    # of another tokenizer kind, its paper's (kind_sampling, PAPER_CFG_SCALE: DualToken 3, TokLIP 2.5).
-    cfg_scale: float = PAPER_CFG_SCALE["semhitok"]
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int = 0
-
-    def __post_init__(self) -> None:  # at config load, at the CLI and at every API call that builds one
-        check_range(self, 0, MAX_CFG_SCALE, "cfg_scale")  # beyond it the mixed logits overflow into a degenerate image
-        check_min(self, 0, "temperature", "top_k")
-        check_range(self, 0, 1, "top_p")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"top_k and seed must be integers, got {self.top_k!r} and {self.seed!r}")
+from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.kinds import paper_cfg_scale
 
 
 def kind_sampling(kind: str, **given) -> SamplingConfig:

@@ -124,7 +124,7 @@ def cmd_config(args) -> None:
 def cmd_tokenizer_train(args) -> None:
     import dataclasses
 
-    from semhitok.tokenizer.interface import kind_trainer
+    from semhitok.tokenizer.kinds import kind_trainer
     from semhitok.tokenizer.train import check_resume, check_resumes, stage_dirs, train_tokenizer
 
     cfg = _load(args)
@@ -266,7 +266,7 @@ class SamplingDefault:
         self.name = name
 
     def __str__(self) -> str:
-        from semhitok.mllm.sample import SamplingConfig
+        from semhitok.mllm.config import SamplingConfig
 
         return f"{getattr(SamplingConfig(), self.name)!r} (SamplingConfig.{self.name})"
 
@@ -276,7 +276,8 @@ def _sampling(args, kind: str | None = None):
     --cfg-scale, the paper's of tokenizer kind `kind` (the model's; None: SamplingConfig's, to check the flags)."""
     import dataclasses
 
-    from semhitok.mllm.sample import SamplingConfig, kind_sampling
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import kind_sampling
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
              if not isinstance(getattr(args, f.name), SamplingDefault)}
@@ -301,7 +302,8 @@ def cmd_sample(args) -> None:
     import dataclasses
 
     from semhitok.common.run_dir import record_run
-    from semhitok.mllm.sample import MAX_SAMPLES_PER_PROMPT, load_sampler, read_prompts, sample_images
+    from semhitok.mllm.config import MAX_SAMPLES_PER_PROMPT
+    from semhitok.mllm.sample import load_sampler, read_prompts, sample_images
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)  # "": the unconditional prompt
     sampling = _sampling(args)  # checked before the model is resolved (perhaps downloaded) and loaded
@@ -344,7 +346,8 @@ def cmd_eval(args) -> None:
 def cmd_chat(args) -> None:
     from semhitok.mllm.chat import ChatEngine, ChatLimits
     from semhitok.mllm.chat_app import chat_examples, check_page, serve
-    from semhitok.mllm.sample import SamplingConfig, load_sampler
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import load_sampler
 
     random_seed = args.seed is None  # no --seed: a fresh seed for every picture
     if random_seed:
@@ -387,7 +390,8 @@ def run_world(model: str | Path) -> Path | None:
 
 def cmd_ask(args) -> None:
     from semhitok.mllm.ask import ask, read_image
-    from semhitok.mllm.sample import SamplingConfig, load_sampler
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import load_sampler
 
     if len(args.image) > 1:
         raise ValueError(f"{len(args.image)} --image flags: a question is about one image (the chat prompt holds one)")
@@ -547,7 +551,7 @@ def cmd_pipeline(args) -> None:
     from semhitok.tokenizer.train import check_resumes as check_tokenizer_resumes
     from semhitok.mllm.train import train_mllm
     from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
-    from semhitok.tokenizer.interface import kind_trainer
+    from semhitok.tokenizer.kinds import kind_trainer
 
     cfg = _load(args)
     stages = pipeline_stages(cfg)

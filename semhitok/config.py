@@ -14,7 +14,7 @@ from semhitok.eval.config import EvalConfig
 from semhitok.mllm.config import MLLMConfig, MLLMTrainConfig
 from semhitok.tokenizer.config import TeacherTrainConfig, TokenizerConfig, TokenizerTrainConfig
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
-from semhitok.tokenizer.interface import kind_trainer, paper_cfg_scale
+from semhitok.tokenizer.kinds import kind_trainer, paper_cfg_scale
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 
 
@@ -86,7 +86,7 @@ def load_project_config(preset: str | Path | None, overrides: list[str] | None =
     current directory has none (semhitok.common.resources).
 
     eval.sampling.cfg_scale, unless the preset or an override sets it (to any value, 2 included), is the CFG
-    scale of tokenizer.kind's paper (tokenizer.interface.PAPER_CFG_SCALE: SemHiTok 2, DualToken 3), or of
+    scale of tokenizer.kind's paper (tokenizer.kinds.PAPER_CFG_SCALE: SemHiTok 2, DualToken 3), or of
     `model_kind`'s when given (the kind of the model `semhitok eval` scores, whatever the config's)."""
     data = config_data(preset, overrides)
     cfg = from_dict(ProjectConfig, data, where=str(preset or ProjectConfig.__name__))

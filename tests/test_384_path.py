@@ -14,9 +14,9 @@ from semhitok.data_pipelines.config import MixtureComponent, PretokenizeConfig, 
 from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.pretokenize import load_shard, run_pretokenize
 from semhitok.eval.recon import evaluate_reconstruction
-from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.config import MLLMConfig, SamplingConfig
 from semhitok.mllm.model import SemHiTokLM
-from semhitok.mllm.sample import Decoder, SamplingConfig
+from semhitok.mllm.sample import Decoder
 from semhitok.tokenizer import SemHiTok, list_images, load_rgb, preprocess, reconstruct_to_dir
 from semhitok.tokenizer.train import build_task
 from semhitok.tokenizer.vit import pixel_geometry

@@ -236,7 +236,7 @@ def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_list
     import semhitok.mllm.sample
     import semhitok.mllm.train
     import semhitok.tokenizer
-    import semhitok.tokenizer.interface
+    import semhitok.tokenizer.kinds
 
     def train_mllm(cfg):
         (cfg.mllm_dir / "final").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_list
         Path(out, "grid.png").write_bytes(b"png")
 
     for module, name, fake in [
-        (semhitok.tokenizer.interface, "kind_trainer", lambda kind: (lambda cfg: None,)),
+        (semhitok.tokenizer.kinds, "kind_trainer", lambda kind: (lambda cfg: None,)),
         (semhitok.tokenizer, "load_tokenizer", lambda path: None),
         (semhitok.tokenizer, "reconstruct_to_dir", lambda *a: None),
         (semhitok.eval.recon, "evaluate_reconstruction", lambda *a, **kw: {"psnr": 20.0}),

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from semhitok.common.config_io import ConfigError
@@ -43,3 +46,12 @@ def test_bad_overrides_name_the_field(override, message):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="tiny"):
         load_project_config("huge")
+
+
+@pytest.mark.parametrize("module", ["semhitok.config", "semhitok.eval.config", "semhitok.mllm.config",
+                                    "semhitok.tokenizer.config", "semhitok.data_pipelines.config"])
+def test_config_modules_import_no_torch(module, tmp_path):
+    """The configs are plain data: importing one (a fresh interpreter) loads no torch."""
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, f"import {module} loads torch (find the chain: python -X importtime -c 'import {module}')\n{run.stderr}"

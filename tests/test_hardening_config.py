@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from semhitok.common.config_io import ConfigError, parse_overrides
 from semhitok.config import load_project_config
-from semhitok.mllm.sample import SamplingConfig
+from semhitok.mllm.config import SamplingConfig
 
 
 @pytest.mark.parametrize("override, field", [

@@ -103,7 +103,8 @@ def test_out_of_range_flags_fail_before_anything_is_loaded_or_written(argv, flag
 
 def test_sample_images_draws_its_jobs_a_batch_at_a_time(tmp_path):
     """10,000 samples of 1,000 prompts: the first batch is asked for before a job list of 10M pairs exists."""
-    from semhitok.mllm.sample import MAX_SAMPLES_PER_PROMPT, SamplingConfig, sample_images
+    from semhitok.mllm.config import MAX_SAMPLES_PER_PROMPT, SamplingConfig
+    from semhitok.mllm.sample import sample_images
 
     class FirstBatch(Exception):
         pass

@@ -212,7 +212,8 @@ def chat_export(request, tiny_mllm_dir, trained_tokenizer, tmp_path_factory) -> 
 def test_pipeline_answers_an_image_question_with_transformers_alone(chat_export, tmp_path):
     from PIL import ImageDraw
 
-    from semhitok.mllm.sample import SamplingConfig, load_sampler
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import load_sampler
     from semhitok.tokenizer import encode_images
 
     export, generation_prompt = chat_export

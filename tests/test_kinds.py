@@ -25,10 +25,10 @@ from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.pretokenize import load_shard, run_pretokenize
 from semhitok.data_pipelines.sequences import IGNORE
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
-from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.config import MLLMConfig, SamplingConfig
 from semhitok.mllm.model import SemHiTokLM
-from semhitok.mllm.sample import Decoder, SamplingConfig
-from semhitok.tokenizer import interface
+from semhitok.mllm.sample import Decoder
+from semhitok.tokenizer import interface, kinds as kind_registry
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, load_visual_tokenizer
 from semhitok.tokenizer.vit import patchify, unpatchify
 from tests.conftest import SAMPLE, TINY_QWEN, tiny_config
@@ -169,9 +169,9 @@ def train(cfg) -> Path:
 def kinds(monkeypatch):
     """Both test kinds registered (KINDS, TRAINERS, PAPER_CFG_SCALE) for the length of one test."""
     for kind, cls in (("test_vq", "PatchVQ"), ("test_rvq", "PatchRVQ")):
-        monkeypatch.setitem(interface.KINDS, kind, f"{HERE}:{cls}")
-        monkeypatch.setitem(interface.TRAINERS, kind, (f"{HERE}:train", f"{HERE}:final_dir"))
-        monkeypatch.setitem(interface.PAPER_CFG_SCALE, kind, 1.5)
+        monkeypatch.setitem(kind_registry.KINDS, kind, f"{HERE}:{cls}")
+        monkeypatch.setitem(kind_registry.TRAINERS, kind, (f"{HERE}:train", f"{HERE}:final_dir"))
+        monkeypatch.setitem(kind_registry.PAPER_CFG_SCALE, kind, 1.5)
 
 
 def pretokenize(tokenizer_dir: Path, out: Path) -> Path:

@@ -39,10 +39,11 @@ import torch
 from semhitok.data_pipelines.pretokenize import run_pretokenize
 from semhitok.data_pipelines.world import read_scenes, write_world
 from semhitok.eval.world_eval import answer_questions, read_jsonl
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from semhitok.mllm.train import train_mllm
 from semhitok.tokenizer import encode_images, load_rgb
-from semhitok.tokenizer.interface import kind_trainer
+from semhitok.tokenizer.kinds import kind_trainer
 from semhitok.tokenizer.teacher import train_teacher
 
 from semhitok.config import load_project_config

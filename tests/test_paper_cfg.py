@@ -1,4 +1,4 @@
-"""Each tokenizer kind samples at its own paper's CFG scale (tokenizer.interface.PAPER_CFG_SCALE) unless the user
+"""Each tokenizer kind samples at its own paper's CFG scale (tokenizer.kinds.PAPER_CFG_SCALE) unless the user
 says otherwise: a project config by its tokenizer.kind (semhitok.config.load_project_config), a model directory
 by the kind its export records (`semhitok sample`, `chat`, `eval`); an explicit setting, 2 included, wins."""
 
@@ -16,7 +16,7 @@ from semhitok.config import load_project_config
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.model import SemHiTokLM, saved_ids
 from semhitok.tokenizer.dualtoken.model import DualToken
-from semhitok.tokenizer.interface import KINDS, PAPER_CFG_SCALE
+from semhitok.tokenizer.kinds import KINDS, PAPER_CFG_SCALE
 from semhitok.tokenizer.model import load_teacher
 from tests.conftest import TINY_QWEN
 from tests.tokenizer.test_dualtoken import tiny_config as tiny_dualtoken_config

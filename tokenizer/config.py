@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_positive, check_range
+from semhitok.tokenizer.kinds import KINDS
 
 Fusion = Literal["concat", "pixel_only", "length", "semantic_only"]
 
 
 @dataclass
 class TokenizerConfig:
-    # Which visual tokenizer the stack trains and consumes (tokenizer/interface.py KINDS): semhitok (the fields
+    # Which visual tokenizer the stack trains and consumes (tokenizer/kinds.py KINDS): semhitok (the fields
     # below), or another kind configured in its own top-level section (dualtoken, toklip).
     kind: str = "semhitok"
     # Semantic teacher: a SigLIP vision tower by HF name or local path. The student starts as a copy of it.
@@ -74,8 +75,6 @@ class TokenizerConfig:
     fusion: Fusion = "concat"
 
     def __post_init__(self) -> None:
-        from semhitok.tokenizer.interface import KINDS
-
         if self.kind not in KINDS:
             raise ConfigError(f"kind: {self.kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
         if self.pix_width is not None:

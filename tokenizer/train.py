@@ -530,7 +530,7 @@ def train_tokenizer(tok_cfg: TokenizerConfig, train: TokenizerTrainConfig, out_d
     return Trainer(task, train, out_dir, info).fit()
 
 
-# -- the kind's entry points (tokenizer/interface.py TRAINERS) ------------------------------------------
+# -- the kind's entry points (tokenizer/kinds.py TRAINERS) ----------------------------------------------
 def final_dir(cfg) -> Path:
     """The finished stage-2 tokenizer of a run config (semhitok.config.ProjectConfig), as later jobs consume it."""
     return Path(cfg.run_dir) / "tokenizer" / "stage2" / "final"

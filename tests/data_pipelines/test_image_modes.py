@@ -5,7 +5,7 @@ from PIL import Image
 
 from semhitok.data_pipelines.config import SequenceConfig, SourceConfig
 from semhitok.data_pipelines.pretokenize import image_mode
-from semhitok.mllm.sample import SamplingConfig
+from semhitok.mllm.config import SamplingConfig
 from semhitok.tokenizer.data import pad_to_square, preprocess
 
 

@@ -153,7 +153,7 @@ def test_group_usage_weights_each_slot_by_its_vocabulary():
 
 
 def test_every_kind_trains_each_stage_tokenizer_train_max_steps():
-    from semhitok.tokenizer.interface import KINDS
+    from semhitok.tokenizer.kinds import KINDS
 
     for kind in KINDS:
         cfg = load_project_config("tiny", kind_overrides("tiny", ["tokenizer_train.max_steps=7"], kind, Path("/x")))

@@ -15,7 +15,8 @@ from semhitok.cli import main
 from semhitok.eval.generation import (GenEvalUnavailable, generate_geneval, generation_fid, read_metadata,
                                       score_geneval, summarize_geneval)
 from semhitok.eval.pope import load_pope, run_pope
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from tests.conftest import REPO, SAMPLE
 
 POPE = REPO / "data" / "eval" / "pope.jsonl"  # shipped: the POPE questions about a shipped photo

@@ -19,10 +19,10 @@ import torch
 from semhitok.data_pipelines.config import MixtureComponent, PretokenizeConfig, SequenceConfig, SourceConfig
 from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.pretokenize import run_pretokenize
-from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.config import MLLMConfig, SamplingConfig
 from semhitok.mllm.gaps import conditioning_gaps, load_pairs
 from semhitok.mllm.model import SemHiTokLM
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.sample import load_sampler
 from semhitok.tokenizer import SemHiTok
 from tests.conftest import SAMPLE, TINY_QWEN
 

@@ -118,7 +118,7 @@ def sampler(tiny_mllm_dir):
 
 def test_answer_questions_answers_every_question_in_batches_as_one_by_one(sampler, world):
     from semhitok.eval.world_eval import answer_questions, question_grid
-    from semhitok.mllm.sample import SamplingConfig
+    from semhitok.mllm.config import SamplingConfig
     from semhitok.tokenizer import encode_images, load_rgb
 
     decoder, visual = sampler
@@ -134,7 +134,7 @@ def test_answer_questions_answers_every_question_in_batches_as_one_by_one(sample
 
 def test_generate_and_check_writes_images_results_and_grids(sampler, world, tmp_path):
     from semhitok.eval.world_eval import generate_and_check
-    from semhitok.mllm.sample import SamplingConfig
+    from semhitok.mllm.config import SamplingConfig
 
     report = generate_and_check(*sampler, world, SamplingConfig(seed=3), tmp_path, limit_per_category=1, batch_size=3)
     assert list(report) == ["cfg_1", "cfg_2"]  # no guidance, and the sampling's scale

@@ -5,7 +5,8 @@ import pytest
 
 from semhitok.cli import main
 from semhitok.mllm.ask import ask, read_image
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from semhitok.tokenizer import encode_images
 from tests.conftest import SAMPLE
 

@@ -28,7 +28,8 @@ from semhitok.common.run_dir import record_run
 from semhitok.data_pipelines.world import WorldConfig, write_world
 from semhitok.mllm.chat import ChatEngine
 from semhitok.mllm.chat_app import EMPTY_GENERATE, EMPTY_SEND, chat_examples, serve
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from semhitok.tokenizer import encode_images, open_rgb
 from tests.conftest import SAMPLE, tiny_config
 

@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from semhitok.data_pipelines.sequences import IGNORE, SequenceBuilder
-from semhitok.mllm.config import MLLMConfig
+from semhitok.mllm.config import MLLMConfig, SamplingConfig
 from semhitok.mllm.depth_head import DepthHeads
 from semhitok.mllm.gaps import HeldoutPairs, conditioning_gaps, documents, flat_metrics, score
 from semhitok.mllm.model import SemHiTokLM
-from semhitok.mllm.sample import SamplingConfig, load_sampler, sample_images
+from semhitok.mllm.sample import load_sampler, sample_images
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.model import load_teacher
@@ -147,9 +147,9 @@ def test_bad_codes_are_refused():
 def rq_kind(monkeypatch, tmp_path):
     """tests/test_kinds.py's patch residual VQ (L = 4, code_groups (2, 2), 2 x 2 positions) registered as a kind
     and saved; (tokenizer, its directory)."""
-    from semhitok.tokenizer import interface
+    from semhitok.tokenizer.kinds import KINDS
 
-    monkeypatch.setitem(interface.KINDS, PatchRVQ.kind, f"{KINDS_MODULE}:PatchRVQ")
+    monkeypatch.setitem(KINDS, PatchRVQ.kind, f"{KINDS_MODULE}:PatchRVQ")
     torch.manual_seed(0)
     tok = PatchRVQ(image_size=16, patch=8).eval()
     tok.save_pretrained(tmp_path / "rq")

@@ -87,7 +87,8 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.mark.slow
 def test_tiny_llama_trains_resumes_samples_and_chats(trained_tokenizer, pretokenized_sample, tmp_path):
     from semhitok.mllm.chat import ChatEngine
-    from semhitok.mllm.sample import SamplingConfig, load_sampler
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import load_sampler
 
     run = tmp_path / "run"
     run_train(run, trained_tokenizer, pretokenized_sample, *LLAMA_OVERRIDES, "mllm_train.max_steps=4", "mllm_train.ckpt_every=2")

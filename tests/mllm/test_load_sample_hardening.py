@@ -11,7 +11,8 @@ import torch
 from semhitok.cli import main
 from semhitok.common.config_io import ConfigError
 from semhitok.mllm.model import SemHiTokLM
-from semhitok.mllm.sample import SamplingConfig, load_sampler
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import load_sampler
 from semhitok.tokenizer import SemHiTok
 
 

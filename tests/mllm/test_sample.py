@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from semhitok.cli import main
-from semhitok.mllm.sample import Decoder, SamplingConfig, cfg_mix, filter_logits, read_prompts
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import Decoder, cfg_mix, filter_logits, read_prompts
 from tests.conftest import SAMPLE
 from tests.mllm.reference_decoder import reference_decode, reference_image_ids
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semhitok.mllm.sample import Decoder, SamplingConfig, gumbel_noise, row_key, sample_images, sample_rows
+from semhitok.mllm.config import SamplingConfig
+from semhitok.mllm.sample import Decoder, gumbel_noise, row_key, sample_images, sample_rows
 from semhitok.tokenizer import SemHiTok
 
 PROMPTS = ["a red bus on a street", "two dogs playing in the snow", "a bowl of fruit"]

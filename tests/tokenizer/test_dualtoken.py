@@ -12,7 +12,8 @@ import torch.nn as nn
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
-from semhitok.tokenizer.interface import TRAINERS, VisualTokenizer, load_visual_tokenizer, tokenizer_class
+from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
+from semhitok.tokenizer.kinds import TRAINERS, tokenizer_class
 from semhitok.tokenizer.model import load_teacher
 from tests.conftest import tiny_config as conftest_tiny_config
 from tests.tokenizer.siglip_dirs import vision_config

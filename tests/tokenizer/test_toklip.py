@@ -106,7 +106,8 @@ def test_generation_is_fed_the_concatenated_features_and_vqgan_is_the_baseline_s
     image so far | VQ code vector] through one adapter MLP each; llm_inputs=vqgan feeds the code vector alone."""
     from semhitok.mllm.config import MLLMConfig
     from semhitok.mllm.model import SemHiTokLM
-    from semhitok.mllm.sample import Decoder, SamplingConfig
+    from semhitok.mllm.config import SamplingConfig
+    from semhitok.mllm.sample import Decoder
     from tests.conftest import TINY_QWEN
 
     model = toklip(cfg, siglip)

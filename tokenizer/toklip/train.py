@@ -237,7 +237,7 @@ class EncoderTask(_Task):
         return reconstruction_grid([to_pil(x) for x in images.cpu()], [to_pil(y) for y in self.model.decode(self.model.encode(images)).cpu()])
 
 
-# -- stages and the kind's entry points (tokenizer/interface.py TRAINERS) -------------------------------
+# -- stages and the kind's entry points (tokenizer/kinds.py TRAINERS) -----------------------------------
 def stage_train(cfg, stage: int) -> TokenizerTrainConfig:
     """tokenizer_train with this stage's steps (and, for the encoder, its optimiser settings)"""
     k, t = cfg.toklip, cfg.tokenizer_train
