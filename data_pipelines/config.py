@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from semhitok.common.config_io import ConfigError, check_min, check_range
 
@@ -12,6 +12,7 @@ MAX_ROW_TOKENS = 4 * MAX_LENGTH  # data.max_length * data.micro_batch_size: toke
 
 SourceKind = Literal["wds", "caption_jsonl", "llava_json", "text_jsonl"]
 Task = Literal["understanding", "generation", "text"]
+TASKS: tuple[str, ...] = get_args(Task)  # a task's id is its index here (the loader's task_ids)
 
 
 @dataclass

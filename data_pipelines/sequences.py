@@ -36,13 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from semhitok.data_pipelines.config import SequenceConfig
+from semhitok.data_pipelines.config import TASKS, SequenceConfig
 from semhitok.data_pipelines.text_tokenizer import DEFAULT_SYSTEM, IMAGE_END, IMAGE_START, TokenLayout, chat_format
 from semhitok.tokenizer.codec import VisualCodec
 from semhitok.tokenizer.interface import IdStructure
 
 IGNORE = -100  # label of positions without loss
-TASKS = ("understanding", "generation", "text")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE = IMAGE_START + IMAGE_END  # an image's place in rendered text; its ids go between the two tokens
 Piece = tuple[str, bool]  # (text, carries loss)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from semhitok.common.config_io import ConfigError, check_min, check_positive, check_range
 from semhitok.common.resources import shipped
+from semhitok.data_pipelines.config import TASKS
 from semhitok.tokenizer.kinds import PAPER_CFG_SCALE
 
 
@@ -97,7 +98,6 @@ class MLLMTrainConfig:
         check_range(self, 0, 1, "min_lr_ratio")
         check_min(self, 0, "warmup_steps", "weight_decay", "grad_clip", "activation_checkpointing", "seed")  # grad_clip 0: off
         check_min(self, 0, "eval_every", "eval_limit")
-        from semhitok.data_pipelines.sequences import TASKS
         for task, weight in self.task_loss_weights.items():
             if task not in TASKS:
                 raise ConfigError(f"task_loss_weights: unknown task {task!r} (one of {list(TASKS)})")
