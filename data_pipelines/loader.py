@@ -264,8 +264,8 @@ class PackedLoader:
             raise FileNotFoundError(f"{manifest} not found: run `semhitok pretokenize` (to completion) first")
         try:
             info = loads_json(manifest.read_bytes(), "manifest.json")
-            grid, vocab = [int(g) for g in info["grid"]], [int(v) for v in info.get("code_vocab_sizes", [info["visual_vocab_size"]])]
-            entries = [(str(e.get("source", e["unit"].rsplit("-", 1)[0])), e) for e in info["shards"]]
+            grid, vocab, kind = [int(g) for g in info["grid"]], [int(v) for v in info["code_vocab_sizes"]], str(info["kind"])
+            entries = [(str(e["source"]), e) for e in info["shards"]]
             specs = {e["unit"]: ShardSpec(root / "shards" / Path(e["file"]).name, root / "shards" / f"{Path(e['unit']).name}.done.json",
                                           int(e["samples"]), int(e["images"])) for _, e in entries}
             visual_vocab = int(info["visual_vocab_size"])
@@ -279,9 +279,8 @@ class PackedLoader:
         if visual_vocab != self.layout.visual_vocab_size:
             raise ValueError(f"{manifest}: visual_vocab_size {visual_vocab} does not match the model's "
                              f"{self.layout.visual_vocab_size} (pre-tokenized with another tokenizer?)")
-        if self.ids is not None:  # a manifest from before tokenizer kinds holds SemHiTok's one flat id per position
-            found = {"kind": info.get("kind", "semhitok"), "codes per position": len(info.get("code_vocab_sizes", [0])),
-                     "code_vocab_sizes": list(info.get("code_vocab_sizes", [info["visual_vocab_size"]])), "grid": grid}
+        if self.ids is not None:
+            found = {"kind": kind, "codes per position": len(vocab), "code_vocab_sizes": vocab, "grid": grid}
             want = {"kind": self.ids.kind, "codes per position": self.ids.codes, "code_vocab_sizes": list(self.ids.code_vocab_sizes),
                     "grid": [self.ids.grid, self.ids.grid]}
             if bad := [k for k in want if found[k] != want[k]]:

@@ -233,3 +233,19 @@ def test_a_manifest_with_impossible_counts_or_sizes_is_one_line_naming_it(corpus
         loader(corpus, text_tokenizer)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{corpus / 'manifest.json'}: unreadable (ValueError: ")
     assert says in str(err.value), err.value
+
+
+@pytest.mark.parametrize("field", ["kind", "code_vocab_sizes", "shards.source"])
+def test_a_manifest_without_the_ids_description_is_refused_with_one_line(corpus, text_tokenizer, field):
+    """No defaults for a manifest written before tokenizer kinds: it is pre-tokenized again, not guessed SemHiTok's."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    if field == "shards.source":
+        del manifest["shards"][0]["source"]
+    else:
+        del manifest[field]
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        loader(corpus, text_tokenizer)
+    key = field.split(".")[-1]
+    assert str(err.value) == (f"{corpus / 'manifest.json'}: unreadable (KeyError: '{key}'); "
+                              "run `semhitok pretokenize` again"), err.value
