@@ -24,7 +24,6 @@ A finished kind (<out>/<kind>/compare_row.json) is not rerun; a kind that fails 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -90,10 +89,7 @@ class TokenizerProbe:
             self.recons.append(recon[: self.keep - taken].float().cpu())
 
     def _alignment(self, images: torch.Tensor):
-        align = self.tok.semantic_alignment
-        if "seed" in inspect.signature(align).parameters:  # a random (tiny) teacher rebuilt under tokenizer_train.seed
-            return align(images, seed=self.seed)
-        return align(images)
+        return self.tok.semantic_alignment(images, seed=self.seed)  # seed: a random (tiny) teacher rebuilt, not saved
 
     def teacher_cosine(self) -> float | None:
         return self.cos_sum / self.cos_n if self.cos_n else None

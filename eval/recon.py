@@ -23,8 +23,8 @@ def evaluate_reconstruction(
 ) -> dict:
     """Encode -> decode every readable image of `sources`; return metrics (rfid None with a reason when
     the Inception weights are unavailable). Usage: visual_id_usage is the share of each code's vocabulary used,
-    averaged over the L codes of a position (code_usage lists them when L > 1); SemHiTok adds its semantic
-    codebook's usage. observe(images, ids, recon), when given, sees every batch (eval/compare.py measures more
+    averaged over the L codes of a position (code_usage lists them when L > 1); a tokenizer with id_parts adds
+    each part's (SemHiTok: semantic_codebook_usage). observe(images, ids, recon), when given, sees every batch (eval/compare.py measures more
     on the same pass)."""
     paths = list_images(sources)
     features = None
@@ -37,8 +37,8 @@ def evaluate_reconstruction(
             result["rfid_error"] = str(err)
     real, fake = (GaussianStats(InceptionFeatures.dim), GaussianStats(InceptionFeatures.dim)) if features else (None, None)
     n, psnr_sum, ssim_sum = 0, 0.0, 0.0
-    split = getattr(model, "split_ids", None)  # SemHiTok: ids = semantic * m + pixel
-    sem_used = torch.zeros(model.config.sem_codebook_size, dtype=torch.bool) if split else None
+    parts_of = getattr(model, "id_parts", None)  # interface.py: named parts of each id (SemHiTok: its semantic id)
+    parts_used: dict[str, torch.Tensor] = {}
     codes_used = [torch.zeros(v, dtype=torch.bool) for v in model.code_vocab_sizes]
     for _, images in iter_image_batches(paths, model.image_size, batch_size, progress="reconstruct"):
         images = images.to(model.device)
@@ -51,8 +51,8 @@ def evaluate_reconstruction(
         flat = ids.reshape(-1, len(codes_used)).cpu()  # [B*N, L]
         for used, column in zip(codes_used, flat.unbind(1)):
             used[column] = True
-        if split:
-            sem_used[split(ids)[0].flatten().cpu()] = True
+        for name, (part, size) in (parts_of(ids) if parts_of else {}).items():
+            parts_used.setdefault(name, torch.zeros(size, dtype=torch.bool))[part.flatten().cpu()] = True
         if observe is not None:
             observe(images, ids, recon)
         if features:
@@ -66,8 +66,7 @@ def evaluate_reconstruction(
         ssim=ssim_sum / n,
         visual_id_usage=sum(float(u.float().mean()) for u in codes_used) / len(codes_used),
     )
-    if split:
-        result["semantic_codebook_usage"] = float(sem_used.float().mean())
+    result.update({f"{name}_usage": float(used.float().mean()) for name, used in parts_used.items()})
     if len(codes_used) > 1:
         result["code_usage"] = [float(u.float().mean()) for u in codes_used]
     if features:

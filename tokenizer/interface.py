@@ -77,8 +77,12 @@ class VisualTokenizer(Protocol):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VisualTokenizer": ...
 
     # Optional (eval's comparison table): held-out semantic alignment. images -> (the tokenizer's prediction of
-    # its teacher's features from the quantized ids, the teacher's features), both [B, N', c'].
-    # def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    # its teacher's features from the quantized ids, the teacher's features), both [B, N', c']. seed: the teacher's
+    # when it is rebuilt rather than saved (SemHiTok's random tiny teacher; ignored where it is saved).
+    # def semantic_alignment(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]: ...
+    # Optional (eval's usage report): named parts of each id, {name: (ids' part [...], its vocabulary size)},
+    # reported as <name>_usage (SemHiTok: the semantic id h // m of K).
+    # def id_parts(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]: ...
 
 
 def saved_kind(path: str | Path) -> str:

@@ -268,8 +268,7 @@ class SemHiTok(nn.Module):
         return self.pixel.to_pixels.weight.device
 
     def input_features(self) -> SemHiTokFeatures:
-        """The frozen (semantic, pixel) code features behind every id, on CPU in fp32 (the dual-MLP adapter's input).
-        No `semantic_alignment`: the SigLIP teacher is not part of a saved tokenizer."""
+        """The frozen (semantic, pixel) code features behind every id, on CPU in fp32 (the dual-MLP adapter's input)."""
         sem, pix = self.code_features()
         return SemHiTokFeatures(sem.cpu(), pix.cpu(), self.codes_per_group).requires_grad_(False)
 
@@ -286,6 +285,10 @@ class SemHiTok(nn.Module):
 
     def join_ids(self, sem: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
         return sem * self.codes_per_group + pix
+
+    def id_parts(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+        """ids [...] -> {"semantic_codebook": (semantic ids [...], K)} (interface.py; eval's usage report)"""
+        return {"semantic_codebook": (self.split_ids(ids)[0], self.config.sem_codebook_size)}
 
     @torch.no_grad()
     def code_features(self) -> tuple[torch.Tensor, torch.Tensor]:

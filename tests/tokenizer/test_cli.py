@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import SAMPLE
@@ -40,6 +41,11 @@ def test_eval_cli_reports_metrics_and_explains_missing_fid(trained_tokenizer, tm
     result = json.loads(out.read_text())
     assert result["images"] == 12 and 5 < result["psnr"] < 60 and 0 < result["ssim"] <= 1
     assert 0 < result["semantic_codebook_usage"] <= 1 and 0 < result["visual_id_usage"] <= 1
+    model = SemHiTok.from_pretrained(trained_tokenizer)  # the usages, recomputed from the ids themselves
+    _, ids = encode_paths(model, list_images([SAMPLE / "holdout.jsonl"]))
+    K, m = model.config.sem_codebook_size, model.codes_per_group
+    assert result["semantic_codebook_usage"] == pytest.approx(len(set((ids // m).flatten().tolist())) / K)
+    assert result["visual_id_usage"] == pytest.approx(len(set(ids.flatten().tolist())) / model.vocab_size)
     if result["rfid"] is None:
         assert "pytorch-fid" in result["rfid_error"]
 

@@ -260,9 +260,9 @@ class DualToken(nn.Module):
         return DualTokenFeatures(self.sem_vq.codebooks, self.pix_vq.codebooks)
 
     @torch.no_grad()
-    def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def semantic_alignment(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """images -> (from_sem(summed semantic codes of encode's ids) [B, N, W], the initial tower's
-        layer-`semantic_layer` features [B, N, W])"""
+        layer-`semantic_layer` features [B, N, W]); seed: unused (the initial tower is saved with the model)"""
         images = images.to(self.device)
         d = self.config.depth
         sem = self.encode(images)[..., :d].flatten(1, 2)

@@ -212,8 +212,9 @@ class TokLIP(nn.Module):
         return self.teacher(pixel_values=resize(images.to(self.device), size)).pooler_output
 
     @torch.no_grad()
-    def semantic_alignment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images -> (z from the VQGAN ids [B, 1, c], the teacher's pooled image features [B, 1, c])"""
+    def semantic_alignment(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> (z from the VQGAN ids [B, 1, c], the teacher's pooled image features [B, 1, c]); seed: unused
+        (the teacher is saved with the model)"""
         _, z = self.features(self.encode(images).flatten(1))
         return z[:, None], self.teacher_features(images)[:, None]
 
