@@ -219,7 +219,7 @@ def test_wandb_runs_are_named_and_resume_the_stored_id(tmp_path, monkeypatch):
 
 
 def test_pipeline_stages_are_those_the_config_runs():
-    from semhitok.cli import pipeline_stages
+    from semhitok.pipeline import pipeline_stages
 
     core = ["tokenizer", "tokenizer eval", "pretokenize", "mllm"]
     assert pipeline_stages(load_project_config("shapes")) == ["world", "teacher", *core, "samples", "eval"]
@@ -230,13 +230,7 @@ def test_pipeline_stages_are_those_the_config_runs():
 def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_lists_the_outputs(tmp_path, monkeypatch,
                                                                                               capsys, caplog):
     """Every stage's work stubbed (each is tested elsewhere): what is left is the pipeline's own log and output."""
-    import semhitok.data_pipelines.pretokenize
-    import semhitok.eval.recon
-    import semhitok.eval.summary
-    import semhitok.mllm.sample
-    import semhitok.mllm.train
-    import semhitok.tokenizer
-    import semhitok.tokenizer.kinds
+    import semhitok.pipeline
 
     def train_mllm(cfg):
         (cfg.mllm_dir / "final").mkdir(parents=True)
@@ -248,18 +242,18 @@ def test_pipeline_log_counts_stages_prints_the_pretokenize_summary_once_and_list
     def sample_images(decoder, visual, prompts, out, *rest, **kwargs):
         Path(out, "grid.png").write_bytes(b"png")
 
-    for module, name, fake in [
-        (semhitok.tokenizer.kinds, "kind_trainer", lambda kind: (lambda cfg: None,)),
-        (semhitok.tokenizer, "load_tokenizer", lambda path: None),
-        (semhitok.tokenizer, "reconstruct_to_dir", lambda *a: None),
-        (semhitok.eval.recon, "evaluate_reconstruction", lambda *a, **kw: {"psnr": 20.0}),
-        (semhitok.data_pipelines.pretokenize, "run_pretokenize", lambda *a: {"units_done_now": 7}),
-        (semhitok.mllm.train, "train_mllm", train_mllm),
-        (semhitok.mllm.sample, "load_sampler", lambda model_dir: (None, None)),
-        (semhitok.mllm.sample, "sample_images", sample_images),
-        (semhitok.eval.summary, "evaluate_model", evaluate_model),
+    for name, fake in [
+        ("kind_trainer", lambda kind: (lambda cfg: None,)),
+        ("load_tokenizer", lambda path: None),
+        ("reconstruct_to_dir", lambda *a: None),
+        ("evaluate_reconstruction", lambda *a, **kw: {"psnr": 20.0}),
+        ("run_pretokenize", lambda *a: {"units_done_now": 7}),
+        ("train_mllm", train_mllm),
+        ("load_sampler", lambda model_dir: (None, None)),
+        ("sample_images", sample_images),
+        ("evaluate_model", evaluate_model),
     ]:
-        monkeypatch.setattr(module, name, fake)
+        monkeypatch.setattr(semhitok.pipeline, name, fake)  # (raising=True: each is a name the pipeline calls)
     assert main(["pipeline", "--config", "tiny", f"run_dir={tmp_path}"]) in (0, None)
     headers = [m for m in caplog.messages if m.startswith("== stage")]
     assert [h.split(":")[0] for h in headers] == [f"== stage {i}/6" for i in range(1, 7)]
