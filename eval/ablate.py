@@ -46,7 +46,7 @@ from semhitok.eval.recon import evaluate_reconstruction
 from semhitok.tokenizer import SemHiTok, TokenizerConfig, TokenizerTrainConfig, iter_image_batches, list_images
 from semhitok.tokenizer.data import ImageDataset, collate_images
 from semhitok.tokenizer.losses import distill_loss
-from semhitok.tokenizer.model import load_teacher, teacher_features
+from semhitok.tokenizer.siglip import load_teacher, teacher_features
 from semhitok.tokenizer.train import train_tokenizer
 
 log = logging.getLogger("semhitok")

@@ -47,7 +47,7 @@ from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, random_base_con
 from semhitok.mllm.partition import zero3_build
 from semhitok.mllm.plain_engine import PlainEngine
 from semhitok.tokenizer.interface import load_visual_tokenizer
-from semhitok.tokenizer.train import warmup_cosine
+from semhitok.tokenizer.trainer import warmup_cosine
 
 log = logging.getLogger("semhitok")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU

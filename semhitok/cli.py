@@ -125,7 +125,8 @@ def cmd_tokenizer_train(args) -> None:
     import dataclasses
 
     from semhitok.tokenizer.kinds import kind_trainer
-    from semhitok.tokenizer.train import check_resume, check_resumes, stage_dirs, train_tokenizer
+    from semhitok.tokenizer.train import check_resumes, stage_dirs, train_tokenizer
+    from semhitok.tokenizer.trainer import check_resume
 
     cfg = _load(args)
     if args.stage is None:  # every stage of tokenizer.kind, through its registered trainer
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     from semhitok.common.hub import PushFailed
     from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable
     from semhitok.mllm.train import NonFiniteLoss
-    from semhitok.tokenizer.model import WeightsUnavailable
+    from semhitok.common.hub import WeightsUnavailable
 
     try:
         check_device(getattr(args, "device", None))

@@ -17,7 +17,7 @@ from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.model import SemHiTokLM, saved_ids
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.kinds import KINDS, PAPER_CFG_SCALE
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 from tests.conftest import TINY_QWEN
 from tests.tokenizer.test_dualtoken import tiny_config as tiny_dualtoken_config
 

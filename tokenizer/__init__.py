@@ -5,7 +5,7 @@
     images = tok.decode(ids)          # -> [B, 3, H, W] in [-1, 1]
     sem, pix = tok.split_ids(ids)
 
-The names of api, data and model (torch) are imported on first use (PEP 562), so the configs import no torch.
+The names of api, data, model and siglip (torch) are imported on first use (PEP 562), so the configs import no torch.
 """
 
 import importlib
@@ -17,7 +17,8 @@ _LAZY = {
     **dict.fromkeys(["encode_images", "encode_paths", "iter_image_batches", "load_tokenizer", "reconstruct_to_dir"], "api"),
     **dict.fromkeys(["ImageLimits", "ImageRejected", "image_grid", "list_images", "load_rgb", "open_rgb", "preprocess",
                      "to_pil"], "data"),
-    **dict.fromkeys(["SemHiTok", "WeightsUnavailable"], "model"),
+    "SemHiTok": "model",
+    "WeightsUnavailable": "siglip",
 }
 
 

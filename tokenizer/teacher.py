@@ -32,7 +32,7 @@ from semhitok.common.io import atomic_dir, loads_json, write_json
 from semhitok.tokenizer.config import TeacherTrainConfig
 from semhitok.tokenizer.data import center_crop_resize, load_rgb
 from semhitok.tokenizer.text import byte_caption_ids
-from semhitok.tokenizer.train import warmup_cosine
+from semhitok.tokenizer.trainer import warmup_cosine
 
 log = logging.getLogger("semhitok")
 

@@ -30,7 +30,7 @@ from semhitok.data_pipelines.sequences import TASKS
 from semhitok.mllm.megatron.convert import megatron_to_hf
 from semhitok.mllm.megatron.engine import MegatronEngine
 from semhitok.mllm.megatron.model import MegatronLM, from_semhitok, gather_full_state
-from semhitok.tokenizer.train import warmup_cosine
+from semhitok.tokenizer.trainer import warmup_cosine
 
 log = logging.getLogger("semhitok")
 

@@ -27,6 +27,10 @@ MLLM_MODEL_TYPE = "semhitok_mllm"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (typically: offline and not in the local cache)."""
+
+
 def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) -> Path:
     """A local directory -> itself; an `org/name` Hub id -> the local snapshot directory (cached or downloaded)."""
     path = Path(name_or_path).expanduser()
@@ -44,8 +48,6 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) ->
         raise FileNotFoundError(f"{name}: not a local directory, and the Hub has no such repo/revision "
                                 f"({type(err).__name__})") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        from semhitok.tokenizer.model import WeightsUnavailable  # here: tokenizer.model imports this module
-
         raise WeightsUnavailable(f"{name} is neither a local directory nor in the Hugging Face cache, and the Hub is not "
                                  f"reachable ({type(err).__name__}): on a machine with network run `hf download {name} "
                                  f"--local-dir /path/{name.split('/')[-1]}` and pass that directory") from None

@@ -132,7 +132,7 @@ def test_forward_gflops_counts_what_a_variant_adds(tmp_path, overrides, more):
     """"Len" decodes 2N tokens and a shared codebook is searched whole (K * m codes per patch): both cost more than
     concat; without pixel codes, less."""
     from semhitok.tokenizer import SemHiTok
-    from semhitok.tokenizer.model import load_teacher
+    from semhitok.tokenizer.siglip import load_teacher
 
     def gflops(*overrides):
         cfg = tiny_config(tmp_path, *overrides)

@@ -24,7 +24,8 @@ def holdout_images(size: int) -> torch.Tensor:
 
 
 def test_table_matches_independent_recomputation(compared):
-    from semhitok.tokenizer.model import SemHiTok, load_teacher
+    from semhitok.tokenizer.model import SemHiTok
+    from semhitok.tokenizer.siglip import load_teacher
 
     report = json.loads((compared / "compare.json").read_text())
     row = report["kinds"]["semhitok"]
@@ -171,7 +172,7 @@ def test_usage_per_code_group_of_a_residual_tokenizer(tmp_path):
     the ids counted here; ids per image N x L; its reconstructions kept for the figure."""
     from semhitok.eval.compare import measure_tokenizer
     from semhitok.tokenizer.dualtoken.model import DualToken
-    from semhitok.tokenizer.model import load_teacher
+    from semhitok.tokenizer.siglip import load_teacher
 
     cfg = load_project_config("tiny", [])
     torch.manual_seed(0)

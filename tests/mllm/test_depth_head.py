@@ -20,7 +20,7 @@ from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.sample import load_sampler, sample_images
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.model import DualToken
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 from tests.conftest import tiny_config
 from tests.conftest import TINY_QWEN
 from tests.mllm.reference_decoder import reference_image_ids

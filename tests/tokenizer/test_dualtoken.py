@@ -14,7 +14,7 @@ from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
 from semhitok.tokenizer.interface import VisualTokenizer, load_visual_tokenizer
 from semhitok.tokenizer.kinds import TRAINERS, tokenizer_class
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 from tests.conftest import tiny_config as conftest_tiny_config
 from tests.tokenizer.siglip_dirs import vision_config
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import SAMPLE, tiny_config
 from semhitok.tokenizer import SemHiTok, WeightsUnavailable, list_images, load_rgb, preprocess
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 
 
 def sample_images(n: int, size: int) -> torch.Tensor:

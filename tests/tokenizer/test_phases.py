@@ -12,7 +12,7 @@ import torch
 from semhitok.config import load_project_config
 from semhitok.tokenizer import SemHiTok, TokenizerConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 from semhitok.tokenizer.train import Stage2Task, build_task, stage_dirs, train_tokenizer
 from tests.conftest import REPO, SAMPLE, stub_python_env, tiny_config
 

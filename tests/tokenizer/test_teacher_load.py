@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from semhitok.config import load_project_config
 from semhitok.tokenizer import SemHiTok
-from semhitok.tokenizer.model import load_teacher
+from semhitok.tokenizer.siglip import load_teacher
 from tests.tokenizer.siglip_dirs import VISION, siglip_model_dir
 
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from semhitok.common.io import MANIFEST
 from semhitok.common import dist as D
-from semhitok.tokenizer.train import Trainer, build_task, train_tokenizer
+from semhitok.tokenizer.train import build_task, train_tokenizer
+from semhitok.tokenizer.trainer import Trainer
 from tests.conftest import tiny_config
 
 COMMON = ["tokenizer_train.max_steps=6", "tokenizer_train.batch_size=4", "tokenizer_train.ckpt_every=2",

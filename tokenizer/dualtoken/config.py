@@ -42,7 +42,7 @@ class DualTokenConfig:
 
     # The vision tower both vocabularies come from: a SigLIP vision tower by HF name or local path (a full
     # SiglipModel dir works too), or "random" with siglip_config (tiny preset, tests). Same loading as SemHiTok's
-    # teacher (tokenizer/model.py load_teacher); siglip_config is filled in from the loaded tower and saved.
+    # teacher (tokenizer/siglip.py load_teacher); siglip_config is filled in from the loaded tower and saved.
     teacher: str = "google/siglip-so400m-patch14-384"
     siglip_config: dict | None = None
 

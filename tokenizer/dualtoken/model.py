@@ -145,7 +145,7 @@ class DualToken(nn.Module):
             self.decoder = OfficialPixelDecoder(cfg, width, self.image_size, self.grid)
         else:
             self.decoder = PixelDecoder(cfg, self.image_size, self.grid)
-        self.trained_stages: list[int] = []  # [1] once trained (tokenizer/train.py's loop marks its stage)
+        self.trained_stages: list[int] = []  # [1] once trained (tokenizer/trainer.py's loop marks its stage)
 
     @classmethod
     def from_teacher(cls, cfg: DualTokenConfig, teacher: SiglipVisionModel) -> "DualToken":

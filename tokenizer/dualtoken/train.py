@@ -1,4 +1,4 @@
-"""DualToken training: one task in tokenizer/train.py's loop (data order, exact resume from checkpoints with
+"""DualToken training: one task in tokenizer/trainer.py's loop (data order, exact resume from checkpoints with
 their completion markers, logging, holdout eval, pictures are the loop's).
 
 Loss (paper eq. 2-4): recon_weight * (||x^ - x||^2 + perceptual_weight * perceptual + gan_weight * hinge G)
@@ -28,13 +28,13 @@ from semhitok.tokenizer.data import to_pil
 from semhitok.tokenizer.dualtoken.model import DualToken
 from semhitok.tokenizer.losses import PatchDiscriminator, build_perceptual, hinge_g_loss
 from semhitok.tokenizer.metrics import psnr
-from semhitok.tokenizer.model import load_teacher
-from semhitok.tokenizer.train import Trainer, _Task
+from semhitok.tokenizer.siglip import load_teacher
+from semhitok.tokenizer.trainer import Task, Trainer
 
 log = logging.getLogger("semhitok")
 
 
-class DualTokenTask(_Task):
+class DualTokenTask(Task):
     """Tower (all its layers up to semantic_layer), code projections and pixel decoder train together; the
     codebooks follow their EMA; the initial tower stays frozen. DualToken has one stage (stage 1)."""
 

@@ -25,7 +25,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipMult
 
 from semhitok.common.config_io import from_dict
 from semhitok.tokenizer.interface import VisualFeatures
-from semhitok.tokenizer.model import load_complete
+from semhitok.tokenizer.siglip import load_complete
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_dir, save_dir
 from semhitok.tokenizer.vit import resize

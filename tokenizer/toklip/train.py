@@ -3,7 +3,7 @@ LlamaGen's released one (toklip.vqgan_pretrained, llamagen.py), stage 2 the MLP 
 frozen VQGAN's codes: the loss of TencentARC/TokLIP's training code (open_clip's DistillClipLoss): InfoNCE
 between the normalised pooled z and the teacher's text features over the batch gathered from every rank, at a
 learned logit scale clamped to <= 100, plus 1000 x MSE between the normalised z and the teacher's normalised
-image features. Both stages are tasks of tokenizer/train.py's Trainer (data order, exact resume, logging,
+image features. Both stages are tasks of tokenizer/trainer.py's Trainer (data order, exact resume, logging,
 holdout evaluation, pictures), written under <run_dir>/tokenizer/toklip_vqgan and <run_dir>/tokenizer/toklip.
 """
 
@@ -33,7 +33,7 @@ from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.llamagen import load_llamagen
 from semhitok.tokenizer.toklip.model import TokLIP, load_siglip
 from semhitok.tokenizer.toklip.vqgan import VQGAN
-from semhitok.tokenizer.train import Trainer, _Task
+from semhitok.tokenizer.trainer import Task, Trainer
 
 log = logging.getLogger("semhitok")
 
@@ -48,7 +48,7 @@ def _codes_used(ids: torch.Tensor, vocab: int) -> float:
     return float((usage > 0).sum())
 
 
-class VQGANTask(_Task):
+class VQGANTask(Task):
     """Stage 1: the VQGAN, LlamaGen's losses (reconstruction, codebook, commitment, perceptual, hinge GAN)."""
 
     stage = 1
@@ -177,7 +177,7 @@ def list_captions(sources: list[str]) -> list[str]:
     return captions
 
 
-class EncoderTask(_Task):
+class EncoderTask(Task):
     """Stage 2: only the MLP, token encoder, pooling head and logit scale train; the VQGAN and both teacher towers
     are frozen."""
 
@@ -272,7 +272,7 @@ def final_dir(cfg) -> Path:
     return Path(cfg.run_dir) / "tokenizer" / "toklip" / "final"
 
 
-def build_task(cfg, stage: int, device: torch.device, world: int) -> _Task:
+def build_task(cfg, stage: int, device: torch.device, world: int) -> Task:
     train = stage_train(cfg, stage)
     torch.manual_seed(train.seed)  # the same (random) teacher in both stages and on every rank
     siglip = load_siglip(cfg.toklip)
