@@ -25,12 +25,10 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipMult
 
 from semhitok.common.config_io import from_dict
 from semhitok.tokenizer.interface import VisualFeatures
-from semhitok.tokenizer.siglip import load_complete
+from semhitok.tokenizer.siglip import RANDOM_TEACHER, load_complete
 from semhitok.tokenizer.toklip.config import TokLIPConfig
 from semhitok.tokenizer.toklip.vqgan import VQGAN, load_checked, read_dir, save_dir
 from semhitok.tokenizer.vit import resize
-
-RANDOM_TEACHER = "random"
 
 
 def load_siglip(cfg: TokLIPConfig) -> SiglipModel:
