@@ -1,7 +1,7 @@
 """Peak host memory per rank while building the unified LLM: today's path against ZeRO-3 partitioned building.
 
     python benchmarks/mllm_memory.py --shape 1.5b --nproc 2 --old-layers 1 3   # CPU, 2 ranks (gloo)
-    python benchmarks/mllm_memory.py --shape tiny --nproc 2 --old-layers 1 2   # smoke
+    python benchmarks/mllm_memory.py --shape tiny --nproc 2 --old-layers 1 2 --jobs 2   # smoke
 
 Same shape in both arms (Qwen2.5-1.5B config by default: hidden 1536, 28 layers, 12/2 heads, intermediate
 8960, 151,936 text + 196,608 visual rows, tied), random weights, the real build steps:
@@ -13,7 +13,8 @@ Same shape in both arms (Qwen2.5-1.5B config by default: hidden 1536, 28 layers,
        --nproc ranks on gloo: each rank holds its shard, plus one module/gathered matrix at a time.
   loss one chunk of the chunked cross-entropy (--loss-chunk tokens x the full vocabulary, bf16, forward +
        backward) in its own process: peak RSS above the inputs, less the head gradient, per logit.
-Peak RSS is each process's ru_maxrss (includes ~0.5 GiB of imported libraries). Prints one JSON line.
+Peak RSS is each process's ru_maxrss (includes ~0.5 GiB of imported libraries), so the old arm's processes may
+run side by side (--jobs; at 1.5B each holds several GiB). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from semhitok.mllm.flops import numel  # noqa: E402
 from semhitok.mllm.model import SemHiTokLM, load_base_lm  # noqa: E402
 from semhitok.mllm.partition import zero3_build  # noqa: E402
 from semhitok.tokenizer.interface import IdStructure  # noqa: E402
-from semhitok.tokenizer.model import SemHiTokFeatures  # noqa: E402
+from semhitok.tokenizer.semhitok.model import SemHiTokFeatures  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -116,11 +117,26 @@ def loss_arm(shape: str, chunk: int) -> dict:
 
 def run_json(cmd: list[str], env: dict) -> list[dict]:
     """Run worker(s) writing one JSON file each -> their rows."""
-    with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([*cmd, "--out", out], capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
+    return run_jsons([cmd], env, 1)[0]
+
+
+def run_jsons(cmds: list[list[str]], env: dict, jobs: int) -> list[list[dict]]:
+    """run_json of every command, up to `jobs` at a time -> their rows, in the commands' order."""
+    rows: list[list[dict]] = []
+    for i in range(0, len(cmds), jobs):
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [Path(tmp) / str(j) for j in range(len(cmds[i : i + jobs]))]
+            procs = []
+            for cmd, out in zip(cmds[i : i + jobs], outs):
+                out.mkdir()
+                procs.append((cmd, subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.PIPE, text=True, env=env)))
+            for (cmd, proc), out in zip(procs, outs):
+                _, err = proc.communicate()
+                if proc.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+                rows.append([json.loads(p.read_text()) for p in sorted(out.glob("*.json"))])
+    return rows
 
 
 def main() -> None:
@@ -129,6 +145,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2, help="ranks of the new arm (0: skip it)")
     ap.add_argument("--old-layers", type=int, nargs="*", default=[1, 3], help="cut depths for the old arm (none: skip it)")
     ap.add_argument("--loss-chunk", type=int, default=0, help="also measure one loss chunk of this many tokens")
+    ap.add_argument("--jobs", type=int, default=1, help="old-arm processes run at a time")
     ap.add_argument("--worker", choices=("old", "new", "loss"), help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,8 +161,8 @@ def main() -> None:
     full = SHAPES[args.shape]["num_hidden_layers"]
     result = {"bench": "mllm_memory", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "shape": args.shape, "layers": full, "nproc": args.nproc}
-    old = [run_json([sys.executable, here, "--worker", "old", "--shape", args.shape, "--layers", str(n)], env)[0]
-           for n in args.old_layers]
+    old = [rows[0] for rows in run_jsons([[sys.executable, here, "--worker", "old", "--shape", args.shape, "--layers", str(n)]
+                                          for n in args.old_layers], env, max(args.jobs, 1))]
     if old:
         result["old"] = {"dtype": "float32", "cut_depths": old}
         if len(old) >= 2:

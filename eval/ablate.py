@@ -47,7 +47,7 @@ from semhitok.tokenizer import SemHiTok, TokenizerConfig, TokenizerTrainConfig, 
 from semhitok.tokenizer.data import ImageDataset, collate_images
 from semhitok.tokenizer.losses import distill_loss
 from semhitok.tokenizer.siglip import load_teacher, teacher_features
-from semhitok.tokenizer.train import train_tokenizer
+from semhitok.tokenizer.semhitok.train import train_tokenizer
 
 log = logging.getLogger("semhitok")
 

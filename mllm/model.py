@@ -55,7 +55,7 @@ from semhitok.tokenizer import WeightsUnavailable
 from semhitok.tokenizer.codec import VisualCodec
 from semhitok.tokenizer.interface import IdStructure, VisualFeatures, VisualTokenizer, load_visual_tokenizer
 from semhitok.tokenizer.kinds import KINDS
-from semhitok.tokenizer.model import SemHiTok, SemHiTokFeatures
+from semhitok.tokenizer.semhitok.model import SemHiTok, SemHiTokFeatures
 
 log = logging.getLogger("semhitok")
 MLLM_CONFIG = "semhitok_mllm.json"

@@ -125,7 +125,7 @@ def cmd_tokenizer_train(args) -> None:
     import dataclasses
 
     from semhitok.tokenizer.kinds import kind_trainer
-    from semhitok.tokenizer.train import check_resumes, stage_dirs, train_tokenizer
+    from semhitok.tokenizer.semhitok.train import check_resumes, stage_dirs, train_tokenizer
     from semhitok.tokenizer.trainer import check_resume
 
     cfg = _load(args)

@@ -28,7 +28,7 @@ from semhitok.mllm.train import train_mllm
 from semhitok.tokenizer import list_images, load_tokenizer, reconstruct_to_dir
 from semhitok.tokenizer.kinds import kind_trainer
 from semhitok.tokenizer.teacher import train_teacher
-from semhitok.tokenizer.train import check_resumes as check_tokenizer_resumes
+from semhitok.tokenizer.semhitok.train import check_resumes as check_tokenizer_resumes
 
 log = logging.getLogger("semhitok")
 

@@ -42,7 +42,7 @@ def tiny_config(run_dir: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def trained_tokenizer(tmp_path_factory) -> Path:
     """A tiny tokenizer trained briefly through both stages on the shipped photos; its final directory."""
-    from semhitok.tokenizer.train import train_tokenizer
+    from semhitok.tokenizer.semhitok.train import train_tokenizer
 
     cfg = tiny_config(tmp_path_factory.mktemp("tok"), "tokenizer_train.max_steps=15", "tokenizer_train.disc_start=10")
     for stage in (1, 2):

@@ -18,7 +18,7 @@ from semhitok.mllm.config import MLLMConfig, SamplingConfig
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.sample import Decoder
 from semhitok.tokenizer import SemHiTok, list_images, load_rgb, preprocess, reconstruct_to_dir
-from semhitok.tokenizer.train import build_task
+from semhitok.tokenizer.semhitok.train import build_task
 from semhitok.tokenizer.vit import pixel_geometry
 from tests.conftest import SAMPLE, TINY_QWEN, tiny_config
 from tests.tokenizer.siglip_dirs import vision_config

@@ -17,7 +17,7 @@ _LAZY = {
     **dict.fromkeys(["encode_images", "encode_paths", "iter_image_batches", "load_tokenizer", "reconstruct_to_dir"], "api"),
     **dict.fromkeys(["ImageLimits", "ImageRejected", "image_grid", "list_images", "load_rgb", "open_rgb", "preprocess",
                      "to_pil"], "data"),
-    "SemHiTok": "model",
+    "SemHiTok": "semhitok.model",
     "WeightsUnavailable": "siglip",
 }
 

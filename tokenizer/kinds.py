@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 # kind -> "module:Class" (imported on first use, so a kind's dependencies load only when it is used)
 KINDS: dict[str, str] = {
-    "semhitok": "semhitok.tokenizer.model:SemHiTok",
+    "semhitok": "semhitok.tokenizer.semhitok.model:SemHiTok",
     "toklip": "semhitok.tokenizer.toklip.model:TokLIP",
     "dualtoken": "semhitok.tokenizer.dualtoken.model:DualToken",
 }
@@ -19,7 +19,7 @@ KINDS: dict[str, str] = {
 # (resumable, skipping finished stages) and returns the finished tokenizer directory; final_dir(cfg) -> Path
 # names that directory without training (what pre-tokenization and the MLLM consume).
 TRAINERS: dict[str, tuple[str, str]] = {
-    "semhitok": ("semhitok.tokenizer.train:train_all", "semhitok.tokenizer.train:final_dir"),
+    "semhitok": ("semhitok.tokenizer.semhitok.train:train_all", "semhitok.tokenizer.semhitok.train:final_dir"),
     "toklip": ("semhitok.tokenizer.toklip.train:train", "semhitok.tokenizer.toklip.train:final_dir"),
     "dualtoken": ("semhitok.tokenizer.dualtoken.train:train", "semhitok.tokenizer.dualtoken.train:final_dir"),
 }

@@ -24,7 +24,7 @@ def holdout_images(size: int) -> torch.Tensor:
 
 
 def test_table_matches_independent_recomputation(compared):
-    from semhitok.tokenizer.model import SemHiTok
+    from semhitok.tokenizer.semhitok.model import SemHiTok
     from semhitok.tokenizer.siglip import load_teacher
 
     report = json.loads((compared / "compare.json").read_text())

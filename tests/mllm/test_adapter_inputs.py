@@ -6,7 +6,7 @@ import torch
 from semhitok.mllm.hf_remote.configuration_semhitok import SemHiTokMLLMConfig
 from semhitok.mllm.hf_remote.modeling_semhitok import VisualAdapter as RemoteAdapter
 from semhitok.mllm.model import VisualAdapter
-from semhitok.tokenizer.model import SemHiTokFeatures
+from semhitok.tokenizer.semhitok.model import SemHiTokFeatures
 
 K, M, SEM, PIX, HIDDEN, D = 8, 3, 4, 2, 16, 12
 

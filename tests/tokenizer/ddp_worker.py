@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.conftest import tiny_config  # noqa: E402
-from semhitok.tokenizer.train import train_tokenizer  # noqa: E402
+from semhitok.tokenizer.semhitok.train import train_tokenizer  # noqa: E402
 
 # k-means waits for 1500 features: 2 ranks x 8 images x 64 patches = 1024 a step, so it pools steps 1 and 2
 cfg = tiny_config(Path(sys.argv[1]), "tokenizer_train.max_steps=4", "tokenizer_train.batch_size=8", "tokenizer_train.disc_start=2",

@@ -99,7 +99,7 @@ def test_the_semantic_perceptual_term_reads_the_network_asked_for(trained_tokeni
     """perceptual_network=teacher: the frozen teacher, one fixed network (the ablations' rows); student: the tokenizer's own."""
     import dataclasses
 
-    from semhitok.tokenizer.train import build_task
+    from semhitok.tokenizer.semhitok.train import build_task
 
     stage1 = trained_tokenizer.parent.parent / "stage1" / "final"
     cfg = load_project_config("tiny")

@@ -13,7 +13,7 @@ from semhitok.config import load_project_config
 from semhitok.tokenizer import SemHiTok, TokenizerConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images
 from semhitok.tokenizer.siglip import load_teacher
-from semhitok.tokenizer.train import Stage2Task, build_task, stage_dirs, train_tokenizer
+from semhitok.tokenizer.semhitok.train import Stage2Task, build_task, stage_dirs, train_tokenizer
 from tests.conftest import REPO, SAMPLE, stub_python_env, tiny_config
 
 CPU = torch.device("cpu")

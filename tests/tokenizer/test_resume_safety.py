@@ -7,7 +7,7 @@ import torch
 
 from semhitok.common import dist as D
 from semhitok.common.safe_load import UnsafeCheckpoint
-from semhitok.tokenizer.train import build_task, train_tokenizer
+from semhitok.tokenizer.semhitok.train import build_task, train_tokenizer
 from semhitok.tokenizer.trainer import Trainer
 from tests.conftest import tiny_config
 from tests.mllm.test_resume_safety import plant

@@ -6,7 +6,7 @@ import torch
 from semhitok.common.config_io import ConfigError
 from semhitok.tokenizer import SemHiTok
 from semhitok.tokenizer.siglip import load_teacher, teacher_features
-from semhitok.tokenizer.train import build_task
+from semhitok.tokenizer.semhitok.train import build_task
 from semhitok.tokenizer.vit import pixel_geometry
 from tests.conftest import tiny_config
 

@@ -14,7 +14,7 @@ from semhitok.data_pipelines.world import WorldConfig, write_world
 from semhitok.tokenizer.config import TeacherTrainConfig, TokenizerConfig
 from semhitok.tokenizer.interface import load_visual_tokenizer
 from semhitok.tokenizer.kinds import kind_trainer
-from semhitok.tokenizer.model import SemHiTok
+from semhitok.tokenizer.semhitok.model import SemHiTok
 from semhitok.tokenizer.siglip import load_complete, load_teacher
 from semhitok.tokenizer.teacher import build_teacher, load_pairs, retrieval_accuracy, sigmoid_loss, train_teacher
 from semhitok.tokenizer.text import BYTE_BOS, BYTE_EOS, BYTE_PAD, byte_caption_ids

@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import SAMPLE, tiny_config
 from semhitok.tokenizer import SemHiTok
-from semhitok.tokenizer.train import build_task, train_tokenizer
+from semhitok.tokenizer.semhitok.train import build_task, train_tokenizer
 
 
 def losses(run_dir, stage):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from semhitok.common.io import MANIFEST
 from semhitok.common import dist as D
-from semhitok.tokenizer.train import build_task, train_tokenizer
+from semhitok.tokenizer.semhitok.train import build_task, train_tokenizer
 from semhitok.tokenizer.trainer import Trainer
 from tests.conftest import tiny_config
 

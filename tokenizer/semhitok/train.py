@@ -27,7 +27,7 @@ from semhitok.tokenizer.losses import (
     hinge_g_loss,
 )
 from semhitok.tokenizer.metrics import psnr
-from semhitok.tokenizer.model import SemHiTok
+from semhitok.tokenizer.semhitok.model import SemHiTok
 from semhitok.tokenizer.siglip import load_teacher, teacher_features
 from semhitok.tokenizer.trainer import Task, Trainer, check_resume
 
