@@ -409,15 +409,17 @@ def cmd_push(args) -> None:
     README.md becomes that card once the upload succeeded."""
     from semhitok.common.hub import push_export
     from semhitok.common.io import read_json
+    from semhitok.tokenizer.kinds import KINDS
 
     model = Path(args.model)
     if (model / "semhitok_mllm.json").is_file():
         from semhitok.mllm.hf_export import write_mllm_card as write_card
     elif (model / "config.json").is_file() and isinstance(meta := read_json(model / "config.json"), dict) \
-            and meta.get("model_type") == "semhitok":
+            and meta.get("model_type") in KINDS:  # a tokenizer of any kind
         from semhitok.tokenizer.hub import write_tokenizer_card as write_card
     else:
-        raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json)")
+        raise FileNotFoundError(f"{model}: not a semhitok export (no semhitok_mllm.json, no tokenizer config.json of a "
+                                f"kind in {sorted(KINDS)})")
     url, card = push_export(model, args.repo, write_card, private=args.private or None, token=args.token)
     print(f"{model} -> {args.repo} ({card.name} refreshed): {url}")
 

@@ -337,3 +337,23 @@ def test_compare_samples_dualtoken_at_its_papers_cfg_unless_the_user_says_otherw
     assert scale == {"semhitok": 2.0, "dualtoken": 3.0}  # each paper's CFG
     mine = kind_overrides("tiny", ["eval.sampling.cfg_scale=1.5"], "dualtoken", Path("/x"))
     assert load_project_config("tiny", mine).eval.sampling.cfg_scale == 1.5
+
+
+def test_a_dualtoken_tokenizer_pushes_to_the_hub_with_its_card(tiny, tmp_path, monkeypatch, capsys):
+    """push_to_hub (the kinds' mixin) and `semhitok push` of a saved directory, against a recording HfApi."""
+    import huggingface_hub
+
+    from semhitok.cli import main
+    from tests.test_hf_artifacts import RecordingApi
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    assert tiny.push_to_hub("org/dual") == "https://hub.test/org/dual/commit/1"
+    (_, _, kw), (_, repo, files, card, _) = RecordingApi.calls
+    assert repo == "org/dual" and {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert "# DualToken image tokenizer" in card and 'load_tokenizer("org/dual")' in card
+    tiny.save_pretrained(tmp_path / "final")
+    RecordingApi.calls = []
+    assert main(["push", "--model", str(tmp_path / "final"), "--repo", "org/dual2"]) == 0
+    (_, _, _), (_, repo, files, card, _) = RecordingApi.calls
+    assert repo == "org/dual2" and "model.safetensors" in files and "# DualToken image tokenizer" in card

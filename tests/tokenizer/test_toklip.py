@@ -323,3 +323,17 @@ def test_paper_384_shapes_on_the_meta_device():
     assert model.encoder.pos.shape == (1, 576, 1152)  # the teacher's 24x24 positions, no interpolation needed
     assert [m.weight.shape for m in model.encoder.mlp if hasattr(m, "weight")] == [(4608, 8), (1152, 4608)]
     assert round(sum(p.numel() for p in model.vqgan.parameters()) / 1e5) == 719  # LlamaGen's VQ-16: 71.9M
+
+
+def test_a_toklip_tokenizer_pushes_to_the_hub_with_its_card(cfg, siglip, monkeypatch):
+    """push_to_hub (the kinds' mixin), against a recording HfApi."""
+    import huggingface_hub
+
+    from tests.test_hf_artifacts import RecordingApi
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    assert toklip(cfg, siglip).push_to_hub("org/toklip") == "https://hub.test/org/toklip/commit/1"
+    (_, _, _), (_, repo, files, card, _) = RecordingApi.calls
+    assert repo == "org/toklip" and {"config.json", "README.md"} <= set(files)
+    assert "# TokLIP image tokenizer" in card and 'load_tokenizer("org/toklip")' in card

@@ -30,6 +30,7 @@ from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.dualtoken.config import DualTokenConfig
 from semhitok.tokenizer.dualtoken.official import AttnProjection, ConvDecoder, ResBlock
 from semhitok.tokenizer.dualtoken.quantizer import ResidualVQ
+from semhitok.tokenizer.hub import PushToHubMixin
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.saved import load_staged
 from semhitok.tokenizer.vit import Transformer, pixel_geometry, resize, unpatchify
@@ -116,7 +117,7 @@ class DualTokenFeatures(VisualFeatures):
         return torch.cat([sem, pix], dim=-1)
 
 
-class DualToken(nn.Module):
+class DualToken(nn.Module, PushToHubMixin):
     kind = "dualtoken"
 
     def __init__(self, cfg: DualTokenConfig):

@@ -19,6 +19,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from semhitok.common.io import atomic_dir
 from semhitok.tokenizer.config import TokenizerConfig
+from semhitok.tokenizer.hub import PushToHubMixin, write_tokenizer_card
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.quantizers import EMACodebook, HierarchicalCodebook, l2norm
 from semhitok.tokenizer.saved import load_staged
@@ -166,7 +167,7 @@ class SemHiTokFeatures(VisualFeatures):
         return self(torch.arange(self.pix_codes.shape[0], device=self.pix_codes.device)[None])[0]
 
 
-class SemHiTok(nn.Module):
+class SemHiTok(nn.Module, PushToHubMixin):
     kind = "semhitok"  # VisualTokenizer (tokenizer/interface.py)
 
     def __init__(self, cfg: TokenizerConfig):
@@ -296,20 +297,12 @@ class SemHiTok(nn.Module):
     # -- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json + model.safetensors + a model card (README.md) into `path` atomically."""
-        from semhitok.tokenizer.hub import write_tokenizer_card
-
         with atomic_dir(path) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
             meta = {"model_type": "semhitok", "trained_stages": self.trained_stages, **dataclasses.asdict(self.config)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
             write_tokenizer_card(tmp, Path(path))
-
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-        """Upload a fresh export (weights, config, model card) to the Hub repo `repo_id` -> the commit URL."""
-        from semhitok.tokenizer.hub import push_tokenizer
-
-        return push_tokenizer(self, repo_id, private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SemHiTok":

@@ -24,6 +24,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipMultiheadAttentionPoolingHead
 
 from semhitok.common.config_io import from_dict
+from semhitok.tokenizer.hub import PushToHubMixin
 from semhitok.tokenizer.interface import VisualFeatures
 from semhitok.tokenizer.siglip import RANDOM_TEACHER, load_complete
 from semhitok.tokenizer.toklip.config import TokLIPConfig
@@ -130,7 +131,7 @@ class VQCodeFeatures(VisualFeatures):
         return self.codes
 
 
-class TokLIP(nn.Module):
+class TokLIP(nn.Module, PushToHubMixin):
     kind = "toklip"
 
     def __init__(self, cfg: TokLIPConfig):
