@@ -45,14 +45,16 @@ VISUAL = {"1.5b": (16384, 12), "tiny": (256, 12)}  # (K, m)
 ARMS = ("hf_loss", "chunked", "chunked_fused", "zero3_engine")
 
 
-def make_model(shape: str, attn: str, device, dtype) -> SemHiTokLM:
-    """The real build path (SemHiTokLM.from_base) with random codes; under mllm.partition.zero3_build: partitioned."""
+def make_model(shape: str, attn: str, device, dtype, grid: int = 16, layers: int = 0) -> SemHiTokLM:
+    """The real build path (SemHiTokLM.from_base) with random codes; under mllm.partition.zero3_build: partitioned.
+    grid: the image grid (grid**2 ids per image); layers: cut the LLM to this depth (0: the shape's)."""
     k, m = VISUAL[shape]
     text = SHAPES[shape]["vocab_size"]
     layout = TokenLayout(text, k * m, 151652 % text, 151653 % text, 151644 % text, 151645 % text, 151643 % text)
-    cfg = MLLMConfig(base_model="random", qwen2_config=SHAPES[shape], attn_implementation=attn)
+    fields = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = MLLMConfig(base_model="random", qwen2_config=fields, attn_implementation=attn)
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes at 1.5B
-        model = SemHiTokLM.from_base(load_base_lm(cfg, dtype), layout, torch.randn(k, 32), torch.randn(k * m, 8), m, 16, cfg)
+        model = SemHiTokLM.from_base(load_base_lm(cfg, dtype), layout, torch.randn(k, 32), torch.randn(k * m, 8), m, grid, cfg)
     return model.to(device)
 
 

@@ -38,11 +38,16 @@ def test_mllm_train_benchmark_prints_one_json_line():
     assert loss["chunked"] == pytest.approx(loss["hf_loss"], rel=1e-5), loss  # the same weights: one loss, two codes
     assert all(abs(v - math.log(4096)) < 0.5 for v in loss.values()), loss  # random init: about ln(vocabulary rows)
     assert all(0.02 < result[arm]["speedup_vs_hf_loss"] < 50 for arm in ("chunked", "zero3_engine"))
+    # one batch, one model shape: every arm counts the same FLOPs per token (the ZeRO-3 arm's from partitioned shapes)
+    per_token = {arm: result[arm]["tflops_per_s"] / result[arm]["tokens_per_s"] for arm in ("hf_loss", "chunked", "zero3_engine")}
+    assert per_token["chunked"] == pytest.approx(per_token["hf_loss"], rel=1e-9), per_token
+    assert per_token["zero3_engine"] == pytest.approx(per_token["hf_loss"], rel=1e-9), per_token
 
 
 def test_mllm_memory_benchmark_builds_partitioned_on_two_ranks():
-    proc = subprocess.run([sys.executable, "benchmarks/mllm_memory.py", "--shape", "tiny", "--nproc", "2", "--old-layers", "1", "2"],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+    # the two old-arm processes side by side (--jobs 2): each one's own peak RSS either way
+    proc = subprocess.run([sys.executable, "benchmarks/mllm_memory.py", "--shape", "tiny", "--nproc", "2", "--old-layers", "1", "2",
+                           "--jobs", "2"], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "mllm_memory" and [c["layers"] for c in result["old"]["cut_depths"]] == [1, 2]
     ranks = result["new"]["ranks"]
@@ -52,12 +57,16 @@ def test_mllm_memory_benchmark_builds_partitioned_on_two_ranks():
 
 
 def test_sample_benchmark_prints_one_json_line():
-    proc = subprocess.run([sys.executable, "benchmarks/sample.py", "--shape", "tiny", "--batches", "1", "--depth-positions", "8"],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+    # an 8x8 image from a 2-layer LLM: a quarter of the ids, half the layers to compile (the default is 16x16, 4 layers)
+    proc = subprocess.run([sys.executable, "benchmarks/sample.py", "--shape", "tiny", "--batches", "1", "--depth-positions", "8",
+                           "--grid", "8", "--layers", "2"], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["bench"] == "sample" and result["ids_per_image"] == 256
+    assert result["bench"] == "sample" and result["ids_per_image"] == 64 and result["layers"] == 2
     row = result["results"][0]
     assert row["ours_img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["compiled_img_per_s"] > 0
+    # the arms that share a draw draw the same ids: compiled = ours (same noise), cached = baseline (same generator)
+    assert row["compiled_ids_agree"] == 1.0 and row["cached_ids_agree"] == 1.0, row
+    assert 0.2 < row["compiled_speedup"] < 100
     assert row["cached_img_per_s"] > 0 and 0.2 < row["speedup_vs_cached"] < 50  # the KV-cached eager baseline
     assert row["speedup"] > 1.2  # against re-running the whole sequence per id (docs/benchmarks.md: 3.4x on CPU)
     depth = row["depth"]  # the depth heads' draw with and without their KV cache over depth: the same greedy codes
