@@ -36,11 +36,8 @@ from mllm_train import SHAPES, VISUAL  # noqa: E402
 
 from semhitok.data_pipelines.text_tokenizer import TokenLayout  # noqa: E402
 from semhitok.mllm.config import MLLMConfig  # noqa: E402
-from semhitok.mllm.flops import numel  # noqa: E402
-from semhitok.mllm.model import SemHiTokLM, load_base_lm  # noqa: E402
-from semhitok.mllm.partition import zero3_build  # noqa: E402
-from semhitok.tokenizer.interface import IdStructure  # noqa: E402
-from semhitok.tokenizer.semhitok.model import SemHiTokFeatures  # noqa: E402
+
+# the model's modules (transformers) are imported by the workers that build it, not by the parent process
 
 
 def peak_rss_gib() -> float:
@@ -58,7 +55,9 @@ def parts(shape: str, layers: int | None):
 
 def old_arm(shape: str, layers: int) -> dict:
     """The pre-ZeRO-Init build, step for step (fp32, full model in this process)."""
-    from semhitok.mllm.model import VisualAdapter
+    from semhitok.mllm.model import SemHiTokLM, VisualAdapter, load_base_lm
+    from semhitok.tokenizer.interface import IdStructure
+    from semhitok.tokenizer.semhitok.model import SemHiTokFeatures
 
     cfg, layout, sem, pix, m = parts(shape, layers)
     lm = load_base_lm(cfg, torch.float32)
@@ -80,6 +79,10 @@ def old_arm(shape: str, layers: int) -> dict:
 
 def new_arm(shape: str) -> dict:
     import deepspeed
+
+    from semhitok.mllm.flops import numel
+    from semhitok.mllm.model import SemHiTokLM, load_base_lm
+    from semhitok.mllm.partition import zero3_build
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():

@@ -26,14 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.config import MLLMConfig
 from semhitok.mllm.flops import batch_flops, row_flops
-from semhitok.mllm.model import SemHiTokLM, apply_fused_kernels, attention_kernel, load_base_lm
-from semhitok.mllm.train import peak_flops
+
+if TYPE_CHECKING:
+    from semhitok.mllm.model import SemHiTokLM
+# semhitok.mllm.model and .train (transformers) are imported where used: mllm_memory.py's parent process reads
+# SHAPES from here and builds no model
 
 SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -48,6 +52,8 @@ ARMS = ("hf_loss", "chunked", "chunked_fused", "zero3_engine")
 def make_model(shape: str, attn: str, device, dtype, grid: int = 16, layers: int = 0) -> SemHiTokLM:
     """The real build path (SemHiTokLM.from_base) with random codes; under mllm.partition.zero3_build: partitioned.
     grid: the image grid (grid**2 ids per image); layers: cut the LLM to this depth (0: the shape's)."""
+    from semhitok.mllm.model import SemHiTokLM, load_base_lm
+
     k, m = VISUAL[shape]
     text = SHAPES[shape]["vocab_size"]
     layout = TokenLayout(text, k * m, 151652 % text, 151653 % text, 151644 % text, 151645 % text, 151643 % text)
@@ -80,6 +86,9 @@ def timed_steps(step, steps: int, warmup: int, device) -> float:
 
 
 def run_arm(arm: str, args, device, dtype, attn: str) -> dict:
+    from semhitok.mllm.model import apply_fused_kernels
+    from semhitok.mllm.train import peak_flops
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -155,6 +164,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     args = ap.parse_args()
+    from semhitok.mllm.model import attention_kernel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
