@@ -20,7 +20,16 @@ from semhitok.data_pipelines.readers import DataError, WorkUnit, plan_units, rea
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.tokenizer import ImageLimits, ImageRejected, SemHiTok, encode_images, encode_paths, open_rgb
+from semhitok.tokenizer.interface import IdStructure
 from tests.conftest import SAMPLE
+
+
+def _write_manifest(root: Path, done: dict) -> None:
+    """The manifest pre-tokenization writes for one shard of 4x4 SemHiTok-style flat ids."""
+    ids = IdStructure("semhitok", 4, (256 * 12,), (1,))
+    manifest = {**ids.to_dict(), "grid": [4, 4], "visual_vocab_size": ids.visual_vocab_size, "shards": [done]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
 
 PHOTOS = sorted({json.loads(l)["image"] for l in open(SAMPLE / "train.jsonl")})
 
@@ -238,7 +247,7 @@ def test_training_names_the_origin_of_a_bad_document(text_tokenizer, tmp_path):
     entries[1]["text"] = 5  # what an older pre-tokenization let through
     unit = WorkUnit(SourceConfig("old", "caption_jsonl", "old.jsonl"), 0, "old.jsonl", 0, 3, 3)
     done = write_unit(unit, shard_dir, entries, [np.arange(16, dtype=np.int32)] * 3, 4, {}, {})
-    (tmp_path / "manifest.json").write_text(json.dumps({"grid": [4, 4], "visual_vocab_size": 256 * 12, "shards": [done]}))
+    _write_manifest(tmp_path, done)
     cfg = SequenceConfig(mixture=[MixtureComponent("old", "generation")], max_length=256, micro_batch_size=1,
                          pack_lookahead=4, cfg_dropout=0.0)
     expected = r"^\S*old-00000.npz row 1 \(old.jsonl:2\), source 'old': cannot build a generation document \(.*\)$"
@@ -268,7 +277,7 @@ def test_the_loader_gives_a_multi_image_row_all_its_images(text_tokenizer, tmp_p
     rows = [np.full(16, 7, np.int32), np.full(16, 9, np.int32)]
     unit = WorkUnit(SourceConfig("m", "llava_json", "m.json"), 0, "m.json", 0, 1, 1)
     done = write_unit(unit, tmp_path / "shards", entries, rows, 4, {}, {})
-    (tmp_path / "manifest.json").write_text(json.dumps({"grid": [4, 4], "visual_vocab_size": 256 * 12, "shards": [done]}))
+    _write_manifest(tmp_path, done)
     cfg = SequenceConfig(mixture=[MixtureComponent("m", "understanding")], max_length=128, micro_batch_size=1, pack_lookahead=1)
     tokens = PackedLoader(cfg, text_tokenizer, layout, tmp_path).next_batch()["input_ids"][0].numpy()
     start = int(np.flatnonzero(tokens == layout.image_start)[0])
