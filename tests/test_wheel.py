@@ -64,6 +64,8 @@ def wheel_venv(tmp_path_factory) -> Path:
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     shipped = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".json")}
     assert {f"semhitok/configs/{p}" for p in shipped} <= set(names)  # every preset, subfolders included
+    data = {f"semhitok/{n}" for n in files if n.startswith("data/") and "/" in n[5:]}  # data/*/...: the shipped data
+    assert data - set(names) == set()  # its licences (data/eval/LICENSE_POPE, ...) and attributions included
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
     site = next((venv / "lib").glob("python3*/site-packages"))
