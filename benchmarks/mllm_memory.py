@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mllm_train import SHAPES, VISUAL  # noqa: E402
 
+from semhitok.common.dist import free_port  # noqa: E402
 from semhitok.data_pipelines.text_tokenizer import TokenLayout  # noqa: E402
 from semhitok.mllm.config import MLLMConfig  # noqa: E402
 
@@ -173,9 +173,7 @@ def main() -> None:
             result["old"].update(per_layer_gib=round(per_layer, 3),
                                  peak_rss_gib_per_rank=round(old[0]["peak_rss_gib"] + per_layer * (full - old[0]["layers"]), 3))
     if args.nproc:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         ranks = run_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
                           str(port), here, "--worker", "new", "--shape", args.shape], env)
         ranks.sort(key=lambda r: r["rank"])

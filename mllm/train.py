@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -62,10 +61,7 @@ def setup_distributed() -> D.DistInfo:
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     # DeepSpeed 0.19 calls collectives torch marks deprecated, once per step

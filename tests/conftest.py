@@ -120,11 +120,13 @@ def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path,
     import subprocess
     import sys
 
+    from semhitok.common.dist import free_port
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     args = ["--config", "tiny", f"run_dir={run_dir}", f"mllm_train.tokenizer={trained_tokenizer}",
             f"data.pretokenized={pretokenized_sample}", "mllm_train.log_every=1", *overrides]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     cmd = [sys.executable, *launcher, "-m", "semhitok.cli", "train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check:

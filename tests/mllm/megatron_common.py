@@ -5,10 +5,10 @@ norms and biases included, so a swapped or dropped tensor shows in the logits)."
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
+from semhitok.common.dist import free_port
 from semhitok.data_pipelines.sequences import IGNORE
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 
@@ -25,12 +25,6 @@ TINYLLAMA_11B = dict(model_type="llama", vocab_size=512, hidden_size=2048, inter
                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
                      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 VISUAL = 64  # visual ids: 16 semantic codes x 4 pixel codes each
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_megatron(tp: int = 1, pp: int = 1) -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from semhitok.common.dist import free_port
 from tests.conftest import CHILD_ENV, REPO
-from tests.mllm.megatron_common import free_port
 
 WORKER = REPO / "tests" / "mllm" / "megatron_worker.py"
 

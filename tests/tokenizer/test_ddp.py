@@ -1,10 +1,11 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from semhitok.common.dist import free_port
 
 
 @pytest.mark.slow
@@ -12,9 +13,7 @@ def test_two_process_ddp_training_keeps_replicas_identical(tmp_path):
     """torchrun with 2 CPU processes (gloo): k-means init gathered across ranks and two steps, EMA statistics all-reduced,
     gradients averaged; every parameter and buffer must agree across ranks after each stage."""
     worker = Path(__file__).with_name("ddp_worker.py")
-    with socket.socket() as sock:  # a free port: other jobs on this machine may run torchrun too
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
