@@ -78,15 +78,12 @@ def old_arm(shape: str, layers: int) -> dict:
 
 
 def new_arm(shape: str) -> dict:
-    import deepspeed
-
     from semhitok.mllm.flops import numel
     from semhitok.mllm.model import SemHiTokLM, load_base_lm
     from semhitok.mllm.partition import zero3_build
+    from semhitok.mllm.train import setup_distributed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    info = setup_distributed()
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
     keep = zero3_build(ds)  # noqa: F841
     torch.manual_seed(0)
@@ -95,7 +92,7 @@ def new_arm(shape: str) -> dict:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())  # this rank's shard
     rows = model.lm.get_input_embeddings().weight.ds_shape[0]
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    return {"rank": int(os.environ["RANK"]), "peak_rss_gib": round(peak_rss_gib(), 3), "local_params": local,
+    return {"rank": info.rank, "peak_rss_gib": round(peak_rss_gib(), 3), "local_params": local,
             "params": sum(numel(p) for p in model.parameters()), "input_rows": rows, "dtypes": dtypes}
 
 

@@ -57,17 +57,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def setup_distributed() -> D.DistInfo:
-    """torchrun/srun env when present; a one-process group otherwise (DeepSpeed always wants one)."""
+    """The process group of every run (common/dist.py: torchrun/srun's, else one process), adopted by DeepSpeed."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    info = D.init_distributed(always=True)
     # DeepSpeed 0.19 calls collectives torch marks deprecated, once per step
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return D.DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # wraps the group above
+    return info
 
 
 def peak_flops() -> float | None:

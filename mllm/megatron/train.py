@@ -40,9 +40,8 @@ def init_parallel(tp: int, pp: int, seed: int) -> D.DistInfo:
     from megatron.core import parallel_state, tensor_parallel
 
     from semhitok.mllm.megatron import cpu
-    from semhitok.mllm.train import setup_distributed
 
-    dist = setup_distributed()
+    dist = D.init_distributed(always=True)
     if dist.world_size % (tp * pp):
         raise ValueError(f"mllm_train.tensor_parallel {tp} x pipeline_parallel {pp} does not divide the {dist.world_size} ranks")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -28,10 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun (or srun with the same env) describes; single process otherwise."""
+def init_distributed(always: bool = False) -> DistInfo:
+    """Join the process group torchrun (or srun with the same env) describes. A process started alone gets none,
+    or with `always` a one-process group on a free local port (DeepSpeed and Megatron-Core always want one)."""
+    if always and "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not always:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
