@@ -1,7 +1,9 @@
 import hashlib
 import logging
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,41 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torc
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2-core box: one compute thread each; a lone pytest takes both.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def session_root(tmp_path_factory) -> Path:
+    """This test session's temporary folder, the same for every xdist worker (each has its own popen-gw<i> in it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def once(tmp_path_factory, name: str, action: Callable[[], None]) -> None:
+    """action() once per test session, however many pytest-xdist workers ask (pytest-xdist's recipe for session
+    fixtures): the first under a file lock in the workers' common temporary folder, the others wait for it. An
+    action that raised is tried again by the next to ask."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").is_file():
+            action()
+            (root / f"{name}.done").touch()
+
+
+def shared_dir(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that build(folder) fills once per test session, shared by the xdist workers: for session fixtures
+    whose folder the tests only read (each builds in a minute or less, on one core)."""
+    out = session_root(tmp_path_factory) / name
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        build(out)
+
+    once(tmp_path_factory, name, fresh)
+    return out
 
 
 def tiny_config(run_dir: Path, *overrides: str):
@@ -44,11 +80,13 @@ def trained_tokenizer(tmp_path_factory) -> Path:
     """A tiny tokenizer trained briefly through both stages on the shipped photos; its final directory."""
     from semhitok.tokenizer.semhitok.train import train_tokenizer
 
-    cfg = tiny_config(tmp_path_factory.mktemp("tok"), "tokenizer_train.max_steps=15", "tokenizer_train.disc_start=10")
-    for stage in (1, 2):
-        cfg.tokenizer_train.stage = stage
-        train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
-    return cfg.tokenizer_dir
+    def build(run_dir: Path) -> None:
+        cfg = tiny_config(run_dir, "tokenizer_train.max_steps=15", "tokenizer_train.disc_start=10")
+        for stage in (1, 2):
+            cfg.tokenizer_train.stage = stage
+            train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
+
+    return tiny_config(shared_dir(tmp_path_factory, "tok", build)).tokenizer_dir
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +104,7 @@ def pretokenized_sample(trained_tokenizer, tmp_path_factory) -> Path:
                                      SourceConfig("coco_llava", "llava_json", str(SAMPLE / "llava.json")),
                                      SourceConfig("coco_text", "text_jsonl", str(SAMPLE / "text.jsonl"))],
                             records_per_shard=16, batch_size=16, num_workers=0)
-    out = tmp_path_factory.mktemp("pretok")
-    run_pretokenize(cfg, trained_tokenizer, out)
-    return out
+    return shared_dir(tmp_path_factory, "pretok", lambda out: run_pretokenize(cfg, trained_tokenizer, out))
 
 
 @pytest.fixture(scope="session")
@@ -137,9 +173,8 @@ def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path,
 @pytest.fixture(scope="session")
 def trained_mllm_run(trained_tokenizer, pretokenized_sample, tmp_path_factory) -> Path:
     """The tiny MLLM trained 40 steps on the shipped sequences (checkpoints at 20 and 40); its run_dir."""
-    run_dir = tmp_path_factory.mktemp("mllm_run")
-    run_train(run_dir, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20")
-    return run_dir
+    return shared_dir(tmp_path_factory, "mllm_run", lambda run_dir: run_train(
+        run_dir, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20"))
 
 
 # `semhitok compare`'s budget on the tiny preset (tests/eval/test_compare.py), which the suite's one end-to-end
@@ -168,20 +203,24 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     output appended to <out>/semhitok/pipeline.log), so `compared` finds it trained. Returns <out>."""
     from semhitok.eval.compare import KindFailed, kind_overrides, run_pipeline
 
-    out = tmp_path_factory.mktemp("compare")
-    log = out / "semhitok" / "pipeline.log"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in CHILD_ENV.items():
-            mp.setenv(key, value)
-        try:
-            run_pipeline("tiny", kind_overrides("tiny", [f"run_dir={out}", *COMPARE_BUDGET], "semhitok", out), log)
-        except KindFailed as err:
-            pytest.fail(f"{err}\n{log.read_text()[-5000:]}")
-    return out
+    def build(out: Path) -> None:
+        log = out / "semhitok" / "pipeline.log"
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in CHILD_ENV.items():
+                mp.setenv(key, value)
+            try:
+                run_pipeline("tiny", kind_overrides("tiny", [f"run_dir={out}", *COMPARE_BUDGET], "semhitok", out), log)
+            except KindFailed as err:
+                pytest.fail(f"{err}\n{log.read_text()[-5000:]}")
+
+    return shared_dir(tmp_path_factory, "compare", build)
 
 
 @pytest.fixture(scope="session")
-def compared(tiny_pipeline) -> Path:
+def compared(tiny_pipeline, tmp_path_factory) -> Path:
     """`semhitok compare --kinds semhitok` over tiny_pipeline's run: its pipeline, run again, skips the trained stages."""
-    assert compare(tiny_pipeline) == 0
+    def run() -> None:
+        assert compare(tiny_pipeline) == 0
+
+    once(tmp_path_factory, "compared", run)
     return tiny_pipeline
