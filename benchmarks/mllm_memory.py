@@ -49,7 +49,7 @@ def parts(shape: str, layers: int | None):
     fields = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
     text = fields["vocab_size"]
     layout = TokenLayout(text, k * m, 151652 % text, 151653 % text, 151644 % text, 151645 % text, 151643 % text)
-    cfg = MLLMConfig(base_model="random", qwen2_config=fields, attn_implementation="sdpa")
+    cfg = MLLMConfig(base_model="random", base_config=fields, attn_implementation="sdpa")
     return cfg, layout, torch.randn(k, 32), torch.randn(k * m, 8), m
 
 

@@ -58,7 +58,7 @@ def make_model(shape: str, attn: str, device, dtype, grid: int = 16, layers: int
     text = SHAPES[shape]["vocab_size"]
     layout = TokenLayout(text, k * m, 151652 % text, 151653 % text, 151644 % text, 151645 % text, 151643 % text)
     fields = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
-    cfg = MLLMConfig(base_model="random", qwen2_config=fields, attn_implementation=attn)
+    cfg = MLLMConfig(base_model="random", base_config=fields, attn_implementation=attn)
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes at 1.5B
         model = SemHiTokLM.from_base(load_base_lm(cfg, dtype), layout, torch.randn(k, 32), torch.randn(k * m, 8), m, grid, cfg)
     return model.to(device)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from semhitok.common.config_io import ConfigError, check_min, check_positive, check_range
 from semhitok.common.resources import shipped
@@ -14,11 +14,11 @@ from semhitok.tokenizer.kinds import PAPER_CFG_SCALE
 
 @dataclass
 class MLLMConfig:
+    RETIRED: ClassVar[dict[str, str]] = {"qwen2_config": "set base_config (its model_type defaults to qwen2)"}
     # A LLaMA-family (Vicuna) or Qwen2/Qwen2.5 causal LM by HF name or local path (AutoModelForCausalLM), or
     # "random": built from base_config, a config dict naming its model_type (llama, qwen2; default qwen2).
     base_model: str = "Qwen/Qwen2.5-1.5B-Instruct"
     base_config: dict | None = None
-    qwen2_config: dict | None = None  # older name of base_config (model_type qwen2)
     # Text tokenizer by HF name or local path; empty: base_model's; "tiny": a BPE trained on data/sample.
     text_tokenizer: str = ""
     # The folder whose text (captions.jsonl, text.jsonl, llava.json: data/sample's layout) trains `tiny`.

@@ -492,8 +492,8 @@ def extend_head(lm: PreTrainedModel, vocab_size: int, new_rows=None) -> None:
 
 
 def random_base_config(cfg: MLLMConfig):
-    """mllm.base_config (or the older qwen2_config) -> a transformers config of its model_type (default qwen2)."""
-    base = dict(cfg.base_config if cfg.base_config is not None else cfg.qwen2_config or {})
+    """mllm.base_config -> a transformers config of its model_type (default qwen2)."""
+    base = dict(cfg.base_config or {})
     if not base:
         raise ValueError("mllm.base_model=random needs mllm.base_config (a config dict with its model_type, e.g. llama, qwen2)")
     base.setdefault("model_type", "qwen2")

@@ -127,7 +127,7 @@ def tiny_mllm(trained_tokenizer, text_tokenizer):
     from semhitok.tokenizer import SemHiTok
 
     torch.manual_seed(0)
-    return SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer),
+    return SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer),
                             text_tokenizer).eval()
 
 

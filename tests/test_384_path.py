@@ -103,7 +103,7 @@ def test_pretokenize_pack_train_sample_and_chat_at_384(tokenizer_384, text_token
     np.testing.assert_array_equal(ids, visual.encode(x).flatten(1).numpy())
 
     torch.manual_seed(0)
-    lm = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config={**TINY_QWEN, "max_position_embeddings": 2048}),
+    lm = SemHiTokLM.build(MLLMConfig(base_model="random", base_config={**TINY_QWEN, "max_position_embeddings": 2048}),
                           visual, text_tokenizer).eval()
     layout = lm.layout
     scfg = SequenceConfig(mixture=[MixtureComponent("caps", "generation")], max_length=1024, micro_batch_size=1,

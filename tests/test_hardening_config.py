@@ -32,7 +32,9 @@ from semhitok.mllm.config import SamplingConfig
     ("data.cfg_dropout=-0.1", "data.cfg_dropout"),
     ("data.max_length=0", "data.max_length"),
     ("pretokenize.records_per_shard=0", "pretokenize.records_per_shard"),
-    ("tokenizer.pix_heads=5", "tokenizer.pix_encoder_width"),
+    ("tokenizer.pix_encoder_heads=5", "tokenizer.pix_encoder_width"),
+    ("tokenizer.pix_heads=4", "tokenizer.pix_heads"),  # retired: "no longer a field; set pix_encoder_heads and ..."
+    ("mllm.qwen2_config={hidden_size: 8}", "mllm.qwen2_config"),
     ("tokenizer.pix_decoder_heads=0", "tokenizer.pix_decoder_heads"),
     ("tokenizer.sem_ema_decay=2", "tokenizer.sem_ema_decay"),
     ("eval.sampling.cfg_scale=.nan", "eval.sampling.cfg_scale"),
@@ -78,7 +80,7 @@ def test_valid_configs_still_load():
 
 FIELDS = ["run_dir", "tokenizer.sem_codebook_size", "tokenizer.fusion", "tokenizer.siglip_config", "tokenizer_train.lr",
           "tokenizer_train.max_steps", "tokenizer_train.log_backends", "tokenizer_train.train_data", "pretokenize.sources",
-          "data.mixture", "data.cfg_dropout", "mllm.qwen2_config", "mllm_train.trainable", "eval.sampling.top_p", "eval"]
+          "data.mixture", "data.cfg_dropout", "mllm.base_config", "mllm_train.trainable", "eval.sampling.top_p", "eval"]
 keys = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS).map(lambda f: f + ".x"),
                  st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.=[]{}: ", max_size=20))
 values = st.one_of(st.text(max_size=20), st.sampled_from(["0", "-1", "1e999", ".nan", ".inf", "[1, 2]", "{a: 1}", "[", "{",

@@ -240,7 +240,7 @@ def test_pretokenize_loader_and_one_training_step(kind, kinds, text_tokenizer, t
     assert image.shape[1:3] == (4, 4)
 
     torch.manual_seed(0)
-    model = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), tok, text_tokenizer, SEQ)
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), tok, text_tokenizer, SEQ)
     assert model.layout.visual_vocab_size == (16 if L == 1 else 1) and model.ids == ids
     loader = PackedLoader(SEQ, text_tokenizer, model.layout, pretok, ids=model.ids)
     batch = loader.next_batch()
@@ -306,7 +306,7 @@ def test_contextual_features_see_whole_images_and_exports_reload(kinds, text_tok
     torch.manual_seed(0)
     tok = PatchVQ(contextual=True)
     tok.save_pretrained(tmp_path / "tok")
-    model = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), tok, text_tokenizer, SEQ)
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), tok, text_tokenizer, SEQ)
     off, n = model.layout.visual_offset, tok.grid ** 2
     a, b = torch.randint(0, 16, (n,)), torch.randint(0, 16, (n,))
     text = torch.tensor([5, 6])

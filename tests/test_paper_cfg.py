@@ -66,7 +66,7 @@ def dualtoken_model(text_tokenizer, tmp_path_factory) -> Path:
     tok = DualToken.from_teacher(cfg, load_teacher(cfg))
     tok.train().quantize(torch.rand(4, 3, 64, 64) * 2 - 1)  # fit the codebooks once
     tok.eval().save_pretrained(out / "tokenizer")
-    lm = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN, depth_layers=1, depth_width=16),
+    lm = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN, depth_layers=1, depth_width=16),
                           tok, text_tokenizer).eval()
     lm.save_pretrained(out / "model", text_tokenizer, out / "tokenizer")
     assert saved_ids(out / "model").kind == "dualtoken"

@@ -6,7 +6,7 @@ Defaults are the paper's 256 px setting; configs/{tiny,256,384}.yaml override wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from semhitok.common.config_io import ConfigError, check_finite, check_min, check_positive, check_range
 from semhitok.tokenizer.kinds import KINDS
@@ -16,6 +16,8 @@ Fusion = Literal["concat", "pixel_only", "length", "semantic_only"]
 
 @dataclass
 class TokenizerConfig:
+    RETIRED: ClassVar[dict[str, str]] = {"pix_width": "set pix_encoder_width and pix_decoder_width",
+                                         "pix_heads": "set pix_encoder_heads and pix_decoder_heads"}
     # Which visual tokenizer the stack trains and consumes (tokenizer/kinds.py KINDS): semhitok (the fields
     # below), or another kind configured in its own top-level section (dualtoken, toklip).
     kind: str = "semhitok"
@@ -65,9 +67,6 @@ class TokenizerConfig:
     pix_decoder_width: int = 768
     pix_decoder_heads: int = 12
     pix_decoder_layers: int = 12
-    # Legacy (one width/heads for both): when set, both encoder and decoder take it; then cleared.
-    pix_width: int | None = None
-    pix_heads: int | None = None
     # concat: semantic and pixel codes concatenated on channels (the paper's choice);
     # pixel_only: the "w/o sem" ablation; length: the two token sets concatenated along the sequence;
     # semantic_only: no pixel codes at all, the decoder sees the semantic codes only (Table 4's SPC rows;
@@ -77,11 +76,6 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"kind: {self.kind!r} is not a known tokenizer kind ({', '.join(sorted(KINDS))})")
-        if self.pix_width is not None:
-            self.pix_encoder_width = self.pix_decoder_width = self.pix_width
-        if self.pix_heads is not None:
-            self.pix_encoder_heads = self.pix_decoder_heads = self.pix_heads
-        self.pix_width = self.pix_heads = None
         check_min(self, 1, "sem_codebook_size", "sem_code_dim", "pix_codes_per_group", "pix_code_dim", "pix_encoder_width",
                   "pix_encoder_heads", "pix_encoder_layers", "pix_decoder_width", "pix_decoder_heads", "pix_decoder_layers")
         check_min(self, 0, "sem_decoder_layers", "sem_dead_code_threshold", "sem_kmeans_iters", "pix_patch")

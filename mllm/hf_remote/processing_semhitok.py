@@ -111,8 +111,7 @@ class VisualEncoder(nn.Module):
         self.semantic.codebook = nn.Module()
         self.semantic.codebook.register_buffer("embed", torch.zeros(k, cfg["sem_code_dim"]))
         if not self.semantic_only:
-            width = cfg.get("pix_width") or cfg["pix_encoder_width"]
-            heads = cfg.get("pix_heads") or cfg["pix_encoder_heads"]
+            width, heads = cfg["pix_encoder_width"], cfg["pix_encoder_heads"]
             self.patch = -(-self.image_size // self.grid)  # rounded up: the canvas is grid * patch px
             self.pixel = nn.Module()
             self.pixel.patch_embed = nn.Linear(self.patch * self.patch * 3, width)

@@ -119,7 +119,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass `cls` from a (possibly partial) dict; missing fields keep their defaults."""
+    """Build dataclass `cls` from a (possibly partial) dict; missing fields keep their defaults. A field `cls`
+    retired (its RETIRED: {name: what replaced it}) is dropped when null, as 0.1 saved it, and refused when set."""
+    retired = getattr(cls, "RETIRED", {})
+    if given := sorted(k for k in data if k in retired and data[k] is not None):
+        raise ConfigError(f"{where}.{given[0]}: no longer a field; {retired[given[0]]}")
+    data = {k: v for k, v in data.items() if k not in retired}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - names))

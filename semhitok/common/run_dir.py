@@ -118,8 +118,10 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
+    """The flattened keys whose values differ; a key one side lacks counts as null (a field one version has and
+    the other not, left unset)."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if not same_value(a.get(k, "<unset>"), b.get(k, "<unset>")))
+    return sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)))
 
 
 def refuse_other_config(checkpoint: Path, saved: dict, now: dict, elsewhere: str) -> None:

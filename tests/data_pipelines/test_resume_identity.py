@@ -63,6 +63,14 @@ def test_the_run_record_compares_paths_by_content(tmp_path, monkeypatch):
     assert changed_keys(checkout, elsewhere) == ["pretokenize.sources"]
 
 
+def test_a_field_recorded_null_by_an_older_version_and_gone_now_is_no_change():
+    now = plain(load_project_config("tiny"))
+    older = {**now, "mllm": {**now["mllm"], "qwen2_config": None}, "tokenizer": {**now["tokenizer"], "pix_width": None}}
+    assert "qwen2_config" not in now["mllm"] and changed_keys(older, now) == []
+    older["tokenizer"]["pix_width"] = 128  # a value, not null: a change
+    assert changed_keys(older, now) == ["tokenizer.pix_width"]
+
+
 def test_a_replaced_input_is_refused_in_one_line_and_the_records_stay(trained_tokenizer, tmp_path, capsys):
     data = write_captions(tmp_path / "cap.jsonl", ROWS)
     run = tmp_path / "run"

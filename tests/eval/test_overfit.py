@@ -38,7 +38,7 @@ def overfit(trained_tokenizer, text_tokenizer, tmp_path):
     seq = SequenceConfig(pretokenized=str(tmp_path / "pretok"), max_length=512, micro_batch_size=2, prefetch=0,
                          mixture=[MixtureComponent("pairs", "generation"), MixtureComponent("pairs", "understanding")])
     torch.manual_seed(0)
-    model = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer),
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer),
                              text_tokenizer, seq)
     loader = PackedLoader(seq, text_tokenizer, model.layout, tmp_path / "pretok", 0, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95))

@@ -158,7 +158,7 @@ def rq_kind(monkeypatch, tmp_path):
 
 def _rq_lm(tok, text_tokenizer) -> SemHiTokLM:
     torch.manual_seed(0)
-    cfg = MLLMConfig(base_model="random", qwen2_config=TINY_QWEN, attn_implementation="sdpa", depth_layers=2, depth_width=32)
+    cfg = MLLMConfig(base_model="random", base_config=TINY_QWEN, attn_implementation="sdpa", depth_layers=2, depth_width=32)
     return SemHiTokLM.build(cfg, tok, text_tokenizer)
 
 

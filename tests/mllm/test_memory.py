@@ -16,7 +16,7 @@ TEXT_TOKENIZER = train_tiny_text_tokenizer(["a b c"] * 4, vocab_size=300)
 
 
 def tiny(tied: bool, dtype=torch.bfloat16) -> SemHiTokLM:
-    cfg = MLLMConfig(base_model="random", qwen2_config={**TINY_QWEN, "tie_word_embeddings": tied}, attn_implementation="sdpa")
+    cfg = MLLMConfig(base_model="random", base_config={**TINY_QWEN, "tie_word_embeddings": tied}, attn_implementation="sdpa")
     torch.manual_seed(0)
     layout = TokenLayout.from_tokenizer(TEXT_TOKENIZER, 64 * 4, 1024)  # 1,024 text + 256 visual rows
     return SemHiTokLM.from_base(load_base_lm(cfg, dtype), layout, torch.randn(64, 8), torch.randn(256, 4), 4, 4, cfg).eval()

@@ -8,7 +8,7 @@ from tests.conftest import TINY_QWEN
 
 
 def tiny_model() -> SemHiTokLM:
-    cfg = MLLMConfig(base_model="random", qwen2_config=TINY_QWEN, attn_implementation="sdpa")
+    cfg = MLLMConfig(base_model="random", base_config=TINY_QWEN, attn_implementation="sdpa")
     layout = TokenLayout(1024, 64 * 4, 1, 2, 3, 4, 5)  # 1,024 text + 256 visual rows
     torch.manual_seed(0)
     return SemHiTokLM.from_base(load_base_lm(cfg), layout, torch.randn(64, 8), torch.randn(256, 4), 4, 4, cfg)

@@ -146,7 +146,7 @@ def test_adapter_only_training_moves_the_adapter_and_visual_rows_only(trained_to
     from semhitok.mllm.config import MLLMConfig
 
     torch.manual_seed(0)
-    model = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer), text_tokenizer)
+    model = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), SemHiTok.from_pretrained(trained_tokenizer), text_tokenizer)
     model.freeze_text()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+from semhitok.common.config_io import ConfigError
 from semhitok.config import load_project_config
 from semhitok.tokenizer import SemHiTok, TokenizerConfig
 from semhitok.tokenizer.data import ImageDataset, collate_images
@@ -158,22 +159,24 @@ def test_semantic_only_has_no_pixel_codes(tmp_path):
     assert pix.shape == (cfg.tokenizer.sem_codebook_size, cfg.tokenizer.pix_code_dim)
 
 
-def test_encoder_and_decoder_sizes_apart_and_the_legacy_fields(tmp_path):
-    cfg = TokenizerConfig(pix_width=256, pix_heads=8)
-    assert (cfg.pix_encoder_width, cfg.pix_decoder_width, cfg.pix_encoder_heads, cfg.pix_decoder_heads) == (256, 256, 8, 8)
+def test_encoder_and_decoder_sizes_apart_and_the_retired_fields(tmp_path):
     with pytest.raises(ValueError, match="pix_decoder_width: 100 is not a multiple"):
         TokenizerConfig(pix_decoder_width=100)
     model = SemHiTok.from_teacher(tiny_config(tmp_path, "tokenizer.pix_decoder_width=64", "tokenizer.pix_decoder_heads=2").tokenizer,
                                   load_teacher(tiny_config(tmp_path).tokenizer))
     assert model.pixel.encoder.pos.shape[-1] == 128 and model.pixel.decoder.pos.shape[-1] == 64
-    # a directory saved before the split (pix_width / pix_heads in config.json) still loads
+    # a directory saved by 0.1 (pix_width / pix_heads null in config.json) loads; one that sets them is refused
     model = SemHiTok.from_teacher(tiny_config(tmp_path).tokenizer, load_teacher(tiny_config(tmp_path).tokenizer))
     model.save_pretrained(tmp_path / "tok")
-    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
-    legacy = {k: v for k, v in meta.items() if not k.startswith(("pix_encoder_w", "pix_encoder_h", "pix_decoder_w", "pix_decoder_h"))}
-    (tmp_path / "tok" / "config.json").write_text(json.dumps({**legacy, "pix_width": 128, "pix_heads": 4}))
+    config = tmp_path / "tok" / "config.json"
+    meta = json.loads(config.read_text())
+    assert "pix_width" not in meta
+    config.write_text(json.dumps({**meta, "pix_width": None, "pix_heads": None}))
     again = SemHiTok.from_pretrained(tmp_path / "tok")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    config.write_text(json.dumps({**meta, "pix_width": 128}))
+    with pytest.raises(ConfigError, match=r"config.json.pix_width: no longer a field; set pix_encoder_width and pix_decoder_width$"):
+        SemHiTok.from_pretrained(tmp_path / "tok")
 
 
 RECIPES = ["stage1", "stage2a_imagenet", "stage2b_coyo", "stage2c_decoder_l"]

@@ -112,7 +112,7 @@ def test_generation_is_fed_the_concatenated_features_and_vqgan_is_the_baseline_s
 
     model = toklip(cfg, siglip)
     codes = model.vqgan.quantizer.codes()
-    lm = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), model, text_tokenizer).eval()
+    lm = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), model, text_tokenizer).eval()
     adapter = lm.adapter
     assert adapter.mlp_names == ("encoder", "code")
     assert (adapter.encoder_mlp[0].in_features, adapter.code_mlp[0].in_features) == (96, 8)
@@ -135,7 +135,7 @@ def test_generation_is_fed_the_concatenated_features_and_vqgan_is_the_baseline_s
     plain = TokLIP.from_teacher(dataclasses.replace(cfg.toklip, llm_inputs="vqgan"), model.vqgan, siglip)
     feats = plain.input_features()
     assert feats.per_id and feats.splits == (8,) and torch.equal(feats.table(), codes)
-    lm = SemHiTokLM.build(MLLMConfig(base_model="random", qwen2_config=TINY_QWEN), plain, text_tokenizer)
+    lm = SemHiTokLM.build(MLLMConfig(base_model="random", base_config=TINY_QWEN), plain, text_tokenizer)
     assert lm.adapter.mlp_names == ("code",)
     ids = drawn[0].flatten()
     torch.testing.assert_close(lm.embed((ids + lm.layout.visual_offset)[None])[0], lm.adapter.code_mlp(codes[ids]))

@@ -212,7 +212,7 @@ def stage_dirs(run_dir: str | Path, stage: int, train: TokenizerTrainConfig) -> 
 
 # Fields a continued stage-2 run may change: training-side settings and the pixel decoder side.
 _CONTINUE_FREE = {"teacher", "siglip_config", "sem_ema_decay", "sem_dead_code_threshold", "sem_kmeans_iters",
-                  "pix_width", "pix_heads", *TokenizerConfig().decoder_fields()}
+                  *TokenizerConfig().decoder_fields()}
 
 
 def continue_stage2(parent: SemHiTok, tok_cfg: TokenizerConfig, where: Path) -> SemHiTok:
