@@ -222,7 +222,7 @@ def cmd_tokenizer_eval(args) -> None:
     from semhitok.eval.recon import evaluate_reconstruction
     from semhitok.tokenizer import load_tokenizer
 
-    inputs = list(args.inputs) + list(args.images or [])
+    inputs = list(args.inputs)
     if not inputs:
         raise ValueError("tokenizer eval: give images, folders or jsonl files (as for `semhitok tokenizer encode`)")
     check_flag(args.batch_size, 1, MAX_BATCH, "--batch-size")
@@ -630,7 +630,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(tok, "eval", "PSNR, SSIM, codebook usage, rFID on images", cmd_tokenizer_eval)
     model_args(p)
     p.add_argument("inputs", nargs="*", default=[], help=inputs_help)
-    p.add_argument("--images", nargs="+", default=None, help=argparse.SUPPRESS)  # the former spelling, still read
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
     return parser

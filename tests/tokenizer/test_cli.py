@@ -36,7 +36,7 @@ def test_encode_then_decode_cli_matches_the_api(trained_tokenizer, tmp_path):
 
 def test_eval_cli_reports_metrics_and_explains_missing_fid(trained_tokenizer, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["tokenizer", "eval", "--model", str(trained_tokenizer), "--images", str(SAMPLE / "holdout.jsonl"),
+    assert main(["tokenizer", "eval", "--model", str(trained_tokenizer), str(SAMPLE / "holdout.jsonl"),
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 12 and 5 < result["psnr"] < 60 and 0 < result["ssim"] <= 1
