@@ -90,7 +90,8 @@ $(SYSTEM_TOOLS):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver shellcheck >/dev/null
 
 # --durations: the 25 slowest tests, printed after the summary (where the suite's time goes). Two pytest-xdist
-# workers (TEST_WORKERS; 0: one process), each test file on one worker (its module fixtures built once).
+# workers (TEST_WORKERS; 0: one process), each test file on one worker (its module fixtures built once), the
+# slowest files first (tests/conftest.py SLOWEST_FIRST; xdist would otherwise put the files with most tests first).
 TEST_WORKERS ?= 2
 test: $(STAMP) $(SYSTEM_TOOLS)
-	$(VENV)/bin/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

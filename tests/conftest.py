@@ -25,6 +25,18 @@ SAMPLE = REPO / "data" / "sample"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+# The test files measured to take a minute or more (`make test`'s --durations, 2026-12-04), run first so that
+# neither xdist worker is left with one of them at the end (longest first; Makefile: --no-loadscope-reorder).
+SLOWEST_FIRST = ["test_learning.py", "eval/test_eval_harnesses.py", "mllm/test_megatron_train.py", "eval/test_compare.py",
+                 "benchmarks/test_benchmarks_run.py", "mllm/test_train_hardening.py", "mllm/test_train.py",
+                 "tokenizer/test_train.py", "mllm/test_sample.py", "test_wheel.py", "eval/test_lmms_pope_offline.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(REPO / "tests").as_posix(), len(rank)))  # stable
+
+
 def session_root(tmp_path_factory) -> Path:
     """This test session's temporary folder, the same for every xdist worker (each has its own popen-gw<i> in it)."""
     root = tmp_path_factory.getbasetemp()
