@@ -142,6 +142,29 @@ def test_save_and_load_round_trip_as_a_plain_hf_directory(model, text_tokenizer,
     assert np.array_equal(text_tokenizer.encode("a cat"), __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "m").encode("a cat"))
 
 
+def test_an_export_recording_0_1_s_null_fields_loads_and_a_set_one_is_refused(tiny_mllm_dir, tmp_path):
+    """Exports written before 37fb22b hold "qwen2_config": null in semhitok_mllm.json and the tokenizer's
+    "pix_width"/"pix_heads": null: read as absent. A set value is refused with one line naming the replacement."""
+    import json
+    import shutil
+
+    from semhitok.common.config_io import ConfigError
+    from semhitok.mllm.sample import load_sampler
+
+    export = shutil.copytree(tiny_mllm_dir, tmp_path / "m")
+    meta_file = export / "semhitok_mllm.json"
+    meta = json.loads(meta_file.read_text())
+    assert "qwen2_config" not in meta["config"]
+    meta_file.write_text(json.dumps({**meta, "config": {**meta["config"], "qwen2_config": None}}))
+    tok_file = export / "visual_tokenizer" / "config.json"
+    tok_file.write_text(json.dumps({**json.loads(tok_file.read_text()), "pix_width": None, "pix_heads": None}))
+    decoder, visual = load_sampler(export, "cpu")  # the LLM and the visual tokenizer beside it
+    assert decoder.model.config.base_config == meta["config"]["base_config"] and visual.config.pix_encoder_width > 0
+    meta_file.write_text(json.dumps({**meta, "config": {**meta["config"], "qwen2_config": {"hidden_size": 64}}}))
+    with pytest.raises(ConfigError, match=r"semhitok_mllm.json.qwen2_config: no longer a field; set base_config"):
+        SemHiTokLM.from_pretrained(export)
+
+
 def test_adapter_only_training_moves_the_adapter_and_visual_rows_only(trained_tokenizer, text_tokenizer):
     from semhitok.mllm.config import MLLMConfig
 
