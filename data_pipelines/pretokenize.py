@@ -242,9 +242,8 @@ def _read_done(path: Path) -> dict:
         raise DataError(f"{path}: unreadable ({type(err).__name__}); delete it to redo that unit") from None
 
 
-def visual_manifest(model: VisualTokenizer) -> dict:
+def visual_manifest(ids: IdStructure) -> dict:
     """The manifest's description of the ids (what the loader checks against the model)."""
-    ids = IdStructure.of(model)
     return {**ids.to_dict(), "grid": [ids.grid, ids.grid], "visual_vocab_size": ids.visual_vocab_size}
 
 
@@ -262,7 +261,7 @@ def _write_manifest_if_complete(units: list[WorkUnit], out: Path, model: VisualT
         errors.update(e["errors"])
     write_json(out / "manifest.json", {
         "tokenizer": str(tokenizer_dir), "tokenizer_id": tokenizer_id, "records_per_shard": records_per_shard,
-        **visual_manifest(model), "samples": sum(e["samples"] for e in entries),
+        **visual_manifest(IdStructure.of(model)), "samples": sum(e["samples"] for e in entries),
         "images": sum(e["images"] for e in entries), "errors": dict(errors), "shards": entries,
     })
     return True

@@ -15,7 +15,7 @@ from PIL import Image
 
 from semhitok.data_pipelines.config import MixtureComponent, PretokenizeConfig, SequenceConfig, SourceConfig
 from semhitok.data_pipelines.loader import PackedLoader
-from semhitok.data_pipelines.pretokenize import load_shard, run_pretokenize, write_unit
+from semhitok.data_pipelines.pretokenize import load_shard, run_pretokenize, visual_manifest, write_unit
 from semhitok.data_pipelines.readers import DataError, WorkUnit, plan_units, read_unit
 from semhitok.data_pipelines.sequences import SequenceBuilder
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
@@ -26,9 +26,8 @@ from tests.conftest import SAMPLE
 
 def _write_manifest(root: Path, done: dict) -> None:
     """The manifest pre-tokenization writes for one shard of 4x4 SemHiTok-style flat ids."""
-    ids = IdStructure("semhitok", 4, (256 * 12,), (1,))
-    manifest = {**ids.to_dict(), "grid": [4, 4], "visual_vocab_size": ids.visual_vocab_size, "shards": [done]}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    ids = visual_manifest(IdStructure("semhitok", 4, (256 * 12,), (1,)))
+    (root / "manifest.json").write_text(json.dumps({**ids, "shards": [done]}))
 
 
 PHOTOS = sorted({json.loads(l)["image"] for l in open(SAMPLE / "train.jsonl")})
