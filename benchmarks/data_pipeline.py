@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenizer_encode import TEACHER_SHAPES  # noqa: E402
 
-from semhitok import REPO_ROOT  # noqa: E402
+from semhitok import RESOURCE_ROOT  # noqa: E402
 from semhitok.config import load_project_config  # noqa: E402
 from semhitok.data_pipelines.config import SourceConfig  # noqa: E402
 from semhitok.data_pipelines.loader import PackedLoader  # noqa: E402
@@ -33,7 +33,7 @@ from semhitok.data_pipelines.pretokenize import run_pretokenize  # noqa: E402
 from semhitok.data_pipelines.text_tokenizer import TokenLayout, resolve_text_tokenizer  # noqa: E402
 from semhitok.tokenizer import SemHiTok, list_images, load_rgb, preprocess  # noqa: E402
 
-SAMPLE = REPO_ROOT / "data" / "sample"
+SAMPLE = RESOURCE_ROOT / "data" / "sample"  # the repository's, or the installed package's
 
 
 def random_tokenizer(preset: str, out: Path) -> Path:

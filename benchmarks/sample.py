@@ -158,6 +158,7 @@ def main() -> None:
                "ours_latency_s": round(ours, 3), "ours_img_per_s": round(b / ours, 3), "speedup": round(base / ours, 2),
                "speedup_vs_cached": round(cached / ours, 2),
                "cached_ids_agree": (ids["cached"] == ids["baseline"]).float().mean().item()}
+        print(json.dumps(row), file=sys.stderr, flush=True)  # the eager arms' results, before the compiler's warm-up
         if compiled is not None:
             try:  # a compiler failure is reported in the JSON line, next to the eager results
                 row["compile_s"] = round(timed(lambda c=captions: compiled.image_ids(c, sampling), device), 1)  # its warm-up

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -145,9 +146,18 @@ class SemHiTokLM(nn.Module):
         self.text_frozen = True
 
     def enable_activation_checkpointing(self, every_n_layers: int) -> None:
-        """Recompute every n-th decoder layer's activations in backward (0: off)."""
-        if every_n_layers > 0:
-            self.lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+        """Recompute every n-th decoder layer's activations in backward (0: off). n > 1 needs transformers >= 5.23
+        (`activation_checkpointing_enable`); older 5.x releases, which GPU images may pin, checkpoint every layer."""
+        kwargs = {"use_reentrant": False}
+        if every_n_layers <= 0:
+            return
+        if hasattr(self.lm, "activation_checkpointing_enable"):
+            self.lm.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers)
+        elif every_n_layers == 1:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise RuntimeError(f"mllm_train.activation_checkpointing={every_n_layers}: every n-th layer "
+                               f"needs transformers >= 5.23 (this is {transformers.__version__}); set it to 1 (every layer) or 0 (off)")
 
     def embed(self, input_ids: torch.Tensor, visual_codes: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] (text and visual tokens), visual_codes [B, T, L] (the codes beside the tokens, depth
