@@ -8,7 +8,7 @@ set -uo pipefail
 out=${1:-benchmarks_gpu.jsonl}
 python=${PYTHON:-python}
 limit=${BENCH_TIMEOUT:-1800}
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit
 : > "$out"
 failed=0
 

@@ -61,6 +61,12 @@ def setup_distributed() -> D.DistInfo:
     import deepspeed
 
     info = D.init_distributed(always=True)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-builds its shared-memory all-reduce on first use per environment (two C++ files,
+        # ~67 CPU-s here). Only its inference all-reduce uses it; training's collectives go to torch.distributed.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed 0.19 calls collectives torch marks deprecated, once per step
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # wraps the group above

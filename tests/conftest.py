@@ -1,4 +1,3 @@
-import hashlib
 import logging
 import os
 import shutil
@@ -15,13 +14,6 @@ import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-# Every DeepSpeed process on CPU loads its shared-memory allreduce op (deepspeed_shm_comm) from TORCH_EXTENSIONS_DIR,
-# building it first if the folder's build is not for this environment (two C++ files: 67 CPU-s measured here).
-# torch's default folder is one per Python/torch version, shared by every environment of the machine, so another
-# venv's DeepSpeed run rebuilds it, and the suite's next DeepSpeed child again. One folder per environment: one build.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" /
-                                                  f"semhitok-tests-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
@@ -170,7 +162,6 @@ def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path,
               check: bool = True):
     """`semhitok train` on the tiny preset in a subprocess (DeepSpeed on CPU, gloo), like a user runs it."""
     import subprocess
-    import sys
 
     from semhitok.common.dist import free_port
 
