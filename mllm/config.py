@@ -57,7 +57,7 @@ class MLLMTrainConfig:
     # (mllm/megatron/, docs/megatron.md; needs the `megatron` extra). TP x PP must divide the ranks; DP is the rest.
     backend: Literal["deepspeed", "megatron"] = "deepspeed"
     tensor_parallel: int = 1
-    pipeline_parallel: int = 1  # > 1 is refused for now: megatron-core's pipeline schedules are CUDA-only
+    pipeline_parallel: int = 1  # megatron backend: stages of the base's layers (each micro-batch through and back, no 1F1B)
     max_steps: int = 10_000
     lr: float = 2e-5
     adapter_lr: float = 1e-4  # the adapter, the visual head rows and the depth heads (L > 1: visual_head)

@@ -6,7 +6,10 @@ megatron-core 0.16 builds and trains a GPTModel on CPU with `use_cpu_initializat
     it allocates on the CPU;
   - tensor_parallel.get_cuda_rng_tracker().fork() needs CUDA RNG states: a no-op tracker (megatron's own inference
     tracker), which is exact only with dropout 0 (the backend's configs use 0);
-  - get_default_causal_mask allocates on "cuda" when no mask is passed: the backend always passes one (mllm/megatron/model.py).
+  - get_default_causal_mask allocates on "cuda" when no mask is passed: the backend always passes one (mllm/megatron/model.py);
+  - at PP > 1 with a tied head, a GPTModel's first and last stages sync their copies of the table when built, moving
+    it to CUDA first: on CPU the sync is skipped (`_is_in_embd_group` is False), since from_semhitok / load_full_state
+    copy the same table into both.
 `enable()` applies them once per process and only when CUDA is absent: the GPU path never runs this code.
 """
 
@@ -23,6 +26,7 @@ def enable() -> bool:
     if _ENABLED or torch.cuda.is_available():
         return _ENABLED
     from megatron.core import utils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.tensor_parallel import random
 
@@ -43,6 +47,7 @@ def enable() -> bool:
         return self.buffer[(name, dtype)][:need].view(*tensor_shape)
 
     RotaryEmbedding.get_emb = get_emb
+    LanguageModule._is_in_embd_group = lambda self: False
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
     random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     _ENABLED = True

@@ -4,10 +4,15 @@ DeepSpeed's semantics (backward divides by the accumulation steps; step() at the
 gradients over the data-parallel group, clips by the global norm, steps the optimizer and the scheduler).
 
 Parallelism comes from megatron's parallel_state: tensor parallel inside the GPTModel's layers (and its
-vocabulary-parallel cross-entropy), data parallel here. Weights and the optimizer stay fp32; bf16 runs the forward
-under autocast. Megatron-Core's own DDP, distributed optimizer and pipeline schedules allocate on CUDA
-(torch.cuda.current_device(), 'torch.cuda.FloatTensor' checks) and cannot run on CPU, where this backend is tested;
-pipeline parallelism needs them and is refused until a GPU test covers it.
+vocabulary-parallel cross-entropy), pipeline and data parallel here. Weights and the optimizer stay fp32; bf16 runs
+the forward under autocast. Megatron-Core's own DDP, distributed optimizer and pipeline schedules allocate on CUDA
+(torch.cuda.current_device(), 'torch.cuda.FloatTensor' checks) and cannot run on CPU, where this backend is tested.
+
+Pipeline parallel (PP > 1) runs each micro-batch through the stages and straight back (the engine's call, then
+backward): the hidden states [T, B, d] go forward and their gradients back by point-to-point send/recv (fp32), the
+last stage's loss and task sums are broadcast to the pipeline so every rank logs them, and a tied table's two copies
+(first stage's embedding, last stage's head) add their gradients before the step. This is exact and simple, not
+fast: one stage works at a time (no 1F1B overlap of micro-batches; megatron's schedule is the GPU step after this).
 
 A checkpoint tag holds weights.safetensors (the GPTModel gathered over TP to its TP=1 state, and the adapter: loadable
 at any TP) and optim_rank<r>.pt (this rank's optimizer, scheduler and client state: resuming needs the same TP x DP).
@@ -42,14 +47,14 @@ def weighted_mean(losses: torch.Tensor, tasks: torch.Tensor | None, task_weights
 
 
 def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the gradients of a TP-sharded model: a TP-split parameter's shard counts on its rank,
-    a replicated one (norms, adapter) once, on TP rank 0."""
+    """The global L2 norm of the gradients of a TP x PP-sharded model: a TP-split parameter's shard counts on its
+    rank, a replicated one (norms, adapter) once, on TP rank 0; summed over the stages."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+    for p in params:  # `shared`: the last PP stage's copy of a tied table, counted on the first stage
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
             total += p.grad.float().pow(2).sum()
     torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return total.sqrt()
@@ -60,10 +65,10 @@ class MegatronEngine:
                  grad_clip: float, bf16: bool, device: torch.device):
         from megatron.core import parallel_state
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("mllm_train.pipeline_parallel > 1: the pipeline schedule needs megatron-core's "
-                                      "CUDA-only schedules; use tensor and data parallelism")
         self.module, self.optimizer, self.scheduler = model.to(device), optimizer, scheduler
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first, self.last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+        self._pending = None  # PP > 1: (stage input, stage output) of the micro-batch whose backward comes next
         self.accumulation, self.grad_clip = gradient_accumulation, grad_clip
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -72,20 +77,71 @@ class MegatronEngine:
         self.module.train()
 
     def __call__(self, input_ids, position_ids, labels, task_ids=None, task_weights=None, **_) -> dict[str, torch.Tensor]:
-        """Packed rows [B, T] -> SemHiTokLM.forward's dict (loss: the mean over supervised next tokens)."""
+        """Packed rows [B, T] -> SemHiTokLM.forward's dict (loss: the mean over supervised next tokens). At PP > 1
+        every stage is called with the same rows; the loss of the other stages is the last stage's, detached."""
         with self.autocast:
-            losses = self.module(input_ids, position_ids, labels)  # [B, T]: position t's loss on token t + 1
-        mask = labels[:, 1:] != IGNORE
-        losses = losses[:, :-1][mask]  # [N], in SemHiTokLM's order
-        tasks = task_ids[:, 1:][mask] if task_ids is not None else None
-        out = {"loss": weighted_mean(losses, tasks, task_weights, int(mask.sum()))}
-        if tasks is not None:
-            out["task_loss_sum"] = torch.zeros(len(TASKS), device=losses.device).index_add_(0, tasks, losses.detach())
-            out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
-        return out
+            if self.pp > 1:
+                losses = self._stage_forward(input_ids, position_ids, labels)
+            else:
+                losses = self.module(input_ids, position_ids, labels)  # [B, T]: position t's loss on token t + 1
+        out = {}
+        if self.last:
+            mask = labels[:, 1:] != IGNORE
+            losses = losses[:, :-1][mask]  # [N], in SemHiTokLM's order
+            tasks = task_ids[:, 1:][mask] if task_ids is not None else None
+            out["loss"] = weighted_mean(losses, tasks, task_weights, int(mask.sum()))
+            if tasks is not None:
+                out["task_loss_sum"] = torch.zeros(len(TASKS), device=losses.device).index_add_(0, tasks, losses.detach())
+                out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
+        return self._from_last_stage(out, task_ids is not None, input_ids.device) if self.pp > 1 else out
+
+    def _stage_forward(self, input_ids, position_ids, labels) -> torch.Tensor:
+        """This stage's part of the forward: the previous stage's hidden states in, this stage's out to the next."""
+        from megatron.core import parallel_state
+
+        stage_input = None
+        if not self.first:
+            stage_input = torch.empty(input_ids.shape[1], input_ids.shape[0], self.module.config.hidden_size,
+                                      dtype=torch.float32, device=input_ids.device)  # [T, B, d]
+            torch.distributed.recv(stage_input, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            stage_input.requires_grad_()
+            self.module.set_input_tensor(stage_input)
+        output = self.module(input_ids, position_ids, labels)
+        if not self.last:
+            output = output.float()
+            torch.distributed.send(output.detach().contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        self._pending = (stage_input, output)
+        return output
+
+    def _from_last_stage(self, out: dict, with_tasks: bool, device) -> dict[str, torch.Tensor]:
+        """The last stage's loss (and task sums) on every stage of the pipeline: one broadcast of [1 (+ 2 x tasks)]."""
+        from megatron.core import parallel_state
+
+        n = len(TASKS) if with_tasks else 0
+        values = (torch.cat([out["loss"].detach().float().reshape(1), *([out["task_loss_sum"], out["task_tokens"]] if n else [])])
+                  if self.last else torch.empty(1 + 2 * n, device=device))
+        torch.distributed.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+        if self.last:
+            return out
+        return {"loss": values[0], **({"task_loss_sum": values[1:1 + n], "task_tokens": values[1 + n:]} if n else {})}
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
+        if self.pp == 1:
+            (loss / self.accumulation).backward()
+            return
+        from megatron.core import parallel_state
+
+        stage_input, output = self._pending
+        self._pending = None
+        if self.last:
+            (loss / self.accumulation).backward()
+        else:  # the next stage's gradient of this stage's output
+            grad = torch.empty_like(output)
+            torch.distributed.recv(grad, src=parallel_state.get_pipeline_model_parallel_next_rank())
+            output.backward(grad)
+        if not self.first:
+            torch.distributed.send(stage_input.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
 
     def step(self) -> None:
         self.micro_steps += 1
@@ -96,6 +152,7 @@ class MegatronEngine:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad, group=self.dp_group)
                     p.grad.div_(self.dp_size)
+        self._sum_tied_table_grads()
         norm = grad_norm(self.params)
         if self.grad_clip > 0:
             scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
@@ -106,6 +163,19 @@ class MegatronEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _sum_tied_table_grads(self) -> None:
+        """PP > 1 with a tied head: the first stage's table and the last stage's copy take the sum of both gradients
+        (at PP=1 the one table gets both uses' gradient), so the two copies stay equal."""
+        from megatron.core import parallel_state
+
+        gpt = self.module.gpt
+        if self.pp == 1 or not gpt.share_embeddings_and_output_weights or not parallel_state.is_rank_in_embedding_group():
+            return
+        weight = gpt.shared_embedding_or_output_weight()
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
@@ -125,7 +195,7 @@ class MegatronEngine:
         with atomic_path(folder / f"optim_rank{rank}.pt") as tmp:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "micro_steps": self.micro_steps, "client": client_state,
-                        "tp": parallel_state.get_tensor_model_parallel_world_size(), "dp": self.dp_size}, tmp)
+                        "tp": parallel_state.get_tensor_model_parallel_world_size(), "pp": self.pp, "dp": self.dp_size}, tmp)
 
     def load_checkpoint(self, root: str, tag: str) -> tuple[str | None, dict]:
         from megatron.core import parallel_state
@@ -136,9 +206,10 @@ class MegatronEngine:
             return None, {}
         state = load_state(folder / f"optim_rank{rank}.pt")  # tensors and containers only: nothing in it runs
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        if (state["tp"], state["dp"]) != (tp, self.dp_size):
-            raise ValueError(f"{folder}: written at TP {state['tp']} x DP {state['dp']}, this job is TP {tp} x DP "
-                             f"{self.dp_size}: resume with the same layout (load_weights reads the weights at any TP)")
+        if (state["tp"], state.get("pp", 1), state["dp"]) != (tp, self.pp, self.dp_size):
+            raise ValueError(f"{folder}: written at TP {state['tp']} x PP {state.get('pp', 1)} x DP {state['dp']}, this job is "
+                             f"TP {tp} x PP {self.pp} x DP {self.dp_size}: resume with the same layout (load_weights reads "
+                             "the weights at any TP and PP)")
         load_weights(self.module, folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

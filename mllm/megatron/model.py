@@ -140,8 +140,25 @@ def load_full_state(gpt, full: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def gather_full_state(gpt) -> dict[str, torch.Tensor]:
-    """This PP stage's parameters gathered over TP, keyed as at PP=1 (CPU tensors); concatenate the stages'
-    dictionaries for the whole model (a tied head on the last stage comes back as the embedding)."""
+    """The whole model's parameters at TP=1 and PP=1 (CPU tensors, keyed as at PP=1) on the ranks of the first PP
+    stage (rank 0 among them); the other stages' ranks get their own stage's part. Every rank takes part."""
+    from megatron.core import parallel_state
+
+    own = _gather_stage(gpt)
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return own
+    first = parallel_state.get_pipeline_model_parallel_first_rank()
+    stages = [None] * parallel_state.get_pipeline_model_parallel_world_size() if torch.distributed.get_rank() == first else None
+    torch.distributed.gather_object(own, stages, dst=first, group=parallel_state.get_pipeline_model_parallel_group())
+    if stages is None:
+        return own
+    return {k: v for stage in stages for k, v in stage.items()}  # a tied head comes back from the last stage as the table
+
+
+@torch.no_grad()
+def _gather_stage(gpt) -> dict[str, torch.Tensor]:
+    """This PP stage's parameters gathered over TP, keyed as at PP=1 (CPU tensors; a tied head on the last stage
+    comes back as the embedding)."""
     from megatron.core import parallel_state
 
     group, tp = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()

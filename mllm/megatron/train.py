@@ -53,7 +53,7 @@ def init_parallel(tp: int, pp: int, seed: int) -> D.DistInfo:
 
 
 def export(model: MegatronLM, template, out: Path, text_tokenizer, visual_tokenizer_dir: Path, dist: D.DistInfo) -> None:
-    """The trained weights gathered over TP onto the first rank, converted back to transformers' names and written
+    """The trained weights gathered over TP and PP onto the first rank, converted back to transformers' names and written
     by the template SemHiTokLM (the model this run was built from: its config, layout and tokenizers)."""
     full = gather_full_state(model.gpt)
     if dist.is_main:
@@ -80,6 +80,9 @@ def train_megatron(cfg) -> Path:
     device = D.default_device(dist.local_rank)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     template, text_tokenizer, visual_tokenizer_dir = build_model(cfg, out, dist.is_main, torch.float32)
+    layers = template.lm.config.num_hidden_layers
+    if layers % t.pipeline_parallel:
+        raise ValueError(f"mllm_train.pipeline_parallel {t.pipeline_parallel} does not divide the base's {layers} layers")
     model = from_semhitok(template)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     dp_group = parallel_state.get_data_parallel_group()
@@ -99,8 +102,8 @@ def train_megatron(cfg) -> Path:
                           enabled=dist.is_main, resume_step=start_step)
     if t.eval_every:
         log.warning("mllm_train.eval_every: the held-out gaps run on the DeepSpeed backend only; not evaluated here")
-    log.info("training %s on Megatron-Core (TP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
-             t.tensor_parallel, dp_size, dist.world_size, start_step, out)
+    log.info("training %s on Megatron-Core (TP %d x PP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
+             t.tensor_parallel, t.pipeline_parallel, dp_size, dist.world_size, start_step, out)
 
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
     weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}

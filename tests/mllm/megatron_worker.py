@@ -1,9 +1,9 @@
 """One training run of the Megatron backend on the packed test batches, for tests/mllm/test_megatron_train.py:
 
     python tests/mllm/megatron_worker.py OUT.json [--tp N] [--steps S] [--save-at K] [--resume] [--ckpt DIR]
-    python -m torch.distributed.run --nproc_per_node 2 tests/mllm/megatron_worker.py OUT.json --tp 2
+    python -m torch.distributed.run --nproc_per_node 2 tests/mllm/megatron_worker.py OUT.json --tp 2   # or --pp 2
 
-A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N, AdamW with the trainer's two groups and clipping,
+A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N and PP=M, AdamW with the trainer's two groups and clipping,
 S steps of 2 micro-batches each; rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
 (a held-out batch after training); --export writes the weights back in SemHiTokLM's names (safetensors). --save-at K
 writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag there first and continues;
@@ -26,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--weights-from", default="", help="a checkpoint tag: its weights only (any TP), from its step on")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    init_megatron(args.tp, 1)
+    init_megatron(args.tp, args.pp)
     from megatron.core import parallel_state
 
     from semhitok.mllm.megatron.engine import MegatronEngine
@@ -86,7 +87,8 @@ def main() -> None:
                       args.export)
     if torch.distributed.get_rank() == 0:
         Path(args.out).write_text(json.dumps({"losses": losses, "grad_norms": norms, "start": start, "eval_loss": eval_loss,
-                                              "tp": parallel_state.get_tensor_model_parallel_world_size()}))
+                                              "tp": parallel_state.get_tensor_model_parallel_world_size(),
+                                              "pp": parallel_state.get_pipeline_model_parallel_world_size()}))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

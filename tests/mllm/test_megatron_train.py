@@ -1,5 +1,5 @@
-"""The Megatron backend's training step on CPU (gloo, fp32): tensor parallelism over two processes gives the losses
-and gradient norms of one process, and a checkpoint resumes to the uninterrupted losses, also at another TP."""
+"""The Megatron backend's training step on CPU (gloo, fp32): tensor or pipeline parallelism over two processes gives
+the losses and gradient norms of one process, and a checkpoint resumes to the uninterrupted losses, also at another TP."""
 
 import json
 import os
@@ -36,22 +36,26 @@ def finish(*started: tuple[subprocess.Popen, Path]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """TP=1 (one process) and TP=2 (two processes), side by side: 4 steps, a checkpoint after step 2, the export;
-    -> {"tp1": (result, checkpoint dir), "tp2": ...}"""
-    dirs = {name: tmp_path_factory.mktemp(name) for name in ("tp1", "tp2")}
-    runs = [start(dirs[name] / "run.json", "--tp", str(tp), "--steps", "4", "--save-at", "2", "--ckpt", str(dirs[name] / "ckpt"),
-                  "--export", str(dirs[name] / "export.safetensors"), nproc=tp) for name, tp in (("tp1", 1), ("tp2", 2))]
-    return {name: (result, dirs[name] / "ckpt") for name, result in zip(("tp1", "tp2"), finish(*runs))}
+    """TP=1 (one process), TP=2 and PP=2 (two processes each), side by side: 4 steps, a checkpoint after step 2, the
+    export; -> {"tp1": (result, checkpoint dir), "tp2": ..., "pp2": ...}"""
+    layouts = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in layouts}
+    runs = [start(dirs[name] / "run.json", "--tp", str(tp), "--pp", str(pp), "--steps", "4", "--save-at", "2", "--ckpt",
+                  str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors"), nproc=tp * pp)
+            for name, (tp, pp) in layouts.items()]
+    return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, finish(*runs))}
 
 
 @pytest.fixture(scope="module")
 def continued(trained, tmp_path_factory):
     """From the checkpoints, side by side: TP=1 resumed from its own (optimizer and all), and TP=1 from the weights
-    TP=2 wrote (resharded on load) with a fresh optimizer."""
+    TP=2 and PP=2 wrote (resharded on load) with a fresh optimizer."""
     tmp = tmp_path_factory.mktemp("continued")
-    resumed, loaded = finish(start(tmp / "resumed.json", "--steps", "4", "--resume", "--ckpt", str(trained["tp1"][1])),
-                             start(tmp / "loaded.json", "--steps", "3", "--weights-from", str(trained["tp2"][1] / "step00000002")))
-    return {"resumed": resumed, "loaded": loaded}
+    resumed, loaded, loaded_pp = finish(
+        start(tmp / "resumed.json", "--steps", "4", "--resume", "--ckpt", str(trained["tp1"][1])),
+        *(start(tmp / f"loaded_{name}.json", "--steps", "3", "--weights-from", str(trained[name][1] / "step00000002"))
+          for name in ("tp2", "pp2")))
+    return {"resumed": resumed, "loaded": loaded, "loaded_pp": loaded_pp}
 
 
 def test_tensor_parallel_2_gives_the_losses_of_one_process(trained):
@@ -60,6 +64,16 @@ def test_tensor_parallel_2_gives_the_losses_of_one_process(trained):
     assert ref["losses"][0] > ref["losses"][-1]  # it learns
     assert got["losses"] == pytest.approx(ref["losses"], abs=2e-5)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+
+
+def test_pipeline_parallel_2_gives_the_losses_of_one_process(trained):
+    """Two stages (one layer each, the tied table's copies on both) train as one process does: the same losses and
+    gradient norms, and the export gathered over the stages equals TP=1's."""
+    ref, got = trained["tp1"][0], trained["pp2"][0]
+    assert (got["pp"], got["tp"], len(got["losses"])) == (2, 1, 4)
+    assert got["losses"] == pytest.approx(ref["losses"], abs=2e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=2e-5)
 
 
 def test_resume_reproduces_the_uninterrupted_losses(trained, continued):
@@ -75,18 +89,25 @@ def test_a_tensor_parallel_2_checkpoint_loads_at_tp1(trained, continued):
     assert loaded["start"] == 2 and loaded["losses"][0] == pytest.approx(ref["losses"][2], abs=2e-5)
 
 
+def test_a_pipeline_parallel_2_checkpoint_loads_at_pp1(trained, continued):
+    """The weights two pipeline stages wrote (gathered into one file) give one process the loss of step 3."""
+    ref, loaded = trained["tp1"][0], continued["loaded_pp"]
+    assert loaded["start"] == 2 and loaded["losses"][0] == pytest.approx(ref["losses"][2], abs=2e-5)
+
+
 def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
-    """Gathered over TP and converted back, the trained weights load into SemHiTokLM, whose loss on a held-out
-    batch is the Megatron model's; TP=2's export equals TP=1's."""
+    """Gathered over TP (and PP) and converted back, the trained weights load into SemHiTokLM, whose loss on a
+    held-out batch is the Megatron model's; TP=2's and PP=2's exports equal TP=1's."""
     import torch
     from safetensors.torch import load_file
 
     from tests.mllm.megatron_common import TINY_QWEN2, packed_batch, tiny_semhitok
 
-    one, two = (load_file(str(trained[name][1].parent / "export.safetensors")) for name in ("tp1", "tp2"))
-    assert one.keys() == two.keys()
+    one, two, staged = (load_file(str(trained[name][1].parent / "export.safetensors")) for name in ("tp1", "tp2", "pp2"))
+    assert one.keys() == two.keys() == staged.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(staged[k], one[k], rtol=1e-4, atol=1e-5)
     model = tiny_semhitok(TINY_QWEN2)
     before = model.lm.model.norm.weight.clone()
     result = model.load_state_dict(one, strict=False)
@@ -100,7 +121,8 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
 
 def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(trained_tokenizer, pretokenized_sample, tmp_path):
     """`semhitok train` with mllm_train.backend=megatron on the tiny preset: the plain engine's losses (same model,
-    same packed batches, fp32), a resume from the step-2 checkpoint reproduces step 3, and the export loads."""
+    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces step 3,
+    and the exports load."""
     import shutil
 
     from semhitok.mllm.model import SemHiTokLM
@@ -116,6 +138,10 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     assert len(losses(tmp_path / "megatron")) == 3
     assert (tmp_path / "megatron" / "mllm" / "checkpoints" / "step00000002" / "weights.safetensors").is_file()  # MegatronEngine's
     assert losses(tmp_path / "megatron") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
+              "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
+    assert losses(tmp_path / "staged") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    assert SemHiTokLM.from_pretrained(tmp_path / "staged" / "mllm" / "final").lm.config.num_hidden_layers == 4
     shutil.copytree(tmp_path / "megatron", tmp_path / "resumed")
     for gone in ("checkpoints/step00000003", "final"):
         shutil.rmtree(tmp_path / "resumed" / "mllm" / gone)
