@@ -121,8 +121,9 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
 
 def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(trained_tokenizer, pretokenized_sample, tmp_path):
     """`semhitok train` with mllm_train.backend=megatron on the tiny preset: the plain engine's losses (same model,
-    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces step 3,
-    and the exports load."""
+    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces step 3;
+    the exports load, the two-stage one draws through `semhitok sample` and loads by transformers' remote code with
+    SemHiTokLM's logits."""
     import shutil
 
     from semhitok.mllm.model import SemHiTokLM
@@ -141,7 +142,24 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
               "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
     assert losses(tmp_path / "staged") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
-    assert SemHiTokLM.from_pretrained(tmp_path / "staged" / "mllm" / "final").lm.config.num_hidden_layers == 4
+    staged = tmp_path / "staged" / "mllm" / "final"
+    model = SemHiTokLM.from_pretrained(staged).eval()
+    assert model.lm.config.num_hidden_layers == 4
+    sampled = subprocess.run([sys.executable, "-m", "semhitok.cli", "sample", "--model", str(staged), "--prompt", "a red circle",
+                              "--out", str(tmp_path / "drawn"), "--seed", "1"], cwd=REPO, env=dict(os.environ, **CHILD_ENV),
+                             capture_output=True, text=True, timeout=600)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert len(list((tmp_path / "drawn" / "images").glob("*.png"))) == 1
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    remote = AutoModelForCausalLM.from_pretrained(staged, trust_remote_code=True).eval()  # the export's own code
+    assert type(remote).__module__.startswith("transformers_modules")
+    vocab = model.layout.vocab_size
+    tokens = torch.cat([torch.arange(20), torch.arange(vocab - 20, vocab)])[None]  # text ids, then visual ones
+    with torch.no_grad():
+        torch.testing.assert_close(remote(input_ids=tokens).logits, model.logits(model.hidden_states(tokens).last_hidden_state),
+                                   rtol=1e-5, atol=1e-5)
     shutil.copytree(tmp_path / "megatron", tmp_path / "resumed")
     for gone in ("checkpoints/step00000003", "final"):
         shutil.rmtree(tmp_path / "resumed" / "mllm" / gone)
