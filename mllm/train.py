@@ -150,7 +150,8 @@ def resume_identity(cfg, world_size: int) -> dict:
     """What a checkpoint's states depend on besides the step (saved in its marker): a job with other values cannot
     load them, and check_resume refuses it before anything is recorded."""
     t = cfg.mllm_train
-    return {"world_size": world_size, "engine": "plain" if t.deepspeed_config.strip().lower() == "none" else "deepspeed",
+    engine = t.backend if t.backend == "megatron" else "plain" if t.deepspeed_config.strip().lower() == "none" else "deepspeed"
+    return {"world_size": world_size, "engine": engine,
             "trainable": t.trainable, "mixture_components": len(cfg.data.mixture), "init_from": t.init_from,
             "mllm": {k: v for k, v in dataclasses.asdict(cfg.mllm).items() if k not in ("text_corpus", "attn_implementation")}}
 
@@ -254,6 +255,80 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
+def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM, logger: MetricLogger, dist: D.DistInfo,
+                device, start_step: int, gap_eval=None, sum_group=None) -> dict:
+    """The training loop of both backends, from start_step to mllm_train.max_steps: micro-batches through the engine
+    (DeepSpeed's, PlainEngine or MegatronEngine), metrics every log_every steps, checkpoints every ckpt_every, the
+    held-out gaps every eval_every (gap_eval: None for none); closes the logger and returns the last loader state.
+    model: the SemHiTokLM the FLOPs are counted on. sum_group: the ranks whose batches differ (default: all; Megatron's
+    data-parallel group, since its TP and PP ranks read the same rows)."""
+    t = cfg.mllm_train
+    ckpt_root, peak = cfg.mllm_dir / "checkpoints", peak_flops()
+    task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
+    weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
+    tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
+    # non-finite losses are counted on the device and checked where values are reduced anyway (logging, checkpoints,
+    # evaluation): no host sync per micro-step. [non-finite micro-steps, the first one's step] since the last check
+    health, window_origins, checked = torch.zeros(2, device=device), {}, start_step
+    batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
+    loader_state = loader.state_dict()
+    bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
+    for step in bar:
+        for _ in range(t.gradient_accumulation):
+            batch = next(batches)
+            loader_state = batch.pop("loader_state")
+            result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
+                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}), **weighted)
+            bad = ~torch.isfinite(result["loss"].detach())
+            health[1] = torch.where((health[0] == 0) & bad, float(step + 1), health[1])
+            health[0] += bad.float()
+            window_origins.setdefault(step + 1, []).extend(batch["origins"][:4])
+            engine.backward(result["loss"])
+            engine.step()
+            task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
+            valid = batch["task_ids"] >= 0
+            tokens += torch.tensor([float(valid.sum()), batch_flops(model, batch["position_ids"], batch["labels"], valid, batch["input_ids"])],
+                                   device=device)
+        done = step + 1
+        metrics = {}
+        if done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps or (gap_eval and done % t.eval_every == 0):
+            bad_here, first = health.tolist()  # (every rank checks at the same steps)
+            if D.all_reduce_sum(health[:1].clone()).item() > 0:
+                at, where = (f"step {int(first)}", f"this rank's batch: {window_origins[int(first)][:4]}") if bad_here else \
+                    (f"a step in {checked + 1}-{done}", "another rank's batch")
+                raise NonFiniteLoss(f"non-finite loss at {at} ({where}); last checkpoint: {ckpt_root}")
+            health.zero_()
+            window_origins.clear()
+            checked = done
+        if done % t.log_every == 0 or done == t.max_steps:
+            D.all_reduce_sum(task_sums, sum_group)
+            D.all_reduce_sum(tokens, sum_group)
+            elapsed = time.perf_counter() - window_start
+            per_task = {f"loss_{task}": (task_sums[0, i] / task_sums[1, i]).item() for i, task in enumerate(TASKS) if task_sums[1, i] > 0}
+            tokens_per_s = tokens[0].item() / elapsed
+            metrics = {"loss": (task_sums[0].sum() / task_sums[1].sum().clamp(min=1)).item(), **per_task,
+                       "lr": scheduler.get_last_lr()[-1], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
+            if peak:
+                metrics["mfu"] = tokens[1].item() / elapsed / (peak * dist.world_size)  # mllm/flops.py
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            task_sums.zero_()
+            tokens.zero_()
+            window_start = time.perf_counter()
+        if gap_eval and (done % t.eval_every == 0 or done == t.max_steps):
+            began = time.perf_counter()
+            metrics.update(gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
+            window_start += time.perf_counter() - began  # throughput leaves the evaluation out
+        if metrics:  # one row per step: the training metrics and/or the gaps
+            logger.log(done, metrics)
+        if done % t.ckpt_every == 0 or done == t.max_steps:
+            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size))
+    bar.close()
+    logger.close()
+    return loader_state
+
+
 def train_mllm(cfg) -> Path:
     if cfg.mllm_train.backend == "megatron":  # the base as megatron-core's GPTModel, tensor parallel (docs/megatron.md)
         from semhitok.mllm.megatron.train import train_megatron
@@ -304,73 +379,11 @@ def train_mllm(cfg) -> Path:
     logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
                           {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
                           enabled=dist.is_main, resume_step=start_step)
-    peak = peak_flops()
     gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(numel(p) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
-    task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
-    weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
-    tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
-    # non-finite losses are counted on the device and checked where values are reduced anyway (logging, checkpoints,
-    # evaluation): no host sync per micro-step. [non-finite micro-steps, the first one's step] since the last check
-    health, window_origins, checked = torch.zeros(2, device=device), {}, start_step
-    batches = loader.batches(cfg.data.prefetch)  # built in a background process, resumable by loader_state
-    loader_state = loader.state_dict()
-    bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
-    for step in bar:
-        for _ in range(t.gradient_accumulation):
-            batch = next(batches)
-            loader_state = batch.pop("loader_state")
-            result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
-                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}), **weighted)
-            bad = ~torch.isfinite(result["loss"].detach())
-            health[1] = torch.where((health[0] == 0) & bad, float(step + 1), health[1])
-            health[0] += bad.float()
-            window_origins.setdefault(step + 1, []).extend(batch["origins"][:4])
-            engine.backward(result["loss"])
-            engine.step()
-            task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
-            valid = batch["task_ids"] >= 0
-            tokens += torch.tensor([float(valid.sum()), batch_flops(model, batch["position_ids"], batch["labels"], valid, batch["input_ids"])],
-                                   device=device)
-        done = step + 1
-        metrics = {}
-        if done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps or (gap_eval and done % t.eval_every == 0):
-            bad_here, first = health.tolist()  # (every rank checks at the same steps)
-            if D.all_reduce_sum(health[:1].clone()).item() > 0:
-                at, where = (f"step {int(first)}", f"this rank's batch: {window_origins[int(first)][:4]}") if bad_here else \
-                    (f"a step in {checked + 1}-{done}", "another rank's batch")
-                raise NonFiniteLoss(f"non-finite loss at {at} ({where}); last checkpoint: {ckpt_root}")
-            health.zero_()
-            window_origins.clear()
-            checked = done
-        if done % t.log_every == 0 or done == t.max_steps:
-            D.all_reduce_sum(task_sums)
-            D.all_reduce_sum(tokens)
-            elapsed = time.perf_counter() - window_start
-            per_task = {f"loss_{task}": (task_sums[0, i] / task_sums[1, i]).item() for i, task in enumerate(TASKS) if task_sums[1, i] > 0}
-            tokens_per_s = tokens[0].item() / elapsed
-            metrics = {"loss": (task_sums[0].sum() / task_sums[1].sum().clamp(min=1)).item(), **per_task,
-                       "lr": scheduler.get_last_lr()[-1], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "tokens_per_s": tokens_per_s, "supervised_tokens": task_sums[1].sum().item()}
-            if peak:
-                metrics["mfu"] = tokens[1].item() / elapsed / (peak * dist.world_size)  # mllm/flops.py
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            task_sums.zero_()
-            tokens.zero_()
-            window_start = time.perf_counter()
-        if gap_eval and (done % t.eval_every == 0 or done == t.max_steps):
-            began = time.perf_counter()
-            metrics.update(gap_eval())  # every rank computes (ZeRO-3 gathers), the main one writes
-            window_start += time.perf_counter() - began  # throughput leaves the evaluation out
-        if metrics:  # one row per step: the training metrics and/or the gaps
-            logger.log(done, metrics)
-        if done % t.ckpt_every == 0 or done == t.max_steps:
-            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size))
-    bar.close()
-    logger.close()
+    loader_state = train_steps(cfg, engine, scheduler, loader, model, logger, dist, device, start_step, gap_eval)
     if dist.is_main:
         plot_training(out / "metrics.jsonl", out)
     export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)

@@ -6,9 +6,9 @@
 
 The model is built as for DeepSpeed (mllm/train.py's build_model: a base + the tokenizer, or init_from an export),
 then converted on every rank to its TP shard (mllm/megatron/model.py); the packed batches are the same, one
-loader per data-parallel replica (every TP rank of a replica reads the same rows). Checkpoints and resume use
-mllm/train.py's (per-rank loader position and RNG, a completion marker), the weights gathered to their TP=1
-state (mllm/megatron/engine.py). The export at the end is the project's usual one
+loader per data-parallel replica (every TP and PP rank of a replica reads the same rows). The training loop,
+checkpoints and resume are mllm/train.py's (train_steps; per-rank loader position and RNG, a completion marker),
+the weights gathered to their TP=1, PP=1 state (mllm/megatron/engine.py). The export at the end is the project's usual one
 (SemHiTokLM.save_pretrained), so sampling, chat, eval and push work unchanged. Held-out gap evaluation
 (mllm_train.eval_every) runs on the DeepSpeed backend only.
 """
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from semhitok.common import dist as D
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
-from semhitok.data_pipelines.sequences import TASKS
 from semhitok.mllm.megatron.convert import megatron_to_hf
 from semhitok.mllm.megatron.engine import MegatronEngine
 from semhitok.mllm.megatron.model import MegatronLM, from_semhitok, gather_full_state
@@ -69,7 +66,7 @@ def export(model: MegatronLM, template, out: Path, text_tokenizer, visual_tokeni
 def train_megatron(cfg) -> Path:
     from megatron.core import parallel_state
 
-    from semhitok.mllm.train import NonFiniteLoss, build_model, resume, save_checkpoint
+    from semhitok.mllm.train import build_model, plot_training, resume, train_steps
 
     t = cfg.mllm_train
     out = cfg.mllm_dir
@@ -105,43 +102,9 @@ def train_megatron(cfg) -> Path:
     log.info("training %s on Megatron-Core (TP %d x PP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
              t.tensor_parallel, t.pipeline_parallel, dp_size, dist.world_size, start_step, out)
 
-    task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
-    weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
-    tokens, window_start = torch.zeros(1, device=device), time.perf_counter()
-    batches = loader.batches(cfg.data.prefetch)
-    loader_state = loader.state_dict()
-    bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
-    for step in bar:
-        for _ in range(t.gradient_accumulation):
-            batch = next(batches)
-            loader_state = batch.pop("loader_state")
-            result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device), **weighted)
-            bad = D.all_reduce_sum(torch.tensor([float(not torch.isfinite(result["loss"]))], device=device))
-            if bad.item() > 0:
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last checkpoint: {ckpt_root}")
-            engine.backward(result["loss"])
-            engine.step()
-            task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
-            tokens += (batch["task_ids"] >= 0).sum().to(device)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
-            torch.distributed.all_reduce(task_sums, group=dp_group)  # every TP rank of a replica holds the same sums
-            torch.distributed.all_reduce(tokens, group=dp_group)
-            elapsed = time.perf_counter() - window_start
-            per_task = {f"loss_{task}": (task_sums[0, i] / task_sums[1, i]).item() for i, task in enumerate(TASKS) if task_sums[1, i] > 0}
-            metrics = {"loss": (task_sums[0].sum() / task_sums[1].sum().clamp(min=1)).item(), **per_task,
-                       "lr": scheduler.get_last_lr()[-1], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "tokens_per_s": tokens.item() / elapsed, "supervised_tokens": task_sums[1].sum().item()}
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            logger.log(done, metrics)
-            task_sums.zero_()
-            tokens.zero_()
-            window_start = time.perf_counter()
-        if done % t.ckpt_every == 0 or done == t.max_steps:
-            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist)
-    bar.close()
-    logger.close()
+    loader_state = train_steps(cfg, engine, scheduler, loader, template, logger, dist, device, start_step, sum_group=dp_group)
+    if dist.is_main:
+        plot_training(out / "metrics.jsonl", out)
     export(model, template, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

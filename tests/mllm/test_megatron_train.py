@@ -139,6 +139,11 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     assert len(losses(tmp_path / "megatron")) == 3
     assert (tmp_path / "megatron" / "mllm" / "checkpoints" / "step00000002" / "weights.safetensors").is_file()  # MegatronEngine's
     assert losses(tmp_path / "megatron") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    from semhitok.config import load_project_config
+    from semhitok.mllm.train import check_resume
+
+    with pytest.raises(ValueError, match=r"engine 'plain' -> 'megatron'"):  # another engine's checkpoints: one line
+        check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'plain'}", *args, "mllm_train.backend=megatron"]))
     run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
               "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
     assert losses(tmp_path / "staged") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
