@@ -15,7 +15,7 @@ failed=0
 bench() {  # bench NAME CMD...: the command's last stdout line (its JSON) into $out, or an error line
     local name=$1 line rc
     shift
-    line=$(timeout "$limit" "$@" | tail -n 1)
+    line=$(timeout -k 60 "$limit" "$@" | tail -n 1)  # -k: a rank stuck in a collective may ignore SIGTERM
     rc=${PIPESTATUS[0]}
     if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
         line="{\"bench\": \"$name\", \"error\": \"exit $rc$([ "$rc" -eq 124 ] && echo " (timeout ${limit} s)")\"}"

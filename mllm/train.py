@@ -151,7 +151,8 @@ def resume_identity(cfg, world_size: int) -> dict:
     load them, and check_resume refuses it before anything is recorded."""
     t = cfg.mllm_train
     engine = t.backend if t.backend == "megatron" else "plain" if t.deepspeed_config.strip().lower() == "none" else "deepspeed"
-    return {"world_size": world_size, "engine": engine,
+    layout = {"tensor_parallel": t.tensor_parallel, "pipeline_parallel": t.pipeline_parallel} if engine == "megatron" else {}
+    return {"world_size": world_size, "engine": engine, **layout,
             "trainable": t.trainable, "mixture_components": len(cfg.data.mixture), "init_from": t.init_from,
             "mllm": {k: v for k, v in dataclasses.asdict(cfg.mllm).items() if k not in ("text_corpus", "attn_implementation")}}
 

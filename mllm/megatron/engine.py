@@ -14,8 +14,8 @@ last stage's loss and task sums are broadcast to the pipeline so every rank logs
 (first stage's embedding, last stage's head) add their gradients before the step. This is exact and simple, not
 fast: one stage works at a time (no 1F1B overlap of micro-batches; megatron's schedule is the GPU step after this).
 
-A checkpoint tag holds weights.safetensors (the GPTModel gathered over TP to its TP=1 state, and the adapter: loadable
-at any TP) and optim_rank<r>.pt (this rank's optimizer, scheduler and client state: resuming needs the same TP x DP).
+A checkpoint tag holds weights.safetensors (the GPTModel gathered over TP and PP to its TP=1, PP=1 state, and the
+adapter: loadable at any TP and PP) and optim_rank<r>.pt (this rank's optimizer, scheduler and client state: resuming needs the same TP x PP x DP).
 megatron.core.dist_checkpointing is not used: its torch_dist strategy in 0.16 synchronises CUDA when preloading,
 broadcasts CUDA tensors when finishing a save and loads shards into CUDA tensors, so it cannot run on CPU where this
 backend is tested; gathering to one file costs a full copy on the first rank per checkpoint (the next step for
@@ -148,10 +148,11 @@ class MegatronEngine:
         if self.micro_steps % self.accumulation:
             return
         if self.dp_size > 1:  # the mean gradient over the data-parallel replicas (as DeepSpeed)
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, group=self.dp_group)
-                    p.grad.div_(self.dp_size)
+            for p in self.params:  # every rank reduces every parameter: one replica's text-only window leaves the
+                if p.grad is None:  # adapter without a gradient while another's has one
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad, group=self.dp_group)
+                p.grad.div_(self.dp_size)
         self._sum_tied_table_grads()
         norm = grad_norm(self.params)
         if self.grad_clip > 0:
@@ -218,7 +219,7 @@ class MegatronEngine:
 
 
 def load_weights(model: MegatronLM, folder: str | Path) -> None:
-    """The weights of a checkpoint tag (weights.safetensors: the full TP=1 state) into `model`, sliced for this
+    """The weights of a checkpoint tag (weights.safetensors: the full TP=1, PP=1 state) into `model`, sliced for this
     job's TP (any TP wrote it)."""
     state = load_file(str(Path(folder) / WEIGHTS))
     load_full_state(model.gpt, {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")})

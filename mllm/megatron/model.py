@@ -140,12 +140,14 @@ def load_full_state(gpt, full: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def gather_full_state(gpt) -> dict[str, torch.Tensor]:
-    """The whole model's parameters at TP=1 and PP=1 (CPU tensors, keyed as at PP=1) on the ranks of the first PP
-    stage (rank 0 among them); the other stages' ranks get their own stage's part. Every rank takes part."""
+    """The whole model's parameters at TP=1 and PP=1 (CPU tensors, keyed as at PP=1) on rank 0 (and at PP=1 on every
+    rank); other ranks get at least their own stage's part. Every rank takes part (the TP all-gathers); the stages
+    are gathered over the one pipeline of TP rank 0 and DP rank 0, so no other rank holds a second full copy."""
     from megatron.core import parallel_state
 
     own = _gather_stage(gpt)
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1 or parallel_state.get_tensor_model_parallel_rank() \
+            or parallel_state.get_data_parallel_rank():
         return own
     first = parallel_state.get_pipeline_model_parallel_first_rank()
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size() if torch.distributed.get_rank() == first else None

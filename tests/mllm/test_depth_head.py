@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from semhitok.data_pipelines.sequences import IGNORE, SequenceBuilder

@@ -144,6 +144,9 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
 
     with pytest.raises(ValueError, match=r"engine 'plain' -> 'megatron'"):  # another engine's checkpoints: one line
         check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'plain'}", *args, "mllm_train.backend=megatron"]))
+    with pytest.raises(ValueError, match=r"pipeline_parallel 1 -> 2"):  # another layout of the same ranks, before anything runs
+        check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'megatron'}", *args, "mllm_train.backend=megatron",
+                                                  "mllm_train.pipeline_parallel=2"]))
     run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
               "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
     assert losses(tmp_path / "staged") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
