@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/mllm/megatron_worker.py OUT.json --tp 2   # or --pp 2
 
 A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N and PP=M, AdamW with the trainer's two groups and clipping,
-S steps of 2 micro-batches each; rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
+S steps of 2 micro-batches each (split over the data-parallel replicas: the ranks left over by TP x PP); rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
 (a held-out batch after training); --export writes the weights back in SemHiTokLM's names (safetensors). --save-at K
 writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag there first and continues;
 --weights-from TAG loads a tag's weights alone (written at any TP) and continues from its step with a fresh optimizer.
@@ -47,7 +47,9 @@ def main() -> None:
     other = [p for n, p in mg.named_parameters() if not n.startswith("adapter.")]
     optimizer = torch.optim.AdamW([{"params": adapter, "lr": 3e-3}, {"params": other, "lr": 1e-3}], betas=(0.9, 0.95), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
-    engine = MegatronEngine(mg, optimizer, scheduler, gradient_accumulation=2, grad_clip=1.0, bf16=False, device=torch.device("cpu"))
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = 2 // dp  # each step's two micro-batches, split over the data-parallel replicas
+    engine = MegatronEngine(mg, optimizer, scheduler, gradient_accumulation=per_rank, grad_clip=1.0, bf16=False, device=torch.device("cpu"))
     start = 0
     if args.resume:
         tag = sorted(p.name for p in Path(args.ckpt).glob("step*"))[-1]
@@ -60,14 +62,15 @@ def main() -> None:
         start = int(Path(args.weights_from).name[4:])
     losses, norms = [], []
     for step in range(start, args.steps):
-        total = 0.0
-        for micro in range(2):
+        total = torch.zeros(())
+        for micro in range(dp_rank * per_rank, (dp_rank + 1) * per_rank):
             batch = packed_batch(mg.layout, seed=10 * step + micro)
             out = engine(**batch)
             engine.backward(out["loss"])
             engine.step()
-            total += float(out["loss"]) / 2
-        losses.append(total)
+            total += out["loss"].detach() / 2
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())  # the step's mean over replicas
+        losses.append(float(total))
         norms.append(engine.get_global_grad_norm())
         if args.save_at and step + 1 == args.save_at:
             engine.save_checkpoint(args.ckpt, f"step{step + 1:08d}", {"step": step + 1})
@@ -88,7 +91,7 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         Path(args.out).write_text(json.dumps({"losses": losses, "grad_norms": norms, "start": start, "eval_loss": eval_loss,
                                               "tp": parallel_state.get_tensor_model_parallel_world_size(),
-                                              "pp": parallel_state.get_pipeline_model_parallel_world_size()}))
+                                              "pp": parallel_state.get_pipeline_model_parallel_world_size(), "dp": dp}))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

@@ -36,13 +36,13 @@ def finish(*started: tuple[subprocess.Popen, Path]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """TP=1 (one process), TP=2 and PP=2 (two processes each), side by side: 4 steps, a checkpoint after step 2, the
-    export; -> {"tp1": (result, checkpoint dir), "tp2": ..., "pp2": ...}"""
-    layouts = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+    """TP=1 (one process), TP=2, PP=2 and DP=2 (two processes each), side by side: 4 steps, a checkpoint after step 2,
+    the export; -> {"tp1": (result, checkpoint dir), "tp2": ..., "pp2": ..., "dp2": ...}"""
+    layouts = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}
     dirs = {name: tmp_path_factory.mktemp(name) for name in layouts}
     runs = [start(dirs[name] / "run.json", "--tp", str(tp), "--pp", str(pp), "--steps", "4", "--save-at", "2", "--ckpt",
-                  str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors"), nproc=tp * pp)
-            for name, (tp, pp) in layouts.items()]
+                  str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors"), nproc=tp * pp * dp)
+            for name, (tp, pp, dp) in layouts.items()]
     return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, finish(*runs))}
 
 
@@ -71,6 +71,16 @@ def test_pipeline_parallel_2_gives_the_losses_of_one_process(trained):
     gradient norms, and the export gathered over the stages equals TP=1's."""
     ref, got = trained["tp1"][0], trained["pp2"][0]
     assert (got["pp"], got["tp"], len(got["losses"])) == (2, 1, 4)
+    assert got["losses"] == pytest.approx(ref["losses"], abs=2e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=2e-5)
+
+
+def test_data_parallel_2_gives_the_losses_of_one_process(trained):
+    """Each step's two micro-batches on two replicas (one each, gradients averaged over DP) train as one process
+    accumulating both: the same losses, gradient norms and export."""
+    ref, got = trained["tp1"][0], trained["dp2"][0]
+    assert (got["dp"], got["tp"], got["pp"]) == (2, 1, 1)
     assert got["losses"] == pytest.approx(ref["losses"], abs=2e-5)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=2e-5)
