@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 benchmarks/megatron_train.py --shape 1.5b --tp 2     # TP 2 x DP 4
     python benchmarks/megatron_train.py --shape tiny --steps 1 --warmup 0 --seq 128   # CPU smoke (gloo, one rank)
 
-The model, batch and FLOP count are benchmarks/mllm_train.py's (Qwen2.5-1.5B shape, 348,544 vocabulary rows, packed
-documents of --doc-len tokens, bf16 on a GPU): built once as SemHiTokLM, converted to this rank's TP shard
+The model, batch, FLOP count and activation checkpointing (--ckpt-every-n, as megatron's recompute) are
+benchmarks/mllm_train.py's (Qwen2.5-1.5B shape, 348,544 vocabulary rows, packed documents of --doc-len tokens, bf16
+on a GPU): built once as SemHiTokLM, converted to this rank's TP shard
 (mllm/megatron/model.py), stepped by MegatronEngine (mllm/megatron/engine.py) on the same --batch rows per DP
 replica. `loss` is the first step's, before any update: on CPU it equals mllm_train.py's arms' at the same shape and
 seed (on a GPU mllm_train.py draws its weights there, another generator, so the two start from different weights).
@@ -37,10 +38,12 @@ def main() -> None:
     ap.add_argument("--doc-len", type=int, default=600)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ckpt-every-n", type=int, default=1, help="recompute every n-th layer (0: off), as mllm_train.py's")
     args = ap.parse_args()
 
     from megatron.core import parallel_state
 
+    from semhitok.mllm.megatron.convert import recompute
     from semhitok.mllm.megatron.engine import MegatronEngine
     from semhitok.mllm.megatron.model import from_semhitok
     from semhitok.mllm.megatron.train import init_parallel
@@ -49,7 +52,7 @@ def main() -> None:
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = make_model(args.shape, "sdpa", torch.device("cpu"), torch.float32)  # fp32 master weights; bf16 autocast on GPU
-    mg = from_semhitok(model).to(device)
+    mg = from_semhitok(model, **recompute(args.ckpt_every_n, model.lm.config.num_hidden_layers)).to(device)
     ids, pos, labels = (t.to(device) for t in packed_batch(model, args.batch, args.seq, args.doc_len, torch.device("cpu")))
     flops = batch_flops(model, pos.cpu(), labels.cpu(), torch.ones_like(ids, dtype=torch.bool).cpu(), ids.cpu())
     del model  # the template: only the converted shard stays
@@ -71,7 +74,7 @@ def main() -> None:
     dp = parallel_state.get_data_parallel_world_size()
     peak = peak_flops()
     result = {"bench": "megatron_train", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "shape": args.shape, "tp": args.tp, "dp": dp, "seq": args.seq, "micro_batch": args.batch, "doc_len": args.doc_len,
+              "shape": args.shape, "tp": args.tp, "dp": dp, "ckpt_every_n": args.ckpt_every_n, "seq": args.seq, "micro_batch": args.batch, "doc_len": args.doc_len,
               "loss": first[0], "tokens_per_s": ids.numel() * dp * args.steps / elapsed,
               "tflops_per_s": flops * dp * args.steps / elapsed / 1e12,
               "mfu": flops * dp * args.steps / elapsed / (peak * dist.world_size) if peak else None,

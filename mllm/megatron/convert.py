@@ -85,6 +85,17 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype =
     return TransformerConfig(**kw)
 
 
+def recompute(every_n_layers: int, layers_per_stage: int) -> dict:
+    """mllm_train.activation_checkpointing (every n-th decoder layer recomputed in backward, 0: off) as megatron's
+    recompute settings: every layer -> ("full", "uniform", 1); every n-th -> the first ceil(layers / n) layers of each
+    stage ("block"): as many layers as transformers checkpoints, though not the same ones."""
+    if every_n_layers <= 0:
+        return {}
+    if every_n_layers == 1:
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": -(-layers_per_stage // every_n_layers)}
+
+
 def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
     """q [n_q c, ...], k, v [n_kv c, ...] -> fused [(n_q + 2 n_kv) c, ...] grouped by query group"""
     rest = q.shape[1:]

@@ -7,6 +7,8 @@ megatron-core 0.16 builds and trains a GPTModel on CPU with `use_cpu_initializat
   - tensor_parallel.get_cuda_rng_tracker().fork() needs CUDA RNG states: a no-op tracker (megatron's own inference
     tracker), which is exact only with dropout 0 (the backend's configs use 0);
   - get_default_causal_mask allocates on "cuda" when no mask is passed: the backend always passes one (mllm/megatron/model.py);
+  - activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA RNG state around each recomputed
+    block: on CPU there is none to keep (the CPU generator's state is still saved and restored);
   - at PP > 1 with a tied head, a GPTModel's first and last stages sync their copies of the table when built, moving
     it to CUDA first: on CPU the sync is skipped (`_is_in_embd_group` is False), since from_semhitok / load_full_state
     copy the same table into both.
@@ -50,5 +52,7 @@ def enable() -> bool:
     LanguageModule._is_in_embd_group = lambda self: False
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
     random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    random._get_cuda_rng_state = lambda *args, **kwargs: None
+    random._set_cuda_rng_state = lambda *args, **kwargs: None
     _ENABLED = True
     return True

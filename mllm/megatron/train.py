@@ -24,7 +24,7 @@ import torch
 from semhitok.common import dist as D
 from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
-from semhitok.mllm.megatron.convert import megatron_to_hf
+from semhitok.mllm.megatron.convert import megatron_to_hf, recompute
 from semhitok.mllm.megatron.engine import MegatronEngine
 from semhitok.mllm.megatron.model import MegatronLM, from_semhitok, gather_full_state
 from semhitok.tokenizer.trainer import warmup_cosine
@@ -80,7 +80,7 @@ def train_megatron(cfg) -> Path:
     layers = template.lm.config.num_hidden_layers
     if layers % t.pipeline_parallel:
         raise ValueError(f"mllm_train.pipeline_parallel {t.pipeline_parallel} does not divide the base's {layers} layers")
-    model = from_semhitok(template)
+    model = from_semhitok(template, **recompute(t.activation_checkpointing, layers // t.pipeline_parallel))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     dp_group = parallel_state.get_data_parallel_group()
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dp_rank, dp_size, model.ids)

@@ -120,3 +120,32 @@ def test_semhitok_train_hands_the_megatron_backend_to_its_loop(monkeypatch, tmp_
     monkeypatch.setattr(megatron_train, "train_megatron", lambda cfg: seen.append(cfg) or tmp_path / "final")
     cfg = load_project_config("tiny", [f"run_dir={tmp_path}", "mllm_train.backend=megatron"])
     assert train.train_mllm(cfg) == tmp_path / "final" and seen == [cfg]
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatch):
+    """mllm_train.activation_checkpointing as megatron's recompute (convert.recompute): every layer and every 2nd
+    layer recompute their blocks in backward (counted at tensor_parallel.checkpoint) and change no loss or gradient."""
+    from megatron.core import tensor_parallel
+
+    from semhitok.mllm.megatron.convert import recompute
+
+    calls = []
+    checkpoint = tensor_parallel.checkpoint
+    monkeypatch.setattr(tensor_parallel, "checkpoint", lambda *args: calls.append(1) or checkpoint(*args))
+    model = tiny_semhitok(TINY_QWEN2)
+    batch = packed_batch(model.layout, seed=3)
+    results = {}
+    for every in (0, 1, 2):
+        calls.clear()
+        mg = from_semhitok(model, **recompute(every, TINY_QWEN2["num_hidden_layers"]))
+        loss = mg(batch["input_ids"], batch["position_ids"], batch["labels"]).sum()
+        loss.backward()
+        results[every] = (loss.detach(), {n: p.grad for n, p in mg.named_parameters() if p.grad is not None}, len(calls))
+    ref_loss, ref_grads, none = results[0]
+    assert none == 0 and results[1][2] == 2 and results[2][2] == 1  # 2 layers: each one, then the first alone
+    for every in (1, 2):
+        loss, grads, _ = results[every]
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7)
