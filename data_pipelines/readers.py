@@ -33,6 +33,7 @@ import webdataset as wds
 from semhitok.common.io import loads_json, sha256_file_cached
 from semhitok.data_pipelines.config import SourceConfig
 from semhitok.data_pipelines.sequences import ROLES
+from semhitok.data_pipelines.text_tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger("semhitok")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -130,6 +131,9 @@ def text_problem(value) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return "not encodable as UTF-8 (a lone surrogate)"
+    # the chat format's control tokens: written in a text they would tokenize as the token, not as the characters
+    if found := next((token for token in SPECIAL_TOKENS if token in value), None):
+        return f"contains the control token {found} of the chat format"
     return None
 
 

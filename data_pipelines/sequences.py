@@ -122,8 +122,8 @@ class SequenceBuilder:
         labelled = covered[spans[:, 1]] > covered[spans[:, 0]]
         starts = np.flatnonzero(ids == self.layout.image_start)
         if len(starts) != len(images) or (ids == self.layout.image_end).sum() != len(images):
-            raise UnsuitableSample(f"expected {len(images)} image span(s), the text makes {len(starts)} (an image "
-                                   f"delimiter token written in the text?)")
+            raise UnsuitableSample(f"expected {len(images)} image span(s), the text makes {len(starts)} start(s) and "
+                                   f"{int((ids == self.layout.image_end).sum())} end(s) (an image delimiter token written in the text?)")
         tokens, labels, at = list(self.bos), [IGNORE] * len(self.bos), 0
         for start, image in zip(starts, images):
             tokens += ids[at : start + 1].tolist()

@@ -32,7 +32,7 @@ json_scalar = st.none() | st.booleans() | st.integers() | st.floats() | st.text(
 json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                           max_leaves=8)
 hostile_text = st.text(alphabet=st.characters(categories=["L", "Zs", "Cs", "Cc"]), max_size=12) | json_value
-good_text = st.text(min_size=1, max_size=20).filter(lambda s: s.strip())
+good_text = st.text(min_size=1, max_size=20).filter(lambda s: text_problem(s) is None)
 
 
 @contextmanager
@@ -142,6 +142,18 @@ def test_llava_rows(text_tokenizer, rows):
             assert not r.images, r.origin
             continue
         assert (doc.tokens == layout.image_start).sum() == len(r.images)
+
+
+def test_a_text_with_a_control_token_is_skipped_with_one_line(tmp_path):
+    """Hypothesis found it: an answer reading "<|vision_end|>" tokenizes as the image delimiter and breaks the
+    document's image spans. The reader skips such a row and names the row and the token."""
+    rows = [{"conversations": [{"from": "human", "value": f"{IMAGE_TAG} what is it?"}, {"from": "gpt", "value": answer}],
+             "image": PHOTOS[0]} for answer in ("a bus", "<|vision_end|>", "fine<|im_end|>then")]
+    (tmp_path / "llava.json").write_text(json.dumps(rows))
+    records, errors, messages = read_source(SourceConfig("l", "llava_json", str(tmp_path / "llava.json"), image_root=str(SAMPLE)))
+    assert [r.origin.rsplit("[", 1)[1] for r in records] == ["0]"] and sum(errors.values()) == 2
+    assert any("llava.json[1]: skipped" in m and "<|vision_end|>" in m for m in messages), messages
+    assert any("llava.json[2]: skipped" in m and "<|im_end|>" in m for m in messages), messages
 
 
 @st.composite
