@@ -256,15 +256,19 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
-def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM, logger: MetricLogger, dist: D.DistInfo,
-                device, start_step: int, gap_eval=None, sum_group=None) -> dict:
+def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM, dist: D.DistInfo, device, start_step: int,
+                gap_eval=None, sum_group=None) -> dict:
     """The training loop of both backends, from start_step to mllm_train.max_steps: micro-batches through the engine
-    (DeepSpeed's, PlainEngine or MegatronEngine), metrics every log_every steps, checkpoints every ckpt_every, the
-    held-out gaps every eval_every (gap_eval: None for none); closes the logger and returns the last loader state.
+    (DeepSpeed's, PlainEngine or MegatronEngine), metrics every log_every steps into <mllm_dir>/metrics.jsonl (and its
+    plots at the end), checkpoints every ckpt_every, the held-out gaps every eval_every (gap_eval: None for none);
+    returns the last loader state.
     model: the SemHiTokLM the FLOPs are counted on. sum_group: the ranks whose batches differ (default: all; Megatron's
     data-parallel group, since its TP and PP ranks read the same rows)."""
-    t = cfg.mllm_train
-    ckpt_root, peak = cfg.mllm_dir / "checkpoints", peak_flops()
+    t, out = cfg.mllm_train, cfg.mllm_dir
+    ckpt_root, peak = out / "checkpoints", peak_flops()
+    logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
+                          {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
+                          enabled=dist.is_main, resume_step=start_step)
     task_sums = torch.zeros(2, len(TASKS), device=device)  # [loss sum, tokens] per task since the last log
     weighted = {"task_weights": torch.tensor([t.task_loss_weights.get(k, 1.0) for k in TASKS], device=device)} if t.task_loss_weights else {}
     tokens, window_start = torch.zeros(2, device=device), time.perf_counter()  # [tokens, training FLOPs]
@@ -327,6 +331,8 @@ def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM,
             save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size))
     bar.close()
     logger.close()
+    if dist.is_main:
+        plot_training(out / "metrics.jsonl", out)
     return loader_state
 
 
@@ -377,16 +383,11 @@ def train_mllm(cfg) -> Path:
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)
-    logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
-                          {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
-                          enabled=dist.is_main, resume_step=start_step)
     gap_eval = held_out_gaps(cfg, model, text_tokenizer, visual_tokenizer_dir, device)
     log.info("training %s (%.1fM parameters, %s) on %d rank(s) from step %d: %s",
              cfg.mllm.base_model, sum(numel(p) for p in model.parameters()) / 1e6, t.trainable, dist.world_size, start_step, out)
 
-    loader_state = train_steps(cfg, engine, scheduler, loader, model, logger, dist, device, start_step, gap_eval)
-    if dist.is_main:
-        plot_training(out / "metrics.jsonl", out)
+    loader_state = train_steps(cfg, engine, scheduler, loader, model, dist, device, start_step, gap_eval)
     export(engine, model, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

@@ -15,14 +15,12 @@ the weights gathered to their TP=1, PP=1 state (mllm/megatron/engine.py). The ex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
 from semhitok.common import dist as D
-from semhitok.common.metrics_log import MetricLogger
 from semhitok.data_pipelines.loader import PackedLoader, packing_efficiency
 from semhitok.mllm.megatron.convert import megatron_to_hf, recompute
 from semhitok.mllm.megatron.engine import MegatronEngine
@@ -66,7 +64,7 @@ def export(model: MegatronLM, template, out: Path, text_tokenizer, visual_tokeni
 def train_megatron(cfg) -> Path:
     from megatron.core import parallel_state
 
-    from semhitok.mllm.train import build_model, plot_training, resume, train_steps
+    from semhitok.mllm.train import build_model, resume, train_steps
 
     t = cfg.mllm_train
     out = cfg.mllm_dir
@@ -94,17 +92,12 @@ def train_megatron(cfg) -> Path:
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)
-    logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
-                          {"mllm": dataclasses.asdict(cfg.mllm), "mllm_train": dataclasses.asdict(t), "data": dataclasses.asdict(cfg.data)},
-                          enabled=dist.is_main, resume_step=start_step)
     if t.eval_every:
         log.warning("mllm_train.eval_every: the held-out gaps run on the DeepSpeed backend only; not evaluated here")
     log.info("training %s on Megatron-Core (TP %d x PP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
              t.tensor_parallel, t.pipeline_parallel, dp_size, dist.world_size, start_step, out)
 
-    loader_state = train_steps(cfg, engine, scheduler, loader, template, logger, dist, device, start_step, sum_group=dp_group)
-    if dist.is_main:
-        plot_training(out / "metrics.jsonl", out)
+    loader_state = train_steps(cfg, engine, scheduler, loader, template, dist, device, start_step, sum_group=dp_group)
     export(model, template, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))
