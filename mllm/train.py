@@ -30,7 +30,7 @@ from tqdm import tqdm
 from semhitok.common import dist as D
 from semhitok.common.hub import resolve_pretrained
 from semhitok.common.io import MANIFEST, atomic_path, intact_dirs, read_json, write_json, write_manifest
-from semhitok.common.metrics_log import MetricLogger
+from semhitok.common.metrics_log import MetricLogger, NonFiniteLoss
 from semhitok.common.resources import shipped
 from semhitok.common.run_dir import refuse_other_config
 from semhitok.common.safe_load import load_state, weights_only_loads
@@ -50,10 +50,6 @@ from semhitok.tokenizer.trainer import warmup_cosine
 
 log = logging.getLogger("semhitok")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def setup_distributed() -> D.DistInfo:

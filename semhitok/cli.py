@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     from semhitok.common.config_io import ConfigError
     from semhitok.common.hub import PushFailed
     from semhitok.data_pipelines.text_tokenizer import TextTokenizerUnavailable
-    from semhitok.mllm.train import NonFiniteLoss
+    from semhitok.common.metrics_log import NonFiniteLoss
     from semhitok.common.hub import WeightsUnavailable
 
     try:

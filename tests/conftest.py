@@ -148,8 +148,8 @@ def tiny_mllm_dir(tiny_mllm, text_tokenizer, trained_tokenizer, tmp_path_factory
 
 def stub_python_env(tmp_path: Path) -> dict:
     """SEMHITOK_VENV for a launch script's dry run whose config check is not the point: a stand-in environment the
-    scripts activate (launch_scripts/common.sh), whose python is a stub. The check is a process that loads the config
-    (6.0-6.5 CPU-s here: it imports torch); tests/test_launch_and_docker.py runs the real one."""
+    scripts activate (launch_scripts/common.sh), whose python is a stub. tests/test_launch_and_docker.py runs the real
+    check (`semhitok config`, a process of about 0.2 CPU-s)."""
     stub = tmp_path / "stub_env" / "bin"
     stub.mkdir(parents=True)
     (stub / "python").write_text("#!/bin/sh\nexit 0\n")

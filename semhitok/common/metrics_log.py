@@ -19,6 +19,10 @@ from semhitok.common.io import atomic_path
 log = logging.getLogger("semhitok")
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training loss that is NaN or inf, found where the logged values are reduced (torch-free: the CLI catches it)."""
+
+
 def wandb_identity(out_dir: Path, new_id) -> dict[str, str]:
     """{"name", "id"} for wandb.init: the id is created once (new_id()) and stored in out_dir/wandb_run_id."""
     from semhitok.common.io import atomic_path
