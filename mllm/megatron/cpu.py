@@ -11,11 +11,18 @@ megatron-core 0.16 builds and trains a GPTModel on CPU with `use_cpu_initializat
     block: on CPU there is none to keep (the CPU generator's state is still saved and restored);
   - at PP > 1 with a tied head, a GPTModel's first and last stages sync their copies of the table when built, moving
     it to CUDA first: on CPU the sync is skipped (`_is_in_embd_group` is False), since from_semhitok / load_full_state
-    copy the same table into both.
+    copy the same table into both;
+  - dist_checkpointing's synchronous torch_dist save (the engine's checkpoints) synchronises CUDA after staging the
+    tensors to the host and broadcasts its failure flag as a CUDA tensor: on CPU neither; and its writers' results
+    come back through a plain queue instead of a spawned Manager process (`_dist_checkpointing`). Loading needs
+    nothing (TorchDistLoadShardedStrategy reads into CPU tensors).
 `enable()` applies them once per process and only when CUDA is absent: the GPU path never runs this code.
 """
 
 from __future__ import annotations
+
+import functools
+import queue
 
 import torch
 
@@ -54,5 +61,51 @@ def enable() -> bool:
     random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     random._get_cuda_rng_state = lambda *args, **kwargs: None
     random._set_cuda_rng_state = lambda *args, **kwargs: None
+    _dist_checkpointing()
     _ENABLED = True
     return True
+
+
+def _dist_checkpointing() -> None:
+    """dist_checkpointing.save's synchronous torch_dist path (megatron-core 0.16.1) on CPU: its two CUDA calls
+    bypassed, its results queue in-process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+    # strategies/filesystem_async.py, FileSystemWriterAsync.preload_tensors: `if non_blocking: torch.cuda.synchronize()`
+    # after the tensors' copies to the host; AsyncRequest.execute_sync (async_utils.py) runs it through the partial of
+    # get_save_function_and_args, which passes non_blocking=True. The same function with non_blocking=False: a plain
+    # .to("cpu") (nothing to copy for CPU tensors) and no synchronize.
+    preload = filesystem_async.FileSystemWriterAsync.preload_tensors
+
+    @functools.wraps(preload)
+    def preload_tensors(write_buckets, non_blocking=True):
+        return preload(write_buckets, non_blocking=False)
+
+    filesystem_async.FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
+
+    # strategies/state_dict_saver.py, save_state_dict_async_finalize: the coordinator's failure flag is created with
+    # device=torch.cuda.current_device() and broadcast to every rank (without a bypass the shards and .metadata are
+    # written, but serialization.save never writes metadata.json). The same function, with torch.cuda.current_device
+    # answering "cpu" for the length of the call. Bound where it is called: strategies/torch.py imports it by name and
+    # TorchDistSaveShardedStrategy._get_save_and_finalize_callbacks's finalize_fn calls it.
+    finalize = torch_strategy.save_state_dict_async_finalize
+
+    @functools.wraps(finalize)
+    def save_state_dict_async_finalize(*args, **kwargs):
+        current_device = torch.cuda.current_device
+        torch.cuda.current_device = lambda: "cpu"
+        try:
+            return finalize(*args, **kwargs)
+        finally:
+            torch.cuda.current_device = current_device
+
+    torch_strategy.save_state_dict_async_finalize = save_state_dict_async_finalize
+
+    # Not a CUDA call, a cost: strategies/filesystem_async.py, _get_write_results_queue hands the writers' results over
+    # through the queue of a multiprocessing Manager it starts with "spawn" the first time a process saves: a fresh
+    # interpreter that re-imports the main module (~2.5 s per rank here, and a script without a __main__ guard fails).
+    # It is there for async saves, whose writer runs in another process; a synchronous save (the only kind the engine
+    # makes) puts and takes the results in the calling process, so a queue.Queue serves. Seeded where that function
+    # looks first (its module's _results_queue).
+    filesystem_async._results_queue = queue.Queue()
