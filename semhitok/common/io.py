@@ -164,7 +164,7 @@ def write_manifest(directory: str | Path, extra: dict | None = None) -> None:
     files = {}
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
-        if not p.is_file() or rel == MANIFEST or p.name.startswith("."):
+        if not p.is_file() or rel == MANIFEST or (p.name.startswith(".") and p.name.endswith(".tmp")):  # atomic_path's
             continue
         size = p.stat().st_size
         files[rel] = {"size": size, **({"sha256": sha256_file(p)} if size <= HASH_LIMIT else {})}

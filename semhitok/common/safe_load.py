@@ -4,6 +4,8 @@ A .pt file is a pickle: loaded with torch.load(weights_only=False), it can call 
 planted `os.system` runs on resume). Every resume here reads .pt files through `load_state`: torch's
 weights-only unpickler, which builds tensors, plain containers and primitives, plus the few types a caller
 names (DeepSpeed's loss scaler, ...). A file that asks for anything else is refused with one line naming it.
+A plain pickle a library reads with pickle.load (torch.distributed.checkpoint's .metadata) is checked first by
+`check_pickle` against the types such a file holds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,3 +65,27 @@ def weights_only_loads(allow: Sequence[type] = ()) -> Iterator[None]:
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
+
+
+def check_pickle(path: str | Path, allowed: Collection[tuple[str, str]]) -> None:
+    """Refuse (UnsafeCheckpoint, one line naming the file) a plain pickle that needs a global outside `allowed`
+    ((module, name) pairs), before a library unpickles it with pickle.load (torch.distributed.checkpoint's .metadata):
+    the file is read here with an unpickler that builds only those, so nothing else in it runs."""
+
+    class Checked(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise UnsafeCheckpoint(f"{path}: refused to load: it needs {module}.{name}, which this kind of file never "
+                                       "holds (not written by this trainer?)")
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid):
+            raise UnsafeCheckpoint(f"{path}: refused to load: it holds a persistent reference ({str(pid)[:80]})")
+
+    try:
+        with open(path, "rb") as f:
+            Checked(f).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as err:  # truncated, garbage: whatever the unpickler raises
+        raise ValueError(f"{path}: not a readable pickle ({type(err).__name__}: {str(err)[:200]})") from None

@@ -37,10 +37,12 @@ def test_manifest_catches_truncation_garbage_and_missing_files(tmp_path):
     (d / "weights.bin").write_bytes(b"w" * 1000)
     (d / "sub").mkdir()
     (d / "sub" / "state.json").write_text("{}")
+    (d / "sub" / ".metadata").write_bytes(b"m")  # a hidden file is part of the save (torch.distributed.checkpoint's)
+    (d / ".state.json.x1y2.tmp").write_text("")  # atomic_path's leftover is not
     assert verify_manifest(d) == (None, f"no {MANIFEST} (the save did not finish)")
     write_manifest(d, {"step": 7})
     manifest, problem = verify_manifest(d)
-    assert problem == "" and manifest["step"] == 7 and set(manifest["files"]) == {"weights.bin", "sub/state.json"}
+    assert problem == "" and manifest["step"] == 7 and set(manifest["files"]) == {"weights.bin", "sub/state.json", "sub/.metadata"}
     (d / "weights.bin").write_bytes(b"x" * 1000)  # same size, other bytes
     assert "checksum" in verify_manifest(d)[1]
     (d / "weights.bin").write_bytes(b"w" * 10)
