@@ -14,28 +14,30 @@ last stage's loss and task sums are broadcast to the pipeline so every rank logs
 (first stage's embedding, last stage's head) add their gradients before the step. This is exact and simple, not
 fast: one stage works at a time (no 1F1B overlap of micro-batches; megatron's schedule is the GPU step after this).
 
-A checkpoint tag holds weights.safetensors (the GPTModel gathered over TP and PP to its TP=1, PP=1 state, and the
-adapter: loadable at any TP and PP) and optim_rank<r>.pt (this rank's optimizer, scheduler and client state: resuming needs the same TP x PP x DP).
-megatron.core.dist_checkpointing is not used: its torch_dist strategy in 0.16 synchronises CUDA when preloading,
-broadcasts CUDA tensors when finishing a save and loads shards into CUDA tensors, so it cannot run on CPU where this
-backend is tested; gathering to one file costs a full copy on the first rank per checkpoint (the next step for
-multi-node sizes is dist_checkpointing on GPU, tested there).
+A checkpoint tag holds dist_checkpoint/, written by megatron.core.dist_checkpointing (torch_dist, synchronous):
+every rank writes its own shards of the weights and of AdamW's moments, sharded as their parameters, and the common
+part holds each parameter's step under a layout-free name, the group hyperparameters and the scheduler. All of it
+loads at any TP, PP and DP (the TP-split tensors and the padded vocabulary are resliced, the layers found by global
+index): load_checkpoint for a resume, load_weights for the weights alone. (The trainer's resume still asks for
+the same layout: its loader position and RNG are per rank, mllm/train.py.) On CPU, mllm/megatron/cpu.py bypasses
+the save's two CUDA calls.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from semhitok.common.io import atomic_path
-from semhitok.common.safe_load import load_state
+from semhitok.common.safe_load import check_pickle, weights_only_loads
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
-from semhitok.mllm.megatron.model import MegatronLM, gather_full_state, load_full_state
+from semhitok.mllm.megatron.model import MegatronLM, global_name
 
-WEIGHTS = "weights.safetensors"  # a checkpoint tag's weights: GPTModel gathered to TP=1 (gpt.*) and the adapter (adapter.*)
+DIST = "dist_checkpoint"  # a checkpoint tag's megatron.core.dist_checkpointing folder (the trainer's files beside it)
 
 
 def weighted_mean(losses: torch.Tensor, tasks: torch.Tensor | None, task_weights: torch.Tensor | None, count: int) -> torch.Tensor:
@@ -183,45 +185,121 @@ class MegatronEngine:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        from megatron.core import parallel_state
+        """<root>/<tag>/dist_checkpoint/: this rank's shards of the model and AdamW's moments (every rank writes its
+        own; a replica's once), and the common part: per-parameter steps, group hyperparameters, scheduler, client
+        state. Called at the end of an accumulation window (the gradients in flight are not saved)."""
+        from megatron.core import dist_checkpointing, parallel_state
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-        folder = Path(root) / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        full = gather_full_state(self.module.gpt)  # every rank takes part; the first writes
-        rank = torch.distributed.get_rank()
-        if rank == 0:
-            with atomic_path(folder / WEIGHTS) as tmp:
-                save_file({**{f"gpt.{k}": v.contiguous() for k, v in full.items()},
-                           **{f"adapter.{k}": v.detach().contiguous().cpu() for k, v in self.module.adapter.state_dict().items()}}, str(tmp))
-        with atomic_path(folder / f"optim_rank{rank}.pt") as tmp:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "micro_steps": self.micro_steps, "client": client_state,
-                        "tp": parallel_state.get_tensor_model_parallel_world_size(), "pp": self.pp, "dp": self.dp_size}, tmp)
+        if self.micro_steps % self.accumulation:
+            raise RuntimeError(f"a checkpoint inside an accumulation window (micro-step {self.micro_steps})")
+        adam = self.optimizer.state  # (a parameter never stepped has none: zero moments, step 0, as a fresh AdamW)
+        model = sharded_model_state(self.module)
+        moments, params = self._sharded_moments(model, fill=lambda p, key: adam[p].get(key, torch.zeros_like(p)))
+        ranks = [None] * torch.distributed.get_world_size()  # the common part is rank 0's: every stage's steps in it
+        torch.distributed.all_gather_object(ranks, {name: float(adam[p].get("step", 0)) for name, p in params.items()})
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        state = {"model": model, "optimizer": {**moments, "steps": {k: v for r in ranks for k, v in r.items()}, "param_groups": hyper},
+                 "scheduler": self.scheduler.state_dict(), "client": client_state,
+                 "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(), "pp": self.pp, "dp": self.dp_size}}
+        folder = Path(root) / tag / DIST
+        tmp = folder.with_name(f".{DIST}.tmp")  # renamed when every rank has written: DIST exists only whole
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        torch.distributed.barrier()
+        # thread_count=1: one file per rank (the default forks two writers per rank and splits the shards over them)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
+        if torch.distributed.get_rank() == 0:  # (save ends with a barrier: every rank's files are there)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        torch.distributed.barrier()
 
     def load_checkpoint(self, root: str, tag: str) -> tuple[str | None, dict]:
-        from megatron.core import parallel_state
+        """Weights, AdamW's moments and steps, group hyperparameters and scheduler from <root>/<tag>, at this job's TP,
+        PP and DP whichever wrote them; (the tag, its client state)."""
+        model = sharded_model_state(self.module)
+        moments, params = self._sharded_moments(model, fill=lambda p, key: torch.zeros_like(p))
+        loaded = _load(Path(root) / tag, {"model": model, "optimizer": moments})
+        _load_model(self.module, loaded["model"])
+        saved = loaded["optimizer"]
+        for name, p in params.items():
+            if saved["steps"][name] > 0:  # (0: never stepped, no state: as a fresh AdamW)
+                self.optimizer.state[p] = {"step": torch.tensor(saved["steps"][name], dtype=torch.float32),
+                                           **{key: saved[key][name].to(p.device) for key in MOMENTS}}
+        for group, hyper in zip(self.optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update(hyper)
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.micro_steps = 0
+        return str(Path(root) / tag), loaded["client"]
 
-        folder = Path(root) / tag
-        rank = torch.distributed.get_rank()
-        if not (folder / f"optim_rank{rank}.pt").is_file():
-            return None, {}
-        state = load_state(folder / f"optim_rank{rank}.pt")  # tensors and containers only: nothing in it runs
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if (state["tp"], state.get("pp", 1), state["dp"]) != (tp, self.pp, self.dp_size):
-            raise ValueError(f"{folder}: written at TP {state['tp']} x PP {state.get('pp', 1)} x DP {state['dp']}, this job is "
-                             f"TP {tp} x PP {self.pp} x DP {self.dp_size}: resume with the same layout (load_weights reads "
-                             "the weights at any TP and PP)")
-        load_weights(self.module, folder)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.micro_steps = state["micro_steps"]
-        return str(folder), state["client"]
+    def _sharded_moments(self, model: dict, fill) -> tuple[dict, dict]:
+        """({"exp_avg": {name: ShardedTensor}, "exp_avg_sq": ...}, {name: parameter}) of the trainable parameters:
+        each moment sharded as its parameter in `model` (checkpoint key "optimizer.<moment>.<the parameter's>"),
+        `fill(p, moment)` its data. `name` is the parameter's at TP=1, PP=1 (global layer index; a tied head's copy on
+        the last stage is the table), so steps load at any TP and PP."""
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        moments, params = {key: {} for key in MOMENTS}, {}
+        for local, p in self.module.named_parameters():
+            if not p.requires_grad:  # (the adapter's frozen tokenizer features: no state)
+                continue
+            name = local if local.startswith("adapter.") else "gpt." + global_name(self.module.gpt, local[len("gpt."):])
+            params[name] = p
+            for key in MOMENTS:
+                moments[key][name] = make_sharded_optimizer_tensor(model[local], fill(p, key), prefix=f"optimizer.{key}")
+        return moments, params
 
 
-def load_weights(model: MegatronLM, folder: str | Path) -> None:
-    """The weights of a checkpoint tag (weights.safetensors: the full TP=1, PP=1 state) into `model`, sliced for this
-    job's TP (any TP wrote it)."""
-    state = load_file(str(Path(folder) / WEIGHTS))
-    load_full_state(model.gpt, {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")})
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# What torch.distributed.checkpoint's .metadata pickle holds (torch 2.13; dist_checkpointing's torch_dist format):
+# FileSystemReader.read_metadata unpickles it with pickle.load, so it is checked first (common/safe_load.py).
+DCP_METADATA = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                *(("torch.distributed.checkpoint.metadata", n) for n in (
+                    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "ChunkStorageMetadata",
+                    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+                *(("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))}
+
+
+def sharded_model_state(model: MegatronLM) -> dict:
+    """This rank's weights as dist_checkpointing's ShardedTensors, keyed as model.state_dict(): the GPTModel's own
+    (TP slices of the full tensors, layers by global index, the vocabulary padding reshaped on load, a tied head on the
+    last stage a replica of the first stage's table) and the adapter (first stage, replicated over TP and DP). The
+    layers' _extra_state (None in the local spec; transformer-engine's fp8 state) is left out: no pickled object in
+    the shards."""
+    from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+    state = {k: v for k, v in model.gpt.sharded_state_dict(prefix="gpt.").items() if not k.endswith("_extra_state")}
     if model.adapter is not None:
-        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+        state.update({f"adapter.{k}": make_sharded_tensor_for_checkpoint(v, f"adapter.{k}")
+                      for k, v in model.adapter.state_dict(keep_vars=True).items()})
+    return state
+
+
+def _load(tag: Path, sharded: dict) -> dict:
+    """dist_checkpointing.load of <tag>/dist_checkpoint into `sharded`'s layout; the common part comes back too.
+    Nothing in it runs: .metadata is checked against DCP_METADATA, every torch.load inside is weights-only."""
+    from megatron.core import dist_checkpointing
+
+    folder = tag / DIST
+    if not (folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"{tag}: no {DIST}/metadata.json: not a checkpoint of the Megatron backend (its former "
+                                "weights.safetensors + optim_rank<r>.pt format is not read)")
+    check_pickle(folder / ".metadata", DCP_METADATA)
+    with weights_only_loads(), warnings.catch_warnings():  # megatron-core 0.16 calls torch APIs torch deprecates
+        warnings.simplefilter("ignore", FutureWarning)    # (load_state_dict, ShardedTensor), once per load
+        return dist_checkpointing.load(sharded, str(folder))
+
+
+def _load_model(model: MegatronLM, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint and model differ: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def load_weights(model: MegatronLM, tag: str | Path) -> None:
+    """The weights of a checkpoint tag into `model`, at this job's TP and PP (any TP and PP wrote them)."""
+    _load_model(model, _load(Path(tag), {"model": sharded_model_state(model)})["model"])

@@ -95,8 +95,11 @@ def gpt_model(hf_config, rows: int, pre_process: bool = True, post_process: bool
                     rotary_base=rope_theta(hf_config))
 
 
-def _global_name(gpt, name: str) -> str:
-    """A local state_dict key of this PP stage -> the key at PP=1 (decoder.layers.<global index>.)"""
+def global_name(gpt, name: str) -> str:
+    """A local parameter name of this PP stage -> its name at PP=1 (decoder.layers.<global index>.; a tied head's
+    copy on the last stage is the table)"""
+    if name == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
     if not name.startswith("decoder.layers."):
         return name
     local, rest = name[len("decoder.layers."):].split(".", 1)
@@ -126,9 +129,7 @@ def load_full_state(gpt, full: dict[str, torch.Tensor]) -> None:
     from megatron.core import parallel_state
 
     for name, param in gpt.named_parameters():
-        key = _global_name(gpt, name)
-        if key not in full and name == "output_layer.weight":  # tied, on a last PP stage (its copy of the table)
-            key = "embedding.word_embeddings.weight"
+        key = global_name(gpt, name)  # (a tied head on a last PP stage: its copy of the table)
         value = full[key]
         if key in VOCAB_KEYS:  # padded to 128 x the writer's TP: to 128 x this TP (the padded rows are zero)
             value = vocab_rows(value, param.shape[0] * parallel_state.get_tensor_model_parallel_world_size())
@@ -166,9 +167,7 @@ def _gather_stage(gpt) -> dict[str, torch.Tensor]:
     group, tp = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, param in gpt.named_parameters():
-        key = _global_name(gpt, name)
-        if name == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
-            key = "embedding.word_embeddings.weight"
+        key = global_name(gpt, name)
         value = param.detach()
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(value) for _ in range(tp)]

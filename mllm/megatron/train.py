@@ -8,7 +8,7 @@ The model is built as for DeepSpeed (mllm/train.py's build_model: a base + the t
 then converted on every rank to its TP shard (mllm/megatron/model.py); the packed batches are the same, one
 loader per data-parallel replica (every TP and PP rank of a replica reads the same rows). The training loop,
 checkpoints and resume are mllm/train.py's (train_steps; per-rank loader position and RNG, a completion marker),
-the weights gathered to their TP=1, PP=1 state (mllm/megatron/engine.py). The export at the end is the project's usual one
+the engine's state in megatron.core.dist_checkpointing's format (mllm/megatron/engine.py). The export at the end is the project's usual one
 (SemHiTokLM.save_pretrained), so sampling, chat, eval and push work unchanged. Held-out gap evaluation
 (mllm_train.eval_every) runs on the DeepSpeed backend only.
 """

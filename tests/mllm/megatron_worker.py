@@ -7,7 +7,8 @@ A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N and PP=M, AdamW w
 S steps of 2 micro-batches each (split over the data-parallel replicas: the ranks left over by TP x PP); rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
 (a held-out batch after training); --export writes the weights back in SemHiTokLM's names (safetensors). --save-at K
 writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag there first and continues;
---weights-from TAG loads a tag's weights alone (written at any TP) and continues from its step with a fresh optimizer.
+--weights-from TAG loads a tag's weights alone (written at any TP) and continues from its step with a fresh optimizer;
+--resume-from TAG loads all of a tag written at any TP and PP (weights, AdamW's moments and steps, scheduler).
 """
 
 import argparse
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--export", default="", help="write the trained weights, converted back to transformers' names, here")
     ap.add_argument("--weights-from", default="", help="a checkpoint tag: its weights only (any TP), from its step on")
+    ap.add_argument("--resume-from", default="", help="a checkpoint tag (any TP and PP): weights, optimizer, scheduler")
     args = ap.parse_args()
     torch.set_num_threads(1)
     init_megatron(args.tp, args.pp)
@@ -54,6 +56,9 @@ def main() -> None:
     if args.resume:
         tag = sorted(p.name for p in Path(args.ckpt).glob("step*"))[-1]
         _, client = engine.load_checkpoint(args.ckpt, tag)
+        start = client["step"]
+    if args.resume_from:
+        _, client = engine.load_checkpoint(str(Path(args.resume_from).parent), Path(args.resume_from).name)
         start = client["step"]
     if args.weights_from:
         from semhitok.mllm.megatron.engine import load_weights

@@ -149,3 +149,63 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatc
         assert grads.keys() == ref_grads.keys()
         for name, grad in ref_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7)
+
+
+class _Payload:
+    """Unpickled, it runs `touch <marker>` (what a planted checkpoint file would do with os.system)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_restores_each_parameter_s_adamw_step_and_refuses_what_it_cannot_read(one_rank, tmp_path):
+    """MegatronEngine's checkpoint (dist_checkpointing): after a window without images the adapter's AdamW is one step
+    behind the rest; a fresh engine loads the weights, moments, per-parameter steps, learning rates and scheduler
+    exactly. A folder in another format, or whose .metadata pickle names code, is refused with one line and the code
+    does not run (torch.distributed.checkpoint reads .metadata with pickle.load)."""
+    import pickle
+
+    from semhitok.common.safe_load import UnsafeCheckpoint
+    from semhitok.mllm.megatron.engine import MegatronEngine, load_weights
+
+    def engine():
+        mg = from_semhitok(tiny_semhitok(TINY_QWEN2))
+        groups = [[p for n, p in mg.named_parameters() if n.startswith("adapter.") == adapter] for adapter in (True, False)]
+        optimizer = torch.optim.AdamW([{"params": groups[0], "lr": 3e-3}, {"params": groups[1], "lr": 1e-3}], weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        return MegatronEngine(mg, optimizer, scheduler, 1, 1.0, False, torch.device("cpu"))
+
+    trained = engine()
+    layout = trained.module.layout
+    text = packed_batch(layout, seed=1)
+    text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] >= layout.visual_offset, 5)  # no image
+    for batch in (text, packed_batch(layout, seed=2)):
+        trained.backward(trained(**batch)["loss"])
+        trained.step()
+    trained.save_checkpoint(str(tmp_path), "step00000002", {"step": 2})
+    fresh = engine()
+    assert fresh.load_checkpoint(str(tmp_path), "step00000002") == (str(tmp_path / "step00000002"), {"step": 2})
+    steps = set()
+    for (name, p), q in zip(trained.module.named_parameters(), fresh.module.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        want, got = trained.optimizer.state[p], fresh.optimizer.state[q]
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+        steps |= {(name.split(".")[0], float(want["step"]))} if want else set()
+    assert steps == {("adapter", 1.0), ("gpt", 2.0)}  # (the adapter's frozen tokenizer features have no state)
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [g["lr"] for g in trained.optimizer.param_groups] == [1e-3, 1e-3 / 3]
+    assert fresh.scheduler.state_dict() == trained.scheduler.state_dict()
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"old: no dist_checkpoint/metadata.json: not a checkpoint of the Megatron"):
+        load_weights(fresh.module, tmp_path / "old")
+    marker = tmp_path / "payload_ran"
+    (tmp_path / "step00000002" / "dist_checkpoint" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UnsafeCheckpoint, match=r"\.metadata: refused to load: it needs \w+\.system"):
+        fresh.load_checkpoint(str(tmp_path), "step00000002")
+    assert not marker.exists()
