@@ -115,7 +115,7 @@ def test_checkpoints_are_dist_checkpointing_folders_one_shard_file_per_writing_r
 
 
 def test_a_pipeline_parallel_2_checkpoint_loads_at_pp1(trained, continued):
-    """The weights two pipeline stages wrote (gathered into one file) give one process the loss of step 3."""
+    """The weights two pipeline stages wrote (a shard file each) give one process the loss of step 3 (load_weights)."""
     ref, loaded = trained["tp1"][0], continued["loaded_pp"]
     assert loaded["start"] == 2 and loaded["losses"][0] == pytest.approx(ref["losses"][2], abs=2e-5)
 
