@@ -100,7 +100,7 @@ def learn(run_dir: Path, seed: int = 0, cfg_scales: tuple[float, ...] = (1.0, 2.
     seeds = [f"{key}={seed}" for key in ("world.seed", "teacher_train.seed", "tokenizer_train.seed", "data.seed", "mllm_train.seed")]
     cfg = load_project_config("shapes", [f"run_dir={run_dir}", *BUDGET, *seeds])
     write_world(cfg.world, cfg.world_dir)
-    train_teacher(cfg.teacher_train, cfg.teacher_dir)
+    teacher = train_teacher(cfg.teacher_train, cfg.teacher_dir)
     kind_trainer(cfg.tokenizer.kind)[0](cfg)
     run_pretokenize(cfg.pretokenize, cfg.pretokenize_tokenizer, cfg.pretokenized_dir)
     train_mllm(cfg)
@@ -120,7 +120,7 @@ def learn(run_dir: Path, seed: int = 0, cfg_scales: tuple[float, ...] = (1.0, 2.
         hit = [colour_of(row, names) == a for row, a in zip(ids, asked)]
         generation[scale] = {combo: float(np.mean([h for h, r in zip(hit, rows) if r["heldout_combo"] == (combo == "heldout")]))
                              for combo in ("seen", "heldout")}
-    return {"cfg": cfg, "understanding": {t: v["accuracy"] for t, v in understanding["by_type"].items()},
+    return {"cfg": cfg, "teacher": teacher, "understanding": {t: v["accuracy"] for t, v in understanding["by_type"].items()},
             "questions": understanding["by_type"]["colour"]["n"],
             "prompts": sum(not r["heldout_combo"] for r in rows),
             "checker": float(np.mean([h == c for h, c in zip(held_out, colours("holdout"))])),
@@ -144,6 +144,15 @@ def test_the_world_is_the_intended_one(learned, capsys):
         print(f"\nlearning on the shapes world: understanding {learned['understanding']}, generation by CFG scale "
               f"{learned['generation']}, id checker on held-out scenes {learned['checker']:.2f}")
     assert learned["cfg"].world.max_objects == 1 and learned["prompts"] >= 50 and learned["questions"] >= 90
+
+
+def test_the_teacher_retrieves_held_out_captions(learned):
+    # stage 0 after its 100 steps: held-out retrieval (both directions) well above a random pick under the same-text
+    # rule (~4% here). Seeds 0, 1, 2 measured: 21.5%, 25.5%, 21.0% (train loss 7.3, 6.4, 7.8 from 13.6, 16.0, 17.3)
+    result = learned["teacher"]
+    assert result["train_loss"] < 0.75 * result["initial_train_loss"]
+    mean = (result["image_to_caption"] + result["caption_to_image"]) / 2
+    assert mean > 3 * result["chance_text"], result
 
 
 def test_the_id_colour_checker_names_real_scenes(learned):

@@ -138,11 +138,4 @@ def test_every_tokenizer_kind_trains_from_it(trained, tmp_path, kind):
     assert pred.shape == target.shape and torch.isfinite(target).all()
 
 
-def test_retrieval_after_a_short_schedule_beats_chance(tmp_path):
-    """~15 s: a 400-scene world, 150 steps; held-out retrieval (both directions) well above what a random pick
-    scores under the same-text rule (2.2% here). Seeds 0, 1, 2 measured: 17%, 15%, 18%."""
-    world = write_world(WorldConfig(train_scenes=400, holdout_scenes=60, text_rows=10), tmp_path / "world")
-    result = train_teacher(teacher_config(world, steps=150, batch_size=32, lr=2e-3, warmup=5), tmp_path / "teacher")
-    assert result["train_loss"] < 0.75 * result["initial_train_loss"]
-    mean = (result["image_to_caption"] + result["caption_to_image"]) / 2
-    assert mean > 3 * result["chance_text"], result
+# The teacher's held-out retrieval after a short schedule: tests/test_learning.py, on the teacher its run trains.
