@@ -83,16 +83,17 @@ def test_bad_jsonl_rows_are_named_not_fatal(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_holdout_psnr_rises_clearly_on_real_photos(tmp_path):
-    """Stage 1 then stage 2 on the shipped photos; held-out reconstruction PSNR must climb well above the
-    untrained decoder's (about 8 dB)."""
-    cfg = tiny_config(tmp_path, "tokenizer_train.max_steps=120", "tokenizer_train.eval_every=60",
+    """Stage 1 (20 steps: stage 2 reads only its frozen semantic branch) then stage 2 (60 steps) on the shipped photos;
+    held-out reconstruction PSNR must climb well above the untrained decoder's (about 8 dB). Measured (one thread):
+    8.0 -> 15.7 dB at step 60; 16.1 after 120 stage-1 steps, 16.5 at stage 2's step 120."""
+    cfg = tiny_config(tmp_path, "tokenizer_train.max_steps=20", "tokenizer_train.eval_every=30",
                       "tokenizer_train.disc_start=1000", "tokenizer_train.holdout_images=12")
-    for stage in (1, 2):
-        cfg.tokenizer_train.stage = stage
+    for stage, steps in ((1, 20), (2, 60)):
+        cfg.tokenizer_train.stage, cfg.tokenizer_train.max_steps = stage, steps
         train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
     rows = [json.loads(l) for l in open(cfg.tokenizer_stage_dir(2) / "metrics.jsonl")]
     curve = [(r["step"], r["holdout_psnr"]) for r in rows if "holdout_psnr" in r]
     print("holdout PSNR by step:", curve)
-    assert curve[0][0] == 0 and curve[-1][0] == 120
+    assert curve[0][0] == 0 and curve[-1][0] == 60
     assert curve[-1][1] > curve[0][1] + 5.0
-    assert (cfg.tokenizer_stage_dir(2) / "images" / "step_00000120.png").is_file()
+    assert (cfg.tokenizer_stage_dir(2) / "images" / "step_00000060.png").is_file()
