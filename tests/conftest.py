@@ -184,6 +184,18 @@ def trained_mllm_run(trained_tokenizer, pretokenized_sample, tmp_path_factory) -
         run_dir, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20"))
 
 
+PLAIN_RUN = ("mllm_train.deepspeed_config=none", "mllm_train.max_steps=4", "mllm_train.ckpt_every=2", "mllm_train.eval_every=0")
+
+
+@pytest.fixture(scope="session")
+def plain_mllm_run(trained_tokenizer, pretokenized_sample, tmp_path_factory) -> Path:
+    """`semhitok train` on plain PyTorch (PLAIN_RUN: 4 steps, checkpoints at 2 and 4), the tests only reading it: the
+    plain engine's resume (tests/mllm/test_train_hardening.py) and the Megatron backend's reference losses
+    (tests/mllm/test_megatron_train.py). Its run_dir."""
+    return shared_dir(tmp_path_factory, "plain_mllm_run", lambda run_dir: run_train(
+        run_dir, trained_tokenizer, pretokenized_sample, *PLAIN_RUN))
+
+
 # `semhitok compare`'s budget on the tiny preset (tests/eval/test_compare.py), which the suite's one end-to-end
 # pipeline run (tests/test_pipeline.py) shares: one tiny pipeline trained for both.
 COMPARE_BUDGET = ["tokenizer_train.max_steps=3", "tokenizer_train.eval_every=1000", "tokenizer_train.image_every=1000",

@@ -144,40 +144,40 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
     assert float(loss) == pytest.approx(trained["tp2"][0]["eval_loss"], abs=2e-5)
 
 
-def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(trained_tokenizer, pretokenized_sample, tmp_path):
+def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(plain_mllm_run, trained_tokenizer,
+                                                                                 pretokenized_sample, tmp_path):
     """`semhitok train` with mllm_train.backend=megatron on the tiny preset: the plain engine's losses (same model,
-    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces step 3;
+    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces steps 3-4;
     the exports load, the two-stage one draws through `semhitok sample` and loads by transformers' remote code with
     SemHiTokLM's logits."""
     import shutil
 
     from semhitok.mllm.model import SemHiTokLM
-    from tests.conftest import run_train
+    from tests.conftest import PLAIN_RUN, run_train
 
-    args = ["mllm_train.max_steps=3", "mllm_train.ckpt_every=2", "mllm_train.eval_every=0", "mllm_train.deepspeed_config=none"]
-    run_train(tmp_path / "plain", trained_tokenizer, pretokenized_sample, *args)
+    args = list(PLAIN_RUN)  # the plain engine's run (4 steps, checkpoints at 2 and 4), shared with its own resume test
     run_train(tmp_path / "megatron", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
 
     def losses(run):
         return [json.loads(line)["loss"] for line in (run / "mllm" / "metrics.jsonl").read_text().splitlines()]
 
-    assert len(losses(tmp_path / "megatron")) == 3
+    assert len(losses(tmp_path / "megatron")) == 4
     tag = tmp_path / "megatron" / "mllm" / "checkpoints" / "step00000002"
     assert (tag / "dist_checkpoint" / "metadata.json").is_file()  # MegatronEngine's, beside the trainer's per-rank files
     marked = json.loads((tag / "COMPLETE.json").read_text())["files"]  # the completion marker covers every file
     assert {"dist_checkpoint/.metadata", "dist_checkpoint/__0_0.distcp", "loader_rank0.json"} <= marked.keys()
-    assert losses(tmp_path / "megatron") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    assert losses(tmp_path / "megatron") == pytest.approx(losses(plain_mllm_run), abs=1e-4)
     from semhitok.config import load_project_config
     from semhitok.mllm.train import check_resume
 
     with pytest.raises(ValueError, match=r"engine 'plain' -> 'megatron'"):  # another engine's checkpoints: one line
-        check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'plain'}", *args, "mllm_train.backend=megatron"]))
+        check_resume(load_project_config("tiny", [f"run_dir={plain_mllm_run}", *args, "mllm_train.backend=megatron"]))
     with pytest.raises(ValueError, match=r"pipeline_parallel 1 -> 2"):  # another layout of the same ranks, before anything runs
         check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'megatron'}", *args, "mllm_train.backend=megatron",
                                                   "mllm_train.pipeline_parallel=2"]))
     run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
               "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
-    assert losses(tmp_path / "staged") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    assert losses(tmp_path / "staged") == pytest.approx(losses(plain_mllm_run), abs=1e-4)
     staged = tmp_path / "staged" / "mllm" / "final"
     model = SemHiTokLM.from_pretrained(staged).eval()
     assert model.lm.config.num_hidden_layers == 4
@@ -197,7 +197,7 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
         torch.testing.assert_close(remote(input_ids=tokens).logits, model.logits(model.hidden_states(tokens).last_hidden_state),
                                    rtol=1e-5, atol=1e-5)
     shutil.copytree(tmp_path / "megatron", tmp_path / "resumed")
-    for gone in ("checkpoints/step00000003", "final"):
+    for gone in ("checkpoints/step00000004", "final"):
         shutil.rmtree(tmp_path / "resumed" / "mllm" / gone)
     proc = run_train(tmp_path / "resumed", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
     assert "resumed from" in proc.stderr + proc.stdout

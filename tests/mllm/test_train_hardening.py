@@ -13,7 +13,7 @@ from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.train import newest_intact_checkpoint
-from tests.conftest import run_train
+from tests.conftest import PLAIN_RUN, run_train
 
 
 def test_newest_intact_checkpoint_skips_unmarked_and_damaged_ones(tmp_path):
@@ -72,17 +72,16 @@ def test_a_max_length_no_image_document_fits_is_refused(text_tokenizer, pretoken
 
 
 @pytest.mark.slow
-def test_plain_pytorch_training_without_deepspeed_resumes_exactly(trained_tokenizer, pretokenized_sample, tmp_path):
+def test_plain_pytorch_training_without_deepspeed_resumes_exactly(plain_mllm_run, trained_tokenizer, pretokenized_sample,
+                                                                   tmp_path):
     """mllm_train.deepspeed_config=none: the same loop on plain PyTorch; a restart from its step-2 checkpoint
     gives the uninterrupted run's losses at steps 3 and 4, and the export loads."""
-    common = ("mllm_train.deepspeed_config=none", "mllm_train.max_steps=4", "mllm_train.ckpt_every=2")
-    run_train(tmp_path / "straight", trained_tokenizer, pretokenized_sample, *common)
-    straight, resumed = tmp_path / "straight" / "mllm", tmp_path / "resumed" / "mllm"
+    straight, resumed = plain_mllm_run / "mllm", tmp_path / "resumed" / "mllm"
     assert (straight / "checkpoints" / "step00000004" / "plain_state.pt").is_file()
     assert not list((straight / "checkpoints").rglob("*zero_pp*"))
     shutil.copytree(straight / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
     shutil.copytree(straight / "text_tokenizer", resumed / "text_tokenizer")
-    run_train(tmp_path / "resumed", trained_tokenizer, pretokenized_sample, *common)
+    run_train(tmp_path / "resumed", trained_tokenizer, pretokenized_sample, *PLAIN_RUN)
     want = {r["step"]: r["loss"] for r in map(json.loads, open(straight / "metrics.jsonl"))}
     got = {r["step"]: r["loss"] for r in map(json.loads, open(resumed / "metrics.jsonl"))}
     assert sorted(want) == [1, 2, 3, 4] and sorted(got) == [3, 4]
