@@ -146,6 +146,17 @@ def tiny_mllm_dir(tiny_mllm, text_tokenizer, trained_tokenizer, tmp_path_factory
     return out
 
 
+class Payload:
+    """Unpickled, it runs `touch <marker>` (what a planted checkpoint file would do with os.system): the resume-safety
+    tests plant it and check the marker never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def stub_python_env(tmp_path: Path) -> dict:
     """SEMHITOK_VENV for a launch script's dry run whose config check is not the point: a stand-in environment the
     scripts activate (launch_scripts/common.sh), whose python is a stub. tests/test_launch_and_docker.py runs the real

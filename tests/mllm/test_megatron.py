@@ -6,6 +6,7 @@ import torch
 
 from semhitok.mllm.megatron.convert import head_dim, hf_to_megatron, megatron_to_hf, padded_vocab
 from semhitok.mllm.megatron.model import MegatronLM, document_mask, from_semhitok
+from tests.conftest import Payload
 from tests.mllm.megatron_common import QWEN25_05B, TINY_LLAMA, TINY_QWEN2, TINYLLAMA_11B, init_megatron, packed_batch, tiny_semhitok
 
 
@@ -151,18 +152,6 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatc
             torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7)
 
 
-class _Payload:
-    """Unpickled, it runs `touch <marker>` (what a planted checkpoint file would do with os.system)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_checkpoint_restores_each_parameter_s_adamw_step_and_refuses_what_it_cannot_read(one_rank, tmp_path):
     """MegatronEngine's checkpoint (dist_checkpointing): after a window without images the adapter's AdamW is one step
     behind the rest; a fresh engine loads the weights, moments, per-parameter steps, learning rates and scheduler
@@ -205,7 +194,7 @@ def test_a_checkpoint_restores_each_parameter_s_adamw_step_and_refuses_what_it_c
     with pytest.raises(FileNotFoundError, match=r"old: no dist_checkpoint/metadata.json: not a checkpoint of the Megatron"):
         load_weights(fresh.module, tmp_path / "old")
     marker = tmp_path / "payload_ran"
-    (tmp_path / "step00000002" / "dist_checkpoint" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    (tmp_path / "step00000002" / "dist_checkpoint" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(UnsafeCheckpoint, match=r"\.metadata: refused to load: it needs \w+\.system"):
         fresh.load_checkpoint(str(tmp_path), "step00000002")
     assert not marker.exists()

@@ -4,7 +4,6 @@ match, is refused with one line naming the file, and the payload does not run. A
 exactly (the DeepSpeed one: tests/mllm/test_train_hardening.py; the plain engine's: here)."""
 
 import json
-import os
 import shutil
 
 import pytest
@@ -14,17 +13,7 @@ import torch.nn as nn
 from semhitok.common.io import MANIFEST, write_manifest
 from semhitok.common.safe_load import UnsafeCheckpoint, load_state
 from semhitok.mllm.plain_engine import PlainEngine
-from tests.conftest import run_train
-
-
-class Payload:
-    """Unpickled, it runs `touch <marker>` (what a hostile checkpoint would do with os.system)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from tests.conftest import Payload, run_train
 
 
 def plant(path, marker):
