@@ -86,8 +86,8 @@ def test_holdout_psnr_rises_clearly_on_real_photos(tmp_path):
     """Stage 1 (20 steps: stage 2 reads only its frozen semantic branch) then stage 2 (60 steps) on the shipped photos;
     held-out reconstruction PSNR must climb well above the untrained decoder's (about 8 dB). Measured (one thread):
     8.0 -> 15.7 dB at step 60; 16.1 after 120 stage-1 steps, 16.5 at stage 2's step 120."""
-    cfg = tiny_config(tmp_path, "tokenizer_train.max_steps=20", "tokenizer_train.eval_every=30",
-                      "tokenizer_train.disc_start=1000", "tokenizer_train.holdout_images=12")
+    cfg = tiny_config(tmp_path, "tokenizer_train.eval_every=30", "tokenizer_train.disc_start=1000",
+                      "tokenizer_train.holdout_images=12")
     for stage, steps in ((1, 20), (2, 60)):
         cfg.tokenizer_train.stage, cfg.tokenizer_train.max_steps = stage, steps
         train_tokenizer(cfg.tokenizer, cfg.tokenizer_train, cfg.tokenizer_stage_dir(stage), cfg.tokenizer_stage_dir(1) / "final")
