@@ -129,6 +129,12 @@ class MegatronEngine:
         return {"loss": values[0], **({"task_loss_sum": values[1:1 + n], "task_tokens": values[1 + n:]} if n else {})}
 
     def backward(self, loss: torch.Tensor) -> None:
+        # under the forward's autocast: megatron's recompute (tensor_parallel.checkpoint) reruns a block's forward in
+        # backward without restoring autocast as torch.utils.checkpoint does, and its fp32 weights met bf16 inputs
+        with self.autocast:
+            self._backward(loss)
+
+    def _backward(self, loss: torch.Tensor) -> None:
         if self.pp == 1:
             (loss / self.accumulation).backward()
             return

@@ -150,6 +150,18 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatc
         assert grads.keys() == ref_grads.keys()
         for name, grad in ref_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7)
+    # under the engine's bf16 autocast (CPU's here, CUDA's on a GPU): the recomputed blocks compute in bf16 too
+    from semhitok.mllm.megatron.engine import MegatronEngine
+
+    grads = {}
+    for every in (0, 1):
+        mg = from_semhitok(model, **recompute(every, TINY_QWEN2["num_hidden_layers"]))
+        engine = MegatronEngine(mg, torch.optim.SGD(mg.parameters(), lr=0.0), lambda: None, 1, 0.0, True, torch.device("cpu"))
+        engine.backward(engine(**batch)["loss"])
+        grads[every] = {n: p.grad for n, p in mg.named_parameters() if p.grad is not None}
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-2, atol=1e-4)
 
 
 def test_a_checkpoint_restores_each_parameter_s_adamw_step_and_refuses_what_it_cannot_read(one_rank, tmp_path):
