@@ -145,23 +145,44 @@ def lock_pins(path: Path) -> dict[str, str]:
     return {canonicalize_name(name): version for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", path.read_text(), re.M)}
 
 
+def pinned_in_step(lock: Path, extras: list[str], py: str) -> dict[str, str]:
+    """lock's pins, after checking that each requirement of pyproject (base + extras) for Python py has one that
+    satisfies it"""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(extras) <= set(project["optional-dependencies"])
+    pins = lock_pins(lock)
+    requirements = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
+    for line in map(Requirement, requirements):
+        if line.marker is None or line.marker.evaluate({"python_version": py, "python_full_version": f"{py}.0"}):
+            name = canonicalize_name(line.name)
+            assert name in pins and line.specifier.contains(pins[name], prereleases=True), \
+                f"{line} -> {pins.get(name)}: pyproject changed, run `make {lock.stem.replace('constraints', 'lock')}`"
+    return pins
+
+
 def test_gpu_lock_is_in_step_with_pyproject_and_the_base_image():
     """constraints-gpu.txt pins a version of every requirement of pyproject (base + the extras it was made with) that
     satisfies it, and torch at the Dockerfile's base image's, so pip keeps the base's CUDA build."""
     lock = REPO / "constraints-gpu.txt"
     made_with = re.search(r"^#\s+make lock-gpu PY=([\d.]+) PLATFORM=(\S+) EXTRAS=(\S+)$", lock.read_text(), re.M)
     py, _, extras = made_with.groups()
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert "gpu" in extras.split(",") and set(extras.split(",")) <= set(project["optional-dependencies"])
-    pins = lock_pins(lock)
-    requirements = project["dependencies"] + [r for extra in extras.split(",") for r in project["optional-dependencies"][extra]]
-    for line in map(Requirement, requirements):
-        if line.marker is None or line.marker.evaluate({"python_version": py, "python_full_version": f"{py}.0"}):
-            name = canonicalize_name(line.name)
-            assert name in pins and line.specifier.contains(pins[name], prereleases=True), \
-                f"{line} -> {pins.get(name)}: pyproject changed, run `make lock-gpu` (docker/README.md)"
+    assert "gpu" in extras.split(",")
+    pins = pinned_in_step(lock, extras.split(","), py)
     base = re.search(r"^FROM pytorch/pytorch:([\d.]+)-", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
     assert pins["torch"] == base
+
+
+def test_cpu_lock_is_in_step_with_pyproject_and_the_makefile():
+    """constraints-cpu.txt (make install's set, `make lock-cpu`) pins every requirement of pyproject's base, dev and
+    eval for Python 3.11, torch at the Makefile's CPU_TORCH and megatron-core at 0.16.1 (the tests are written
+    against it)."""
+    lock = REPO / "constraints-cpu.txt"
+    assert re.search(r"^#\s+make lock-cpu$", lock.read_text(), re.M)
+    pins = pinned_in_step(lock, ["dev", "eval"], "3.11")
+    cpu_torch = re.search(r"^CPU_TORCH \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert pins["torch"] == cpu_torch and pins["megatron-core"] == "0.16.1"
+    install = make_dry("--always-make", "VENV=/nonexistent", "install")
+    assert any("uv pip install" in line and "-c constraints-cpu.txt" in line for line in install)
 
 
 def make_dry(*args: str) -> list[str]:
@@ -198,3 +219,21 @@ def test_lock_target_resolves_for_the_image():
     base = re.search(r"^FROM pytorch/pytorch:([\d.]+)-", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
     assert compile_line.startswith(f'echo "torch=={base}" | uv pip compile')
     assert "--extra gpu --extra eval" in compile_line and "--python-version 3.12 --python-platform aarch64-manylinux_2_28" in compile_line
+
+
+def test_uv_gets_pips_configuration():
+    """tools/uv_env.py (make install): pip's find-links, indexes, constraints and certificate as uv's variables, the
+    environment's value over the files', lists in uv's separators; other settings left out."""
+    listing = ("global.find-links='/opt/wheels /more'\n:env:.find-links='/env/wheels'\nglobal.constraint='/etc/c.txt'\n"
+               "global.extra-index-url='file:///a/simple file:///b/simple'\n:env:.default-timeout='180'\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("uv_env", REPO / "tools" / "uv_env.py")
+    uv_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uv_env)
+    assert uv_env.pip_settings(listing) == {"find-links": "/env/wheels", "constraint": "/etc/c.txt",
+                                 "extra-index-url": "file:///a/simple file:///b/simple"}
+    env = dict(os.environ, PIP_FIND_LINKS="/w1 /w2", PIP_CONFIG_FILE=os.devnull)
+    lines = subprocess.run([sys.executable, "tools/uv_env.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert "export UV_INDEX_STRATEGY=unsafe-best-match" in lines and "export UV_FIND_LINKS=/w1,/w2" in lines
