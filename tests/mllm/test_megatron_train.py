@@ -10,29 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from semhitok.common.dist import free_port
 from tests.conftest import CHILD_ENV, REPO
 
 WORKER = REPO / "tests" / "mllm" / "megatron_worker.py"
 
 
-def start(out: Path, *args: str, nproc: int = 1) -> tuple[subprocess.Popen, Path]:
-    """The worker in a subprocess (torch.distributed.run for nproc > 1); runs overlap, each on its own port."""
+def run_jobs(*jobs: tuple[Path, list[str], int]) -> list[dict]:
+    """Runs of the worker side by side, each (OUT.json, its arguments, processes): one launcher process forks every
+    rank after importing once (megatron_worker.py --jobs); -> each run's OUT.json."""
     env = dict(os.environ, **CHILD_ENV)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] if nproc > 1 else []
-    return subprocess.Popen([sys.executable, *launcher, str(WORKER), str(out), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
-
-
-def finish(*started: tuple[subprocess.Popen, Path]) -> list[dict]:
-    results = []
-    for proc, out in started:
-        log, _ = proc.communicate(timeout=1800)
-        assert proc.returncode == 0, log[-4000:]
-        results.append(json.loads(out.read_text()))
-    return results
+    spec = json.dumps([{"argv": [str(out), *args], "nproc": nproc} for out, args, nproc in jobs])
+    proc = subprocess.run([sys.executable, str(WORKER), "--jobs", spec], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return [json.loads(out.read_text()) for out, _, _ in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +34,10 @@ def trained(tmp_path_factory):
     the export; -> {"tp1": (result, checkpoint dir), "tp2": ..., "pp2": ..., "dp2": ...}"""
     layouts = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}
     dirs = {name: tmp_path_factory.mktemp(name) for name in layouts}
-    runs = [start(dirs[name] / "run.json", "--tp", str(tp), "--pp", str(pp), "--steps", "4", "--save-at", "2", "--ckpt",
-                  str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors"), nproc=tp * pp * dp)
+    runs = [(dirs[name] / "run.json", ["--tp", str(tp), "--pp", str(pp), "--steps", "4", "--save-at", "2", "--ckpt",
+                                       str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors")], tp * pp * dp)
             for name, (tp, pp, dp) in layouts.items()]
-    return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, finish(*runs))}
+    return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, run_jobs(*runs))}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +45,10 @@ def continued(trained, tmp_path_factory):
     """From the checkpoints, side by side: TP=1 resumed from its own, TP=1 resumed from TP=2's (weights, AdamW's moments
     and steps, scheduler: resharded on load), and TP=1 from the weights alone that PP=2 wrote, with a fresh optimizer."""
     tmp = tmp_path_factory.mktemp("continued")
-    resumed, loaded, loaded_pp = finish(
-        start(tmp / "resumed.json", "--steps", "4", "--resume", "--ckpt", str(trained["tp1"][1])),
-        start(tmp / "loaded_tp2.json", "--steps", "4", "--resume-from", str(trained["tp2"][1] / "step00000002")),
-        start(tmp / "loaded_pp2.json", "--steps", "3", "--weights-from", str(trained["pp2"][1] / "step00000002")))
+    resumed, loaded, loaded_pp = run_jobs(
+        (tmp / "resumed.json", ["--steps", "4", "--resume", "--ckpt", str(trained["tp1"][1])], 1),
+        (tmp / "loaded_tp2.json", ["--steps", "4", "--resume-from", str(trained["tp2"][1] / "step00000002")], 1),
+        (tmp / "loaded_pp2.json", ["--steps", "3", "--weights-from", str(trained["pp2"][1] / "step00000002")], 1))
     return {"resumed": resumed, "loaded": loaded, "loaded_pp": loaded_pp}
 
 
