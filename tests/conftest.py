@@ -169,20 +169,53 @@ def stub_python_env(tmp_path: Path) -> dict:
     return {"SEMHITOK_VENV": str(stub.parent)}
 
 
+_ZYGOTES: dict = {}
+
+
+def child_env() -> dict:
+    """The environment of the tests' `semhitok` runs: this one, offline, DeepSpeed on CPU, one compute thread"""
+    env = dict(os.environ, **CHILD_ENV)
+    env.pop("RANK", None)
+    return env
+
+
+def run_semhitok(*argv: str, timeout: float = 900) -> "subprocess.CompletedProcess":
+    """`semhitok ARGV` in a new process (forked from this worker's zygote) with child_env(), from the repository root"""
+    env = child_env()
+    return zygote(env).run(list(argv), env, REPO, timeout)
+
+
+def zygote(env: dict):
+    """This worker's fork server for runs with `env` (one per environment, PYTEST_CURRENT_TEST aside: what modules
+    read at import time must be what a fresh process would read), started on first use, closed at exit."""
+    import atexit
+
+    from tests.zygote import Zygote
+
+    key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
+    if key not in _ZYGOTES:
+        _ZYGOTES[key] = server = Zygote({k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}, str(REPO))
+        atexit.register(server.close)
+    return _ZYGOTES[key]
+
+
 def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path, *overrides: str, nproc: int = 1,
               check: bool = True):
-    """`semhitok train` on the tiny preset in a subprocess (DeepSpeed on CPU, gloo), like a user runs it."""
+    """`semhitok train` on the tiny preset in a new process (DeepSpeed on CPU, gloo), like a user runs it: torchrun for
+    nproc > 1, else forked from this worker's zygote (the same command without the interpreter's start and imports)."""
     import subprocess
 
     from semhitok.common.dist import free_port
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
+    env = child_env()
     args = ["--config", "tiny", f"run_dir={run_dir}", f"mllm_train.tokenizer={trained_tokenizer}",
             f"data.pretokenized={pretokenized_sample}", "mllm_train.log_every=1", *overrides]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    cmd = [sys.executable, *launcher, "-m", "semhitok.cli", "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if nproc == 1:  # a new process forked from a server that did the imports once (tests/zygote.py)
+        proc = run_semhitok("train", *args)
+    else:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+        proc = subprocess.run([sys.executable, *launcher, "-m", "semhitok.cli", "train", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -146,7 +146,7 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     import shutil
 
     from semhitok.mllm.model import SemHiTokLM
-    from tests.conftest import PLAIN_RUN, run_train
+    from tests.conftest import PLAIN_RUN, run_semhitok, run_train
 
     args = list(PLAIN_RUN)  # the plain engine's run (4 steps, checkpoints at 2 and 4), shared with its own resume test
     run_train(tmp_path / "megatron", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
@@ -174,9 +174,8 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     staged = tmp_path / "staged" / "mllm" / "final"
     model = SemHiTokLM.from_pretrained(staged).eval()
     assert model.lm.config.num_hidden_layers == 4
-    sampled = subprocess.run([sys.executable, "-m", "semhitok.cli", "sample", "--model", str(staged), "--prompt", "a red circle",
-                              "--out", str(tmp_path / "drawn"), "--seed", "1"], cwd=REPO, env=dict(os.environ, **CHILD_ENV),
-                             capture_output=True, text=True, timeout=600)
+    sampled = run_semhitok("sample", "--model", str(staged), "--prompt", "a red circle", "--out", str(tmp_path / "drawn"),
+                           "--seed", "1", timeout=600)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert len(list((tmp_path / "drawn" / "images").glob("*.png"))) == 1
     import torch
