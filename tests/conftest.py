@@ -179,10 +179,14 @@ def child_env() -> dict:
     return env
 
 
-def run_semhitok(*argv: str, timeout: float = 900) -> "subprocess.CompletedProcess":
-    """`semhitok ARGV` in a new process (forked from this worker's zygote) with child_env(), from the repository root"""
+def run_semhitok(*argv: str, nproc: int = 1, timeout: float = 900) -> "subprocess.CompletedProcess":
+    """`semhitok ARGV` in a new process (forked from this worker's zygote) with child_env(), from the repository root;
+    nproc > 1: on that many ranks, as `torchrun --nproc_per_node nproc -m semhitok.cli ARGV` starts them"""
+    from semhitok.common.dist import free_port
+
     env = child_env()
-    return zygote(env).run(list(argv), env, REPO, timeout)
+    ranks = {"MASTER_PORT": str(free_port())} if nproc > 1 else {}
+    return zygote(env).run(list(argv), {**env, **ranks}, REPO, timeout, nproc)
 
 
 def zygote(env: dict):
@@ -201,21 +205,11 @@ def zygote(env: dict):
 
 def run_train(run_dir: Path, trained_tokenizer: Path, pretokenized_sample: Path, *overrides: str, nproc: int = 1,
               check: bool = True):
-    """`semhitok train` on the tiny preset in a new process (DeepSpeed on CPU, gloo), like a user runs it: torchrun for
-    nproc > 1, else forked from this worker's zygote (the same command without the interpreter's start and imports)."""
-    import subprocess
-
-    from semhitok.common.dist import free_port
-
-    env = child_env()
+    """`semhitok train` on the tiny preset in new processes (DeepSpeed on CPU, gloo), like a user runs it (torchrun for
+    nproc > 1): forked from this worker's zygote, the same command without the interpreter's start and imports."""
     args = ["--config", "tiny", f"run_dir={run_dir}", f"mllm_train.tokenizer={trained_tokenizer}",
             f"data.pretokenized={pretokenized_sample}", "mllm_train.log_every=1", *overrides]
-    if nproc == 1:  # a new process forked from a server that did the imports once (tests/zygote.py)
-        proc = run_semhitok("train", *args)
-    else:
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-        proc = subprocess.run([sys.executable, *launcher, "-m", "semhitok.cli", "train", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=900)
+    proc = run_semhitok("train", *args, nproc=nproc)  # new processes forked from a server that did the imports once
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

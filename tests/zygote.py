@@ -9,8 +9,11 @@ environment their runs get (tests/conftest.py run_semhitok), so what a module re
 is what it would read in a fresh process. Nothing here computes before forking, and the server refuses to start with
 a second thread alive (a fork keeps only the forking thread; a lock another held would stay locked in the child).
 
-Protocol, one JSON object per line: in {"argv", "cwd", "env", "stdout", "stderr"}; out {"pid"} after the fork, then
-{"returncode"} when the child has exited."""
+With nproc > 1 it forks that many ranks with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR; the
+request's MASTER_PORT), their outputs side by side in the same files; a failed rank stops the others, as torchrun does.
+
+Protocol, one JSON object per line: in {"argv", "cwd", "env", "stdout", "stderr", "nproc"}; out {"pids"} after the
+forks, then {"returncode"} (the first failed rank's, else 0) when every rank has exited."""
 
 import atexit
 import json
@@ -31,8 +34,8 @@ def child(request: dict) -> int:
     os.environ.update(request["env"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):  # ranks append side by side, as under torchrun
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
     sys.argv = ["semhitok", *request["argv"]]
     from semhitok.cli import main
 
@@ -61,19 +64,31 @@ def serve() -> None:
     reply = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
-        reply.flush(), sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = child(request)
-            finally:
-                atexit._run_exitfuncs()  # what the interpreter runs at exit (logging.shutdown, ...), then no return
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        print(json.dumps({"pid": pid}), file=reply, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=reply, flush=True)
+        pids = []
+        for rank in range(request["nproc"]):
+            reply.flush(), sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    if request["nproc"] > 1:  # torchrun's environment for this rank
+                        request["env"].update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(request["nproc"]),
+                                              LOCAL_WORLD_SIZE=str(request["nproc"]), MASTER_ADDR="127.0.0.1")
+                    code = child(request)
+                finally:
+                    atexit._run_exitfuncs()  # what the interpreter runs at exit (logging.shutdown, ...), then no return
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os._exit(code)
+            pids.append(pid)
+        print(json.dumps({"pids": pids}), file=reply, flush=True)
+        codes = {}
+        while len(codes) < len(pids):  # a failed rank stops the others, which would wait in a collective (as torchrun)
+            pid, status = os.wait()
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0:
+                for other in set(pids) - set(codes):
+                    os.kill(other, signal.SIGKILL)
+        print(json.dumps({"returncode": next((codes[p] for p in pids if codes[p] != 0), 0)}), file=reply, flush=True)
 
 
 class Zygote:
@@ -97,17 +112,19 @@ class Zygote:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, argv: list[str], env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], env: dict, cwd: str, timeout: float, nproc: int = 1) -> subprocess.CompletedProcess:
+        """nproc > 1: that many ranks (torchrun's environment, MASTER_PORT from env), their outputs side by side"""
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": out, "stderr": err, "nproc": nproc}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
-            pid = self._line(120)["pid"]
+            pids = self._line(120)["pids"]
             try:
                 code = self._line(timeout)["returncode"]
             except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
                 self._line(120)
                 raise subprocess.TimeoutExpired(["semhitok", *argv], timeout) from None
             with open(out) as o, open(err) as e:
