@@ -13,7 +13,7 @@ import torch.nn as nn
 from semhitok.common.io import MANIFEST, write_manifest
 from semhitok.common.safe_load import UnsafeCheckpoint, load_state
 from semhitok.mllm.plain_engine import PlainEngine
-from tests.conftest import Payload, run_train
+from tests.conftest import MLLM_RUN, Payload, run_train
 
 
 def plant(path, marker):
@@ -26,7 +26,6 @@ def plant(path, marker):
     write_manifest(path.parent, meta)
 
 
-COMMON = ("mllm_train.max_steps=40", "mllm_train.ckpt_every=20")  # trained_mllm_run's (tests/conftest.py)
 
 
 def from_step_20(trained_mllm_run, run_dir):
@@ -45,7 +44,7 @@ def test_a_planted_payload_in_a_deepspeed_checkpoint_is_refused_without_running(
     marker = tmp_path / "payload_ran"
     ckpt = from_step_20(trained_mllm_run, tmp_path)
     plant(ckpt / victim, marker)
-    proc = run_train(tmp_path, trained_tokenizer, pretokenized_sample, *COMMON, check=False)
+    proc = run_train(tmp_path, trained_tokenizer, pretokenized_sample, *MLLM_RUN, check=False)
     assert not marker.exists(), "the payload ran"
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]

@@ -13,7 +13,7 @@ from semhitok.data_pipelines.loader import PackedLoader
 from semhitok.data_pipelines.text_tokenizer import TokenLayout
 from semhitok.mllm.model import SemHiTokLM
 from semhitok.mllm.train import newest_intact_checkpoint
-from tests.conftest import PLAIN_RUN, run_train
+from tests.conftest import MLLM_RUN, PLAIN_RUN, run_train
 
 
 def test_newest_intact_checkpoint_skips_unmarked_and_damaged_ones(tmp_path):
@@ -46,7 +46,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(trained_
     newest = dst / "checkpoints" / "step00000040"
     victim = max((p for p in newest.iterdir() if p.name != MANIFEST), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    proc = run_train(tmp_path, trained_tokenizer, pretokenized_sample, "mllm_train.max_steps=40", "mllm_train.ckpt_every=20")
+    proc = run_train(tmp_path, trained_tokenizer, pretokenized_sample, *MLLM_RUN)
     assert "skipped damaged checkpoint(s): step00000040" in proc.stderr
     assert "step00000020 (step 20)" in proc.stderr
     count = float(re.search(r"\(([\d.]+)M parameters", proc.stderr).group(1))
