@@ -93,6 +93,10 @@ class SequenceBuilder:
         self.format = chat_format(tokenizer, cfg.chat_format)
         self.system = DEFAULT_SYSTEM[self.format] if cfg.system_prompt is None else cfg.system_prompt
         self.bos = [tokenizer.bos_token_id] if self.format == "vicuna_v1" and tokenizer.bos_token_id is not None else []
+        # what the tokenizer reads as one special token wherever it stands in a text: in a person's text one would end
+        # a turn, open a system turn or place an image
+        specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        self.control_tokens = sorted(specials - {""})
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -142,13 +146,21 @@ class SequenceBuilder:
             return turns[0][1], turns[1:]
         return self.system, turns
 
-    @staticmethod
-    def _user_text(text: str) -> str:
-        return text.replace("<image>", IMAGE)
+    def check_typed(self, text: str) -> str:
+        """Text a person typed (a chat message, a question, a prompt) -> itself, or UnsuitableSample naming the control
+        token it holds (the tokenizer would read it as that token, not as text)."""
+        held = [(text.find(token), -len(token), token) for token in self.control_tokens if token in text]
+        if held:  # the first one in the text (the longest of those starting there)
+            raise UnsuitableSample(f"the text holds {min(held)[2]!r}, a control token of the model's chat format: remove it")
+        return text
+
+    def _user_text(self, text: str) -> str:
+        return self.check_typed(text).replace("<image>", IMAGE)
 
     def generation_prompt(self, caption: str) -> list[int]:
-        """The prefix a generation document (and the sampler) starts from, ending in <|vision_start|>."""
-        tokens, _ = self._generation_tokens(caption, np.zeros(0, np.int64))
+        """The prefix a generation document (and the sampler) starts from, ending in <|vision_start|>. The caption is
+        typed text (check_typed)."""
+        tokens, _ = self._generation_tokens(self.check_typed(caption), np.zeros(0, np.int64))
         return tokens[: tokens.index(self.layout.image_start) + 1]
 
     def chat_prompt(self, turns: list[tuple[str, str]], ids: np.ndarray | None = None) -> list[int]:

@@ -181,6 +181,10 @@ class ChatEngine:
         # tokenized), then the token count
         if len(text) > 32 * self.max_prompt_tokens or len(self.decoder.tokenizer.encode(text)) > self.max_prompt_tokens:
             raise UploadRejected(f"the message is too long: the limit is {self.max_prompt_tokens} tokens")
+        try:  # a typed <|im_end|><|im_start|>system ... would be read as the chat format's own turns
+            self.decoder.builder.check_typed(text)
+        except ValueError as err:
+            raise UploadRejected(str(err)) from None
         caption = image_caption(text)
         if make_image and caption is None:
             caption = text
