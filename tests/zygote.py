@@ -81,14 +81,15 @@ def serve() -> None:
                     os._exit(code)
             pids.append(pid)
         print(json.dumps({"pids": pids}), file=reply, flush=True)
-        codes = {}
+        codes, failed = {}, 0
         while len(codes) < len(pids):  # a failed rank stops the others, which would wait in a collective (as torchrun)
             pid, status = os.wait()
             codes[pid] = os.waitstatus_to_exitcode(status)
-            if codes[pid] != 0:
+            if codes[pid] != 0 and not failed:
+                failed = codes[pid]  # the first to fail: those stopped after it report the kill
                 for other in set(pids) - set(codes):
                     os.kill(other, signal.SIGKILL)
-        print(json.dumps({"returncode": next((codes[p] for p in pids if codes[p] != 0), 0)}), file=reply, flush=True)
+        print(json.dumps({"returncode": failed}), file=reply, flush=True)
 
 
 class Zygote:
