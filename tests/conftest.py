@@ -1,7 +1,7 @@
 import logging
 import os
 import shutil
-import sys
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,13 +173,15 @@ _ZYGOTES: dict = {}
 
 
 def child_env() -> dict:
-    """The environment of the tests' `semhitok` runs: this one, offline, DeepSpeed on CPU, one compute thread"""
+    """The environment of the tests' `semhitok` runs: this one, offline, DeepSpeed on CPU, one compute thread, no
+    torchrun variables (a run sets its own)"""
     env = dict(os.environ, **CHILD_ENV)
-    env.pop("RANK", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     return env
 
 
-def run_semhitok(*argv: str, nproc: int = 1, timeout: float = 900) -> "subprocess.CompletedProcess":
+def run_semhitok(*argv: str, nproc: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
     """`semhitok ARGV` in a new process (forked from this worker's zygote) with child_env(), from the repository root;
     nproc > 1: on that many ranks, as `torchrun --nproc_per_node nproc -m semhitok.cli ARGV` starts them"""
     from semhitok.common.dist import free_port
@@ -196,9 +198,10 @@ def zygote(env: dict):
 
     from tests.zygote import Zygote
 
-    key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
+    env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+    key = tuple(sorted(env.items()))
     if key not in _ZYGOTES:
-        _ZYGOTES[key] = server = Zygote({k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}, str(REPO))
+        _ZYGOTES[key] = server = Zygote(env, str(REPO))
         atexit.register(server.close)
     return _ZYGOTES[key]
 

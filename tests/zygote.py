@@ -16,6 +16,7 @@ Protocol, one JSON object per line: in {"argv", "cwd", "env", "stdout", "stderr"
 forks, then {"returncode"} (the first failed rank's, else 0) when every rank has exited."""
 
 import atexit
+import functools
 import json
 import os
 import select
@@ -27,11 +28,56 @@ import threading
 import traceback
 
 
-def child(request: dict) -> int:
-    """The forked child: the request's process state, then the `semhitok` command -> its exit status."""
+def torchrun_env(rank: int, nproc: int) -> dict[str, str]:
+    """What torchrun sets for one rank of a one-node job of nproc ranks (MASTER_PORT: the caller's)"""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1"}
+
+
+def fork_ranks(nproc: int, run) -> list[int]:
+    """nproc children of this process, rank r running run(r) -> its exit status (an exception: its traceback, 1); a child
+    never comes back: it runs the exit handlers (logging.shutdown, ...) as an interpreter does, then ends. -> their pids"""
+    pids = []
+    for rank in range(nproc):
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run(rank)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                atexit._run_exitfuncs()
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def wait_ranks(jobs: list[list[int]]) -> list[int]:
+    """Every rank of every job (a job: its ranks' pids) waited for; a job's first failed rank stops its others, which
+    would wait in a collective forever (as torchrun does) -> each job's status: its first failed rank's, else 0 (the
+    ranks stopped after it report the kill)"""
+    job_of = {pid: j for j, pids in enumerate(jobs) for pid in pids}
+    status = [0] * len(jobs)
+    while job_of:
+        pid, raw = os.wait()
+        j = job_of.pop(pid)
+        if os.waitstatus_to_exitcode(raw) != 0 and not status[j]:
+            status[j] = os.waitstatus_to_exitcode(raw)
+            for other in [p for p, k in job_of.items() if k == j]:
+                os.kill(other, signal.SIGKILL)
+    return status
+
+
+def child(request: dict, rank: int) -> int:
+    """A forked rank: the request's process state, then the `semhitok` command -> its exit status."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request["nproc"] > 1:
+        os.environ.update(torchrun_env(rank, request["nproc"]))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):  # ranks append side by side, as under torchrun
@@ -45,10 +91,7 @@ def child(request: dict) -> int:
         if done.code is None or isinstance(done.code, int):
             return done.code or 0
         print(done.code, file=sys.stderr)
-        return 1
-    except BaseException:
-        traceback.print_exc()
-        return 1
+        return 1  # (any other exception: fork_ranks prints it and exits with 1)
 
 
 def serve() -> None:
@@ -61,35 +104,11 @@ def serve() -> None:
 
     if threading.active_count() != 1:
         sys.exit(f"zygote: {threading.active_count()} threads after the imports ({threading.enumerate()}): forking is unsafe")
-    reply = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
-        pids = []
-        for rank in range(request["nproc"]):
-            reply.flush(), sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    if request["nproc"] > 1:  # torchrun's environment for this rank
-                        request["env"].update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(request["nproc"]),
-                                              LOCAL_WORLD_SIZE=str(request["nproc"]), MASTER_ADDR="127.0.0.1")
-                    code = child(request)
-                finally:
-                    atexit._run_exitfuncs()  # what the interpreter runs at exit (logging.shutdown, ...), then no return
-                    sys.stdout.flush(), sys.stderr.flush()
-                    os._exit(code)
-            pids.append(pid)
-        print(json.dumps({"pids": pids}), file=reply, flush=True)
-        codes, failed = {}, 0
-        while len(codes) < len(pids):  # a failed rank stops the others, which would wait in a collective (as torchrun)
-            pid, status = os.wait()
-            codes[pid] = os.waitstatus_to_exitcode(status)
-            if codes[pid] != 0 and not failed:
-                failed = codes[pid]  # the first to fail: those stopped after it report the kill
-                for other in set(pids) - set(codes):
-                    os.kill(other, signal.SIGKILL)
-        print(json.dumps({"returncode": failed}), file=reply, flush=True)
+        pids = fork_ranks(request["nproc"], functools.partial(child, request))
+        print(json.dumps({"pids": pids}), flush=True)
+        print(json.dumps({"returncode": wait_ranks([pids])[0]}), flush=True)
 
 
 class Zygote:

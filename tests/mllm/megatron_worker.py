@@ -17,11 +17,10 @@ writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag 
 """
 
 import argparse
+import functools
 import json
 import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.* imports
 
 from tests.mllm.megatron_common import TINY_QWEN2, init_megatron, packed_batch, tiny_semhitok  # noqa: E402
+from tests.zygote import fork_ranks, torchrun_env, wait_ranks  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.distributed.destroy_process_group()
 
 
+def run_rank(job: dict, port: int, rank: int) -> int:
+    """One forked rank of a job: torchrun's environment, then the run"""
+    os.environ.update(torchrun_env(rank, job["nproc"]), MASTER_PORT=str(port))
+    main(job["argv"])
+    return 0
+
+
 def launch(jobs: list[dict]) -> int:
     """Each job {"argv": [...], "nproc": n}: main(argv) on n ranks forked from this process, its gloo group at a port
     of its own; jobs side by side. A failed rank stops its job's other ranks (as torchrun does). -> 0, or 1 naming
@@ -118,37 +125,11 @@ def launch(jobs: list[dict]) -> int:
     from semhitok.common.dist import free_port
     from semhitok.mllm.megatron import convert, engine, model  # noqa: F401
 
-    ranks: dict[int, int] = {}  # pid -> job
-    for j, job in enumerate(jobs):
-        port = free_port()
-        for rank in range(job["nproc"]):
-            sys.stdout.flush(), sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the rank: torchrun's environment, then the run; never back into the launcher
-                code = 1
-                try:
-                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
-                                      LOCAL_WORLD_SIZE=str(job["nproc"]), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                    main(job["argv"])
-                    code = 0
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush(), sys.stderr.flush()
-                    os._exit(code)
-            ranks[pid] = j
-    failed = set()
-    while ranks:
-        pid, status = os.wait()
-        j = ranks.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0 and j not in failed:
-            failed.add(j)
-            for other, k in ranks.items():  # its other ranks would wait forever in a collective
-                if k == j:
-                    os.kill(other, signal.SIGKILL)
-    for j in sorted(failed):
-        print(f"megatron_worker: job {jobs[j]['argv']} on {jobs[j]['nproc']} rank(s) failed", file=sys.stderr)
-    return 1 if failed else 0
+    status = wait_ranks([fork_ranks(job["nproc"], functools.partial(run_rank, job, free_port())) for job in jobs])
+    for job, code in zip(jobs, status, strict=True):
+        if code:
+            print(f"megatron_worker: job {job['argv']} on {job['nproc']} rank(s) failed ({code})", file=sys.stderr)
+    return 1 if any(status) else 0
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@ the losses and gradient norms of one process, and a checkpoint (megatron.core.di
 uninterrupted losses, also at another TP."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, REPO
+from tests.conftest import REPO, child_env
 
 WORKER = REPO / "tests" / "mllm" / "megatron_worker.py"
 
@@ -18,11 +17,8 @@ WORKER = REPO / "tests" / "mllm" / "megatron_worker.py"
 def run_jobs(*jobs: tuple[Path, list[str], int]) -> list[dict]:
     """Runs of the worker side by side, each (OUT.json, its arguments, processes): one launcher process forks every
     rank after importing once (megatron_worker.py --jobs); -> each run's OUT.json."""
-    env = dict(os.environ, **CHILD_ENV)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     spec = json.dumps([{"argv": [str(out), *args], "nproc": nproc} for out, args, nproc in jobs])
-    proc = subprocess.run([sys.executable, str(WORKER), "--jobs", spec], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), "--jobs", spec], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return [json.loads(out.read_text()) for out, _, _ in jobs]
@@ -37,7 +33,7 @@ def trained(tmp_path_factory):
     runs = [(dirs[name] / "run.json", ["--tp", str(tp), "--pp", str(pp), "--steps", "4", "--save-at", "2", "--ckpt",
                                        str(dirs[name] / "ckpt"), "--export", str(dirs[name] / "export.safetensors")], tp * pp * dp)
             for name, (tp, pp, dp) in layouts.items()]
-    return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, run_jobs(*runs))}
+    return {name: (result, dirs[name] / "ckpt") for name, result in zip(layouts, run_jobs(*runs), strict=True)}
 
 
 @pytest.fixture(scope="module")
