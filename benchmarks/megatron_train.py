@@ -7,9 +7,9 @@
 The model, batch, FLOP count and activation checkpointing (--ckpt-every-n, as megatron's recompute) are
 benchmarks/mllm_train.py's (Qwen2.5-1.5B shape, 348,544 vocabulary rows, packed documents of --doc-len tokens, bf16
 on a GPU): built once as SemHiTokLM, converted to this rank's TP shard
-(mllm/megatron/model.py), stepped by MegatronEngine (mllm/megatron/engine.py) on the same --batch rows per DP
-replica. `loss` is the first step's, before any update: on CPU it equals mllm_train.py's arms' at the same shape and
-seed (on a GPU mllm_train.py draws its weights there, another generator, so the two start from different weights).
+(mllm/megatron/model.py), stepped by MegatronEngine (mllm/megatron/engine.py: megatron-core's DDP, distributed
+optimizer and schedule) on the same --batch rows per DP replica. `loss` is the first step's, before any update: on
+CPU it equals mllm_train.py's arms' at the same shape and seed (on a GPU mllm_train.py draws its weights there, another generator, so the two start from different weights).
 MFU = training FLOPs of the whole job / s / (peak x ranks). Rank 0 prints one JSON line.
 """
 
@@ -56,19 +56,16 @@ def main() -> None:
     ids, pos, labels = (t.to(device) for t in packed_batch(model, args.batch, args.seq, args.doc_len, torch.device("cpu")))
     flops = batch_flops(model, pos.cpu(), labels.cpu(), torch.ones_like(ids, dtype=torch.bool).cpu(), ids.cpu())
     del model  # the template: only the converted shard stays
-    opt = torch.optim.AdamW(mg.parameters(), lr=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    engine = MegatronEngine(mg, opt, sched, 1, 1.0, bf16=device.type == "cuda", device=device)
+    engine = MegatronEngine(mg, lr=1e-5, adapter_lr=1e-5, weight_decay=0.0, lr_lambda=lambda _: 1.0, grad_clip=1.0,
+                            bf16=device.type == "cuda", device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     first = []
 
     def step():
-        loss = engine(input_ids=ids, position_ids=pos, labels=labels)["loss"]
+        (result,) = engine.train_window([{"input_ids": ids, "position_ids": pos, "labels": labels}])
         if not first:
-            first.append(loss.item())
-        engine.backward(loss)
-        engine.step()
+            first.append(result["loss"].item())
 
     elapsed = timed_steps(step, args.steps, args.warmup, device)
     dp = parallel_state.get_data_parallel_world_size()

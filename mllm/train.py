@@ -252,6 +252,21 @@ def held_out_gaps(cfg, model: SemHiTokLM, text_tokenizer, visual_tokenizer_dir: 
     return lambda: flat_metrics(conditioning_gaps(model, builder, pairs, cfg.data.micro_batch_size * 4))
 
 
+def train_window(engine, inputs: list[dict]) -> list[dict]:
+    """One optimizer step over an accumulation window's micro-batches -> each one's loss dict. MegatronEngine runs the
+    window itself (its pipeline schedule interleaves the micro-batches); DeepSpeed's engine and PlainEngine take
+    forward, backward and step per micro-batch (step() acts at the window's end)."""
+    if hasattr(engine, "train_window"):
+        return engine.train_window(inputs)
+    results = []
+    for batch in inputs:
+        out = engine(**batch)
+        engine.backward(out["loss"])
+        engine.step()
+        results.append({k: out[k].detach() for k in ("loss", "task_loss_sum", "task_tokens")})  # (no logits kept)
+    return results
+
+
 def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM, dist: D.DistInfo, device, start_step: int,
                 gap_eval=None, sum_group=None) -> dict:
     """The training loop of both backends, from start_step to mllm_train.max_steps: micro-batches through the engine
@@ -275,18 +290,16 @@ def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM,
     loader_state = loader.state_dict()
     bar = tqdm(range(start_step, t.max_steps), desc="mllm", initial=start_step, total=t.max_steps, disable=not dist.is_main, dynamic_ncols=True)
     for step in bar:
-        for _ in range(t.gradient_accumulation):
-            batch = next(batches)
-            loader_state = batch.pop("loader_state")
-            result = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), task_ids=batch["task_ids"].to(device),
-                            **({"visual_codes": batch["visual_codes"].to(device)} if "visual_codes" in batch else {}), **weighted)
+        window = [next(batches) for _ in range(t.gradient_accumulation)]
+        loader_state = window[-1].pop("loader_state")
+        inputs = [{"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device), "labels": b["labels"].to(device),
+                   "task_ids": b["task_ids"].to(device), **({"visual_codes": b["visual_codes"].to(device)} if "visual_codes" in b else {}),
+                   **weighted} for b in window]
+        for batch, result in zip(window, train_window(engine, inputs), strict=True):
             bad = ~torch.isfinite(result["loss"].detach())
             health[1] = torch.where((health[0] == 0) & bad, float(step + 1), health[1])
             health[0] += bad.float()
             window_origins.setdefault(step + 1, []).extend(batch["origins"][:4])
-            engine.backward(result["loss"])
-            engine.step()
             task_sums += torch.stack([result["task_loss_sum"], result["task_tokens"]])
             valid = batch["task_ids"] >= 0
             tokens += torch.tensor([float(valid.sum()), batch_flops(model, batch["position_ids"], batch["labels"], valid, batch["input_ids"])],

@@ -17,14 +17,23 @@ megatron-core 0.16 builds and trains a GPTModel on CPU with `use_cpu_initializat
     come back through a plain queue instead of a spawned Manager process (`_dist_checkpointing`). Loading needs
     nothing (TorchDistLoadShardedStrategy reads into CPU tensors).
 `enable()` applies them once per process and only when CUDA is absent: the GPU path never runs this code.
+
+megatron-core's DistributedDataParallel, distributed optimizer and pipeline schedules assume CUDA throughout: buffers
+allocated at torch.cuda.current_device() or device="cuda", `.type() == 'torch.cuda.FloatTensor'` checks,
+torch.cuda.synchronize() after point-to-point transfers, `.cuda()` copies. `cuda_on_cpu()` runs them on CPU tensors
+for the length of a call: a TorchFunctionMode sends every tensor created on "cuda" (or a device index) to the CPU,
+answers CUDA's type names for CPU tensors and makes `.cuda()` the identity; torch.cuda.current_device() answers 0 and
+torch.cuda.synchronize() does nothing. The engine enters it around those calls only when its device is the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
 
@@ -109,3 +118,33 @@ def _dist_checkpointing() -> None:
     # makes) puts and takes the results in the calling process, so a queue.Queue serves. Seeded where that function
     # looks first (its module's _results_queue).
     filesystem_async._results_queue = queue.Queue()
+
+
+class _CudaTensorsOnCpu(TorchFunctionMode):
+    """Tensors asked for on CUDA are made on the CPU; CPU tensors answer CUDA's type names; .cuda() is the identity."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and (isinstance(device, int) or torch.device(device).type == "cuda"):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor'
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """megatron-core's CUDA-only DDP, distributed optimizer and pipeline schedules on CPU tensors, inside this block
+    (module docstring). Only for a process without CUDA."""
+    if torch.cuda.is_available():
+        raise RuntimeError("cuda_on_cpu() is for CPU-only processes; with CUDA megatron-core runs as it is")
+    saved = torch.cuda.current_device, torch.cuda.synchronize
+    torch.cuda.current_device, torch.cuda.synchronize = (lambda: 0), (lambda device=None: None)
+    try:
+        with _CudaTensorsOnCpu():
+            yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize = saved

@@ -1,26 +1,25 @@
-"""The training step of the Megatron backend: MegatronEngine offers the engine calls mllm/train.py's loop makes
-(forward -> {"loss", "task_loss_sum", "task_tokens"}, backward, step, grad norm, save/load of a checkpoint tag) with
-DeepSpeed's semantics (backward divides by the accumulation steps; step() at the end of a window averages the
-gradients over the data-parallel group, clips by the global norm, steps the optimizer and the scheduler).
+"""The training step of the Megatron backend: MegatronEngine runs mllm/train.py's accumulation windows through
+megatron-core's own machinery:
+  - DistributedDataParallel: the gradients accumulate in fp32 buffers (param.main_grad), reduce-scattered over the
+    data-parallel replicas at the end of the window (averaged: DeepSpeed's mean over DP);
+  - the distributed optimizer: AdamW (torch's, or transformer-engine's / apex's fused one where installed) whose
+    moments and fp32 main weights are sharded over DP (ZeRO-1), the updated shards all-gathered back; gradients
+    clipped by the global norm (TP- and PP-aware, a tied table's second copy and TP duplicates counted once);
+  - the pipeline schedules: at PP 1 the micro-batches one after another with the gradient sync held to the last; at
+    PP > 1 1F1B (each stage runs the next micro-batch's forward while later stages work, the hidden states [T, B, d]
+    fp32 sent forward and their gradients back), then the tied table's two copies (first stage's embedding, last
+    stage's head) summed.
+A window's loss is the mean of its micro-batches' losses (each the mean over its supervised next tokens, or by task
+weight): DeepSpeed's semantics. The last stage's per-micro-batch losses and task sums are broadcast over the
+pipeline so every rank logs them. Weights and the optimizer stay fp32; bf16 runs the forward (and any recomputed
+block in backward) under autocast. On CPU, where this backend is tested, those megatron calls run inside
+cpu.cuda_on_cpu(); on a GPU as they are.
 
-Parallelism comes from megatron's parallel_state: tensor parallel inside the GPTModel's layers (and its
-vocabulary-parallel cross-entropy), pipeline and data parallel here. Weights and the optimizer stay fp32; bf16 runs
-the forward under autocast. Megatron-Core's own DDP, distributed optimizer and pipeline schedules allocate on CUDA
-(torch.cuda.current_device(), 'torch.cuda.FloatTensor' checks) and cannot run on CPU, where this backend is tested.
-
-Pipeline parallel (PP > 1) runs each micro-batch through the stages and straight back (the engine's call, then
-backward): the hidden states [T, B, d] go forward and their gradients back by point-to-point send/recv (fp32), the
-last stage's loss and task sums are broadcast to the pipeline so every rank logs them, and a tied table's two copies
-(first stage's embedding, last stage's head) add their gradients before the step. This is exact and simple, not
-fast: one stage works at a time (no 1F1B overlap of micro-batches; megatron's schedule is the GPU step after this).
-
-A checkpoint tag holds dist_checkpoint/, written by megatron.core.dist_checkpointing (torch_dist, synchronous):
-every rank writes its own shards of the weights and of AdamW's moments, sharded as their parameters, and the common
-part holds each parameter's step under a layout-free name, the group hyperparameters and the scheduler. All of it
-loads at any TP, PP and DP (the TP-split tensors and the padded vocabulary are resliced, the layers found by global
-index): load_checkpoint for a resume, load_weights for the weights alone. (The trainer's resume still asks for
-the same layout: its loader position and RNG are per rank, mllm/train.py.) On CPU, mllm/megatron/cpu.py bypasses
-the save's two CUDA calls.
+A checkpoint tag holds dist_checkpoint/, written by megatron.core.dist_checkpointing (torch_dist, synchronous): the
+model's shards and the distributed optimizer's state in its "fully_reshardable" form (each parameter's moments and
+fp32 main weights as whole tensors, sharded as the parameter), so it loads at any TP, PP and DP: load_checkpoint for
+a resume, load_weights for the weights alone. (The trainer's resume still asks for the same layout: its loader
+position and RNG are per rank, mllm/train.py.) On CPU, mllm/megatron/cpu.py bypasses the save's two CUDA calls.
 """
 
 from __future__ import annotations
@@ -29,15 +28,23 @@ import os
 import shutil
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from semhitok.common.safe_load import check_pickle, weights_only_loads
 from semhitok.data_pipelines.sequences import IGNORE, TASKS
-from semhitok.mllm.megatron.model import MegatronLM, global_name
+from semhitok.mllm.megatron import cpu
+from semhitok.mllm.megatron.model import MegatronLM
 
 DIST = "dist_checkpoint"  # a checkpoint tag's megatron.core.dist_checkpointing folder (the trainer's files beside it)
+# The distributed optimizer's state as one tensor per parameter and moment, gathered on DP rank 0 at save and sliced
+# by every rank at load, so it loads at any TP, PP and DP. ("fully_sharded_model_space", written by every DP rank in
+# parallel, fails in megatron-core 0.16.1: "ShardedTensor.flattened_range is not supported"; "dp_reshardable" loads at
+# another DP only.)
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+FORMAT = "megatron-distributed-optimizer-1"  # in a tag's common part: what load_checkpoint reads
 
 
 def weighted_mean(losses: torch.Tensor, tasks: torch.Tensor | None, task_weights: torch.Tensor | None, count: int) -> torch.Tensor:
@@ -48,216 +55,203 @@ def weighted_mean(losses: torch.Tensor, tasks: torch.Tensor | None, task_weights
     return losses.sum() / max(count, 1)
 
 
-def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the gradients of a TP x PP-sharded model: a TP-split parameter's shard counts on its
-    rank, a replicated one (norms, adapter) once, on TP rank 0; summed over the stages."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+class GroupLR:
+    """torch's LambdaLR over megatron's parameter groups (which torch's schedulers cannot take: megatron's optimizer is
+    not a torch.optim.Optimizer): each group's lr = its max_lr x lr_lambda(step)."""
 
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    for p in params:  # `shared`: the last PP stage's copy of a tied table, counted on the first stage
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
-            total += p.grad.float().pow(2).sum()
-    torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return total.sqrt()
+    def __init__(self, optimizer, lr_lambda):
+        self.optimizer, self.lr_lambda, self.last_epoch = optimizer, lr_lambda, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["max_lr"] * self.lr_lambda(self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        """the groups' learning rates, the adapter's first and the model's last (as the other backends' scheduler)"""
+        return [g["lr"] for g in sorted(self.optimizer.param_groups, key=lambda g: g["default_config"])]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state["last_epoch"]
+        self._apply()
+
+
+def _keep_step_on_load(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer with torch's AdamW (no transformer-engine or apex) fails to load a
+    fully_reshardable checkpoint: it restores AdamW's "step" from the parameter groups, drops it from each parameter's
+    loaded tensors, then copies every key of the parameter's state from those (KeyError: 'step'). Here the copy is
+    given the step already in place."""
+    set_states, get_states = optimizer._set_main_param_and_optimizer_states, optimizer._get_main_param_and_optimizer_states
+
+    def set_main_param_and_optimizer_states(model_param, tensors):
+        if "step" not in tensors and "step" in (current := get_states(model_param)):
+            tensors = {**tensors, "step": current["step"]}
+        return set_states(model_param, tensors)
+
+    optimizer._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
 
 
 class MegatronEngine:
-    def __init__(self, model: MegatronLM, optimizer: torch.optim.Optimizer, scheduler, gradient_accumulation: int,
-                 grad_clip: float, bf16: bool, device: torch.device):
-        from megatron.core import parallel_state
+    """model: this rank's MegatronLM; AdamW at lr (adapter_lr for the adapter's parameters), betas (0.9, 0.95),
+    weight_decay on every parameter (as the other backends), lr_lambda(step) the schedule's factor."""
 
-        self.module, self.optimizer, self.scheduler = model.to(device), optimizer, scheduler
+    def __init__(self, model: MegatronLM, lr: float, adapter_lr: float, weight_decay: float, lr_lambda, grad_clip: float,
+                 bf16: bool, device: torch.device):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+
+        self.model = model.to(device)
+        self.megatron_call = nullcontext if device.type == "cuda" else cpu.cuda_on_cpu
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
-        self.first, self.last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-        self._pending = None  # PP > 1: (stage input, stage output) of the micro-batch whose backward comes next
-        self.accumulation, self.grad_clip = gradient_accumulation, grad_clip
+        self.last = parallel_state.is_pipeline_last_stage()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.dp_group, self.dp_size = parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
-        self.micro_steps, self._grad_norm = 0, None
-        self.module.train()
+        with self.megatron_call():
+            self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+            # config_overrides: the adapter's own learning rate, marked "decoupled" (megatron tells groups apart by
+            # their multipliers and that flag, not by their rates, when it loads a checkpoint); given (not None), it
+            # keeps weight decay on biases and norms, as torch's AdamW in the other backends does
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+                                adam_eps=1e-8, clip_grad=grad_clip, use_distributed_optimizer=True, params_dtype=torch.float32),
+                [self.ddp], config_overrides={ParamKey(name="*adapter.*"): {"max_lr": adapter_lr, "is_decoupled_lr": True}})
+        for opt in self._distributed_optimizers():
+            _keep_step_on_load(opt)
+        model.config.no_sync_func = self.ddp.no_sync  # the schedules hold the gradient sync to a window's last micro-batch
+        model.config.finalize_model_grads_func = finalize_model_grads  # DP reduce-scatter, the tied table's copies summed
+        self.scheduler = GroupLR(self.optimizer, lr_lambda)
+        self._grad_norm = None
+        self.ddp.train()
 
-    def __call__(self, input_ids, position_ids, labels, task_ids=None, task_weights=None, **_) -> dict[str, torch.Tensor]:
-        """Packed rows [B, T] -> SemHiTokLM.forward's dict (loss: the mean over supervised next tokens). At PP > 1
-        every stage is called with the same rows; the loss of the other stages is the last stage's, detached."""
+    def train_window(self, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """One optimizer step over an accumulation window's micro-batches (packed rows [B, T] each, as SemHiTokLM.forward
+        takes them) -> per micro-batch SemHiTokLM.forward's {"loss", "task_loss_sum", "task_tokens"} (detached)."""
+        with self.megatron_call():
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            results = self._schedule(batches, forward_only=False)
+            _, norm, _ = self.optimizer.step()
+        self._grad_norm = norm
+        self.scheduler.step()
+        return results
+
+    def __call__(self, **batch) -> dict[str, torch.Tensor]:
+        """One micro-batch's forward alone (evaluation; call it under torch.no_grad()): its loss dict on every rank."""
+        with self.megatron_call():
+            return self._schedule([batch], forward_only=True)[0]
+
+    def _schedule(self, batches: list[dict], forward_only: bool) -> list[dict[str, torch.Tensor]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        rows, length = batches[0]["input_ids"].shape
+        if any(b["input_ids"].shape != (rows, length) for b in batches):  # the stages exchange [T, B, d] of one shape
+            raise ValueError(f"a window's micro-batches differ in shape: {[tuple(b['input_ids'].shape) for b in batches]}")
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["input_ids"], batch["position_ids"], batch["labels"])
+            if not self.last:
+                return output.float(), None  # hidden states [T, B, d] to the next stage, in the pipeline's dtype
+            return output, partial(self._loss, batch)
+
         with self.autocast:
-            if self.pp > 1:
-                losses = self._stage_forward(input_ids, position_ids, labels)
-            else:
-                losses = self.module(input_ids, position_ids, labels)  # [B, T]: position t's loss on token t + 1
-        out = {}
-        if self.last:
-            mask = labels[:, 1:] != IGNORE
-            losses = losses[:, :-1][mask]  # [N], in SemHiTokLM's order
-            tasks = task_ids[:, 1:][mask] if task_ids is not None else None
-            out["loss"] = weighted_mean(losses, tasks, task_weights, int(mask.sum()))
-            if tasks is not None:
-                out["task_loss_sum"] = torch.zeros(len(TASKS), device=losses.device).index_add_(0, tasks, losses.detach())
-                out["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
-        return self._from_last_stage(out, task_ids is not None, input_ids.device) if self.pp > 1 else out
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.ddp], num_microbatches=len(batches),
+                seq_length=length, micro_batch_size=rows, forward_only=forward_only)
+        return self._from_last_stage(reports, len(batches), "task_ids" in batches[0], batches[0]["input_ids"].device)
 
-    def _stage_forward(self, input_ids, position_ids, labels) -> torch.Tensor:
-        """This stage's part of the forward: the previous stage's hidden states in, this stage's out to the next."""
-        from megatron.core import parallel_state
+    @staticmethod
+    def _loss(batch: dict, losses: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The last stage's per-token losses [B, T] (position t's on token t + 1) -> (the micro-batch's loss, its report)"""
+        labels, task_ids = batch["labels"], batch.get("task_ids")
+        mask = labels[:, 1:] != IGNORE
+        losses = losses[:, :-1][mask]  # [N], in SemHiTokLM's order
+        tasks = task_ids[:, 1:][mask] if task_ids is not None else None
+        loss = weighted_mean(losses, tasks, batch.get("task_weights"), int(mask.sum()))
+        report = {"loss": loss.detach().clone()}  # (the schedule divides the loss it returns in place)
+        if tasks is not None:
+            report["task_loss_sum"] = torch.zeros(len(TASKS), device=losses.device).index_add_(0, tasks, losses.detach())
+            report["task_tokens"] = torch.bincount(tasks, minlength=len(TASKS)).float()
+        return loss, report
 
-        stage_input = None
-        if not self.first:
-            stage_input = torch.empty(input_ids.shape[1], input_ids.shape[0], self.module.config.hidden_size,
-                                      dtype=torch.float32, device=input_ids.device)  # [T, B, d]
-            torch.distributed.recv(stage_input, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            stage_input.requires_grad_()
-            self.module.set_input_tensor(stage_input)
-        output = self.module(input_ids, position_ids, labels)
-        if not self.last:
-            output = output.float()
-            torch.distributed.send(output.detach().contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
-        self._pending = (stage_input, output)
-        return output
-
-    def _from_last_stage(self, out: dict, with_tasks: bool, device) -> dict[str, torch.Tensor]:
-        """The last stage's loss (and task sums) on every stage of the pipeline: one broadcast of [1 (+ 2 x tasks)]."""
+    def _from_last_stage(self, reports: list[dict], count: int, with_tasks: bool, device) -> list[dict[str, torch.Tensor]]:
+        """The last stage's reports on every stage of the pipeline: one broadcast of [count, 1 (+ 2 x tasks)]."""
+        if self.pp == 1:
+            return reports
         from megatron.core import parallel_state
 
         n = len(TASKS) if with_tasks else 0
-        values = (torch.cat([out["loss"].detach().float().reshape(1), *([out["task_loss_sum"], out["task_tokens"]] if n else [])])
-                  if self.last else torch.empty(1 + 2 * n, device=device))
+        values = (torch.stack([torch.cat([r["loss"].float().reshape(1), *([r["task_loss_sum"], r["task_tokens"]] if n else [])])
+                               for r in reports]) if self.last else torch.empty(count, 1 + 2 * n, device=device))
         torch.distributed.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
         if self.last:
-            return out
-        return {"loss": values[0], **({"task_loss_sum": values[1:1 + n], "task_tokens": values[1 + n:]} if n else {})}
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # under the forward's autocast: megatron's recompute (tensor_parallel.checkpoint) reruns a block's forward in
-        # backward without restoring autocast as torch.utils.checkpoint does, and its fp32 weights met bf16 inputs
-        with self.autocast:
-            self._backward(loss)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.pp == 1:
-            (loss / self.accumulation).backward()
-            return
-        from megatron.core import parallel_state
-
-        stage_input, output = self._pending
-        self._pending = None
-        if self.last:
-            (loss / self.accumulation).backward()
-        else:  # the next stage's gradient of this stage's output
-            grad = torch.empty_like(output)
-            torch.distributed.recv(grad, src=parallel_state.get_pipeline_model_parallel_next_rank())
-            output.backward(grad)
-        if not self.first:
-            torch.distributed.send(stage_input.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
-
-    def step(self) -> None:
-        self.micro_steps += 1
-        if self.micro_steps % self.accumulation:
-            return
-        if self.dp_size > 1:  # the mean gradient over the data-parallel replicas (as DeepSpeed)
-            for p in self.params:  # every rank reduces every parameter: one replica's text-only window leaves the
-                if p.grad is None:  # adapter without a gradient while another's has one
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad, group=self.dp_group)
-                p.grad.div_(self.dp_size)
-        self._sum_tied_table_grads()
-        norm = grad_norm(self.params)
-        if self.grad_clip > 0:
-            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        self._grad_norm = float(norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _sum_tied_table_grads(self) -> None:
-        """PP > 1 with a tied head: the first stage's table and the last stage's copy take the sum of both gradients
-        (at PP=1 the one table gets both uses' gradient), so the two copies stay equal."""
-        from megatron.core import parallel_state
-
-        gpt = self.module.gpt
-        if self.pp == 1 or not gpt.share_embeddings_and_output_weights or not parallel_state.is_rank_in_embedding_group():
-            return
-        weight = gpt.shared_embedding_or_output_weight()
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+            return reports
+        return [{"loss": v[0], **({"task_loss_sum": v[1:1 + n], "task_tokens": v[1 + n:]} if n else {})} for v in values]
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
 
+    def _distributed_optimizers(self) -> list:
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])  # (megatron chains dense and expert ones)
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
-        """<root>/<tag>/dist_checkpoint/: this rank's shards of the model and AdamW's moments (every rank writes its
-        own; a replica's once), and the common part: per-parameter steps, group hyperparameters, scheduler, client
-        state. Called at the end of an accumulation window (the gradients in flight are not saved)."""
+        """<root>/<tag>/dist_checkpoint/: this rank's shards of the model and of the distributed optimizer's state
+        (every rank writes its own pieces; a model replica's once), and the common part: the optimizer's group
+        hyperparameters and steps, the scheduler, the client state. Called between windows."""
         from megatron.core import dist_checkpointing, parallel_state
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-        if self.micro_steps % self.accumulation:
-            raise RuntimeError(f"a checkpoint inside an accumulation window (micro-step {self.micro_steps})")
-        adam = self.optimizer.state  # (a parameter never stepped has none: zero moments, step 0, as a fresh AdamW)
-        model = sharded_model_state(self.module)
-        moments, params = self._sharded_moments(model, fill=lambda p, key: adam[p].get(key, torch.zeros_like(p)))
-        ranks = [None] * torch.distributed.get_world_size()  # the common part is rank 0's: every stage's steps in it
-        torch.distributed.all_gather_object(ranks, {name: float(adam[p].get("step", 0)) for name, p in params.items()})
-        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        state = {"model": model, "optimizer": {**moments, "steps": {k: v for r in ranks for k, v in r.items()}, "param_groups": hyper},
-                 "scheduler": self.scheduler.state_dict(), "client": client_state,
-                 "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(), "pp": self.pp, "dp": self.dp_size}}
-        folder = Path(root) / tag / DIST
-        tmp = folder.with_name(f".{DIST}.tmp")  # renamed when every rank has written: DIST exists only whole
-        if torch.distributed.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        torch.distributed.barrier()
-        # thread_count=1: one file per rank (the default forks two writers per rank and splits the shards over them)
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
+        with self.megatron_call():
+            model = sharded_model_state(self.model)
+            state = {"format": FORMAT, "model": model,
+                     "optimizer": self.optimizer.sharded_state_dict(model, is_loading=False, metadata=OPTIMIZER_SHARDING),
+                     "scheduler": self.scheduler.state_dict(), "client": client_state,
+                     "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(), "pp": self.pp,
+                                "dp": parallel_state.get_data_parallel_world_size()}}
+            folder = Path(root) / tag / DIST
+            tmp = folder.with_name(f".{DIST}.tmp")  # renamed when every rank has written: DIST exists only whole
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            torch.distributed.barrier()
+            # thread_count=1: one file per rank (the default forks two writers per rank and splits the shards over them)
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
         if torch.distributed.get_rank() == 0:  # (save ends with a barrier: every rank's files are there)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         torch.distributed.barrier()
 
     def load_checkpoint(self, root: str, tag: str) -> tuple[str | None, dict]:
-        """Weights, AdamW's moments and steps, group hyperparameters and scheduler from <root>/<tag>, at this job's TP,
-        PP and DP whichever wrote them; (the tag, its client state)."""
-        model = sharded_model_state(self.module)
-        moments, params = self._sharded_moments(model, fill=lambda p, key: torch.zeros_like(p))
-        loaded = _load(Path(root) / tag, {"model": model, "optimizer": moments})
-        _load_model(self.module, loaded["model"])
-        saved = loaded["optimizer"]
-        for name, p in params.items():
-            if saved["steps"][name] > 0:  # (0: never stepped, no state: as a fresh AdamW)
-                self.optimizer.state[p] = {"step": torch.tensor(saved["steps"][name], dtype=torch.float32),
-                                           **{key: saved[key][name].to(p.device) for key in MOMENTS}}
-        for group, hyper in zip(self.optimizer.param_groups, saved["param_groups"], strict=True):
-            group.update(hyper)
+        """Weights, the optimizer's state and the scheduler from <root>/<tag>, at this job's TP, PP and DP whichever
+        wrote them; (the tag, its client state)."""
+        with self.megatron_call():
+            for opt in self._distributed_optimizers():
+                if not opt.optimizer.state:  # torch's AdamW has no state (no step) before its first step, and
+                    # DistributedOptimizer.state_dict asks for one: megatron's dummy step (zero gradients), whose
+                    # moments, step and weight-decayed weights the load then replaces
+                    opt._init_optimizer_states_with_dummy_values()
+            model = sharded_model_state(self.model)
+            optimizer = self.optimizer.sharded_state_dict(model, is_loading=True, metadata=OPTIMIZER_SHARDING)
+            loaded = _load(Path(root) / tag, {"model": model, "optimizer": optimizer}, whole=True)
+            _load_model(self.model, loaded["model"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            for opt in self._distributed_optimizers():  # (megatron-core 0.16.1 hands torch's AdamW one "step" tensor for
+                for state in opt.optimizer.state.values():  # every parameter, which AdamW increments in place, once per
+                    state["step"] = state["step"].clone()  # parameter: each its own)
         self.scheduler.load_state_dict(loaded["scheduler"])
-        self.micro_steps = 0
         return str(Path(root) / tag), loaded["client"]
 
-    def _sharded_moments(self, model: dict, fill) -> tuple[dict, dict]:
-        """({"exp_avg": {name: ShardedTensor}, "exp_avg_sq": ...}, {name: parameter}) of the trainable parameters:
-        each moment sharded as its parameter in `model` (checkpoint key "optimizer.<moment>.<the parameter's>"),
-        `fill(p, moment)` its data. `name` is the parameter's at TP=1, PP=1 (global layer index; a tied head's copy on
-        the last stage is the table), so steps load at any TP and PP."""
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-        moments, params = {key: {} for key in MOMENTS}, {}
-        for local, p in self.module.named_parameters():
-            if not p.requires_grad:  # (the adapter's frozen tokenizer features: no state)
-                continue
-            name = local if local.startswith("adapter.") else "gpt." + global_name(self.module.gpt, local[len("gpt."):])
-            params[name] = p
-            for key in MOMENTS:
-                moments[key][name] = make_sharded_optimizer_tensor(model[local], fill(p, key), prefix=f"optimizer.{key}")
-        return moments, params
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 # What torch.distributed.checkpoint's .metadata pickle holds (torch 2.13; dist_checkpointing's torch_dist format):
 # FileSystemReader.read_metadata unpickles it with pickle.load, so it is checked first (common/safe_load.py).
 DCP_METADATA = {("torch", "Size"), ("torch.serialization", "_get_layout"),
@@ -284,8 +278,9 @@ def sharded_model_state(model: MegatronLM) -> dict:
     return state
 
 
-def _load(tag: Path, sharded: dict) -> dict:
+def _load(tag: Path, sharded: dict, whole: bool = False) -> dict:
     """dist_checkpointing.load of <tag>/dist_checkpoint into `sharded`'s layout; the common part comes back too.
+    whole: the engine's whole state is asked for, so the tag must hold the distributed optimizer's (FORMAT).
     Nothing in it runs: .metadata is checked against DCP_METADATA, every torch.load inside is weights-only."""
     from megatron.core import dist_checkpointing
 
@@ -296,6 +291,9 @@ def _load(tag: Path, sharded: dict) -> dict:
     check_pickle(folder / ".metadata", DCP_METADATA)
     with weights_only_loads(), warnings.catch_warnings():  # megatron-core 0.16 calls torch APIs torch deprecates
         warnings.simplefilter("ignore", FutureWarning)    # (load_state_dict, ShardedTensor), once per load
+        if whole and dist_checkpointing.load_common_state_dict(str(folder)).get("format") != FORMAT:
+            raise ValueError(f"{tag}: its optimizer state predates the distributed optimizer (format {FORMAT}); "
+                             "its weights alone load (load_weights, mllm_train.init_from of an export)")
         return dist_checkpointing.load(sharded, str(folder))
 
 

@@ -50,6 +50,22 @@ class MegatronLM(nn.Module):
     def set_input_tensor(self, tensor) -> None:  # pipeline parallel: the previous stage's hidden states
         self.gpt.set_input_tensor(tensor)
 
+    # what megatron's schedules and finalize_model_grads ask of the model they run: its type, and the tied table at PP > 1
+    @property
+    def model_type(self):
+        return self.gpt.model_type
+
+    @property
+    def pre_process(self) -> bool:
+        return self.gpt.pre_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.gpt.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.gpt.shared_embedding_or_output_weight()
+
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> decoder input [T, B, d]: the table's rows for text, the adapter's for visual ids."""
         visual = input_ids >= self.layout.visual_offset

@@ -83,12 +83,8 @@ def train_megatron(cfg) -> Path:
     dp_group = parallel_state.get_data_parallel_group()
     loader = PackedLoader(cfg.data, text_tokenizer, model.layout, cfg.training_data_dir, dp_rank, dp_size, model.ids)
 
-    adapter = [p for n, p in model.named_parameters() if n.startswith("adapter.")]
-    other = [p for n, p in model.named_parameters() if not n.startswith("adapter.")]
-    optimizer = torch.optim.AdamW([{"params": adapter, "lr": t.adapter_lr}, {"params": other, "lr": t.lr}],
-                                  betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    engine = MegatronEngine(model, optimizer, scheduler, t.gradient_accumulation, t.grad_clip, bf16, device)
+    engine = MegatronEngine(model, t.lr, t.adapter_lr, t.weight_decay, warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio),
+                            t.grad_clip, bf16, device)
 
     ckpt_root = out / "checkpoints"
     start_step = resume(engine, loader, ckpt_root, dist)
@@ -97,7 +93,7 @@ def train_megatron(cfg) -> Path:
     log.info("training %s on Megatron-Core (TP %d x PP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
              t.tensor_parallel, t.pipeline_parallel, dp_size, dist.world_size, start_step, out)
 
-    loader_state = train_steps(cfg, engine, scheduler, loader, template, dist, device, start_step, sum_group=dp_group)
+    loader_state = train_steps(cfg, engine, engine.scheduler, loader, template, dist, device, start_step, sum_group=dp_group)
     export(model, template, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

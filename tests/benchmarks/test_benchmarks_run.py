@@ -48,6 +48,16 @@ def test_mllm_train_benchmark_prints_one_json_line():
     assert per_token["zero3_engine"] == pytest.approx(per_token["hf_loss"], rel=1e-9), per_token
 
 
+def test_megatron_train_benchmark_prints_one_json_line():
+    """The Megatron arm of run_gpu.sh on CPU (one gloo rank, megatron-core's DDP, distributed optimizer and schedule):
+    its first loss is a random model's (about ln(vocabulary rows)), its rates positive."""
+    proc = subprocess.run([sys.executable, "benchmarks/megatron_train.py", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+                           "--seq", "128", "--doc-len", "32"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["bench"], result["tp"], result["dp"], result["doc_len"]) == ("megatron_train", 1, 1, 32)
+    assert abs(result["loss"] - math.log(4096)) < 0.5 and result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0
+
+
 def test_mllm_memory_benchmark_builds_partitioned_on_two_ranks():
     # the two old-arm processes side by side (--jobs 2): each one's own peak RSS either way
     proc = subprocess.run([sys.executable, "benchmarks/mllm_memory.py", "--shape", "tiny", "--nproc", "2", "--old-layers", "1", "2",

@@ -8,12 +8,12 @@
 forks each run's ranks with torchrun's environment (RANK, WORLD_SIZE, MASTER_PORT, ...), so each rank is its own process
 on its own gloo group as under torchrun, without paying the ~7 s of imports per process (a third of the tests' time).
 
-A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N and PP=M, AdamW with the trainer's two groups and clipping,
+A tiny Qwen2 SemHiTokLM (seed 0) converted to Megatron at TP=N and PP=M, the engine's AdamW (the trainer's two groups, clipping),
 S steps of 2 micro-batches each (split over the data-parallel replicas: the ranks left over by TP x PP); rank 0 writes {"losses": [...], "grad_norms": [...]} (per step) and eval_loss
 (a held-out batch after training); --export writes the weights back in SemHiTokLM's names (safetensors). --save-at K
 writes a checkpoint tag after step K into --ckpt; --resume loads the newest tag there first and continues;
 --weights-from TAG loads a tag's weights alone (written at any TP) and continues from its step with a fresh optimizer;
---resume-from TAG loads all of a tag written at any TP and PP (weights, AdamW's moments and steps, scheduler).
+--resume-from TAG loads all of a tag written at any TP and PP (weights, the distributed optimizer's state, scheduler).
 """
 
 import argparse
@@ -53,13 +53,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model = tiny_semhitok(TINY_QWEN2)
     mg = from_semhitok(model)
-    adapter = [p for n, p in mg.named_parameters() if n.startswith("adapter.")]
-    other = [p for n, p in mg.named_parameters() if not n.startswith("adapter.")]
-    optimizer = torch.optim.AdamW([{"params": adapter, "lr": 3e-3}, {"params": other, "lr": 1e-3}], betas=(0.9, 0.95), weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
+    engine = MegatronEngine(mg, lr=1e-3, adapter_lr=3e-3, weight_decay=0.01, lr_lambda=lambda step: min(1.0, (step + 1) / 2),
+                            grad_clip=1.0, bf16=False, device=torch.device("cpu"))
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = 2 // dp  # each step's two micro-batches, split over the data-parallel replicas
-    engine = MegatronEngine(mg, optimizer, scheduler, gradient_accumulation=per_rank, grad_clip=1.0, bf16=False, device=torch.device("cpu"))
     start = 0
     if args.resume:
         tag = sorted(p.name for p in Path(args.ckpt).glob("step*"))[-1]
@@ -75,13 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         start = int(Path(args.weights_from).name[4:])
     losses, norms = [], []
     for step in range(start, args.steps):
-        total = torch.zeros(())
-        for micro in range(dp_rank * per_rank, (dp_rank + 1) * per_rank):
-            batch = packed_batch(mg.layout, seed=10 * step + micro)
-            out = engine(**batch)
-            engine.backward(out["loss"])
-            engine.step()
-            total += out["loss"].detach() / 2
+        results = engine.train_window([packed_batch(mg.layout, seed=10 * step + micro)
+                                       for micro in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
+        total = sum(r["loss"] for r in results) / 2
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())  # the step's mean over replicas
         losses.append(float(total))
         norms.append(engine.get_global_grad_norm())

@@ -151,60 +151,78 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatc
         for name, grad in ref_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7)
     # under the engine's bf16 autocast (CPU's here, CUDA's on a GPU): the recomputed blocks compute in bf16 too
-    from semhitok.mllm.megatron.engine import MegatronEngine
-
     grads = {}
     for every in (0, 1):
-        mg = from_semhitok(model, **recompute(every, TINY_QWEN2["num_hidden_layers"]))
-        engine = MegatronEngine(mg, torch.optim.SGD(mg.parameters(), lr=0.0), lambda: None, 1, 0.0, True, torch.device("cpu"))
-        engine.backward(engine(**batch)["loss"])
-        grads[every] = {n: p.grad for n, p in mg.named_parameters() if p.grad is not None}
+        engine = tiny_engine(from_semhitok(model, **recompute(every, TINY_QWEN2["num_hidden_layers"])), lr=0.0, bf16=True)
+        engine.train_window([batch])  # (learning rate 0: the gradients stay in DDP's buffers, the weights as they were)
+        grads[every] = {n: p.main_grad.clone() for n, p in engine.model.named_parameters() if p.requires_grad}
     assert grads[1].keys() == grads[0].keys()
     for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-2, atol=1e-4)
 
 
-def test_a_checkpoint_restores_each_parameter_s_adamw_step_and_refuses_what_it_cannot_read(one_rank, tmp_path):
-    """MegatronEngine's checkpoint (dist_checkpointing): after a window without images the adapter's AdamW is one step
-    behind the rest; a fresh engine loads the weights, moments, per-parameter steps, learning rates and scheduler
-    exactly. A folder in another format, or whose .metadata pickle names code, is refused with one line and the code
-    does not run (torch.distributed.checkpoint reads .metadata with pickle.load)."""
+def tiny_engine(mg: MegatronLM, lr: float = 1e-3, bf16: bool = False):
+    """MegatronEngine over `mg` on the CPU: AdamW at lr (3 x lr for the adapter), weight decay 0.01, clipping at 1,
+    the learning rate divided by step + 1."""
+    from semhitok.mllm.megatron.engine import MegatronEngine
+
+    return MegatronEngine(mg, lr=lr, adapter_lr=3 * lr, weight_decay=0.01, lr_lambda=lambda step: 1 / (step + 1), grad_clip=1.0,
+                          bf16=bf16, device=torch.device("cpu"))
+
+
+def test_a_checkpoint_restores_the_distributed_optimizer_and_refuses_what_it_cannot_read(one_rank, tmp_path):
+    """MegatronEngine's checkpoint (dist_checkpointing, the distributed optimizer's fully reshardable state): a fresh
+    engine loads the weights, every parameter's moments and step, the groups' learning rates (the adapter's its own)
+    and the scheduler exactly, and trains on to the same loss. A tag of the earlier format (no distributed optimizer)
+    gives its weights alone; another folder, or one whose .metadata pickle names code, is refused with one line and
+    the code does not run (torch.distributed.checkpoint reads .metadata with pickle.load)."""
     import pickle
 
+    from megatron.core import dist_checkpointing
+
     from semhitok.common.safe_load import UnsafeCheckpoint
-    from semhitok.mllm.megatron.engine import MegatronEngine, load_weights
+    from semhitok.mllm.megatron.engine import load_weights, sharded_model_state
 
-    def engine():
-        mg = from_semhitok(tiny_semhitok(TINY_QWEN2))
-        groups = [[p for n, p in mg.named_parameters() if n.startswith("adapter.") == adapter] for adapter in (True, False)]
-        optimizer = torch.optim.AdamW([{"params": groups[0], "lr": 3e-3}, {"params": groups[1], "lr": 1e-3}], weight_decay=0.01)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-        return MegatronEngine(mg, optimizer, scheduler, 1, 1.0, False, torch.device("cpu"))
-
-    trained = engine()
-    layout = trained.module.layout
+    trained = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2)))
+    layout = trained.model.layout
     text = packed_batch(layout, seed=1)
     text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] >= layout.visual_offset, 5)  # no image
     for batch in (text, packed_batch(layout, seed=2)):
-        trained.backward(trained(**batch)["loss"])
-        trained.step()
+        trained.train_window([batch])
     trained.save_checkpoint(str(tmp_path), "step00000002", {"step": 2})
-    fresh = engine()
+    fresh = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2, seed=1)))
     assert fresh.load_checkpoint(str(tmp_path), "step00000002") == (str(tmp_path / "step00000002"), {"step": 2})
-    steps = set()
-    for (name, p), q in zip(trained.module.named_parameters(), fresh.module.parameters(), strict=True):
+    for (name, p), q in zip(trained.model.named_parameters(), fresh.model.parameters(), strict=True):
         assert torch.equal(p, q), name
-        want, got = trained.optimizer.state[p], fresh.optimizer.state[q]
-        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
-        steps |= {(name.split(".")[0], float(want["step"]))} if want else set()
-    assert steps == {("adapter", 1.0), ("gpt", 2.0)}  # (the adapter's frozen tokenizer features have no state)
-    assert [g["lr"] for g in fresh.optimizer.param_groups] == [g["lr"] for g in trained.optimizer.param_groups] == [1e-3, 1e-3 / 3]
+    (want,), (got,) = trained._distributed_optimizers(), fresh._distributed_optimizers()
+    steps, step_tensors = set(), []
+    for group_want, group_got in zip(want.optimizer.param_groups, got.optimizer.param_groups, strict=True):
+        assert group_got["lr"] == group_want["lr"]
+        for p, q in zip(group_want["params"], group_got["params"], strict=True):
+            a, b = want.optimizer.state[p], got.optimizer.state[q]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            steps.add(float(a["step"]))
+            step_tensors.append(b["step"])
+    assert steps == {2.0}  # every parameter steps every window, the adapter's too (a zero gradient without images)
+    assert len({id(t) for t in step_tensors}) == len(step_tensors)  # each its own (AdamW increments them in place)
+    assert sorted(fresh.scheduler.get_last_lr()) == sorted(trained.scheduler.get_last_lr()) == [1e-3 / 3, 3e-3 / 3]
     assert fresh.scheduler.state_dict() == trained.scheduler.state_dict()
+    after = [engine.train_window([packed_batch(layout, seed=3)])[0]["loss"] for engine in (trained, fresh)]
+    assert float(after[1]) == float(after[0])
+    assert float(trained.train_window([packed_batch(layout, seed=4)])[0]["loss"]) == \
+        float(fresh.train_window([packed_batch(layout, seed=4)])[0]["loss"])
 
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "weights.safetensors").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"old: no dist_checkpoint/metadata.json: not a checkpoint of the Megatron"):
-        load_weights(fresh.module, tmp_path / "old")
+    old = tmp_path / "old" / "step00000002"  # the weights beside no distributed optimizer, as the earlier format wrote
+    (old / "dist_checkpoint").mkdir(parents=True)
+    dist_checkpointing.save({"model": sharded_model_state(trained.model), "scheduler": {"last_epoch": 2}}, str(old / "dist_checkpoint"))
+    with pytest.raises(ValueError, match=r"step00000002: its optimizer state predates the distributed optimizer"):
+        fresh.load_checkpoint(str(old.parent), old.name)
+    load_weights(fresh.model, old)
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"older: no dist_checkpoint/metadata.json: not a checkpoint of the Megatron"):
+        load_weights(fresh.model, tmp_path / "older")
     marker = tmp_path / "payload_ran"
     (tmp_path / "step00000002" / "dist_checkpoint" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(UnsafeCheckpoint, match=r"\.metadata: refused to load: it needs \w+\.system"):
