@@ -122,9 +122,11 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int, dist: D.DistInfo,
-                    identity: dict | None = None) -> None:
-    """Per-rank data position and RNG, then DeepSpeed's states, then (rank 0, after every rank is done) the
-    completion marker listing every file with its size: resume trusts only marked, matching directories."""
+                    identity: dict | None = None, replicas: list[int] | None = None) -> None:
+    """Per-rank data position and RNG, then the engine's states, then (rank 0, after every rank is done) the
+    completion marker listing every file with its size: resume trusts only marked, matching directories.
+    replicas: each rank's data-parallel replica (Megatron, whose TP and PP ranks read one replica's rows), kept in
+    the marker so a job at another TP and PP finds each replica's position."""
     tag = f"step{step:08d}"
     if dist.is_main and (root / tag).exists():  # left by an interrupted save: no stale file may mix in
         shutil.rmtree(root / tag)
@@ -136,7 +138,8 @@ def save_checkpoint(engine, loader_state: dict, root: Path, step: int, keep: int
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     D.barrier()
     if dist.is_main:
-        write_manifest(root / tag, {"step": step, "world_size": dist.world_size, "resume": identity or {"world_size": dist.world_size}})
+        write_manifest(root / tag, {"step": step, "world_size": dist.world_size, "resume": identity or {"world_size": dist.world_size},
+                                    **({"replicas": replicas} if replicas is not None else {})})
         for old in _checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
@@ -147,8 +150,10 @@ def resume_identity(cfg, world_size: int) -> dict:
     load them, and check_resume refuses it before anything is recorded."""
     t = cfg.mllm_train
     engine = t.backend if t.backend == "megatron" else "plain" if t.deepspeed_config.strip().lower() == "none" else "deepspeed"
-    layout = {"tensor_parallel": t.tensor_parallel, "pipeline_parallel": t.pipeline_parallel} if engine == "megatron" else {}
-    return {"world_size": world_size, "engine": engine, **layout,
+    # Megatron's states load at any TP and PP (mllm/megatron/engine.py) and its loader positions are per data-parallel
+    # replica: only the number of replicas must stay
+    ranks = {"data_parallel": world_size // (t.tensor_parallel * t.pipeline_parallel)} if engine == "megatron" else {"world_size": world_size}
+    return {**ranks, "engine": engine,
             "trainable": t.trainable, "mixture_components": len(cfg.data.mixture), "init_from": t.init_from,
             "mllm": {k: v for k, v in dataclasses.asdict(cfg.mllm).items() if k not in ("text_corpus", "attn_implementation")}}
 
@@ -199,9 +204,11 @@ def load_engine_checkpoint(engine, root: Path, tag: str) -> dict:
     return client
 
 
-def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
+def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo, replica: tuple[int, int] | None = None) -> int:
     """Load the newest intact checkpoint if there is one (rank 0 picks it, every rank loads that tag);
-    the step to continue from. Damaged newer ones are skipped with a warning; with none intact, step 0."""
+    the step to continue from. Damaged newer ones are skipped with a warning; with none intact, step 0.
+    replica: (this rank's data-parallel replica, their number) for Megatron, whose checkpoints resume at another TP
+    and PP: this rank takes the data position and RNG its replica had (from the first rank that read its rows)."""
     chosen, skipped = newest_intact_checkpoint(root) if dist.is_main else (None, [])
     device = D.default_device(dist.local_rank)  # (NCCL broadcasts CUDA tensors only)
     step = int(D.broadcast(torch.tensor([int(chosen.name[4:]) if chosen else -1], device=device))[0])
@@ -211,13 +218,20 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo) -> int:
         return 0
     tag = f"step{step:08d}"
     manifest = read_json(root / tag / MANIFEST)
-    if manifest.get("world_size") != dist.world_size:
+    source = dist.rank  # the rank whose data position and RNG this one continues
+    if replica is None and manifest.get("world_size") != dist.world_size:
         raise ValueError(f"checkpoint {root / tag} was written by {manifest.get('world_size')} rank(s), this job has "
                          f"{dist.world_size}: resume with the same world size")
+    if replica is not None:
+        replicas = manifest.get("replicas") or []
+        if len(set(replicas)) != replica[1] or replica[0] not in replicas:
+            raise ValueError(f"checkpoint {root / tag} was written by {len(set(replicas))} data-parallel replica(s), this "
+                             f"job has {replica[1]}: resume with the same number (tensor and pipeline parallel may change)")
+        source = replicas.index(replica[0])
     client = load_engine_checkpoint(engine, root, tag)
-    state = root / tag / f"loader_rank{dist.rank}.json"  # (read with the depth limit; a bad one is one line naming it)
+    state = root / tag / f"loader_rank{source}.json"  # (read with the depth limit; a bad one is one line naming it)
     loader.load_state_dict(read_json(state), str(state))
-    rng = load_state(root / tag / f"rng_rank{dist.rank}.pt")
+    rng = load_state(root / tag / f"rng_rank{source}.pt")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng["cuda"].numel():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -268,13 +282,13 @@ def train_window(engine, inputs: list[dict]) -> list[dict]:
 
 
 def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM, dist: D.DistInfo, device, start_step: int,
-                gap_eval=None, sum_group=None) -> dict:
+                gap_eval=None, sum_group=None, replicas: list[int] | None = None) -> dict:
     """The training loop of both backends, from start_step to mllm_train.max_steps: micro-batches through the engine
     (DeepSpeed's, PlainEngine or MegatronEngine), metrics every log_every steps into <mllm_dir>/metrics.jsonl (and its
     plots at the end), checkpoints every ckpt_every, the held-out gaps every eval_every (gap_eval: None for none);
     returns the last loader state.
     model: the SemHiTokLM the FLOPs are counted on. sum_group: the ranks whose batches differ (default: all; Megatron's
-    data-parallel group, since its TP and PP ranks read the same rows)."""
+    data-parallel group, since its TP and PP ranks read the same rows); replicas: save_checkpoint's."""
     t, out = cfg.mllm_train, cfg.mllm_dir
     ckpt_root, peak = out / "checkpoints", peak_flops()
     logger = MetricLogger(out, t.log_backends or ["jsonl", "tensorboard"],
@@ -337,7 +351,8 @@ def train_steps(cfg, engine, scheduler, loader: PackedLoader, model: SemHiTokLM,
         if metrics:  # one row per step: the training metrics and/or the gaps
             logger.log(done, metrics)
         if done % t.ckpt_every == 0 or done == t.max_steps:
-            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size))
+            save_checkpoint(engine, loader_state, ckpt_root, done, t.keep_checkpoints, dist, resume_identity(cfg, dist.world_size),
+                            replicas)
     bar.close()
     logger.close()
     if dist.is_main:

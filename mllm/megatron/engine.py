@@ -18,8 +18,8 @@ cpu.cuda_on_cpu(); on a GPU as they are.
 A checkpoint tag holds dist_checkpoint/, written by megatron.core.dist_checkpointing (torch_dist, synchronous): the
 model's shards and the distributed optimizer's state in its "fully_reshardable" form (each parameter's moments and
 fp32 main weights as whole tensors, sharded as the parameter), so it loads at any TP, PP and DP: load_checkpoint for
-a resume, load_weights for the weights alone. (The trainer's resume still asks for the same layout: its loader
-position and RNG are per rank, mllm/train.py.) On CPU, mllm/megatron/cpu.py bypasses the save's two CUDA calls.
+a resume, load_weights for the weights alone (the trainer resumes at another TP and PP, with the same number of
+data-parallel replicas: mllm/train.py's resume). On CPU, mllm/megatron/cpu.py bypasses the save's two CUDA calls.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@
 The model is built as for DeepSpeed (mllm/train.py's build_model: a base + the tokenizer, or init_from an export),
 then converted on every rank to its TP shard (mllm/megatron/model.py); the packed batches are the same, one
 loader per data-parallel replica (every TP and PP rank of a replica reads the same rows). The training loop,
-checkpoints and resume are mllm/train.py's (train_steps; per-rank loader position and RNG, a completion marker),
-the engine's state in megatron.core.dist_checkpointing's format (mllm/megatron/engine.py). The export at the end is the project's usual one
-(SemHiTokLM.save_pretrained), so sampling, chat, eval and push work unchanged. Held-out gap evaluation
-(mllm_train.eval_every) runs on the DeepSpeed backend only.
+checkpoints and resume are mllm/train.py's (train_steps; per-rank loader position and RNG, a completion marker
+listing each rank's data-parallel replica), the engine's state in megatron.core.dist_checkpointing's format
+(mllm/megatron/engine.py); a resume may change TP and PP, not the number of replicas. The export at the end is the
+project's usual one (SemHiTokLM.save_pretrained), so sampling, chat, eval and push work unchanged. Held-out gap
+evaluation (mllm_train.eval_every) runs on the DeepSpeed backend only.
 """
 
 from __future__ import annotations
@@ -87,13 +88,16 @@ def train_megatron(cfg) -> Path:
                             t.grad_clip, bf16, device)
 
     ckpt_root = out / "checkpoints"
-    start_step = resume(engine, loader, ckpt_root, dist)
+    replicas = [None] * dist.world_size  # each rank's data-parallel replica, for the checkpoints' marker
+    torch.distributed.all_gather_object(replicas, dp_rank)
+    start_step = resume(engine, loader, ckpt_root, dist, replica=(dp_rank, dp_size))
     if t.eval_every:
         log.warning("mllm_train.eval_every: the held-out gaps run on the DeepSpeed backend only; not evaluated here")
     log.info("training %s on Megatron-Core (TP %d x PP %d x DP %d, %d rank(s)) from step %d: %s", cfg.mllm.base_model,
              t.tensor_parallel, t.pipeline_parallel, dp_size, dist.world_size, start_step, out)
 
-    loader_state = train_steps(cfg, engine, engine.scheduler, loader, template, dist, device, start_step, sum_group=dp_group)
+    loader_state = train_steps(cfg, engine, engine.scheduler, loader, template, dist, device, start_step, sum_group=dp_group,
+                               replicas=replicas)
     export(model, template, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

@@ -134,11 +134,12 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
 
 
 def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports(plain_mllm_run, trained_tokenizer,
-                                                                                 pretokenized_sample, tmp_path):
+                                                                                 pretokenized_sample, tmp_path, monkeypatch):
     """`semhitok train` with mllm_train.backend=megatron on the tiny preset: the plain engine's losses (same model,
-    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces steps 3-4;
-    the exports load, the two-stage one draws through `semhitok sample` and loads by transformers' remote code with
-    SemHiTokLM's logits."""
+    same packed batches, fp32), also on two pipeline stages; a resume from the step-2 checkpoint reproduces steps 3-4,
+    also when the two stages' checkpoint resumes in one process (another PP, the same data-parallel replicas), while
+    another number of replicas is refused; the exports load, the two-stage one draws through `semhitok sample` and
+    loads by transformers' remote code with SemHiTokLM's logits."""
     import shutil
 
     from semhitok.mllm.model import SemHiTokLM
@@ -161,9 +162,12 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
 
     with pytest.raises(ValueError, match=r"engine 'plain' -> 'megatron'"):  # another engine's checkpoints: one line
         check_resume(load_project_config("tiny", [f"run_dir={plain_mllm_run}", *args, "mllm_train.backend=megatron"]))
-    with pytest.raises(ValueError, match=r"pipeline_parallel 1 -> 2"):  # another layout of the same ranks, before anything runs
-        check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'megatron'}", *args, "mllm_train.backend=megatron",
-                                                  "mllm_train.pipeline_parallel=2"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two ranks at PP 1: two data-parallel replicas, refused before anything runs
+    with pytest.raises(ValueError, match=r"data_parallel 1 -> 2"):
+        check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'megatron'}", *args, "mllm_train.backend=megatron"]))
+    check_resume(load_project_config("tiny", [f"run_dir={tmp_path / 'megatron'}", *args, "mllm_train.backend=megatron",
+                                              "mllm_train.pipeline_parallel=2"]))  # two stages of one replica: accepted
+    monkeypatch.delenv("WORLD_SIZE")
     run_train(tmp_path / "staged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron",
               "mllm_train.pipeline_parallel=2", nproc=2)  # the tiny base's 4 layers, 2 per stage
     assert losses(tmp_path / "staged") == pytest.approx(losses(plain_mllm_run), abs=1e-4)
@@ -184,6 +188,12 @@ def test_semhitok_train_on_megatron_matches_the_plain_engine_resumes_and_exports
     with torch.no_grad():
         torch.testing.assert_close(remote(input_ids=tokens).logits, model.logits(model.hidden_states(tokens).last_hidden_state),
                                    rtol=1e-5, atol=1e-5)
+    shutil.copytree(tmp_path / "staged", tmp_path / "unstaged")  # the two stages' step 2, resumed in one process
+    for gone in ("checkpoints/step00000004", "final"):
+        shutil.rmtree(tmp_path / "unstaged" / "mllm" / gone)
+    proc = run_train(tmp_path / "unstaged", trained_tokenizer, pretokenized_sample, *args, "mllm_train.backend=megatron")
+    assert "resumed from" in proc.stderr + proc.stdout
+    assert losses(tmp_path / "unstaged") == pytest.approx(losses(tmp_path / "staged"), abs=2e-5)
     shutil.copytree(tmp_path / "megatron", tmp_path / "resumed")
     for gone in ("checkpoints/step00000004", "final"):
         shutil.rmtree(tmp_path / "resumed" / "mllm" / gone)
