@@ -53,11 +53,12 @@ class MLLMTrainConfig:
     # transformer and every text row stay fixed); full: everything.
     trainable: Literal["adapter", "full"] = "full"
     deepspeed_config: str = "configs/deepspeed/zero3.json"  # "none": plain PyTorch (single process)
-    # deepspeed: ZeRO (deepspeed_config); megatron: the base as megatron-core's GPTModel with tensor parallelism
-    # (mllm/megatron/, docs/megatron.md; needs the `megatron` extra). TP x PP must divide the ranks; DP is the rest.
+    # deepspeed: ZeRO (deepspeed_config); megatron: the base as megatron-core's GPTModel with tensor and pipeline
+    # parallelism, megatron's DDP and distributed optimizer (mllm/megatron/, docs/megatron.md; needs the `megatron`
+    # extra). TP x PP must divide the ranks; DP is the rest.
     backend: Literal["deepspeed", "megatron"] = "deepspeed"
     tensor_parallel: int = 1
-    pipeline_parallel: int = 1  # megatron backend: stages of the base's layers (each micro-batch through and back, no 1F1B)
+    pipeline_parallel: int = 1  # megatron backend: stages of the base's layers, megatron's 1F1B schedule over a window
     max_steps: int = 10_000
     lr: float = 2e-5
     adapter_lr: float = 1e-4  # the adapter, the visual head rows and the depth heads (L > 1: visual_head)
