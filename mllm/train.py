@@ -219,11 +219,11 @@ def resume(engine, loader: PackedLoader, root: Path, dist: D.DistInfo, replica: 
     tag = f"step{step:08d}"
     manifest = read_json(root / tag / MANIFEST)
     source = dist.rank  # the rank whose data position and RNG this one continues
-    if replica is None and manifest.get("world_size") != dist.world_size:
+    replicas = manifest.get("replicas") if replica is not None else None  # (a marker from before 2026-12-04 has none:
+    if replicas is None and manifest.get("world_size") != dist.world_size:  # the same ranks, as the other engines)
         raise ValueError(f"checkpoint {root / tag} was written by {manifest.get('world_size')} rank(s), this job has "
                          f"{dist.world_size}: resume with the same world size")
-    if replica is not None:
-        replicas = manifest.get("replicas") or []
+    if replicas is not None:
         if len(set(replicas)) != replica[1] or replica[0] not in replicas:
             raise ValueError(f"checkpoint {root / tag} was written by {len(set(replicas))} data-parallel replica(s), this "
                              f"job has {replica[1]}: resume with the same number (tensor and pipeline parallel may change)")

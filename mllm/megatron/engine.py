@@ -39,11 +39,11 @@ from semhitok.mllm.megatron import cpu
 from semhitok.mllm.megatron.model import MegatronLM
 
 DIST = "dist_checkpoint"  # a checkpoint tag's megatron.core.dist_checkpointing folder (the trainer's files beside it)
-# The distributed optimizer's state as one tensor per parameter and moment, gathered on DP rank 0 at save and sliced
-# by every rank at load, so it loads at any TP, PP and DP. ("fully_sharded_model_space", written by every DP rank in
-# parallel, fails in megatron-core 0.16.1: "ShardedTensor.flattened_range is not supported"; "dp_reshardable" loads at
-# another DP only.)
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# The distributed optimizer's state as one tensor per parameter and moment, gathered on DP rank 0 at save (over gloo,
+# on the host: "mem_efficient"; without it every DP rank all-gathers the whole state) and sliced by every rank at load,
+# so it loads at any TP, PP and DP. ("fully_sharded_model_space", written by every DP rank in parallel, fails in
+# megatron-core 0.16.1: "ShardedTensor.flattened_range is not supported"; "dp_reshardable" loads at another DP only.)
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
 FORMAT = "megatron-distributed-optimizer-1"  # in a tag's common part: what load_checkpoint reads
 
 
@@ -247,7 +247,8 @@ class MegatronEngine:
             self.optimizer.load_state_dict(loaded["optimizer"])
             for opt in self._distributed_optimizers():  # (megatron-core 0.16.1 hands torch's AdamW one "step" tensor for
                 for state in opt.optimizer.state.values():  # every parameter, which AdamW increments in place, once per
-                    state["step"] = state["step"].clone()  # parameter: each its own)
+                    if "step" in state:  # parameter: each its own; TE's and apex's FusedAdam keep it in the group)
+                        state["step"] = state["step"].clone()
         self.scheduler.load_state_dict(loaded["scheduler"])
         return str(Path(root) / tag), loaded["client"]
 

@@ -228,3 +228,48 @@ def test_a_checkpoint_restores_the_distributed_optimizer_and_refuses_what_it_can
     with pytest.raises(UnsafeCheckpoint, match=r"\.metadata: refused to load: it needs \w+\.system"):
         fresh.load_checkpoint(str(tmp_path), "step00000002")
     assert not marker.exists()
+
+
+class FusedAdamLayout(torch.optim.Optimizer):
+    """AdamW keeping its step in the parameter group, as transformer-engine's and apex's FusedAdam do (a GPU image's
+    optimizer under megatron-core; torch's AdamW keeps a step tensor per parameter)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (b1, b2), n = group["betas"], group["step"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["exp_avg"].lerp_(p.grad, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(state["exp_avg"], (state["exp_avg_sq"] / (1 - b2 ** n)).sqrt_().add_(group["eps"]),
+                           value=-group["lr"] / (1 - b1 ** n))
+
+
+def test_a_checkpoint_resumes_with_a_fused_adam_that_keeps_its_step_in_the_group(one_rank, tmp_path, monkeypatch):
+    """The engine's load workarounds for torch's AdamW (a per-parameter step) leave an optimizer with transformer-
+    engine's or apex's state layout alone: it saves, loads into a fresh engine and trains on to the same loss."""
+    import megatron.core.optimizer as megatron_optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    monkeypatch.setattr(megatron_optimizer, "Adam", FusedAdamLayout)
+    monkeypatch.setattr(megatron_optimizer, "USING_PYTORCH_OPTIMIZER", False)
+    monkeypatch.setattr(distrib_optimizer, "Adam", FusedAdamLayout)
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    monkeypatch.setattr(distrib_optimizer, "USING_TE_OPTIMIZER", True)
+    trained = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2)))
+    assert type(trained._distributed_optimizers()[0].optimizer) is FusedAdamLayout
+    layout = trained.model.layout
+    trained.train_window([packed_batch(layout, seed=1)])
+    trained.save_checkpoint(str(tmp_path), "step00000001", {"step": 1})
+    fresh = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2, seed=1)))
+    fresh.load_checkpoint(str(tmp_path), "step00000001")
+    after = [engine.train_window([packed_batch(layout, seed=2)])[0]["loss"] for engine in (trained, fresh)]
+    assert float(after[1]) == float(after[0])
