@@ -1,10 +1,12 @@
 """The training step of the Megatron backend: MegatronEngine runs mllm/train.py's accumulation windows through
 megatron-core's own machinery:
   - DistributedDataParallel: the gradients accumulate in fp32 buffers (param.main_grad), reduce-scattered over the
-    data-parallel replicas at the end of the window (averaged: DeepSpeed's mean over DP);
+    data-parallel replicas (averaged: DeepSpeed's mean over DP) bucket by bucket during the last micro-batch's
+    backward;
   - the distributed optimizer: AdamW (torch's, or transformer-engine's / apex's fused one where installed) whose
-    moments and fp32 main weights are sharded over DP (ZeRO-1), the updated shards all-gathered back; gradients
-    clipped by the global norm (TP- and PP-aware, a tied table's second copy and TP duplicates counted once);
+    moments and fp32 main weights are sharded over DP (ZeRO-1); gradients clipped by the global norm (TP- and
+    PP-aware, a tied table's second copy and TP duplicates counted once); the updated shards all-gathered back bucket
+    by bucket as the next forward reaches them (gather_weights: at once, before a checkpoint or the export);
   - the pipeline schedules: at PP 1 the micro-batches one after another with the gradient sync held to the last; at
     PP > 1 1F1B (each stage runs the next micro-batch's forward while later stages work, the hidden states [T, B, d]
     fp32 sent forward and their gradients back), then the tied table's two copies (first stage's embedding, last
@@ -108,14 +110,20 @@ class MegatronEngine:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
+        if any(hasattr(p, "main_grad") for p in model.parameters()):  # DDP's gradient buffer views: a second DDP's
+            # hooks on the same weights would each take the gradient from the other (the adapter is the template's)
+            raise ValueError("MegatronEngine: the model's weights already belong to another engine (a MegatronLM shares "
+                             "its adapter with the SemHiTokLM it was converted from): convert a new SemHiTokLM")
         self.model = model.to(device)
         self.megatron_call = nullcontext if device.type == "cuda" else cpu.cuda_on_cpu
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.last = parallel_state.is_pipeline_last_stage()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with self.megatron_call():
+            # overlapped: each bucket's gradient reduce-scatter starts during backward once its gradients are in (the
+            # last micro-batch's), the updated weights' all-gather in the next forward, bucket by bucket
             self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True), model)
             # config_overrides: the adapter's own learning rate, marked "decoupled" (megatron tells groups apart by
             # their multipliers and that flag, not by their rates, when it loads a checkpoint); given (not None), it
             # keeps weight decay on biases and norms, as torch's AdamW in the other backends does
@@ -200,6 +208,12 @@ class MegatronEngine:
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
 
+    def gather_weights(self) -> None:
+        """Every rank's weights up to date: the last step's all-gather, which the next forward would have overlapped,
+        done now (before a checkpoint or the export reads them)."""
+        with self.megatron_call():
+            self.ddp.start_param_sync(force_sync=True)
+
     def _distributed_optimizers(self) -> list:
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])  # (megatron chains dense and expert ones)
 
@@ -211,6 +225,7 @@ class MegatronEngine:
         from megatron.core import dist_checkpointing, parallel_state
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+        self.gather_weights()
         with self.megatron_call():
             model = sharded_model_state(self.model)
             state = {"format": FORMAT, "model": model,

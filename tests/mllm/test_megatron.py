@@ -153,13 +153,18 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(one_rank, monkeypatc
     # under the engine's bf16 autocast (CPU's here, CUDA's on a GPU): the recomputed blocks compute in bf16 too
     grads = {}
     for every in (0, 1):
-        engine = tiny_engine(from_semhitok(model, **recompute(every, TINY_QWEN2["num_hidden_layers"])), lr=0.0, bf16=True)
+        engine = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2), **recompute(every, TINY_QWEN2["num_hidden_layers"])),
+                             lr=0.0, bf16=True)  # (a SemHiTokLM each: an engine owns its adapter's weights)
         engine.train_window([batch])  # (learning rate 0: the gradients stay in DDP's buffers, the weights as they were)
         grads[every] = {n: p.main_grad.clone() for n, p in engine.model.named_parameters() if p.requires_grad}
     assert grads[1].keys() == grads[0].keys()
     for name, grad in grads[0].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-2, atol=1e-4)
+    shared = tiny_semhitok(TINY_QWEN2)
+    tiny_engine(from_semhitok(shared))
+    with pytest.raises(ValueError, match="already belong to another engine"):  # the adapter is `shared`'s, an engine's
+        tiny_engine(from_semhitok(shared))
 
 
 def tiny_engine(mg: MegatronLM, lr: float = 1e-3, bf16: bool = False):

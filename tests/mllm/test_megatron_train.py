@@ -111,17 +111,18 @@ def test_a_pipeline_parallel_2_checkpoint_loads_at_pp1(trained, continued):
 
 def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
     """Gathered over TP (and PP) and converted back, the trained weights load into SemHiTokLM, whose loss on a
-    held-out batch is the Megatron model's; TP=2's and PP=2's exports equal TP=1's."""
+    held-out batch is the Megatron model's; TP=2's, PP=2's and DP=2's exports equal TP=1's."""
     import torch
     from safetensors.torch import load_file
 
     from tests.mllm.megatron_common import TINY_QWEN2, packed_batch, tiny_semhitok
 
-    one, two, staged = (load_file(str(trained[name][1].parent / "export.safetensors")) for name in ("tp1", "tp2", "pp2"))
-    assert one.keys() == two.keys() == staged.keys()
+    one, two, staged, replicas = (load_file(str(trained[name][1].parent / "export.safetensors")) for name in ("tp1", "tp2", "pp2", "dp2"))
+    assert one.keys() == two.keys() == staged.keys() == replicas.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(staged[k], one[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(replicas[k], one[k], rtol=1e-4, atol=1e-5)  # each replica's shard all-gathered
     model = tiny_semhitok(TINY_QWEN2)
     before = model.lm.model.norm.weight.clone()
     result = model.load_state_dict(one, strict=False)
