@@ -1,12 +1,10 @@
 """The training step of the Megatron backend: MegatronEngine runs mllm/train.py's accumulation windows through
 megatron-core's own machinery:
   - DistributedDataParallel: the gradients accumulate in fp32 buffers (param.main_grad), reduce-scattered over the
-    data-parallel replicas (averaged: DeepSpeed's mean over DP) bucket by bucket during the last micro-batch's
-    backward;
+    data-parallel replicas at the end of the window (averaged: DeepSpeed's mean over DP);
   - the distributed optimizer: AdamW (torch's, or transformer-engine's / apex's fused one where installed) whose
     moments and fp32 main weights are sharded over DP (ZeRO-1); gradients clipped by the global norm (TP- and
-    PP-aware, a tied table's second copy and TP duplicates counted once); the updated shards all-gathered back bucket
-    by bucket as the next forward reaches them (gather_weights: at once, before a checkpoint or the export);
+    PP-aware, a tied table's second copy and TP duplicates counted once); the updated shards all-gathered back;
   - the pipeline schedules: at PP 1 the micro-batches one after another with the gradient sync held to the last; at
     PP > 1 1F1B (each stage runs the next micro-batch's forward while later stages work, the hidden states [T, B, d]
     fp32 sent forward and their gradients back), then the tied table's two copies (first stage's embedding, last
@@ -100,6 +98,19 @@ def _keep_step_on_load(optimizer) -> None:
     optimizer._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
 
 
+def check_one_bucket_per_buffer(ddp) -> None:
+    """Refuse (one line) a DDP whose gradient buffers are split into buckets with padding between them: megatron-core
+    0.16.1's fully_reshardable save (OPTIMIZER_SHARDING) joins the buckets without that padding, so every weight after
+    it would be saved with another's optimizer state and main weight (its log: "param range exceeds unpadded buffer
+    ... data corruption"). Without overlap a buffer is one bucket, but for a tied table's own bucket at PP > 1."""
+    for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+        for bucket, after in zip(buffer.buckets, buffer.buckets[1:]):
+            if bucket.offset + bucket.numel_unpadded != after.offset:
+                raise ValueError(f"Megatron backend: a gradient bucket of {bucket.numel_unpadded} weights is padded by "
+                                 f"{after.offset - bucket.offset - bucket.numel_unpadded}, which megatron-core's fully_reshardable "
+                                 "checkpoint would misplace: the optimizer state could not be saved faithfully")
+
+
 class MegatronEngine:
     """model: this rank's MegatronLM; AdamW at lr (adapter_lr for the adapter's parameters), betas (0.9, 0.95),
     weight_decay on every parameter (as the other backends), lr_lambda(step) the schedule's factor."""
@@ -120,10 +131,13 @@ class MegatronEngine:
         self.last = parallel_state.is_pipeline_last_stage()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with self.megatron_call():
-            # overlapped: each bucket's gradient reduce-scatter starts during backward once its gradients are in (the
-            # last micro-batch's), the updated weights' all-gather in the next forward, bucket by bucket
+            # not overlapped (overlap_grad_reduce, overlap_param_gather): with them megatron-core 0.16.1 splits the
+            # buffers into 40M-weight buckets, which its fully_reshardable save shifts (check_one_bucket_per_buffer),
+            # and replicas with and without images all-gather the buckets in different orders (the adapter's forward
+            # hooks), a collective mismatch
             self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True), model)
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+            check_one_bucket_per_buffer(self.ddp)
             # config_overrides: the adapter's own learning rate, marked "decoupled" (megatron tells groups apart by
             # their multipliers and that flag, not by their rates, when it loads a checkpoint); given (not None), it
             # keeps weight decay on biases and norms, as torch's AdamW in the other backends does
@@ -208,11 +222,6 @@ class MegatronEngine:
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
 
-    def gather_weights(self) -> None:
-        """Every rank's weights up to date: the last step's all-gather, which the next forward would have overlapped,
-        done now (before a checkpoint or the export reads them)."""
-        with self.megatron_call():
-            self.ddp.start_param_sync(force_sync=True)
 
     def _distributed_optimizers(self) -> list:
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])  # (megatron chains dense and expert ones)
@@ -225,7 +234,6 @@ class MegatronEngine:
         from megatron.core import dist_checkpointing, parallel_state
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-        self.gather_weights()
         with self.megatron_call():
             model = sharded_model_state(self.model)
             state = {"format": FORMAT, "model": model,

@@ -70,9 +70,8 @@ class MegatronLM(nn.Module):
         """input_ids [B, T] -> decoder input [T, B, d]: the table's rows for text, the adapter's for visual ids."""
         visual = input_ids >= self.layout.visual_offset
         embeds = self.gpt.embedding(input_ids=input_ids.masked_fill(visual, 0), position_ids=position_ids)  # [T, B, d]
-        if not visual.any():  # the adapter's trainable weights still take part, with a zero: megatron's DDP starts a
-            # bucket's gradient reduce (during backward) once every weight in it has its gradient, window after window
-            return embeds + 0.0 * sum(p.sum() for p in self.adapter.parameters() if p.requires_grad) if self.adapter else embeds
+        if not visual.any():
+            return embeds
         rows = self.visual_embeds(input_ids, visual, None).to(embeds.dtype)  # [M, d], row-major over [B, T]
         return embeds.transpose(0, 1).masked_scatter(visual[..., None], rows).transpose(0, 1).contiguous()
 

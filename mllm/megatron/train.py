@@ -98,7 +98,6 @@ def train_megatron(cfg) -> Path:
 
     loader_state = train_steps(cfg, engine, engine.scheduler, loader, template, dist, device, start_step, sum_group=dp_group,
                                replicas=replicas)
-    engine.gather_weights()
     export(model, template, out / "final", text_tokenizer, visual_tokenizer_dir, dist)
     if dist.is_main:
         log.info("model exported: %s (packing efficiency %.3f)", out / "final", packing_efficiency(loader_state["stats"]))

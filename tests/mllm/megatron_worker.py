@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
         from semhitok.mllm.megatron.convert import megatron_to_hf
         from semhitok.mllm.megatron.model import gather_full_state
 
-        engine.gather_weights()  # (the last step's all-gather, which a next forward would overlap)
         full = gather_full_state(mg.gpt)
         if torch.distributed.get_rank() == 0:
             hf = megatron_to_hf(full, model.lm.config, mg.layout.vocab_size)

@@ -278,3 +278,21 @@ def test_a_checkpoint_resumes_with_a_fused_adam_that_keeps_its_step_in_the_group
     fresh.load_checkpoint(str(tmp_path), "step00000001")
     after = [engine.train_window([packed_batch(layout, seed=2)])[0]["loss"] for engine in (trained, fresh)]
     assert float(after[1]) == float(after[0])
+
+
+def test_an_engine_refuses_gradient_buckets_its_checkpoint_would_misplace(one_rank, monkeypatch):
+    """Buckets with padding between them (megatron's overlapped DDP splits a buffer into many) would be saved shifted
+    by megatron-core 0.16.1's fully_reshardable format: refused with one line when the engine is built."""
+    from megatron.core import distributed
+
+    from semhitok.mllm.megatron.engine import check_one_bucket_per_buffer
+
+    class Overlapped(distributed.DistributedDataParallelConfig):  # megatron's overlap, buckets of 6,000 weights
+        def __init__(self, **kwargs):
+            super().__init__(**{**kwargs, "overlap_grad_reduce": True, "bucket_size": 6000})
+
+    monkeypatch.setattr(distributed, "DistributedDataParallelConfig", Overlapped)
+    with pytest.raises(ValueError, match=r"a gradient bucket of \d+ weights is padded by \d+, which megatron-core's fully_reshardable"):
+        tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2)))
+    monkeypatch.undo()
+    check_one_bucket_per_buffer(tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2))).ddp)  # the engine's own: one bucket

@@ -122,7 +122,7 @@ def test_trained_weights_export_back_to_semhitok_at_any_tp(trained):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(staged[k], one[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(replicas[k], one[k], rtol=1e-4, atol=1e-5)  # each replica's shard all-gathered
+        torch.testing.assert_close(replicas[k], one[k], rtol=1e-4, atol=1e-5)
     model = tiny_semhitok(TINY_QWEN2)
     before = model.lm.model.norm.weight.clone()
     result = model.load_state_dict(one, strict=False)
