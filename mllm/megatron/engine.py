@@ -104,7 +104,7 @@ def check_one_bucket_per_buffer(ddp) -> None:
     it would be saved with another's optimizer state and main weight (its log: "param range exceeds unpadded buffer
     ... data corruption"). Without overlap a buffer is one bucket, but for a tied table's own bucket at PP > 1."""
     for buffer in ddp.buffers + ddp.expert_parallel_buffers:
-        for bucket, after in zip(buffer.buckets, buffer.buckets[1:]):
+        for bucket, after in zip(buffer.buckets, buffer.buckets[1:], strict=False):  # (consecutive pairs)
             if bucket.offset + bucket.numel_unpadded != after.offset:
                 raise ValueError(f"Megatron backend: a gradient bucket of {bucket.numel_unpadded} weights is padded by "
                                  f"{after.offset - bucket.offset - bucket.numel_unpadded}, which megatron-core's fully_reshardable "
