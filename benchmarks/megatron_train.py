@@ -9,7 +9,8 @@ benchmarks/mllm_train.py's (Qwen2.5-1.5B shape, 348,544 vocabulary rows, packed 
 on a GPU): built once as SemHiTokLM, converted to this rank's TP shard
 (mllm/megatron/model.py), stepped by MegatronEngine (mllm/megatron/engine.py: megatron-core's DDP, distributed
 optimizer and schedule) on the same --batch rows per DP replica. `loss` is the first step's, before any update: on
-CPU it equals mllm_train.py's arms' at the same shape and seed (on a GPU mllm_train.py draws its weights there, another generator, so the two start from different weights).
+CPU it equals mllm_train.py's arms' at the same shape and seed (on a GPU mllm_train.py draws its weights there,
+another generator, so the two start from different weights).
 MFU = training FLOPs of the whole job / s / (peak x ranks). Rank 0 prints one JSON line.
 """
 

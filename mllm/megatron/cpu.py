@@ -12,10 +12,10 @@ megatron-core 0.16 builds and trains a GPTModel on CPU with `use_cpu_initializat
   - at PP > 1 with a tied head, a GPTModel's first and last stages sync their copies of the table when built, moving
     it to CUDA first: on CPU the sync is skipped (`_is_in_embd_group` is False), since from_semhitok / load_full_state
     copy the same table into both;
-  - dist_checkpointing's synchronous torch_dist save (the engine's checkpoints) synchronises CUDA after staging the
-    tensors to the host and broadcasts its failure flag as a CUDA tensor: on CPU neither; and its writers' results
-    come back through a plain queue instead of a spawned Manager process (`_dist_checkpointing`). Loading needs
-    nothing (TorchDistLoadShardedStrategy reads into CPU tensors).
+  - dist_checkpointing's synchronous torch_dist save (the engine's checkpoints): its writers' results come back
+    through a plain queue instead of a spawned Manager process (`_dist_checkpointing`); its CUDA calls (a synchronize
+    after staging the tensors to the host, a failure flag broadcast as a CUDA tensor) run inside cuda_on_cpu(), below.
+    Loading needs nothing (TorchDistLoadShardedStrategy reads into CPU tensors).
 `enable()` applies them once per process and only when CUDA is absent: the GPU path never runs this code.
 
 megatron-core's DistributedDataParallel, distributed optimizer and pipeline schedules assume CUDA throughout: buffers
@@ -29,7 +29,6 @@ torch.cuda.synchronize() does nothing. The engine enters it around those calls o
 from __future__ import annotations
 
 import contextlib
-import functools
 import queue
 
 import torch
@@ -76,40 +75,10 @@ def enable() -> bool:
 
 
 def _dist_checkpointing() -> None:
-    """dist_checkpointing.save's synchronous torch_dist path (megatron-core 0.16.1) on CPU: its two CUDA calls
-    bypassed, its results queue in-process."""
+    """dist_checkpointing.save's synchronous torch_dist path (megatron-core 0.16.1) on CPU: its results queue
+    in-process. (Its two CUDA calls, a torch.cuda.synchronize() after staging the tensors to the host and the failure
+    flag made at torch.cuda.current_device(), are answered by cuda_on_cpu(), inside which the engine saves.)"""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
-
-    # strategies/filesystem_async.py, FileSystemWriterAsync.preload_tensors: `if non_blocking: torch.cuda.synchronize()`
-    # after the tensors' copies to the host; AsyncRequest.execute_sync (async_utils.py) runs it through the partial of
-    # get_save_function_and_args, which passes non_blocking=True. The same function with non_blocking=False: a plain
-    # .to("cpu") (nothing to copy for CPU tensors) and no synchronize.
-    preload = filesystem_async.FileSystemWriterAsync.preload_tensors
-
-    @functools.wraps(preload)
-    def preload_tensors(write_buckets, non_blocking=True):
-        return preload(write_buckets, non_blocking=False)
-
-    filesystem_async.FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
-
-    # strategies/state_dict_saver.py, save_state_dict_async_finalize: the coordinator's failure flag is created with
-    # device=torch.cuda.current_device() and broadcast to every rank (without a bypass the shards and .metadata are
-    # written, but serialization.save never writes metadata.json). The same function, with torch.cuda.current_device
-    # answering "cpu" for the length of the call. Bound where it is called: strategies/torch.py imports it by name and
-    # TorchDistSaveShardedStrategy._get_save_and_finalize_callbacks's finalize_fn calls it.
-    finalize = torch_strategy.save_state_dict_async_finalize
-
-    @functools.wraps(finalize)
-    def save_state_dict_async_finalize(*args, **kwargs):
-        current_device = torch.cuda.current_device
-        torch.cuda.current_device = lambda: "cpu"
-        try:
-            return finalize(*args, **kwargs)
-        finally:
-            torch.cuda.current_device = current_device
-
-    torch_strategy.save_state_dict_async_finalize = save_state_dict_async_finalize
 
     # Not a CUDA call, a cost: strategies/filesystem_async.py, _get_write_results_queue hands the writers' results over
     # through the queue of a multiprocessing Manager it starts with "spawn" the first time a process saves: a fresh

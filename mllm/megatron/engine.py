@@ -19,7 +19,7 @@ A checkpoint tag holds dist_checkpoint/, written by megatron.core.dist_checkpoin
 model's shards and the distributed optimizer's state in its "fully_reshardable" form (each parameter's moments and
 fp32 main weights as whole tensors, sharded as the parameter), so it loads at any TP, PP and DP: load_checkpoint for
 a resume, load_weights for the weights alone (the trainer resumes at another TP and PP, with the same number of
-data-parallel replicas: mllm/train.py's resume). On CPU, mllm/megatron/cpu.py bypasses the save's two CUDA calls.
+data-parallel replicas: mllm/train.py's resume). On CPU the save runs inside cpu.cuda_on_cpu() too.
 """
 
 from __future__ import annotations
@@ -221,7 +221,6 @@ class MegatronEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
-
 
     def _distributed_optimizers(self) -> list:
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])  # (megatron chains dense and expert ones)

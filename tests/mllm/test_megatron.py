@@ -187,6 +187,7 @@ def test_a_checkpoint_restores_the_distributed_optimizer_and_refuses_what_it_can
     from megatron.core import dist_checkpointing
 
     from semhitok.common.safe_load import UnsafeCheckpoint
+    from semhitok.mllm.megatron import cpu
     from semhitok.mllm.megatron.engine import load_weights, sharded_model_state
 
     trained = tiny_engine(from_semhitok(tiny_semhitok(TINY_QWEN2)))
@@ -220,7 +221,8 @@ def test_a_checkpoint_restores_the_distributed_optimizer_and_refuses_what_it_can
 
     old = tmp_path / "old" / "step00000002"  # the weights beside no distributed optimizer, as the earlier format wrote
     (old / "dist_checkpoint").mkdir(parents=True)
-    dist_checkpointing.save({"model": sharded_model_state(trained.model), "scheduler": {"last_epoch": 2}}, str(old / "dist_checkpoint"))
+    with cpu.cuda_on_cpu():  # (as the engine saves on CPU)
+        dist_checkpointing.save({"model": sharded_model_state(trained.model), "scheduler": {"last_epoch": 2}}, str(old / "dist_checkpoint"))
     with pytest.raises(ValueError, match=r"step00000002: its optimizer state predates the distributed optimizer"):
         fresh.load_checkpoint(str(old.parent), old.name)
     load_weights(fresh.model, old)
